@@ -1,0 +1,394 @@
+"""Audio decoding and the differentiable front end (APEX_SPEC §2.1).
+
+* :func:`load_audio` decodes WAV/FLAC/Ogg Vorbis/Opus/MP3 (libsndfile via ``soundfile``) to a float32
+  tensor ``[channels, samples]`` and its sample rate, raising typed errors that name the file.
+* :class:`AudioFrontEnd` turns waveforms at any rate and channel count into normalised fixed-length
+  segments for the encoder: downmix (channel mean) -> resample to 24 kHz -> cut into 30 s segments,
+  zero-padding only the last -> per-segment normalisation over the unpadded samples. Every step is
+  a torch op, so gradients flow from the segments back to the input waveform.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import FrontendConfig
+from .errors import (
+    AudioDecodeError,
+    AudioShapeError,
+    AudioTooLongError,
+    AudioTooShortError,
+    EmptyAudioError,
+    MissingDependencyError,
+    NonFiniteAudioError,
+)
+
+__all__ = ["load_audio", "AudioFrontEnd", "Segments", "WaveformInput", "as_waveform_list"]
+
+#: What the model's forward accepts: a tensor ``[B, T]`` / ``[B, C, T]`` or a list of ``[T]`` /
+#: ``[C, T]`` tensors or numpy arrays (songs of different lengths).
+WaveformInput = torch.Tensor | np.ndarray | Sequence[torch.Tensor | np.ndarray]
+
+_MAX_CHANNELS = 64
+
+
+def load_audio(
+    path: str | Path, *, max_duration_s: float | None = None
+) -> tuple[torch.Tensor, int]:
+    """Decode an audio file.
+
+    Args:
+        path: WAV, FLAC, Ogg (Vorbis/Opus), MP3 or anything else libsndfile reads.
+        max_duration_s: reject files longer than this *before* decoding them (from the header).
+
+    Returns:
+        ``(waveform, sample_rate)``: float32 tensor ``[channels, samples]`` in [-1, 1] for integer
+        formats (float files are returned as stored), and the file's sample rate in Hz.
+
+    Raises:
+        AudioDecodeError: missing, unreadable, truncated or non-audio file.
+        EmptyAudioError: the file decodes to zero samples.
+        AudioTooLongError: the header says the file exceeds ``max_duration_s``.
+    """
+    import soundfile as sf
+
+    p = Path(path)
+    name = str(path)
+    if not p.exists():
+        raise AudioDecodeError("file not found", name)
+    if p.is_dir():
+        raise AudioDecodeError("is a directory, not an audio file", name)
+    if p.stat().st_size == 0:
+        raise EmptyAudioError("file is empty (0 bytes)", name)
+    try:
+        info = sf.info(name)
+    except (sf.LibsndfileError, RuntimeError, TypeError) as e:
+        raise AudioDecodeError(f"not a readable audio file ({_sf_reason(e)})", name) from e
+    if info.samplerate <= 0:
+        raise AudioDecodeError(f"invalid sample rate {info.samplerate}", name)
+    if max_duration_s is not None and info.frames > 0:
+        duration = info.frames / info.samplerate
+        if duration > max_duration_s:
+            raise AudioTooLongError(
+                f"audio is {duration:.1f} s long; the limit is {max_duration_s:g} s", name
+            )
+    try:
+        data, sr = sf.read(name, dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
+        raise AudioDecodeError(
+            f"decoding failed, file may be truncated ({_sf_reason(e)})", name
+        ) from e
+    if info.frames > 0 and data.shape[0] < info.frames:
+        raise AudioDecodeError(
+            f"truncated: decoded {data.shape[0]} of {info.frames} frames announced by the header",
+            name,
+        )
+    if data.size == 0:
+        raise EmptyAudioError("audio has no samples", name)
+    # [T, C] -> [C, T] as a view: no copy of what can be a large decode
+    return torch.from_numpy(data).T, int(sr)
+
+
+def _sf_reason(e: Exception) -> str:
+    msg = str(e).strip()
+    # libsndfile messages start with the path; keep the reason only
+    if "Error :" in msg:
+        msg = msg.split("Error :", 1)[1].strip()
+    elif ": " in msg and msg.startswith("Error opening"):
+        msg = msg.rsplit(": ", 1)[-1]
+    return msg or type(e).__name__
+
+
+def _as_tensor(x: torch.Tensor | np.ndarray, where: str) -> torch.Tensor:
+    if isinstance(x, np.ndarray):
+        if x.dtype.kind not in "fiu":
+            raise AudioShapeError(f"expected a numeric array, got dtype {x.dtype}", where)
+        t = torch.from_numpy(np.ascontiguousarray(x))
+        if x.dtype.kind in "iu":
+            # integer PCM: scale to [-1, 1]
+            t = t.to(torch.float32) / float(np.iinfo(x.dtype).max)
+        return t
+    if isinstance(x, torch.Tensor):
+        if not (x.is_floating_point() or x.dtype in (torch.int16, torch.int32)):
+            raise AudioShapeError(f"expected a float tensor, got {x.dtype}", where)
+        if not x.is_floating_point():
+            return x.to(torch.float32) / float(torch.iinfo(x.dtype).max)
+        return x
+    raise AudioShapeError(f"expected a torch.Tensor or numpy array, got {type(x).__name__}", where)
+
+
+def _check_channels_first(x: torch.Tensor, where: str) -> None:
+    if x.ndim == 2 and x.shape[0] > x.shape[1] and x.shape[1] <= 8:
+        raise AudioShapeError(
+            f"shape {tuple(x.shape)} looks like [samples, channels]; pass [channels, samples] "
+            "(transpose it)",
+            where,
+        )
+    if x.ndim == 2 and x.shape[0] > _MAX_CHANNELS:
+        raise AudioShapeError(
+            f"shape {tuple(x.shape)}: {x.shape[0]} channels is more than {_MAX_CHANNELS}; "
+            "a batch must be a 2-D tensor [B, T], a 3-D tensor [B, C, T] or a list",
+            where,
+        )
+
+
+def as_waveform_list(waveforms: WaveformInput) -> list[torch.Tensor]:
+    """Split model input into one tensor per song (``[T]`` or ``[C, T]``), without copying.
+
+    Accepts a tensor ``[B, T]`` (B mono songs), ``[B, C, T]`` (B songs with C channels), a 1-D
+    tensor ``[T]`` (one song), or a list/tuple of ``[T]`` / ``[C, T]`` tensors or numpy arrays.
+    """
+    if isinstance(waveforms, (torch.Tensor, np.ndarray)):
+        x = _as_tensor(waveforms, "waveforms")
+        if x.ndim == 1:
+            return [x]
+        if x.ndim == 2:
+            return list(x.unbind(0))
+        if x.ndim == 3:
+            return list(x.unbind(0))
+        raise AudioShapeError(
+            f"expected [T], [B, T] or [B, C, T], got shape {tuple(x.shape)}", "waveforms"
+        )
+    if isinstance(waveforms, (str, Path)):
+        raise AudioShapeError(
+            "got a path; the forward pass takes waveforms. Use model.score(paths) for files",
+            str(waveforms),
+        )
+    if not isinstance(waveforms, Sequence) or len(waveforms) == 0:
+        raise AudioShapeError(
+            f"expected a tensor or a non-empty list of tensors, got {type(waveforms).__name__}",
+            "waveforms",
+        )
+    out = []
+    for i, w in enumerate(waveforms):
+        t = _as_tensor(w, f"waveforms[{i}]")
+        if t.ndim not in (1, 2):
+            raise AudioShapeError(
+                f"each song must be [T] or [C, T], got shape {tuple(t.shape)}", f"waveforms[{i}]"
+            )
+        _check_channels_first(t, f"waveforms[{i}]")
+        out.append(t)
+    return out
+
+
+@dataclass
+class Segments:
+    """Fixed-length encoder inputs cut from a batch of songs.
+
+    Attributes:
+        audio: ``[N, S]`` float32 segments at the encoder rate (S = 720,000 for 30 s at 24 kHz);
+            the tail of each song's last segment is zero.
+        valid: ``[N]`` int64 number of unpadded samples in each segment.
+        song_index: ``[N]`` int64 index of the song each segment belongs to.
+        num_songs: number of songs B.
+    """
+
+    audio: torch.Tensor
+    valid: torch.Tensor
+    song_index: torch.Tensor
+    num_songs: int
+
+    @property
+    def durations(self) -> torch.Tensor:
+        """``[B]`` duration of each song at the encoder rate, in samples."""
+        out = torch.zeros(self.num_songs, dtype=torch.int64, device=self.valid.device)
+        return out.index_add_(0, self.song_index, self.valid)
+
+
+class AudioFrontEnd(torch.nn.Module):
+    """Differentiable waveform -> segments transform (no parameters).
+
+    ``forward(waveforms, sample_rate) -> Segments``; see :func:`as_waveform_list` for the accepted
+    input shapes. ``sample_rate`` is one int for all songs or a sequence with one per song.
+    """
+
+    def __init__(self, config: FrontendConfig) -> None:
+        super().__init__()
+        self.config = config
+        if config.resampler == "torchaudio":
+            try:
+                import torchaudio.functional  # noqa: F401
+            except Exception as e:  # torchaudio may be a CUDA build that fails to import
+                raise MissingDependencyError(
+                    f"resampler='torchaudio' but torchaudio does not import here ({e}); "
+                    "use resampler='julius'"
+                ) from e
+
+    # -- validation ------------------------------------------------------------------------
+
+    def check(self, wav: torch.Tensor, sample_rate: int, where: str) -> None:
+        """Raise a typed :class:`~apex_reward.errors.AudioError` if ``wav`` cannot be scored.
+
+        ``wav`` is ``[T]`` or ``[C, T]`` at ``sample_rate`` Hz.
+        """
+        cfg = self.config
+        if wav.ndim == 2 and wav.shape[0] == 0:
+            raise EmptyAudioError("audio has no channels", where)
+        n = wav.shape[-1]
+        if n == 0:
+            raise EmptyAudioError("audio has no samples", where)
+        duration = n / sample_rate
+        if duration < cfg.min_duration_s:
+            raise AudioTooShortError(
+                f"audio is {duration:.3g} s long; the minimum is {cfg.min_duration_s:g} s", where
+            )
+        if duration > cfg.max_duration_s:
+            raise AudioTooLongError(
+                f"audio is {duration:.1f} s long; the limit is {cfg.max_duration_s:g} s", where
+            )
+        if not bool(torch.isfinite(wav.detach()).all()):
+            bad = int((~torch.isfinite(wav.detach())).sum())
+            raise NonFiniteAudioError(f"audio contains {bad} NaN or infinite samples", where)
+
+    # -- steps -------------------------------------------------------------------------------
+
+    @staticmethod
+    def downmix(wav: torch.Tensor) -> torch.Tensor:
+        """``[C, T]`` or ``[T]`` -> ``[T]`` (mean of channels)."""
+        return wav.mean(dim=0) if wav.ndim == 2 else wav
+
+    def resample(self, wav: torch.Tensor, sample_rate: int) -> torch.Tensor:
+        """Resample ``[..., T]`` from ``sample_rate`` to the encoder rate (differentiable)."""
+        target = self.config.sample_rate
+        if sample_rate == target:
+            return wav
+        if self.config.resampler == "torchaudio":
+            import torchaudio.functional as AF
+
+            return AF.resample(wav, sample_rate, target)
+        return self._resample_julius(wav, sample_rate, target)
+
+    #: output frames per block of the chunked resampler (bounds memory on long songs)
+    _RESAMPLE_BLOCK = 1 << 18
+
+    def _resample_julius(self, wav: torch.Tensor, old: int, new: int) -> torch.Tensor:
+        """julius' windowed-sinc resampler, applied block by block.
+
+        Computes exactly the dot products of ``julius.resample_frac`` (same kernel, same
+        replicate padding), but on slices of the input, so a 30-minute song does not materialise
+        the convolution of the whole signal at once.
+        """
+        import julius
+
+        frac = Fraction(old, new)
+        key = (frac.numerator, frac.denominator, wav.device, wav.dtype)
+        cache = self.__dict__.setdefault("_resamplers", {})
+        if key not in cache:
+            # a normal (not inference-mode) tensor, so the cached kernel also serves autograd calls
+            with torch.inference_mode(False):
+                cache[key] = julius.ResampleFrac(frac.numerator, frac.denominator).to(
+                    wav.device, wav.dtype
+                )
+        rs = cache[key]
+        shape, length = wav.shape, wav.shape[-1]
+        x = wav.reshape(-1, 1, length)
+        x = torch.nn.functional.pad(x, (rs._width, rs._width + rs.old_sr), mode="replicate")
+        frames = (x.shape[-1] - rs.kernel.shape[-1]) // rs.old_sr + 1
+        klen = rs.kernel.shape[-1]
+        blocks = []
+        for j0 in range(0, frames, self._RESAMPLE_BLOCK):
+            j1 = min(frames, j0 + self._RESAMPLE_BLOCK)
+            piece = x[..., j0 * rs.old_sr : (j1 - 1) * rs.old_sr + klen]
+            blocks.append(torch.nn.functional.conv1d(piece, rs.kernel, stride=rs.old_sr))
+        ys = torch.cat(blocks, dim=-1) if len(blocks) > 1 else blocks[0]
+        y = ys.transpose(1, 2).reshape(list(shape[:-1]) + [-1])
+        out_len = (rs.new_sr * length) // rs.old_sr
+        return y[..., :out_len]
+
+    def segment(self, songs: Sequence[torch.Tensor]) -> Segments:
+        """Cut mono songs at the encoder rate (``[T_b]`` each) into ``[N, S]`` segments.
+
+        Songs are cut into ``ceil(T / S)`` non-overlapping segments; only the last segment of a
+        song is zero-padded. Normalisation (if configured) uses the unpadded samples only and
+        leaves the padding at zero.
+        """
+        S = self.config.segment_samples
+        pieces, valid, index = [], [], []
+        for b, x in enumerate(songs):
+            n = x.shape[-1]
+            k = max(1, math.ceil(n / S))
+            pad = k * S - n
+            if pad:
+                x = torch.nn.functional.pad(x, (0, pad))
+            pieces.append(x.reshape(k, S))
+            valid.extend([S] * (k - 1) + [n - (k - 1) * S])
+            index.extend([b] * k)
+        device = pieces[0].device
+        audio = torch.cat(pieces, dim=0)
+        valid_t = torch.tensor(valid, dtype=torch.int64, device=device)
+        index_t = torch.tensor(index, dtype=torch.int64, device=device)
+        if self.config.normalize:
+            audio = self.normalize(audio, valid_t)
+        return Segments(audio=audio, valid=valid_t, song_index=index_t, num_songs=len(songs))
+
+    @staticmethod
+    def normalize(audio: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """``(x - mean) / sqrt(var + 1e-7)`` per row of ``[N, S]`` over its first ``valid`` samples.
+
+        Matches ``Wav2Vec2FeatureExtractor(do_normalize=True)`` (population variance); padded
+        samples stay exactly zero.
+        """
+        S = audio.shape[-1]
+        mask = (torch.arange(S, device=audio.device)[None, :] < valid[:, None]).to(audio.dtype)
+        n = valid.to(audio.dtype)[:, None]
+        mean = (audio * mask).sum(dim=-1, keepdim=True) / n
+        centred = (audio - mean) * mask
+        var = (centred * centred).sum(dim=-1, keepdim=True) / n
+        return centred / torch.sqrt(var + 1e-7)
+
+    def forward(
+        self,
+        waveforms: WaveformInput,
+        sample_rate: int | Sequence[int],
+        *,
+        device: torch.device | None = None,
+        check: bool = True,
+    ) -> Segments:
+        """Waveforms at ``sample_rate`` Hz -> :class:`Segments` (float32, on ``device``).
+
+        Raises an :class:`~apex_reward.errors.AudioError` subclass naming ``waveforms[i]`` for empty,
+        non-finite, too-short or too-long input (skipped with ``check=False``).
+        """
+        songs = as_waveform_list(waveforms)
+        rates = _rates(sample_rate, len(songs))
+        batched = isinstance(waveforms, (torch.Tensor, np.ndarray)) and len(set(rates)) == 1
+        prepared: list[torch.Tensor] = []
+        for i, (wav, sr) in enumerate(zip(songs, rates)):
+            if check:
+                self.check(wav, sr, f"waveforms[{i}]")
+            wav = wav.to(device=device, dtype=torch.float32)
+            prepared.append(self.downmix(wav))
+        if batched and len(prepared) > 1:
+            # one resampling call for an equal-length batch
+            mono = self.resample(torch.stack(prepared), rates[0]).unbind(0)
+        else:
+            mono = [self.resample(w, sr) for w, sr in zip(prepared, rates)]
+        return self.segment(mono)
+
+
+def _rates(sample_rate: int | Sequence[int], n: int) -> list[int]:
+    if isinstance(sample_rate, (list, tuple)):
+        if len(sample_rate) != n:
+            raise AudioShapeError(
+                f"got {len(sample_rate)} sample rates for {n} songs", "sample_rate"
+            )
+        rates = list(sample_rate)
+    else:
+        rates = [sample_rate] * n
+    out = []
+    for r in rates:
+        if isinstance(r, float) and r.is_integer():
+            r = int(r)
+        if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r <= 0:
+            raise AudioShapeError(
+                f"sample rate must be a positive integer number of Hz, got {r!r}", "sample_rate"
+            )
+        out.append(int(r))
+    return out

@@ -1,0 +1,133 @@
+"""Checkpoint files: a directory with ``config.json`` + ``model.safetensors``. No pickle.
+
+``config.json`` holds the :class:`~apex_reward.config.ApexConfig` plus ``weights_sha256``, the
+SHA-256 of ``model.safetensors``; loading verifies it, so a truncated or tampered weights file is
+reported instead of silently changing scores. Files are written to a temporary name and renamed,
+so an interrupted save never leaves a half-written checkpoint behind under the final names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CheckpointError, ConfigError
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+_CHECKSUM_KEY = "weights_sha256"
+
+__all__ = [
+    "save_checkpoint",
+    "read_checkpoint",
+    "resolve_checkpoint_dir",
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_checkpoint(
+    directory: str | Path, config: dict[str, Any], tensors: dict[str, torch.Tensor]
+) -> Path:
+    """Write ``config`` (JSON-able dict) and ``tensors`` to ``directory``; returns the directory."""
+    from safetensors.torch import save_file
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    weights_tmp = out / (WEIGHTS_NAME + ".tmp")
+    config_tmp = out / (CONFIG_NAME + ".tmp")
+    flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    save_file(flat, str(weights_tmp), metadata={"format": "pt", "producer": "apex-reward"})
+    data = dict(config)
+    data[_CHECKSUM_KEY] = _sha256(weights_tmp)
+    config_tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in (weights_tmp, config_tmp):
+        os.chmod(f, 0o666 & ~umask)
+    os.replace(weights_tmp, out / WEIGHTS_NAME)
+    os.replace(config_tmp, out / CONFIG_NAME)
+    return out
+
+
+def resolve_checkpoint_dir(path_or_id: str | Path, revision: str | None = None) -> Path:
+    """A local checkpoint directory, downloading a hub repo id if ``path_or_id`` is not a path."""
+    p = Path(path_or_id).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise CheckpointError(
+                f"{str(path_or_id)!r} is a file; a checkpoint is a directory with "
+                f"{CONFIG_NAME} and {WEIGHTS_NAME}"
+            )
+        return p
+    s = str(path_or_id)
+    if s.startswith("hf-hub:"):
+        s = s[len("hf-hub:") :]
+    elif s.startswith((".", "/", "~")) or s.count("/") != 1:
+        raise CheckpointError(f"checkpoint directory {s!r} does not exist")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(
+            snapshot_download(s, revision=revision, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME])
+        )
+    except Exception as e:
+        raise CheckpointError(
+            f"{s!r} is not a local directory and could not be fetched from the hub: "
+            f"{type(e).__name__}: {e}"
+        ) from e
+
+
+def read_checkpoint(
+    path_or_id: str | Path, *, revision: str | None = None, verify: bool = True
+) -> tuple[dict[str, Any], dict[str, torch.Tensor], Path]:
+    """Read a checkpoint.
+
+    Returns:
+        ``(config_dict, tensors, directory)``.
+
+    Raises:
+        CheckpointError: missing directory or files, invalid JSON, truncated or corrupt
+            safetensors, or a checksum mismatch (the weights file was modified).
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    directory = resolve_checkpoint_dir(path_or_id, revision)
+    cfg_path = directory / CONFIG_NAME
+    w_path = directory / WEIGHTS_NAME
+    for f in (cfg_path, w_path):
+        if not f.is_file():
+            raise CheckpointError(f"{str(directory)!r} is not a checkpoint: {f.name} is missing")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_path}: invalid JSON ({e})") from e
+    if not isinstance(config, dict):
+        raise ConfigError(f"{cfg_path}: expected a JSON object")
+    expected = config.pop(_CHECKSUM_KEY, None)
+    if verify and expected is not None:
+        actual = _sha256(w_path)
+        if actual != expected:
+            raise CheckpointError(
+                f"{w_path}: checksum mismatch (file is truncated or was modified): "
+                f"sha256 {actual[:12]}..., config.json expects {str(expected)[:12]}..."
+            )
+    try:
+        tensors = load_file(str(w_path))
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise CheckpointError(f"{w_path}: corrupt or truncated safetensors file ({e})") from e
+    return config, tensors, directory

@@ -1,0 +1,402 @@
+"""The APEX reward model's configuration: everything needed to reproduce a score.
+
+``ApexConfig`` round-trips through ``config.json`` (see :mod:`apex_reward.checkpoint`). It records
+the audio front end (sample rate, segment length, the normalisation flag), the encoder (preset,
+the full ``HubertConfig`` architecture, source id/path and revision, which layers are pooled), the
+prediction head (trunk depth, tasks, song/segment mode), the reward weights, the preference
+model, the popularity reference quantiles, and whether the model was trained at all.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from ._version import __version__
+from .dataclass_io import from_dict, to_dict
+from .errors import ConfigError
+
+FORMAT_VERSION = 1
+
+POPULARITY_TASKS: tuple[str, ...] = ("streams", "likes")
+AESTHETIC_TASKS: tuple[str, ...] = (
+    "coherence",
+    "musicality",
+    "memorability",
+    "clarity",
+    "naturalness",
+)
+ALL_TASKS: tuple[str, ...] = POPULARITY_TASKS + AESTHETIC_TASKS
+TASK_SETS: dict[str, tuple[str, ...]] = {"popularity": POPULARITY_TASKS, "full": ALL_TASKS}
+COMBINED_SCORES: tuple[str, ...] = ("popularity", "songeval", "overall")
+
+#: Output range of every score, (low, high).
+SCORE_RANGES: dict[str, tuple[float, float]] = {
+    **{t: (0.0, 100.0) for t in POPULARITY_TASKS},
+    **{t: (1.0, 5.0) for t in AESTHETIC_TASKS},
+    "popularity": (0.0, 100.0),
+    "songeval": (1.0, 5.0),
+    "overall": (0.0, 1.0),
+}
+
+
+def score_names(tasks: str) -> tuple[str, ...]:
+    """Names of all scores a model with task set ``tasks`` outputs (predicted, then combined)."""
+    predicted = TASK_SETS[tasks]
+    combined = (
+        ("popularity", "songeval", "overall") if tasks == "full" else ("popularity", "overall")
+    )
+    return predicted + combined
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoder presets (APEX_SPEC §2.2). The dicts are HubertConfig keyword arguments.
+
+_MERT_BASE: dict[str, Any] = dict(
+    conv_dim=[512] * 7,
+    conv_stride=[5, 2, 2, 2, 2, 2, 2],
+    conv_kernel=[10, 3, 3, 3, 3, 2, 2],
+    conv_bias=False,
+    feat_extract_norm="group",
+    feat_extract_activation="gelu",
+    hidden_act="gelu",
+    layer_norm_eps=1e-5,
+    num_conv_pos_embeddings=128,
+    num_conv_pos_embedding_groups=16,
+    feat_proj_layer_norm=True,
+    apply_spec_augment=True,
+)
+
+ENCODER_PRESETS: dict[str, dict[str, Any]] = {
+    "mert-v1-95m": dict(
+        source="m-a-p/MERT-v1-95M",
+        layers=(3, 6, 9, -1),
+        hubert=dict(
+            _MERT_BASE,
+            hidden_size=768,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            intermediate_size=3072,
+            do_stable_layer_norm=False,
+            mask_time_prob=0.05,
+        ),
+    ),
+    "mert-v1-330m": dict(
+        source="m-a-p/MERT-v1-330M",
+        layers=(3, 6, 9, -1),
+        hubert=dict(
+            _MERT_BASE,
+            hidden_size=1024,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            intermediate_size=4096,
+            do_stable_layer_norm=True,
+            mask_time_prob=0.075,
+            tie_last_hidden_states=True,
+        ),
+    ),
+    # Randomly initialised, MERT-shaped, for tests and the offline demo (APEX_SPEC §7).
+    # hidden_states has 3 entries (input of layer 1, output of layers 1 and 2).
+    "tiny": dict(
+        source=None,
+        layers=(0, 1, 2, -1),
+        hubert=dict(
+            _MERT_BASE,
+            conv_dim=[32] * 7,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=128,
+            do_stable_layer_norm=False,
+            mask_time_prob=0.05,
+        ),
+    ),
+}
+
+
+@dataclass
+class FrontendConfig:
+    """Audio front end (APEX_SPEC §2.1). All steps run in torch and are differentiable."""
+
+    sample_rate: int = field(default=24000, metadata={"help": "encoder sample rate in Hz"})
+    segment_seconds: float = field(
+        default=30.0, metadata={"help": "length of the non-overlapping segments, seconds"}
+    )
+    normalize: bool = field(
+        default=True,
+        metadata={
+            "help": "per-segment zero-mean/unit-variance over the unpadded samples, as "
+            "Wav2Vec2FeatureExtractor(do_normalize=True)"
+        },
+    )
+    resampler: Literal["julius", "torchaudio"] = field(
+        default="julius", metadata={"help": "differentiable resampler backend"}
+    )
+    min_duration_s: float = field(
+        default=1.0, metadata={"help": "shorter audio is rejected (AudioTooShortError)"}
+    )
+    max_duration_s: float = field(
+        default=1800.0, metadata={"help": "longer audio is rejected (AudioTooLongError)"}
+    )
+    segment_weighting: Literal["duration", "uniform"] = field(
+        default="duration",
+        metadata={
+            "help": "how a song's segments are averaged: by their unpadded duration, or equally"
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if self.sample_rate <= 0 or self.segment_seconds <= 0:
+            raise ConfigError(
+                f"frontend: sample_rate and segment_seconds must be positive, got "
+                f"{self.sample_rate!r}, {self.segment_seconds!r}"
+            )
+        if not 0 <= self.min_duration_s <= self.max_duration_s:
+            raise ConfigError(
+                f"frontend: need 0 <= min_duration_s <= max_duration_s, got "
+                f"{self.min_duration_s!r}, {self.max_duration_s!r}"
+            )
+
+    @property
+    def segment_samples(self) -> int:
+        """Samples per segment at the encoder rate (720,000 for 30 s at 24 kHz)."""
+        return int(round(self.segment_seconds * self.sample_rate))
+
+
+@dataclass
+class EncoderConfig:
+    """The MERT encoder: architecture, where its weights come from, which layers are pooled."""
+
+    preset: str = field(default="mert-v1-95m", metadata={"help": "encoder preset name"})
+    hubert: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={"help": "HubertConfig keyword arguments (the architecture); filled from preset"},
+    )
+    layers: tuple[int, ...] = field(
+        default=(3, 6, 9, -1),
+        metadata={"help": "hidden-state indices to mean-pool (0 = input of layer 1, -1 = last)"},
+    )
+    source: str | None = field(
+        default="m-a-p/MERT-v1-95M",
+        metadata={"help": "Hugging Face hub id or local directory of the MERT weights"},
+    )
+    revision: str | None = field(
+        default=None, metadata={"help": "hub revision (commit hash recommended)"}
+    )
+    stored: bool = field(
+        default=False,
+        metadata={"help": "encoder weights are stored inside the checkpoint (no download)"},
+    )
+
+    def __post_init__(self) -> None:
+        if not self.hubert:
+            if self.preset not in ENCODER_PRESETS:
+                raise ConfigError(
+                    f"encoder.preset: unknown preset {self.preset!r}; expected one of "
+                    f"{sorted(ENCODER_PRESETS)} or an explicit encoder.hubert architecture"
+                )
+            self.hubert = copy.deepcopy(ENCODER_PRESETS[self.preset]["hubert"])
+        for key in ("hidden_size", "num_hidden_layers"):
+            if key not in self.hubert:
+                raise ConfigError(f"encoder.hubert: missing {key!r}")
+        n = self.num_hidden_states
+        if not self.layers:
+            raise ConfigError("encoder.layers: must name at least one layer")
+        for i in self.layers:
+            if not -n <= i < n:
+                raise ConfigError(
+                    f"encoder.layers: layer {i} does not exist; the encoder has {n} hidden "
+                    f"states (indices {-n}..{n - 1})"
+                )
+
+    @classmethod
+    def from_preset(
+        cls, preset: str, *, source: str | None = "preset", revision: str | None = None
+    ) -> EncoderConfig:
+        """Config of a named preset; ``source="preset"`` keeps the preset's default source."""
+        if preset not in ENCODER_PRESETS:
+            raise ConfigError(
+                f"unknown encoder preset {preset!r}; expected one of {sorted(ENCODER_PRESETS)}"
+            )
+        p = ENCODER_PRESETS[preset]
+        return cls(
+            preset=preset,
+            hubert=copy.deepcopy(p["hubert"]),
+            layers=tuple(p["layers"]),
+            source=p["source"] if source == "preset" else source,
+            revision=revision,
+        )
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.hubert["hidden_size"])
+
+    @property
+    def num_hidden_states(self) -> int:
+        """Entries of ``output_hidden_states``: one per layer plus the input of the first."""
+        return int(self.hubert["num_hidden_layers"]) + 1
+
+
+@dataclass
+class HeadConfig:
+    """Aggregation, shared trunk and task heads (APEX_SPEC §2.4–2.7)."""
+
+    trunk_layers: Literal[2, 3] = field(default=2, metadata={"help": "shared trunk depth"})
+    tasks: Literal["full", "popularity"] = field(
+        default="full", metadata={"help": "7 heads (full) or streams+likes (popularity)"}
+    )
+    mode: Literal["song", "segment"] = field(
+        default="song",
+        metadata={
+            "help": "song: average segment embeddings, then predict; segment: predict per "
+            "segment, then average predictions"
+        },
+    )
+    head_hidden: int = field(default=64, metadata={"help": "hidden width of each task head"})
+    trunk_dropout: float = field(default=0.3, metadata={"help": "dropout in the shared trunk"})
+    head_dropout: float = field(default=0.1, metadata={"help": "dropout in the task heads"})
+
+    @property
+    def trunk_widths(self) -> tuple[int, ...]:
+        """Trunk output widths: 2 layers 512, 256; 3 layers 512, 384, 256."""
+        return (512, 256) if self.trunk_layers == 2 else (512, 384, 256)
+
+    @property
+    def task_names(self) -> tuple[str, ...]:
+        return TASK_SETS[self.tasks]
+
+
+@dataclass
+class PreferenceHeadConfig:
+    """A fitted logistic preference model over pairwise features (APEX_SPEC §2.9, §5)."""
+
+    features: list[str] = field(metadata={"help": "feature names, in coefficient order"})
+    coef: list[float] = field(metadata={"help": "logistic-regression coefficients"})
+    intercept: float = field(metadata={"help": "logistic-regression intercept"})
+    mean: list[float] | None = field(
+        default=None, metadata={"help": "feature standardisation mean (None: not standardised)"}
+    )
+    scale: list[float] | None = field(
+        default=None, metadata={"help": "feature standardisation scale"}
+    )
+    ratio_eps: float = field(default=1e-6, metadata={"help": "epsilon in a / (b + eps)"})
+    fitted_on: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "provenance: data, battles, CV metrics"}
+    )
+
+    def __post_init__(self) -> None:
+        n = len(self.features)
+        if len(self.coef) != n:
+            raise ConfigError(f"preference.head: {len(self.coef)} coefficients for {n} features")
+        for name in ("mean", "scale"):
+            v = getattr(self, name)
+            if v is not None and len(v) != n:
+                raise ConfigError(f"preference.head.{name}: {len(v)} values for {n} features")
+
+
+@dataclass
+class PreferenceConfig:
+    """How ``logit P(A > B)`` is computed."""
+
+    temperature: float = field(
+        default=1.0,
+        metadata={"help": "Bradley-Terry temperature: logit = (r_A - r_B) / temperature"},
+    )
+    head: PreferenceHeadConfig | None = field(
+        default=None, metadata={"help": "fitted preference head; replaces Bradley-Terry"}
+    )
+    system_offsets: dict[str, float] = field(
+        default_factory=dict,
+        metadata={"help": "optional per-generator Bradley-Terry offsets (anchor calibration)"},
+    )
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise ConfigError(f"preference.temperature: must be > 0, got {self.temperature!r}")
+
+
+@dataclass
+class PopularityReferenceConfig:
+    """Reference distribution of raw counts (APEX_SPEC §3), stored as quantiles."""
+
+    levels: list[float] = field(metadata={"help": "quantile levels in [0, 1], increasing"})
+    streams: list[float] = field(metadata={"help": "stream-count quantiles at `levels`"})
+    likes: list[float] = field(metadata={"help": "like-count quantiles at `levels`"})
+    num_songs: int = field(default=0, metadata={"help": "size of the reference set"})
+
+    def __post_init__(self) -> None:
+        n = len(self.levels)
+        if n < 2 or len(self.streams) != n or len(self.likes) != n:
+            raise ConfigError(
+                "popularity_reference: levels, streams and likes must have the same length >= 2"
+            )
+
+
+@dataclass
+class ApexConfig:
+    """Complete configuration of an :class:`~apex_reward.ApexRewardModel` checkpoint."""
+
+    frontend: FrontendConfig = field(default_factory=FrontendConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    reward_weights: dict[str, float] = field(
+        default_factory=lambda: {"overall": 1.0},
+        metadata={"help": "scalar reward = sum of weight * named score"},
+    )
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
+    popularity_reference: PopularityReferenceConfig | None = None
+    untrained: bool = field(
+        default=True, metadata={"help": "True until the heads have been trained"}
+    )
+    training: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "provenance of the trained heads"}
+    )
+    format_version: int = FORMAT_VERSION
+    apex_reward_version: str = __version__
+
+    def __post_init__(self) -> None:
+        if self.format_version > FORMAT_VERSION:
+            raise ConfigError(
+                f"format_version {self.format_version} is newer than this apex-reward "
+                f"({__version__}) understands ({FORMAT_VERSION}); upgrade apex-reward"
+            )
+        names = set(self.score_names)
+        if not self.reward_weights:
+            raise ConfigError("reward_weights: must name at least one score")
+        for name, w in self.reward_weights.items():
+            if name not in names:
+                raise ConfigError(
+                    f"reward_weights: unknown score {name!r}; this model outputs {sorted(names)}"
+                )
+            if not math.isfinite(w):
+                raise ConfigError(f"reward_weights.{name}: weight must be finite, got {w!r}")
+
+    @property
+    def score_names(self) -> tuple[str, ...]:
+        """All score names in output order."""
+        return score_names(self.head.tasks)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ApexConfig:
+        """Strict parse: unknown or invalid fields raise ``ConfigError`` naming them."""
+        return from_dict(cls, data, where="config")
+
+    @classmethod
+    def from_preset(
+        cls,
+        preset: str,
+        *,
+        encoder_source: str | None = "preset",
+        revision: str | None = None,
+        **head: Any,
+    ) -> ApexConfig:
+        """An untrained config for an encoder preset; ``head`` overrides :class:`HeadConfig`."""
+        return cls(
+            encoder=EncoderConfig.from_preset(preset, source=encoder_source, revision=revision),
+            head=HeadConfig(**head),
+        )

@@ -1,0 +1,201 @@
+"""The frozen MERT encoder (APEX_SPEC §2.2–2.3), built on stock ``transformers.HubertModel``.
+
+MERT-v1 checkpoints load into ``HubertModel`` with a ``HubertConfig`` we build ourselves (no
+``trust_remote_code``): the official MERT code subclasses HubertModel and is numerically identical
+with the released configs. :class:`MertEncoder` returns, per segment, the mean over time of the
+selected hidden states (default layers 3, 6, 9 and the last): ``[N, 4, hidden]``.
+
+Freezing uses ``requires_grad_(False)`` and ``eval()`` only; the forward never enters ``no_grad`` or
+``inference_mode``, so gradients still reach the input waveform.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import EncoderConfig
+from .errors import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["MertEncoder", "build_hubert", "load_hubert_weights"]
+
+
+def _hubert_config(config: EncoderConfig):
+    from transformers import HubertConfig
+
+    return HubertConfig(**config.hubert)
+
+
+def build_hubert(config: EncoderConfig, *, attn_implementation: str = "sdpa"):
+    """A randomly initialised ``HubertModel`` with the architecture in ``config.hubert``."""
+    from transformers import HubertModel
+
+    hcfg = _hubert_config(config)
+    hcfg._attn_implementation = attn_implementation
+    return HubertModel(hcfg)
+
+
+def _resolve_source(source: str, revision: str | None) -> tuple[Path, str | None]:
+    """A local directory holding the weights of ``source`` and the commit it resolved to."""
+    local = Path(source).expanduser()
+    if local.exists():
+        if not local.is_dir():
+            raise CheckpointError(f"encoder source {source!r} is a file; expected a directory")
+        return local, revision
+    if source.startswith((".", "/", "~")) or source.count("/") > 1:
+        raise CheckpointError(f"encoder source {source!r}: no such directory")
+    from huggingface_hub import snapshot_download
+
+    try:
+        path = None
+        for patterns in (["*.safetensors", "*.json"], ["pytorch_model*.bin", "*.json"]):
+            path = Path(snapshot_download(source, revision=revision, allow_patterns=patterns))
+            if any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin")):
+                break
+    except Exception as e:  # hub errors have many types (offline, 404, auth)
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        hint = " (HF_HUB_OFFLINE is set)" if offline else ""
+        raise CheckpointError(
+            f"cannot fetch encoder weights {source!r} at revision {revision or 'main'!r}{hint}: "
+            f"{type(e).__name__}: {e}. Pass a local directory with the MERT weights instead "
+            "(--encoder PATH)."
+        ) from e
+    commit = path.name if path.parent.name == "snapshots" else revision
+    return path, commit
+
+
+def load_hubert_weights(
+    config: EncoderConfig, *, attn_implementation: str = "sdpa"
+) -> tuple[Any, str | None]:
+    """Load MERT weights from ``config.source`` (hub id or local dir) into a stock HubertModel.
+
+    Accepts the official MERT checkpoint layout (top-level HubertModel keys, including legacy
+    ``weight_g``/``weight_v`` of the positional convolution, which transformers maps), as
+    ``model.safetensors`` or legacy ``pytorch_model.bin`` (read with ``weights_only=True``).
+
+    Returns:
+        ``(model, commit)``: the model in eval mode, and the hub commit the revision resolved to
+        (``None`` for a local directory without one).
+
+    Raises:
+        CheckpointError: the source is unreachable, or any key is missing, unexpected or of the
+            wrong shape.
+    """
+    from transformers import HubertModel
+
+    if not config.source:
+        raise CheckpointError(
+            "encoder has no source (hub id or local path) and its weights are not stored in the "
+            "checkpoint; pass an encoder source"
+        )
+    path, commit = _resolve_source(config.source, config.revision)
+    if not (any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin"))):
+        raise CheckpointError(
+            f"encoder source {config.source!r}: no model.safetensors or pytorch_model.bin in {path}"
+        )
+    hcfg = _hubert_config(config)
+    try:
+        model, info = HubertModel.from_pretrained(
+            str(path),
+            config=hcfg,
+            output_loading_info=True,
+            attn_implementation=attn_implementation,
+        )
+    except (OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"cannot load encoder weights from {str(path)!r}: {e}") from e
+    problems = []
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        keys = sorted(str(k) for k in info.get(kind, ()))
+        if keys:
+            problems.append(
+                f"{kind.replace('_', ' ')}: {keys[:8]}{' ...' if len(keys) > 8 else ''}"
+            )
+    if problems:
+        raise CheckpointError(
+            f"encoder weights in {str(path)!r} do not match the {config.preset!r} architecture; "
+            + "; ".join(problems)
+        )
+    return model.eval(), commit
+
+
+class MertEncoder(torch.nn.Module):
+    """Frozen MERT: ``[N, S]`` segments -> ``[N, len(layers), hidden]`` time-pooled layer features.
+
+    Args:
+        config: architecture, weight source and pooled layers.
+        model: a ``HubertModel`` to wrap; built randomly from ``config`` when omitted.
+    """
+
+    def __init__(self, config: EncoderConfig, model: Any | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.model = model if model is not None else build_hubert(config)
+        self.layers = tuple(config.layers)
+        self.trainable = False
+        self.freeze()
+
+    @classmethod
+    def from_pretrained(cls, config: EncoderConfig) -> MertEncoder:
+        """Load the weights named by ``config.source``/``config.revision`` (see
+        :func:`load_hubert_weights`); the resolved hub commit is written to ``config.revision``."""
+        model, commit = load_hubert_weights(config)
+        if commit and commit != config.revision:
+            logger.info("encoder %s resolved to revision %s", config.source, commit)
+            config.revision = commit
+        return cls(config, model)
+
+    def freeze(self) -> MertEncoder:
+        """Frozen: no parameter gradients, eval mode (no dropout, no SpecAugment masking)."""
+        self.model.requires_grad_(False)
+        self.trainable = False
+        self.model.eval()
+        return self
+
+    def train(self, mode: bool = True) -> MertEncoder:
+        """Keeps the frozen encoder in eval mode whatever the parent module's mode is."""
+        super().train(mode)
+        if not self.trainable:
+            self.model.eval()
+        return self
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    def frame_lengths(self, valid: torch.Tensor) -> torch.Tensor:
+        """Number of encoder frames (75 Hz) covering ``valid`` samples, at least 1. ``[N]``."""
+        n = self.model._get_feat_extract_output_lengths(valid)
+        return torch.clamp(n, min=1)
+
+    def forward(self, audio: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Encode segments and mean-pool the selected hidden states over time.
+
+        Args:
+            audio: ``[N, S]`` float segments at 24 kHz (normalised by the front end).
+            valid: ``[N]`` unpadded samples per segment; pooling covers only the frames computed
+                from those samples. ``None`` pools every frame.
+
+        Returns:
+            ``[N, L, H]`` float32, L = ``len(config.layers)``, H = hidden size.
+        """
+        param = next(self.model.parameters())
+        x = audio.to(dtype=param.dtype)
+        out = self.model(x, output_hidden_states=True, return_dict=True)
+        hidden = out.hidden_states
+        frames = hidden[-1].shape[1]
+        if valid is None:
+            pooled = [hidden[i].float().mean(dim=1) for i in self.layers]
+        else:
+            n = torch.clamp(self.frame_lengths(valid), max=frames).to(audio.device)
+            mask = (torch.arange(frames, device=audio.device)[None, :] < n[:, None]).float()
+            denom = n.float()[:, None]
+            pooled = [
+                torch.einsum("nf,nfh->nh", mask, hidden[i].float()) / denom for i in self.layers
+            ]
+        return torch.stack(pooled, dim=1)

@@ -1,0 +1,470 @@
+"""``ApexRewardModel``: waveform -> APEX scores, scalar reward and pairwise preference logits.
+
+One forward path (APEX_SPEC §2): front end -> frozen MERT -> pooled layers -> ``ApexHead`` ->
+combined scores -> reward. ``forward`` is differentiable with respect to the input waveform and
+never changes the gradient mode; :meth:`ApexRewardModel.score` is the batched, ``inference_mode``
+convenience for files and arrays.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from .audio import AudioFrontEnd, Segments, WaveformInput
+from .checkpoint import read_checkpoint, save_checkpoint
+from .config import ApexConfig
+from .encoder import MertEncoder
+from .errors import CheckpointError, ConfigError
+from .heads import ApexHead, combine_scores, weighted_song_mean
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ApexRewardModel", "ApexOutput", "SegmentFeatures"]
+
+
+@dataclass
+class SegmentFeatures:
+    """Encoder output for a batch of songs, before the head.
+
+    Attributes:
+        layer_features: ``[N, L, H]`` float32 time-pooled hidden states of the L selected layers,
+            one row per 30 s segment.
+        song_index: ``[N]`` int64 song of each segment.
+        weights: ``[N]`` float32 weight of each segment in its song's average.
+        durations_s: ``[B]`` float32 song durations in seconds.
+        num_songs: B.
+    """
+
+    layer_features: torch.Tensor
+    song_index: torch.Tensor
+    weights: torch.Tensor
+    durations_s: torch.Tensor
+    num_songs: int
+
+
+@dataclass
+class ApexOutput:
+    """Named outputs of :class:`ApexRewardModel`; every tensor is ``[B]`` unless noted.
+
+    Attributes:
+        scores: ``{name: [B]}`` — the predicted tasks (streams, likes in 0–100; coherence,
+            musicality, memorability, clarity, naturalness in 1–5) and the combined scores
+            popularity (0–100), songeval (1–5, full models) and overall (0–1).
+        reward: ``[B]`` the configured weighted sum of scores.
+        embeddings: ``[B, H]`` song embeddings (aggregated layers, averaged over segments), when
+            requested with ``return_embeddings=True``.
+        features: the per-segment :class:`SegmentFeatures`, when requested.
+    """
+
+    scores: dict[str, torch.Tensor]
+    reward: torch.Tensor
+    embeddings: torch.Tensor | None = None
+    features: SegmentFeatures | None = None
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.reward if name == "reward" else self.scores[name]
+
+    def to_records(self) -> list[dict[str, float]]:
+        """One ``{score name: float, ..., "reward": float}`` dict per song."""
+        names = list(self.scores)
+        values = torch.stack([self.scores[n] for n in names] + [self.reward], dim=1)
+        return [
+            dict(zip(names + ["reward"], row)) for row in values.detach().float().cpu().tolist()
+        ]
+
+
+class ApexRewardModel(nn.Module):
+    """The APEX reward model.
+
+    Build one with :meth:`from_pretrained` (a checkpoint directory or hub id) or
+    :meth:`from_config` (an untrained model). Call it on waveforms for differentiable scores;
+    use :meth:`score` for files; :meth:`preference_logits` for ``logit P(A > B)``.
+
+    Attributes:
+        segment_batch_size: how many 30 s segments go through the encoder at once (bounds
+            memory for long songs; does not change the scores).
+    """
+
+    def __init__(self, config: ApexConfig, encoder: MertEncoder | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.frontend = AudioFrontEnd(config.frontend)
+        self.encoder = encoder if encoder is not None else MertEncoder(config.encoder)
+        # The head is tiny next to the encoder; running it in float64 makes a song's score
+        # independent of which other songs share its batch (float32 GEMM kernels differ by batch
+        # size), at no measurable cost. Checkpoints store it as it is (a few MB).
+        self.head = ApexHead(
+            config.encoder.hidden_size, len(config.encoder.layers), config.head
+        ).to(torch.float64)
+        self.preference_head: nn.Module | None = None
+        if config.preference.head is not None:
+            from .preference import PreferenceHead
+
+            self.preference_head = PreferenceHead(config.preference.head)
+        self.segment_batch_size = 8
+
+    # ------------------------------------------------------------------------------------------
+    # construction, saving, loading
+
+    @classmethod
+    def from_config(
+        cls, config: ApexConfig, *, encoder: Literal["load", "random"] | MertEncoder = "load"
+    ) -> ApexRewardModel:
+        """A model with freshly initialised heads.
+
+        ``encoder="load"`` fetches the weights named by ``config.encoder.source`` (falling back to
+        random weights, with a warning, only for an encoder without a source); ``"random"``
+        initialises the encoder randomly (tests, the tiny demo).
+        """
+        if isinstance(encoder, MertEncoder):
+            enc = encoder
+        elif encoder == "load" and config.encoder.source:
+            enc = MertEncoder.from_pretrained(config.encoder)
+        else:
+            if encoder == "load":
+                logger.warning(
+                    "encoder %r has no weight source: using random weights", config.encoder.preset
+                )
+            enc = MertEncoder(config.encoder)
+        return cls(config, enc).eval()
+
+    def save_pretrained(
+        self, directory: str | Path, *, include_encoder: bool | None = None
+    ) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` to ``directory``.
+
+        The encoder is referenced by ``config.encoder.source`` + ``revision``; with
+        ``include_encoder=True`` (forced for encoders without a source, e.g. the random ``tiny``
+        one) its weights are stored in the checkpoint as well.
+        """
+        cfg = copy.deepcopy(self.config)
+        if include_encoder is None:
+            include_encoder = cfg.encoder.stored or not cfg.encoder.source
+        if not include_encoder and not cfg.encoder.source:
+            raise ConfigError(
+                "this encoder has no source to reference (random weights); save with "
+                "include_encoder=True"
+            )
+        cfg.encoder.stored = bool(include_encoder)
+        tensors = {f"head.{k}": v for k, v in self.head.state_dict().items()}
+        if self.preference_head is not None:
+            tensors.update(
+                {f"preference.{k}": v for k, v in self.preference_head.state_dict().items()}
+            )
+        if include_encoder:
+            tensors.update({f"encoder.{k}": v for k, v in self.encoder.model.state_dict().items()})
+        return save_checkpoint(directory, cfg.to_dict(), tensors)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_id: str | Path,
+        *,
+        revision: str | None = None,
+        encoder_source: str | None = None,
+        device: str | torch.device | None = None,
+        freeze: bool = True,
+        verify: bool = True,
+    ) -> ApexRewardModel:
+        """Load a checkpoint directory (or hub repo id).
+
+        Args:
+            path_or_id: directory with ``config.json`` + ``model.safetensors``, or a hub id.
+            revision: hub revision of the checkpoint (hub ids only).
+            encoder_source: override where the MERT weights come from (hub id or local dir),
+                e.g. a local copy when offline. Ignored when the checkpoint stores them.
+            device: move the model there.
+            freeze: ``requires_grad_(False)`` on all parameters (gradients still reach the input
+                waveform); pass ``False`` to fine-tune the heads.
+            verify: check ``model.safetensors`` against the checksum in ``config.json``.
+
+        Returns:
+            The model in eval mode.
+
+        Raises:
+            CheckpointError, ConfigError: missing/corrupt/tampered files or invalid config fields.
+        """
+        raw, tensors, directory = read_checkpoint(path_or_id, revision=revision, verify=verify)
+        try:
+            config = ApexConfig.from_dict(raw)
+        except ConfigError as e:
+            raise ConfigError(f"{directory / 'config.json'}: {e}") from e
+        groups: dict[str, dict[str, torch.Tensor]] = {"head": {}, "encoder": {}, "preference": {}}
+        for key, value in tensors.items():
+            prefix, _, rest = key.partition(".")
+            if prefix not in groups:
+                raise CheckpointError(
+                    f"{directory}: unexpected tensor {key!r} in model.safetensors"
+                )
+            groups[prefix][rest] = value
+        if config.encoder.stored:
+            encoder = MertEncoder(config.encoder)
+            _load_strict(encoder.model, groups["encoder"], "encoder", directory)
+        else:
+            if groups["encoder"]:
+                raise CheckpointError(
+                    f"{directory}: config says the encoder is not stored, but model.safetensors "
+                    "holds encoder weights"
+                )
+            if encoder_source is not None:
+                config.encoder.source = encoder_source
+            encoder = MertEncoder.from_pretrained(config.encoder)
+        model = cls(config, encoder)
+        _load_strict(model.head, groups["head"], "head", directory)
+        if model.preference_head is not None:
+            _load_strict(model.preference_head, groups["preference"], "preference", directory)
+        elif groups["preference"]:
+            raise CheckpointError(f"{directory}: preference weights without a preference config")
+        if freeze:
+            model.requires_grad_(False)
+        if device is not None:
+            model.to(device)
+        return model.eval()
+
+    # ------------------------------------------------------------------------------------------
+    # properties
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.head.parameters()).device
+
+    @property
+    def score_names(self) -> tuple[str, ...]:
+        return self.config.score_names
+
+    @property
+    def untrained(self) -> bool:
+        return self.config.untrained
+
+    def train(self, mode: bool = True) -> ApexRewardModel:
+        """As ``nn.Module.train``; the frozen encoder stays in eval mode."""
+        super().train(mode)
+        return self
+
+    # ------------------------------------------------------------------------------------------
+    # forward path
+
+    def _segment_weights(self, segments: Segments) -> torch.Tensor:
+        if self.config.frontend.segment_weighting == "uniform":
+            return torch.ones_like(segments.valid, dtype=torch.float32)
+        return segments.valid.to(torch.float32)
+
+    def iter_encoded_chunks(
+        self, segments: Segments, segment_batch_size: int | None = None
+    ) -> Iterator[torch.Tensor]:
+        """Encode ``segments.audio`` in chunks of ``segment_batch_size``; yields ``[n, L, H]``."""
+        bs = max(1, int(segment_batch_size or self.segment_batch_size))
+        for start in range(0, segments.audio.shape[0], bs):
+            yield self.encoder(
+                segments.audio[start : start + bs], segments.valid[start : start + bs]
+            )
+
+    def encode(
+        self,
+        waveforms: WaveformInput,
+        sample_rate: int | Sequence[int],
+        *,
+        segment_batch_size: int | None = None,
+    ) -> SegmentFeatures:
+        """Front end + encoder: waveforms -> per-segment pooled layer features.
+
+        Args:
+            waveforms: ``[B, T]``, ``[B, C, T]``, ``[T]``, or a list of ``[T]``/``[C, T]`` tensors
+                or arrays, at ``sample_rate`` Hz (one rate, or one per song).
+            segment_batch_size: segments per encoder call (default ``self.segment_batch_size``).
+
+        Returns:
+            :class:`SegmentFeatures` with ``layer_features`` ``[N, L, H]``.
+        """
+        segments = self.frontend(waveforms, sample_rate, device=self.device)
+        chunks = list(self.iter_encoded_chunks(segments, segment_batch_size))
+        return SegmentFeatures(
+            layer_features=torch.cat(chunks, dim=0),
+            song_index=segments.song_index,
+            weights=self._segment_weights(segments),
+            durations_s=segments.durations.float() / self.config.frontend.sample_rate,
+            num_songs=segments.num_songs,
+        )
+
+    def reward_from_scores(self, scores: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The scalar reward ``sum_k w_k * scores[k]`` (``config.reward_weights``). ``[B]``."""
+        total = None
+        for name, w in self.config.reward_weights.items():
+            term = w * scores[name]
+            total = term if total is None else total + term
+        assert total is not None  # reward_weights is validated to be non-empty
+        return total
+
+    def predict_from_features(
+        self, features: SegmentFeatures, *, return_embeddings: bool = False
+    ) -> ApexOutput:
+        """Head, combined scores and reward from encoder features (e.g. cached embeddings)."""
+        pred = self.head(
+            features.layer_features, features.song_index, features.weights, features.num_songs
+        )
+        scores = {k: v.float() for k, v in combine_scores(pred).items()}
+        embeddings = None
+        if return_embeddings:
+            embeddings = weighted_song_mean(
+                self.head.embed(features.layer_features),
+                features.song_index,
+                features.weights,
+                features.num_songs,
+            ).float()
+        return ApexOutput(
+            scores=scores,
+            reward=self.reward_from_scores(scores),
+            embeddings=embeddings,
+            features=features if return_embeddings else None,
+        )
+
+    def forward(
+        self,
+        waveforms: WaveformInput,
+        sample_rate: int | Sequence[int],
+        *,
+        return_embeddings: bool = False,
+        segment_batch_size: int | None = None,
+    ) -> ApexOutput:
+        """Score waveforms; differentiable with respect to them.
+
+        Args:
+            waveforms: ``[B, T]`` mono, ``[B, C, T]`` multi-channel, ``[T]`` one song, or a list
+                of ``[T]``/``[C, T]`` tensors (different lengths allowed), any float dtype.
+            sample_rate: Hz, one for all songs or a sequence with one per song.
+            return_embeddings: also return song embeddings ``[B, H]`` and per-segment features.
+            segment_batch_size: segments per encoder call.
+
+        Returns:
+            :class:`ApexOutput` with ``scores`` (each ``[B]``) and ``reward`` ``[B]``.
+
+        Raises:
+            AudioError subclasses for empty, non-finite, too-short or too-long input, and
+            AudioShapeError for tensors of the wrong shape.
+        """
+        features = self.encode(waveforms, sample_rate, segment_batch_size=segment_batch_size)
+        return self.predict_from_features(features, return_embeddings=return_embeddings)
+
+    # ------------------------------------------------------------------------------------------
+    # pairwise preference
+
+    def preference_logits_from_outputs(
+        self,
+        out_a: ApexOutput,
+        out_b: ApexOutput,
+        *,
+        is_instrumental: torch.Tensor | float | None = None,
+    ) -> torch.Tensor:
+        """``logit P(A > B)`` from two outputs of the same batch size. ``[B]``.
+
+        With a fitted preference head (APEX_SPEC §5) it is the head's logistic model over the
+        pairwise features; otherwise Bradley–Terry on the reward,
+        ``(r_A - r_B) / preference.temperature``.
+        """
+        if self.preference_head is not None:
+            return self.preference_head(out_a.scores, out_b.scores, is_instrumental=is_instrumental)
+        return (out_a.reward - out_b.reward) / self.config.preference.temperature
+
+    def preference_logits(
+        self,
+        a: WaveformInput,
+        b: WaveformInput,
+        sample_rate: int | Sequence[int],
+        *,
+        sample_rate_b: int | Sequence[int] | None = None,
+        is_instrumental: torch.Tensor | float | None = None,
+    ) -> torch.Tensor:
+        """``logit P(A_i > B_i)`` for paired batches ``a`` and ``b``; differentiable. ``[B]``.
+
+        Both batches go through the encoder in one pass. ``sample_rate_b`` defaults to
+        ``sample_rate``. ``is_instrumental`` (``[B]`` or scalar 0/1) is used by a fitted
+        preference head whose features include it (default 0).
+        """
+        from .audio import as_waveform_list
+
+        la, lb = as_waveform_list(a), as_waveform_list(b)
+        if len(la) != len(lb):
+            raise ConfigError(f"preference_logits: {len(la)} songs in a but {len(lb)} in b")
+        ra = _per_song_rates(sample_rate, len(la))
+        rb = _per_song_rates(sample_rate if sample_rate_b is None else sample_rate_b, len(lb))
+        out = self(la + lb, ra + rb)
+        n = len(la)
+        out_a = ApexOutput(scores={k: v[:n] for k, v in out.scores.items()}, reward=out.reward[:n])
+        out_b = ApexOutput(scores={k: v[n:] for k, v in out.scores.items()}, reward=out.reward[n:])
+        return self.preference_logits_from_outputs(out_a, out_b, is_instrumental=is_instrumental)
+
+    # ------------------------------------------------------------------------------------------
+    # batched scoring of files and arrays
+
+    def score(
+        self,
+        inputs: Any,
+        *,
+        sample_rate: int | Sequence[int] | None = None,
+        batch_size: int = 8,
+        num_workers: int = 2,
+        progress: bool = False,
+    ) -> list:
+        """Score files and/or arrays in batches under ``inference_mode``.
+
+        Args:
+            inputs: a path, an array/tensor, or a sequence of paths, arrays/tensors
+                (``[T]`` or ``[C, T]``) and ``(array, sample_rate)`` tuples.
+            sample_rate: Hz for arrays given without one.
+            batch_size: 30 s segments per encoder call; songs are grouped to fill it.
+            num_workers: threads decoding files ahead of the encoder.
+            progress: show a tqdm progress bar on stderr.
+
+        Returns:
+            One :class:`~apex_reward.scoring.ScoreResult` per input, in input order: scores and
+            reward, or the error that input raised (other inputs are still scored).
+        """
+        from .scoring import score_inputs
+
+        return score_inputs(
+            self,
+            inputs,
+            sample_rate=sample_rate,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            progress=progress,
+        )
+
+
+def _per_song_rates(sample_rate: int | Sequence[int], n: int) -> list[int]:
+    if isinstance(sample_rate, (list, tuple)):
+        return list(sample_rate)
+    return [sample_rate] * n
+
+
+def _load_strict(
+    module: nn.Module, state: dict[str, torch.Tensor], name: str, directory: Path
+) -> None:
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(
+        f"{k}: {tuple(state[k].shape)} != {tuple(expected[k].shape)}"
+        for k in set(state) & set(expected)
+        if state[k].shape != expected[k].shape
+    )
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:6]}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected[:6]}")
+        if wrong:
+            parts.append(f"wrong shape {wrong[:6]}")
+        raise CheckpointError(
+            f"{directory}: {name} weights do not match config.json: " + "; ".join(parts)
+        )
+    module.load_state_dict(state, strict=True)

@@ -1,0 +1,248 @@
+"""Batched scoring of files and arrays: the engine behind ``model.score`` and ``apex-reward score``.
+
+Files are decoded by a small thread pool a bounded window ahead of the encoder; songs are grouped
+so each encoder call gets about ``batch_size`` 30 s segments; every input gets a
+:class:`ScoreResult`, with its scores or the error it raised, in input order. A bad input never
+stops the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from .audio import as_waveform_list, load_audio
+from .errors import ApexError, AudioShapeError
+
+if TYPE_CHECKING:
+    from .model import ApexRewardModel
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ScoreResult", "score_inputs"]
+
+
+@dataclass
+class ScoreResult:
+    """The outcome of scoring one input.
+
+    Attributes:
+        input: the file path, or ``"array[i]"`` for in-memory input i.
+        scores: ``{name: value}`` (popularity tasks 0–100, aesthetics 1–5, overall 0–1), or None.
+        reward: the scalar reward, or None on error.
+        error: what went wrong (None on success).
+        error_type: the error's class name, e.g. ``"AudioDecodeError"``.
+        duration_s: the audio's duration in seconds, when it was decoded.
+    """
+
+    input: str
+    scores: dict[str, float] | None = None
+    reward: float | None = None
+    error: str | None = None
+    error_type: str | None = None
+    duration_s: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able record: ``{"path", "scores", "reward"}`` or ``{"path", "error", "error_type"}``."""
+        if self.ok:
+            d: dict[str, Any] = {"path": self.input, "scores": self.scores, "reward": self.reward}
+        else:
+            d = {"path": self.input, "error": self.error, "error_type": self.error_type}
+        d.update(self.extra)
+        return d
+
+
+@dataclass
+class _Item:
+    index: int
+    name: str
+    wav: torch.Tensor | None = None
+    sample_rate: int = 0
+    error: BaseException | None = None
+
+
+def _describe(e: BaseException) -> tuple[str, str]:
+    reason = getattr(e, "reason", None) or str(e) or type(e).__name__
+    return reason, type(e).__name__
+
+
+def _normalise_inputs(inputs: Any, sample_rate: Any) -> list[tuple[str, Any, int | None]]:
+    """-> [(name, path-or-array, rate)]"""
+    if isinstance(inputs, (str, Path, np.ndarray, torch.Tensor)):
+        if (
+            isinstance(inputs, (np.ndarray, torch.Tensor))
+            and inputs.ndim >= 2
+            and not isinstance(sample_rate, (list, tuple))
+        ):
+            # a batch tensor [B, T] / [B, C, T]
+            items: Sequence[Any] = as_waveform_list(inputs)
+        else:
+            items = [inputs]
+    else:
+        items = list(inputs)
+    rates = (
+        list(sample_rate) if isinstance(sample_rate, (list, tuple)) else [sample_rate] * len(items)
+    )
+    if len(rates) != len(items):
+        raise AudioShapeError(
+            f"got {len(rates)} sample rates for {len(items)} inputs", "sample_rate"
+        )
+    out = []
+    for i, (item, rate) in enumerate(zip(items, rates)):
+        if isinstance(item, tuple) and len(item) == 2 and not isinstance(item[0], (str, Path)):
+            item, rate = item
+        name = str(item) if isinstance(item, (str, Path)) else f"array[{i}]"
+        out.append((name, item, rate))
+    return out
+
+
+def _load(model: ApexRewardModel, index: int, name: str, item: Any, rate: int | None) -> _Item:
+    fe = model.frontend
+    try:
+        if isinstance(item, (str, Path)):
+            wav, sr = load_audio(item, max_duration_s=fe.config.max_duration_s)
+        else:
+            if rate is None:
+                raise AudioShapeError("arrays need a sample_rate", name)
+            (wav,) = as_waveform_list([item])
+            sr = int(rate)
+        fe.check(wav, sr, name)
+        return _Item(index, name, wav, sr)
+    except ApexError as e:
+        return _Item(index, name, error=e)
+    except Exception as e:  # unexpected decoder failure: record it, keep going
+        logger.debug("unexpected error loading %s", name, exc_info=True)
+        return _Item(index, name, error=e)
+
+
+def _decoded(
+    model: ApexRewardModel,
+    entries: list[tuple[str, Any, int | None]],
+    num_workers: int,
+    window: int,
+) -> Iterator[_Item]:
+    if num_workers <= 0:
+        for i, (name, item, rate) in enumerate(entries):
+            yield _load(model, i, name, item, rate)
+        return
+    with ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="apex-decode") as pool:
+        pending: deque = deque()
+        it = iter(enumerate(entries))
+
+        def submit() -> None:
+            nxt = next(it, None)
+            if nxt is not None:
+                i, (name, item, rate) = nxt
+                pending.append(pool.submit(_load, model, i, name, item, rate))
+
+        for _ in range(max(1, window)):
+            submit()
+        while pending:
+            item = pending.popleft().result()
+            submit()
+            yield item
+
+
+def _num_segments(model: ApexRewardModel, item: _Item) -> int:
+    fe = model.frontend.config
+    n = item.wav.shape[-1] * fe.sample_rate / item.sample_rate
+    return max(1, math.ceil(n / fe.segment_samples))
+
+
+def _run_batch(
+    model: ApexRewardModel, batch: list[_Item], batch_size: int, results: list[ScoreResult | None]
+) -> None:
+    try:
+        with torch.inference_mode():
+            out = model(
+                [it.wav for it in batch],
+                [it.sample_rate for it in batch],
+                segment_batch_size=batch_size,
+            )
+        records = out.to_records()
+    except Exception as e:
+        if len(batch) > 1:
+            # isolate the failing song: score the batch members one by one
+            logger.debug("batch failed (%s); retrying items one by one", e)
+            for it in batch:
+                _run_batch(model, [it], batch_size, results)
+            return
+        reason, kind = _describe(e)
+        it = batch[0]
+        results[it.index] = ScoreResult(it.name, error=reason, error_type=kind)
+        return
+    for it, rec in zip(batch, records):
+        reward = rec.pop("reward")
+        results[it.index] = ScoreResult(
+            it.name,
+            scores=rec,
+            reward=reward,
+            duration_s=it.wav.shape[-1] / it.sample_rate,
+        )
+
+
+def score_inputs(
+    model: ApexRewardModel,
+    inputs: Any,
+    *,
+    sample_rate: int | Sequence[int] | None = None,
+    batch_size: int = 8,
+    num_workers: int = 2,
+    progress: bool = False,
+) -> list[ScoreResult]:
+    """See :meth:`apex_reward.ApexRewardModel.score`."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    entries = _normalise_inputs(inputs, sample_rate)
+    results: list[ScoreResult | None] = [None] * len(entries)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(entries), unit="file", desc="scoring", dynamic_ncols=True)
+    batch: list[_Item] = []
+    segs = 0
+
+    def flush() -> None:
+        nonlocal batch, segs
+        if batch:
+            _run_batch(model, batch, batch_size, results)
+            if bar is not None:
+                bar.update(len(batch))
+        batch, segs = [], 0
+
+    try:
+        # decode a bounded number of files ahead of the encoder (long files are large in memory)
+        for item in _decoded(model, entries, num_workers, window=max(2, 2 * num_workers)):
+            if item.error is not None:
+                reason, kind = _describe(item.error)
+                results[item.index] = ScoreResult(item.name, error=reason, error_type=kind)
+                if bar is not None:
+                    bar.update(1)
+                continue
+            n = _num_segments(model, item)
+            if batch and segs + n > batch_size:
+                flush()
+            batch.append(item)
+            segs += n
+            if segs >= batch_size:
+                flush()
+        flush()
+    finally:
+        if bar is not None:
+            bar.close()
+    return [r for r in results if r is not None]
