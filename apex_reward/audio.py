@@ -30,13 +30,35 @@ from .errors import (
     NonFiniteAudioError,
 )
 
-__all__ = ["load_audio", "AudioFrontEnd", "Segments", "WaveformInput", "as_waveform_list"]
+__all__ = [
+    "load_audio",
+    "decode_audio_bytes",
+    "AudioFrontEnd",
+    "Segments",
+    "WaveformInput",
+    "as_waveform_list",
+]
 
 #: What the model's forward accepts: a tensor ``[B, T]`` / ``[B, C, T]`` or a list of ``[T]`` /
 #: ``[C, T]`` tensors or numpy arrays (songs of different lengths).
 WaveformInput = torch.Tensor | np.ndarray | Sequence[torch.Tensor | np.ndarray]
 
 _MAX_CHANNELS = 64
+
+
+def decode_audio_bytes(
+    data: bytes, *, name: str = "<bytes>", max_duration_s: float | None = None
+) -> tuple[torch.Tensor, int]:
+    """Decode an in-memory audio file (e.g. an HTTP upload); like :func:`load_audio`.
+
+    Returns ``(waveform [channels, samples] float32, sample_rate)``; raises the same typed errors,
+    naming ``name``.
+    """
+    import io
+
+    if not data:
+        raise EmptyAudioError("no audio data (0 bytes)", name)
+    return _decode(io.BytesIO(data), name, max_duration_s)
 
 
 def load_audio(
@@ -57,8 +79,6 @@ def load_audio(
         EmptyAudioError: the file decodes to zero samples.
         AudioTooLongError: the header says the file exceeds ``max_duration_s``.
     """
-    import soundfile as sf
-
     p = Path(path)
     name = str(path)
     if not p.exists():
@@ -67,8 +87,14 @@ def load_audio(
         raise AudioDecodeError("is a directory, not an audio file", name)
     if p.stat().st_size == 0:
         raise EmptyAudioError("file is empty (0 bytes)", name)
+    return _decode(name, name, max_duration_s)
+
+
+def _decode(source, name: str, max_duration_s: float | None) -> tuple[torch.Tensor, int]:
+    import soundfile as sf
+
     try:
-        info = sf.info(name)
+        info = sf.info(source)
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:
         raise AudioDecodeError(f"not a readable audio file ({_sf_reason(e)})", name) from e
     if info.samplerate <= 0:
@@ -79,8 +105,10 @@ def load_audio(
             raise AudioTooLongError(
                 f"audio is {duration:.1f} s long; the limit is {max_duration_s:g} s", name
             )
+    if hasattr(source, "seek"):
+        source.seek(0)
     try:
-        data, sr = sf.read(name, dtype="float32", always_2d=True)
+        data, sr = sf.read(source, dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
         raise AudioDecodeError(
             f"decoding failed, file may be truncated ({_sf_reason(e)})", name

@@ -42,54 +42,46 @@ def register_command(name: str, module: str, add: str, run: str, help: str) -> N
 
 
 def _extra_commands() -> None:
-    # Subcommands provided by apex_reward.training / apex_reward.integrations. Listed here (not
-    # discovered) so that `apex-reward --help` stays instant.
+    # Subcommands provided by apex_reward.training / apex_reward.integrations, each in the module
+    # that implements it (which defines add_<name>_arguments and run_<name>). Listed here rather
+    # than discovered so that `apex-reward --help` stays instant; a module that is not there yet
+    # (or not installed) simply does not add its command.
     extra = {
         "synth": (
-            "apex_reward.training.cli",
-            "synth",
+            "apex_reward.training.synthetic",
             "generate a synthetic corpus of songs + manifest",
         ),
-        "prepare": (
-            "apex_reward.training.cli",
-            "prepare",
-            "filter, balance, score and split a manifest",
-        ),
+        "prepare": ("apex_reward.training.prepare", "filter, balance, score and split a manifest"),
         "extract": (
-            "apex_reward.training.cli",
-            "extract",
+            "apex_reward.training.extract",
             "extract MERT layer embeddings (distributed, resumable)",
         ),
-        "train": ("apex_reward.training.cli", "train", "train APEX heads on extracted embeddings"),
+        "train": ("apex_reward.training.trainer", "train APEX heads on extracted embeddings"),
         "grid": (
-            "apex_reward.training.cli",
-            "grid",
+            "apex_reward.training.grid",
             "run the 24-condition grid and write the paper's tables",
         ),
         "demo": (
-            "apex_reward.training.cli",
-            "demo",
+            "apex_reward.training.demo",
             "offline end-to-end demo: synthetic corpus -> trained model -> scores",
         ),
         "arena": (
-            "apex_reward.training.cli",
-            "arena",
+            "apex_reward.training.arena",
             "Music Arena preference evaluation and preference head",
         ),
         "pairs": (
-            "apex_reward.integrations.cli",
-            "pairs",
+            "apex_reward.integrations.pairs",
             "build DPO preference pairs from scored candidates",
         ),
-        "serve": ("apex_reward.integrations.cli", "serve", "HTTP reward server for RL workers"),
+        "serve": ("apex_reward.integrations.server", "HTTP reward server for RL workers"),
     }
-    for name, (module, stem, help) in extra.items():
+    for name, (module, help) in extra.items():
         try:
             spec = importlib.util.find_spec(module)
         except ModuleNotFoundError:
             spec = None
         if spec is not None and name not in COMMANDS:
-            COMMANDS[name] = (module, f"add_{stem}_arguments", f"run_{stem}", help)
+            COMMANDS[name] = (module, f"add_{name}_arguments", f"run_{name}", help)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -237,6 +237,17 @@ class ApexRewardModel(nn.Module):
         return next(self.head.parameters()).device
 
     @property
+    def encoder_dtype(self) -> torch.dtype:
+        """Dtype of the encoder weights (the front end runs in float32, the head in float64)."""
+        return next(self.encoder.model.parameters()).dtype
+
+    def set_encoder_dtype(self, dtype: torch.dtype | str) -> ApexRewardModel:
+        """Cast the encoder weights to ``dtype`` (``"fp32"``, ``"bf16"``, ``"fp16"`` or a torch
+        dtype); inputs are cast to it and pooled features come back as float32. Returns self."""
+        self.encoder.model.to(resolve_dtype(dtype))
+        return self
+
+    @property
     def score_names(self) -> tuple[str, ...]:
         return self.config.score_names
 
@@ -437,6 +448,26 @@ class ApexRewardModel(nn.Module):
             num_workers=num_workers,
             progress=progress,
         )
+
+
+_DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
+
+
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """``"fp32"``/``"bf16"``/``"fp16"`` (or a torch dtype) -> torch dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ConfigError(f"unknown dtype {dtype!r}; expected one of fp32, bf16, fp16") from None
 
 
 def _per_song_rates(sample_rate: int | Sequence[int], n: int) -> list[int]:

@@ -182,3 +182,20 @@ def test_resampler_cache_works_after_inference_mode():
     x = torch.randn(44100, requires_grad=True)
     fe.resample(x, 44100).sum().backward()
     assert torch.isfinite(x.grad).all()
+
+
+def test_decode_audio_bytes(tmp_path):
+    from apex_reward.audio import decode_audio_bytes
+
+    files = write_good_files(tmp_path)
+    for f in files:
+        a, sra = decode_audio_bytes(f.read_bytes(), name=f.name)
+        b, srb = load_audio(f)
+        assert sra == srb and torch.equal(a, b), f.name
+    bad = write_bad_files(tmp_path / "bad")
+    with pytest.raises(EmptyAudioError, match="upload.wav"):
+        decode_audio_bytes(b"", name="upload.wav")
+    with pytest.raises(AudioDecodeError, match="upload.mp3: not a readable audio file"):
+        decode_audio_bytes(bad["text"].read_bytes(), name="upload.mp3")
+    with pytest.raises(AudioDecodeError, match="truncated"):
+        decode_audio_bytes(bad["truncated"].read_bytes(), name="t.flac")

@@ -227,3 +227,17 @@ def test_fitted_preference_head_matches_manual_logistic(tiny_checkpoint, tmp_pat
     assert abs(logit.item() - manual) < 1e-4
     logit.backward()
     assert torch.isfinite(a.grad).all() and a.grad.abs().sum() > 0 and b.grad.abs().sum() > 0
+
+
+def test_encoder_dtype_bf16_close_to_fp32():
+    model = make_tiny_model(seed=2)
+    x = [torch.from_numpy(synth_music(3.0, 24000, seed=s)[0]) for s in range(3)]
+    with torch.inference_mode():
+        ref = model(x, 24000).scores
+        model.set_encoder_dtype("bf16")
+        assert model.encoder_dtype == torch.bfloat16
+        low = model(x, 24000).scores
+    for k in ref:
+        assert torch.allclose(low[k], ref[k], rtol=5e-2), k
+    with pytest.raises(Exception, match="unknown dtype"):
+        model.set_encoder_dtype("int3")
