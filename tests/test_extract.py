@@ -1,0 +1,247 @@
+"""Distributed, resumable embedding extraction (issue 3, acceptance 2–4)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from apex_reward import ApexRewardModel, ConfigError, load_audio
+from apex_reward.training.embeddings import EmbeddingStore
+from apex_reward.training.extract import ExtractConfig, run_extraction
+from apex_reward.training.synthetic import SynthConfig, generate_corpus
+
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def songs(tmp_path_factory):
+    """40 readable songs of varied lengths (a few span 3 segments) plus unreadable files."""
+    out = tmp_path_factory.mktemp("extract_corpus")
+    summary = generate_corpus(
+        SynthConfig(
+            out=str(out),
+            num_songs=40,
+            min_seconds=1.5,
+            max_seconds=4.5,
+            long_fraction=0.1,
+            long_seconds=14.0,
+            seed=5,
+            sample_rates=[16000, 22050, 44100],
+            zero_stream_fraction=0.0,
+            recent_fraction=0.0,
+            duplicate_id_fraction=0.0,
+            duplicate_audio_fraction=0.0,
+            unreadable_fraction=0.1,
+            invalid_row_fraction=0.0,
+        )
+    )
+    manifest = pd.read_csv(summary["manifest"])
+    assert manifest["id"].str.startswith("bad").sum() == 4
+    return out / "manifest.csv", manifest
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny model with 5 s segments: the same code paths as 30 s, six times cheaper."""
+    from conftest import make_tiny_model
+
+    model = make_tiny_model(seed=0)
+    model.config.frontend.segment_seconds = 5.0
+    d = tmp_path_factory.mktemp("extract_model") / "tiny"
+    model.save_pretrained(d)
+    return d
+
+
+def _extract_cmd(manifest, model_dir, out, *extra):
+    return [
+        "extract",
+        "--manifest",
+        str(manifest),
+        "--model",
+        str(model_dir),
+        "--out",
+        str(out),
+        "--shard-size",
+        "4",
+        "--batch-size",
+        "4",
+        "--cpu",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def reference(songs, model_dir, tmp_path_factory):
+    """An uninterrupted single-process extraction."""
+    manifest, _ = songs
+    out = tmp_path_factory.mktemp("ref") / "emb"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the subprocess runs below (OMP_NUM_THREADS=1): same kernels
+    try:
+        summary = run_extraction(
+            ExtractConfig(
+                manifest=str(manifest),
+                model=str(model_dir),
+                out=str(out),
+                shard_size=4,
+                batch_size=4,
+                num_workers=1,
+                cpu=True,
+            ),
+            progress=False,
+        )
+    finally:
+        torch.set_num_threads(threads)
+    return out, summary
+
+
+def _embeddings(directory: Path) -> torch.Tensor:
+    return EmbeddingStore(directory).segments().layer_features
+
+
+def test_index_lists_every_readable_song_once(songs, reference):
+    _, manifest = songs
+    out, summary = reference
+    index = pd.read_parquet(out / "index.parquet")
+    readable = set(manifest.loc[~manifest["id"].str.startswith("bad"), "id"])
+    assert set(index["id"]) == readable
+    assert summary["songs_extracted"] == len(readable) == 40 and summary["songs_failed"] == 4
+    # one row per 30 s segment, every song exactly once (contiguous rows in one shard)
+    per_song = index.groupby("id").agg(
+        n=("segment", "size"), dur=("song_duration_s", "first"), shards=("shard", "nunique")
+    )
+    assert (per_song["shards"] == 1).all()
+    assert (per_song["n"] == (per_song["dur"] / 5.0).apply(lambda x: max(1, -(-x // 1)))).all()
+    assert per_song["n"].max() >= 3  # multi-segment songs are included
+    errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
+    assert sorted(e["id"] for e in errors) == sorted(
+        manifest.loc[manifest["id"].str.startswith("bad"), "id"]
+    )
+    assert all(
+        e["reason"] and e["error_type"] in ("AudioDecodeError", "AudioTooShortError")
+        for e in errors
+    )
+    assert not list((out / "shards").glob("*.tmp*"))
+
+
+def test_cached_embeddings_score_like_audio(songs, reference, model_dir):
+    """Acceptance 4: heads on cached embeddings == ApexRewardModel on the audio (song mode)."""
+    _, manifest = songs
+    out, _ = reference
+    store = EmbeddingStore(out)
+    model = ApexRewardModel.from_pretrained(model_dir)
+    assert model.config.head.mode == "song" and model.config.frontend.segment_seconds == 5.0
+    ids = store.song_ids[:12]
+    paths = manifest.set_index("id").loc[ids, "audio_path"]
+    audio = [load_audio(Path(songs[0]).parent / p) for p in paths]
+    with torch.inference_mode():
+        live = model([a for a, _ in audio], [sr for _, sr in audio]).scores
+        cached = model.predict_from_features(store.segments(ids)).scores
+    for name in live:
+        scale = 100.0 if name in ("streams", "likes", "popularity") else 5.0
+        # fp16 storage of the embeddings: agreement to ~1e-3 of each score's range
+        assert torch.allclose(cached[name], live[name], atol=1e-3 * scale), name
+    # song-level features equal the weighted mean the head would compute
+    songs_f = store.songs(ids)
+    assert songs_f.shape == (12, 4, 64)
+
+
+def test_four_process_extraction_matches_single_process(songs, model_dir, reference, tmp_path):
+    """Acceptance 2: accelerate launch --multi_gpu --num_processes 4 on CPU (gloo)."""
+    manifest, _ = songs
+    ref_out, _ = reference
+    out = tmp_path / "emb4"
+    cmd = [
+        str(BIN / "accelerate"),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "4",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "apex_reward",
+        *_extract_cmd(manifest, model_dir, out, "--num-workers", "0"),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 4
+    a = pd.read_parquet(ref_out / "index.parquet")
+    b = pd.read_parquet(out / "index.parquet")
+    pd.testing.assert_frame_equal(a, b)
+    ea, eb = _embeddings(ref_out), _embeddings(out)
+    ulp = torch.maximum(ea.abs(), eb.abs()) * 2**-10 + 2**-24  # one fp16 step
+    assert ((ea - eb).abs() <= ulp).all()
+    assert (out / "errors.jsonl").read_text() == (ref_out / "errors.jsonl").read_text()
+
+
+def test_kill_and_resume(songs, model_dir, reference, tmp_path):
+    """Acceptance 3: SIGKILL part-way, rerun, same index and embeddings as an uninterrupted run."""
+    manifest, _ = songs
+    ref_out, _ = reference
+    out = tmp_path / "emb"
+    cmd = [
+        sys.executable,
+        "-m",
+        "apex_reward",
+        *_extract_cmd(manifest, model_dir, out, "--num-workers", "1"),
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline:
+            done = list((out / "shards").glob("*.json")) if (out / "shards").is_dir() else []
+            if len(done) >= 2:
+                break
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "index.parquet").exists(), "the job finished before it could be killed"
+    completed_before = len(list((out / "shards").glob("*.json")))
+    assert 2 <= completed_before < 10
+    rerun = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["shards_skipped_on_resume"] >= completed_before
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(ref_out / "index.parquet"), pd.read_parquet(out / "index.parquet")
+    )
+    assert torch.equal(_embeddings(ref_out), _embeddings(out))
+
+
+def test_refuses_to_mix_embeddings_from_another_model(songs, reference, tmp_path):
+    manifest, _ = songs
+    ref_out, _ = reference
+    from conftest import make_tiny_model
+
+    other = tmp_path / "other"
+    make_tiny_model(seed=9, trunk_layers=3).save_pretrained(other)  # different encoder weights
+    with pytest.raises(ConfigError, match="different extraction"):
+        run_extraction(
+            ExtractConfig(
+                manifest=str(manifest),
+                model=str(other),
+                out=str(ref_out),
+                shard_size=4,
+                cpu=True,
+                num_workers=0,
+            ),
+            progress=False,
+        )

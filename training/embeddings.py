@@ -1,0 +1,139 @@
+"""Reading extracted embeddings back (the output of ``apex-reward extract``).
+
+:class:`EmbeddingStore` opens an extraction directory (``index.parquet`` + fp16 shards) and gives
+
+* per-segment features for any songs, as :class:`apex_reward.SegmentFeatures` — what
+  ``ApexRewardModel.predict_from_features`` consumes, so cached embeddings score exactly like audio;
+* per-song features ``[songs, layers, hidden]``: the song's segment features averaged with the
+  model's segment weighting. Because the layer aggregation is a 1x1 convolution (linear), averaging
+  before it equals averaging after it, so song-mode training can work on one row per song.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from apex_reward.errors import ConfigError, require
+from apex_reward.model import SegmentFeatures
+
+__all__ = ["EmbeddingStore"]
+
+
+class EmbeddingStore:
+    """An extraction directory.
+
+    Attributes:
+        index: DataFrame, one row per segment (id, segment, duration_s, song_duration_s, shard, row).
+        fingerprint: the ``extraction.json`` record (front end + encoder that produced the data).
+    """
+
+    def __init__(self, directory: str | Path) -> None:
+        pd = require("pandas", "train")
+        self.dir = Path(directory)
+        index_path = self.dir / "index.parquet"
+        if not index_path.is_file():
+            raise ConfigError(
+                f"{self.dir} has no index.parquet: not a finished extraction (rerun apex-reward extract)"
+            )
+        self.index = pd.read_parquet(index_path)
+        self.fingerprint = json.loads((self.dir / "extraction.json").read_text())
+        self._shards: dict[str, torch.Tensor] = {}
+        ids = self.index["id"].to_numpy()
+        starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
+        self._song_rows = {ids[s]: (s, e) for s, e in zip(starts, np.r_[starts[1:], len(ids)])}
+
+    @property
+    def song_ids(self) -> list[str]:
+        """Ids of the extracted songs, in index order."""
+        return list(self._song_rows)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.fingerprint["encoder"]["layers"])
+
+    @property
+    def segment_weighting(self) -> str:
+        return self.fingerprint["frontend"]["segment_weighting"]
+
+    def _shard(self, name: str) -> torch.Tensor:
+        if name not in self._shards:
+            from safetensors.torch import load_file
+
+            self._shards[name] = load_file(str(self.dir / "shards" / f"{name}.safetensors"))[
+                "embeddings"
+            ]
+        return self._shards[name]
+
+    def segment_table(self, ids: Sequence[str] | None = None):
+        """Index rows of the given songs (all songs if None), grouped by song in ``ids`` order."""
+        if ids is None:
+            return self.index
+        missing = [i for i in ids if i not in self._song_rows]
+        if missing:
+            raise KeyError(f"{len(missing)} songs are not in {self.dir}, e.g. {missing[0]!r}")
+        order = (
+            np.concatenate([np.arange(*self._song_rows[i]) for i in ids])
+            if len(ids)
+            else np.zeros(0, int)
+        )
+        return self.index.iloc[order]
+
+    def segments(self, ids: Sequence[str] | None = None) -> SegmentFeatures:
+        """Per-segment features of ``ids`` (all songs if None) in that order.
+
+        Returns :class:`SegmentFeatures` with ``layer_features`` ``[N, L, H]`` float32 (stored as
+        fp16), ``song_index`` ``[N]``, ``weights`` ``[N]`` (segment duration in samples at the
+        encoder rate, or 1 for uniform weighting) and ``durations_s`` ``[B]``.
+        """
+        table = self.segment_table(ids)
+        song_ids = list(dict.fromkeys(table["id"])) if ids is None else list(ids)
+        pos = {sid: k for k, sid in enumerate(song_ids)}
+        feats = torch.empty((len(table), *self._shape_tail()), dtype=torch.float32)
+        for shard, group in table.groupby("shard", sort=False):
+            where = np.flatnonzero((table["shard"] == shard).to_numpy())
+            feats[where] = self._shard(shard)[
+                torch.as_tensor(group["row"].to_numpy(copy=True))
+            ].float()
+        sr = self.fingerprint["frontend"]["sample_rate"]
+        if self.segment_weighting == "uniform":
+            weights = torch.ones(len(table))
+        else:  # the model weighs by unpadded samples
+            weights = torch.as_tensor(
+                np.round(table["duration_s"].to_numpy() * sr), dtype=torch.float32
+            ).clone()
+        song_index = torch.as_tensor([pos[i] for i in table["id"]], dtype=torch.int64)
+        durations = table.drop_duplicates("id").set_index("id").loc[song_ids, "song_duration_s"]
+        return SegmentFeatures(
+            layer_features=feats,
+            song_index=song_index,
+            weights=weights,
+            durations_s=torch.as_tensor(durations.to_numpy(copy=True), dtype=torch.float32),
+            num_songs=len(song_ids),
+        )
+
+    def songs(
+        self,
+        ids: Sequence[str] | None = None,
+        *,
+        weighting: Literal["model", "uniform", "duration"] = "model",
+    ) -> torch.Tensor:
+        """Per-song features ``[B, L, H]`` float32: each song's segment features averaged
+        (``weighting="model"`` uses the extraction's front-end setting)."""
+        seg = self.segments(ids)
+        w = seg.weights
+        if weighting == "uniform" or (weighting == "model" and self.segment_weighting == "uniform"):
+            w = torch.ones_like(w)
+        from apex_reward.heads import weighted_song_mean
+
+        return weighted_song_mean(seg.layer_features, seg.song_index, w, seg.num_songs)
+
+    def _shape_tail(self) -> tuple[int, int]:
+        first = self.index["shard"].iloc[0]
+        shape = self._shard(first).shape
+        return int(shape[1]), int(shape[2])

@@ -1,0 +1,482 @@
+"""Distributed, resumable extraction of MERT layer embeddings (APEX_SPEC §4).
+
+``accelerate launch [--multi_gpu --num_processes N] -m apex_reward extract --manifest M --model DIR --out OUT``
+(or plain ``apex-reward extract ...`` for one process).
+
+Songs are sorted by id and cut into fixed shards of ``shard_size`` songs; shard ``k`` belongs to
+process ``k % world_size``, so every process takes a disjoint share and the shards' contents do
+not depend on how many processes run. Each process decodes and resamples in DataLoader workers
+(overlapped with encoding), runs the front end's segmentation + the frozen encoder on its device in
+batches of ``batch_size`` segments, and writes, per shard,
+
+* ``shards/shard-KKKKKK.safetensors``: ``embeddings`` fp16 ``[segments, layers, hidden]``;
+* ``shards/shard-KKKKKK.json``: the completion record (songs with their rows and segment
+  durations, unreadable songs with reasons, the SHA-256 of the safetensors file).
+
+Both are written to temporary names and renamed; a shard is complete only when its record exists
+and the checksum matches. Rerunning the same command after a crash or kill skips complete shards
+and redoes the rest. When all shards are complete the main process writes ``index.parquet`` (one
+row per segment: id, segment, duration_s, song_duration_s, shard, row), ``errors.jsonl`` and
+``summary.json``. ``extraction.json`` fingerprints the front end, encoder and shard layout; a rerun
+with a different model refuses to mix embeddings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from apex_reward.dataclass_io import add_dataclass_arguments, dataclass_from_args, to_dict
+from apex_reward.errors import ApexError, ConfigError, require
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ExtractConfig", "run_extraction", "shard_name", "read_songs"]
+
+
+@dataclass
+class ExtractConfig:
+    """Options of ``apex-reward extract``."""
+
+    manifest: str = field(
+        default="",
+        metadata={
+            "help": "songs to extract: prepared.parquet or any manifest with id and audio_path"
+        },
+    )
+    model: str = field(
+        default="",
+        metadata={"help": "checkpoint whose front end and encoder define the embeddings"},
+    )
+    out: str = field(default="runs/embeddings", metadata={"help": "output directory"})
+    encoder: str | None = field(
+        default=None, metadata={"help": "override the encoder weights source (hub id or local dir)"}
+    )
+    columns: str | None = field(
+        default=None, metadata={"help": "column mapping schema=source,... for id and audio_path"}
+    )
+    batch_size: int = field(default=16, metadata={"help": "30 s segments per encoder call"})
+    num_workers: int = field(
+        default=2, metadata={"help": "DataLoader processes decoding and resampling audio"}
+    )
+    shard_size: int = field(
+        default=256, metadata={"help": "songs per shard (the unit of resumption)"}
+    )
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = field(
+        default="auto", metadata={"help": "encoder dtype; auto = fp16 on CUDA, fp32 on CPU"}
+    )
+    cpu: bool = field(
+        default=False,
+        metadata={"help": "run on CPU even if GPUs are present (gloo for multi-process)"},
+    )
+    limit: int | None = field(
+        default=None, metadata={"help": "extract only the first N songs (by id)"}
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "shard_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.num_workers < 0:
+            raise ConfigError(f"num_workers: must be >= 0, got {self.num_workers}")
+
+
+def shard_name(k: int) -> str:
+    return f"shard-{k:06d}"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def read_songs(
+    manifest: str, columns: str | None = None, limit: int | None = None
+) -> list[tuple[str, str]]:
+    """``[(id, absolute audio path)]`` sorted by id, from any manifest with id and audio_path."""
+    from .manifest import parse_column_map, read_table
+
+    p = Path(manifest)
+    df = read_table(p)
+    rename = {src: dst for dst, src in parse_column_map(columns).items()}
+    df = df.rename(columns=rename)
+    for col in ("id", "audio_path"):
+        if col not in df.columns:
+            raise ConfigError(f"{p}: needs an {col!r} column (map yours with --columns)")
+    df = df[["id", "audio_path"]].astype(str)
+    dup = df["id"][df["id"].duplicated()]
+    if len(dup):
+        raise ConfigError(
+            f"{p}: duplicate ids, e.g. {dup.iloc[0]!r}; run apex-reward prepare first"
+        )
+    songs = sorted(
+        (sid, str(Path(path) if Path(path).is_absolute() else p.parent / path))
+        for sid, path in zip(df["id"], df["audio_path"])
+    )
+    return songs[:limit] if limit is not None else songs
+
+
+class _AudioDataset(torch.utils.data.Dataset):
+    """Decodes, checks, downmixes and resamples one song per item (runs in DataLoader workers)."""
+
+    def __init__(self, items: list[tuple[int, str, str]], frontend) -> None:
+        self.items = items
+        self.frontend = frontend
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        from apex_reward.audio import load_audio
+
+        shard, sid, path = self.items[i]
+        out: dict[str, Any] = {"shard": shard, "id": sid, "path": path, "audio": None}
+        try:
+            wav, sr = load_audio(path, max_duration_s=self.frontend.config.max_duration_s)
+            self.frontend.check(wav, sr, path)
+            with torch.inference_mode():
+                mono = self.frontend.resample(self.frontend.downmix(wav), sr).contiguous()
+            out["audio"] = mono.clone()
+            out["duration_s"] = wav.shape[-1] / sr
+        except ApexError as e:
+            out["error_type"], out["reason"] = type(e).__name__, getattr(e, "reason", str(e))
+        except Exception as e:  # a decoder crash on one file must not stop the job
+            out["error_type"], out["reason"] = type(e).__name__, str(e)
+        return out
+
+
+def _fingerprint(model, config: ExtractConfig, checkpoint_sha: str | None) -> dict[str, Any]:
+    enc = model.config.encoder
+    return {
+        "format_version": 1,
+        "frontend": to_dict(model.config.frontend),
+        "encoder": {
+            "preset": enc.preset,
+            "hubert": enc.hubert,
+            "layers": list(enc.layers),
+            "source": enc.source,
+            "revision": enc.revision,
+            "stored": enc.stored,
+        },
+        "encoder_weights_sha256": checkpoint_sha,
+        "shard_size": config.shard_size,
+        "dtype": "fp16 storage",
+    }
+
+
+def _shard_complete(shards_dir: Path, k: int) -> dict[str, Any] | None:
+    rec_path = shards_dir / f"{shard_name(k)}.json"
+    data_path = shards_dir / f"{shard_name(k)}.safetensors"
+    if not rec_path.is_file() or not data_path.is_file():
+        return None
+    try:
+        rec = json.loads(rec_path.read_text())
+    except json.JSONDecodeError:
+        return None
+    if rec.get("sha256") != _sha256(data_path):
+        return None
+    return rec
+
+
+class _ShardWriter:
+    """Collects one shard's embeddings and writes it atomically when the shard is done."""
+
+    def __init__(self, shards_dir: Path, k: int) -> None:
+        self.dir, self.k = shards_dir, k
+        self.chunks: list[torch.Tensor] = []
+        self.songs: list[dict[str, Any]] = []
+        self.errors: list[dict[str, Any]] = []
+        self.rows = 0
+
+    def add_song(
+        self, sid: str, path: str, feats: torch.Tensor, valid_s: list[float], duration_s: float
+    ) -> None:
+        self.chunks.append(feats.to(torch.float16).cpu())
+        self.songs.append(
+            {
+                "id": sid,
+                "path": path,
+                "row": self.rows,
+                "segments": len(valid_s),
+                "segment_duration_s": valid_s,
+                "duration_s": duration_s,
+            }
+        )
+        self.rows += len(valid_s)
+
+    def add_error(self, item: dict[str, Any]) -> None:
+        self.errors.append(
+            {
+                "id": item["id"],
+                "path": item["path"],
+                "error_type": item["error_type"],
+                "reason": item["reason"],
+            }
+        )
+
+    def write(self) -> dict[str, Any]:
+        from safetensors.torch import save_file
+
+        name = shard_name(self.k)
+        data = self.dir / f"{name}.safetensors"
+        tmp = self.dir / f"{name}.safetensors.tmp{os.getpid()}"
+        emb = torch.cat(self.chunks) if self.chunks else torch.zeros(0, dtype=torch.float16)
+        save_file({"embeddings": emb.contiguous()}, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, data)
+        record = {
+            "shard": self.k,
+            "rows": self.rows,
+            "songs": self.songs,
+            "errors": self.errors,
+            "sha256": _sha256(data),
+            "shape": list(emb.shape),
+        }
+        _atomic_write_text(self.dir / f"{name}.json", json.dumps(record) + "\n")
+        return record
+
+
+def _resolve_dtype(config: ExtractConfig, device: torch.device) -> str:
+    if config.dtype != "auto":
+        return config.dtype
+    return "fp16" if device.type == "cuda" else "fp32"
+
+
+def run_extraction(config: ExtractConfig, *, progress: bool = True) -> dict[str, Any] | None:
+    """Extract embeddings for this process's share; the main process then writes the index.
+
+    Returns the summary on the main process (None on others).
+    """
+    from apex_reward.model import ApexRewardModel
+
+    if not config.manifest or not config.model:
+        raise ConfigError("extract: --manifest and --model are required")
+    accelerate = require("accelerate", "train", "apex-reward extract")
+    accelerator = accelerate.Accelerator(cpu=config.cpu)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    device = accelerator.device
+    out = Path(config.out)
+    shards_dir = out / "shards"
+    songs = read_songs(config.manifest, config.columns, config.limit)
+    n_shards = (len(songs) + config.shard_size - 1) // config.shard_size
+
+    model = ApexRewardModel.from_pretrained(config.model, encoder_source=config.encoder)
+    model.to(device)
+    dtype = _resolve_dtype(config, device)
+    model.set_encoder_dtype(dtype)
+    checkpoint_cfg = (
+        json.loads((Path(config.model) / "config.json").read_text())
+        if Path(config.model).is_dir()
+        else {}
+    )
+    fingerprint = _fingerprint(model, config, checkpoint_cfg.get("weights_sha256"))
+    fingerprint["songs_sha256"] = hashlib.sha256(json.dumps(songs).encode()).hexdigest()
+    fp_path = out / "extraction.json"
+    if accelerator.is_main_process:
+        shards_dir.mkdir(parents=True, exist_ok=True)
+        if fp_path.is_file():
+            old = json.loads(fp_path.read_text())
+            if old != fingerprint:
+                changed = sorted(
+                    k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k)
+                )
+                raise ConfigError(
+                    f"{out} holds embeddings from a different extraction (differs in {changed}); "
+                    "use another --out or delete it"
+                )
+        else:
+            _atomic_write_text(fp_path, json.dumps(fingerprint, indent=2) + "\n")
+    accelerator.wait_for_everyone()
+    if not fp_path.is_file():
+        raise ConfigError(f"{fp_path} was not written by the main process")
+
+    mine = [k for k in range(n_shards) if k % world == rank]
+    todo = [k for k in mine if _shard_complete(shards_dir, k) is None]
+    skipped = len(mine) - len(todo)
+    if skipped:
+        logger.info(
+            "rank %d: %d of its %d shards already complete, skipping them", rank, skipped, len(mine)
+        )
+    items = [
+        (k, sid, path)
+        for k in todo
+        for sid, path in songs[k * config.shard_size : (k + 1) * config.shard_size]
+    ]
+    t_start = time.perf_counter()
+    stats = _extract_items(
+        model, items, shards_dir, config, device, progress and accelerator.is_main_process, world
+    )
+    elapsed = time.perf_counter() - t_start
+
+    accelerator.wait_for_everyone()
+    summary = None
+    if accelerator.is_main_process:
+        summary = _write_index(out, n_shards, len(songs))
+        summary.update(
+            wall_s_this_run=elapsed,
+            world_size=world,
+            device=str(device),
+            dtype=dtype,
+            shards_skipped_on_resume=skipped if world == 1 else None,
+            main_process_songs_per_s=stats["songs"] / elapsed if elapsed > 0 else None,
+        )
+        _atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def _extract_items(
+    model, items, shards_dir: Path, config: ExtractConfig, device, show: bool, world: int
+) -> dict[str, float]:
+    loader = torch.utils.data.DataLoader(
+        _AudioDataset(items, model.frontend),
+        batch_size=None,
+        num_workers=config.num_workers,
+        prefetch_factor=4 if config.num_workers > 0 else None,
+        persistent_workers=False,
+    )
+    bar = None
+    if show:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(
+            total=len(items), unit="song", desc="extracting (main process)", dynamic_ncols=True
+        )
+    sr = model.config.frontend.sample_rate
+    writer: _ShardWriter | None = None
+    pending: list[dict[str, Any]] = []
+    pending_segments = 0
+    stats = {"songs": 0, "audio_s": 0.0}
+    t0 = time.perf_counter()
+
+    def encode_pending() -> None:
+        nonlocal pending, pending_segments
+        if not pending:
+            return
+        with torch.inference_mode():
+            segs = model.frontend.segment([p["audio"].to(device) for p in pending])
+            feats = torch.cat(list(model.iter_encoded_chunks(segs, config.batch_size))).float()
+        start = 0
+        for p in pending:
+            n = p["n_segments"]
+            valid_s = (segs.valid[start : start + n].float() / sr).tolist()
+            writer.add_song(p["id"], p["path"], feats[start : start + n], valid_s, p["duration_s"])
+            start += n
+        pending, pending_segments = [], 0
+
+    def finish_shard() -> None:
+        nonlocal writer
+        if writer is not None:
+            encode_pending()
+            writer.write()
+            writer = None
+
+    seg_len = model.config.frontend.segment_samples
+    for item in loader:
+        if writer is None or item["shard"] != writer.k:
+            finish_shard()
+            writer = _ShardWriter(shards_dir, item["shard"])
+        if item["audio"] is None:
+            writer.add_error(item)
+        else:
+            n = max(1, -(-item["audio"].shape[-1] // seg_len))
+            item["n_segments"] = n
+            pending.append(item)
+            pending_segments += n
+            if pending_segments >= config.batch_size:
+                encode_pending()
+            stats["audio_s"] += item["duration_s"]
+        stats["songs"] += 1
+        if bar is not None:
+            bar.update(1)
+            dt = max(1e-9, time.perf_counter() - t0)
+            bar.set_postfix_str(
+                f"{stats['songs'] / dt:.2f} songs/s, {stats['audio_s'] / dt:.1f} audio-h/h"
+                + (f" (x{world} processes)" if world > 1 else "")
+            )
+    finish_shard()
+    if bar is not None:
+        bar.close()
+    return stats
+
+
+def _write_index(out: Path, n_shards: int, n_songs: int) -> dict[str, Any]:
+    pd = require("pandas", "train")
+    shards_dir = out / "shards"
+    rows, errors, missing = [], [], []
+    for k in range(n_shards):
+        rec = _shard_complete(shards_dir, k)
+        if rec is None:
+            missing.append(k)
+            continue
+        for s in rec["songs"]:
+            for j, d in enumerate(s["segment_duration_s"]):
+                rows.append((s["id"], j, d, s["duration_s"], shard_name(k), s["row"] + j))
+        errors.extend(rec["errors"])
+    if missing:
+        raise ApexError(
+            f"{len(missing)} of {n_shards} shards are not complete (e.g. {shard_name(missing[0])}); "
+            "rerun the same command to finish them"
+        )
+    index = pd.DataFrame(
+        rows, columns=["id", "segment", "duration_s", "song_duration_s", "shard", "row"]
+    )
+    tmp = out / "index.parquet.tmp"
+    index.to_parquet(tmp, index=False)
+    os.replace(tmp, out / "index.parquet")
+    _atomic_write_text(out / "errors.jsonl", "".join(json.dumps(e) + "\n" for e in errors))
+    n_ok = int(index["id"].nunique()) if len(index) else 0
+    song_durations = index.drop_duplicates("id")["song_duration_s"] if len(index) else []
+    return {
+        "songs": n_songs,
+        "songs_extracted": n_ok,
+        "songs_failed": len(errors),
+        "segments": len(index),
+        "audio_hours": float(sum(song_durations) / 3600.0),
+        "shards": n_shards,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_extract_arguments(parser: argparse.ArgumentParser) -> None:
+    add_dataclass_arguments(parser, ExtractConfig)
+
+
+def run_extract(args: argparse.Namespace) -> int:
+    config = dataclass_from_args(ExtractConfig, args)
+    summary = run_extraction(config)
+    code = 0
+    if summary is not None:
+        sys.stdout.write(json.dumps(summary, indent=2) + "\n")
+        if summary["songs_failed"]:
+            sys.stderr.write(
+                f"{summary['songs_failed']} songs could not be read; see {Path(config.out) / 'errors.jsonl'}\n"
+            )
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # end cleanly: a live gloo/NCCL group at interpreter exit sometimes aborts the process
+        torch.distributed.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
