@@ -419,3 +419,30 @@ def test_build_preference_data_checks_lengths():
     ]
     np.testing.assert_allclose(d.X[:, 0], [-1.0, 1.0])
     np.testing.assert_allclose(d.X[:, 2], [0.0, 1.0])
+
+
+def test_popularity_only_models_get_their_own_features_and_rules():
+    arena = make_synthetic_arena(400, seed=12)
+    keep = ("streams", "likes", "popularity", "overall")
+    data = build_preference_data(
+        {k: arena.scores_a[k] for k in keep},
+        {k: arena.scores_b[k] for k in keep},
+        arena.is_instrumental,
+        arena.labels,
+    )
+    assert len(data.feature_names) == 13
+    cv = cross_validate(data, ["logreg"], folds=10, seed=0)
+    main, rules = evaluate(data, cv)
+    assert [r.key for r in rules] == ["rule_likes", "rule_popularity"]
+    assert [r.key for r in main] == ["rule_popularity", "logreg"]
+    head, pipe = fit_preference_head(data)
+    assert head.features == data.feature_names
+    np.testing.assert_allclose(
+        PreferenceHead(head)(
+            {k: torch.from_numpy(v) for k, v in data.scores_a.items()},
+            {k: torch.from_numpy(v) for k, v in data.scores_b.items()},
+            is_instrumental=torch.from_numpy(data.instrumental.astype(np.float64)),
+        ).numpy(),
+        pipe.decision_function(data.X),
+        atol=1e-9,
+    )

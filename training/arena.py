@@ -50,7 +50,9 @@ __all__ = ["ArenaConfig", "run_arena_evaluation", "add_arena_arguments", "run_ar
 class ArenaConfig:
     """Options of ``apex-reward arena`` (every field is a ``--flag``; ``--config FILE`` too)."""
 
-    model: str = field(metadata={"help": "APEX checkpoint directory (or hub id) that scores audio"})
+    model: str = field(
+        metadata={"help": "required: APEX checkpoint directory (or hub id) that scores audio"}
+    )
     battles: str | None = field(
         default=None,
         metadata={
@@ -62,8 +64,8 @@ class ArenaConfig:
     audio_root: str | None = field(
         default=None,
         metadata={
-            "help": "directory relative audio paths are resolved against (default: the dataset "
-            "directory / the battle file's directory)"
+            "help": "directory relative audio paths are resolved against (unset: the dataset "
+            "directory, or the battle file's directory and its parents)"
         },
     )
     field_map: dict[str, str] = field(
@@ -85,7 +87,7 @@ class ArenaConfig:
         metadata={"help": "keep battles within this many days of the newest one (paper: ~122)"},
     )
     device: str | None = field(
-        default=None, metadata={"help": "torch device (default: cuda if available, else cpu)"}
+        default=None, metadata={"help": "torch device (unset: cuda if available, else cpu)"}
     )
     encoder: str | None = field(
         default=None,
@@ -99,7 +101,7 @@ class ArenaConfig:
     cache: str | None = field(
         default=None,
         metadata={
-            "help": "score cache file (SQLite; default $APEX_REWARD_CACHE/scores.sqlite or "
+            "help": "score cache file (SQLite; unset: $APEX_REWARD_CACHE/scores.sqlite or "
             "~/.cache/apex-reward/scores.sqlite)"
         },
     )
@@ -119,9 +121,7 @@ class ArenaConfig:
         default_factory=lambda: {k: list(v) for k, v in DEFAULT_SVM_GRID.items()},
         metadata={"help": "JSON grid of SVC parameters searched by an inner 3-fold CV"},
     )
-    n_jobs: int = field(
-        default=1, metadata={"help": "parallel jobs of the tree ensembles/SVM grid"}
-    )
+    n_jobs: int = field(default=1, metadata={"help": "threads of the random forest and XGBoost"})
     ratio_eps: float = field(default=1e-6, metadata={"help": "epsilon of the ratio features"})
     calibration_bins: int = field(
         default=10, metadata={"help": "bins of the reliability diagram / ECE"}
@@ -258,8 +258,18 @@ def run_arena_evaluation(
         ArenaDataError: unreadable battles, or too few A/B battles left for the CV.
         ConfigError, CheckpointError: invalid options or checkpoint.
     """
+    from apex_reward.errors import require
+
     from .arena_cache import ScoreCache, default_cache_path
 
+    for module in ("sklearn", "pandas", "matplotlib"):
+        require(module, "train", "apex-reward arena")
+    if (cfg.export_head or cfg.export_system_offsets) and cfg.export_to is None:
+        if not (Path(cfg.model).expanduser() / "config.json").is_file():
+            raise ConfigError(
+                f"--export-head/--export-system-offsets update --model in place, but "
+                f"{cfg.model!r} is not a local checkpoint directory; pass --export-to DIR"
+            )
     t_start = time.perf_counter()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -415,8 +425,9 @@ def _run(
     )
     write_metric_tables(rule_rows, out / "rule_subsets", title="Rule baseline by score subset")
     curves = {r.method: cv.scores[r.key] for r in main_rows if r.key in cv.scores}
-    if "all" in RULE_SUBSETS:
-        curves["Rule (all scores)"] = rule_scores(data, RULE_SUBSETS["all"])
+    for r in main_rows:
+        if r.key.startswith("rule_"):
+            curves[r.method] = rule_scores(data, RULE_SUBSETS[r.key.removeprefix("rule_")])
     plot_roc(data.y, curves, out / "roc.png", title="Preference prediction: out-of-fold ROC")
     frame = data.to_frame()
     frame.insert(4, "fold", cv.fold_of)
@@ -557,6 +568,10 @@ def _run(
     return summary
 
 
+def _num(x: Any) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
 def _report_markdown(summary: dict[str, Any], battles_md: str, main_md: str, rules_md: str) -> str:
     s = summary["scoring"]
     lines = ["# Music Arena preference evaluation", ""]
@@ -565,7 +580,7 @@ def _report_markdown(summary: dict[str, Any], battles_md: str, main_md: str, rul
     if "synthetic" in summary:
         lines += [
             f"Synthetic arena (hidden preference known): AUC of the true function on the A/B "
-            f"battles = {summary['synthetic']['true_auc']:.3f}.",
+            f"battles = {_num(summary['synthetic']['true_auc'])}.",
             "",
         ]
     lines += ["## Battles", "", battles_md]
@@ -657,7 +672,7 @@ def run_arena(args: argparse.Namespace) -> int:
     sys.stdout.write((out / "results.md").read_text())
     if "synthetic" in summary:
         sys.stdout.write(
-            f"\nAUC of the hidden true function: {summary['synthetic']['true_auc']:.3f}\n"
+            f"\nAUC of the hidden true function: {_num(summary['synthetic']['true_auc'])}\n"
         )
     sys.stdout.write(
         f"\ncalibration (logistic, out-of-fold): ECE {summary['calibration']['ece']:.3f}\n"
