@@ -85,7 +85,7 @@ def test_logistic_cv_auc_matches_the_true_function(big_arena, tmp_path):
 
 def test_every_classifier_runs_under_10_fold_cv_and_is_tabulated(tmp_path):
     """Acceptance 2."""
-    arena = make_synthetic_arena(240, seed=3)
+    arena = make_synthetic_arena(160, seed=3)
     data = arena.to_preference_data()
     cv = cross_validate(data, list(CLASSIFIERS), folds=10, seed=0, svm_grid={"C": [0.1, 1.0]})
     for name in CLASSIFIERS:

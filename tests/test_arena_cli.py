@@ -28,10 +28,14 @@ def synthetic_arena(tmp_path_factory, tiny_model):
     good = next(r for r in records if r["preference"] in ("A", "B"))
     bad_pref = dict(good, battle_uuid="bad-pref", preference="A_AND_B")
     missing = dict(good, battle_uuid="no-audio", audio_b="audio_files/synthetic/gone.wav")
+    junk = root / "audio_files" / "synthetic" / "junk.wav"
+    junk.write_text("this is not audio\n" * 50)
+    unreadable = dict(good, battle_uuid="junk-audio", audio_b="audio_files/synthetic/junk.wav")
     with open(files.battles, "a") as f:
         f.write('{"battle_uuid": "broken", "preference": "A"\n')  # line 91
         f.write(json.dumps(bad_pref) + "\n")  # line 92
         f.write(json.dumps(missing) + "\n")  # line 93
+        f.write(json.dumps(unreadable) + "\n")  # line 94
     return files
 
 
@@ -67,9 +71,11 @@ def test_arena_cli_end_to_end_with_bad_records_then_cached_rerun(
     assert f"{battles_file}:91: malformed JSON line" in captured.err
     assert f"{battles_file}:92: unknown preference value 'A_AND_B'" in captured.err
     assert f"{battles_file}:93: audio file missing" in captured.err
+    assert f"{battles_file}:94: audio unreadable" in captured.err and "junk.wav" in captured.err
     report = json.loads((out / "battles_report.json").read_text())
-    assert report["records"] == 93
+    assert report["records"] == 94
     assert report["removed"]["bad_record"] == 2 and report["removed"]["audio_missing"] == 1
+    assert report["removed"]["audio_unreadable"] == 1
     assert report["kept"] == 90 - report["removed"]["not_a_or_b"]
     # Table 3 + outputs
     assert "| Logistic regression |" in captured.out and "| SVM |" in captured.out
@@ -82,6 +88,7 @@ def test_arena_cli_end_to_end_with_bad_records_then_cached_rerun(
     summary = json.loads((out / "summary.json").read_text())
     n_contents = summary["scoring"]["contents"]
     assert summary["scoring"]["scored"] == n_contents > 0  # first run: every content scored once
+    assert summary["scoring"]["failed"] == 1  # junk.wav
     assert summary["scoring"]["contents"] < summary["scoring"]["files"]  # byte-identical copies
     lr = next(r for r in summary["results"] if r["key"] == "logreg")
     print(f"true AUC {summary.get('synthetic')}, logistic CV AUC {lr['auc']:.3f}")

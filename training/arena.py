@@ -278,8 +278,6 @@ def run_arena_evaluation(
     if cfg.encoder_dtype != "fp32":
         model.set_encoder_dtype(cfg.encoder_dtype)
     summary: dict[str, Any] = {"config": to_dict(cfg), "untrained_model": model.untrained}
-
-    # 1. battles ------------------------------------------------------------------------------
     cache = None
     if cfg.use_cache:
         cache = ScoreCache(cfg.cache if cfg.cache else default_cache_path())
@@ -303,7 +301,7 @@ def _run(
     from apex_reward.config import ApexConfig
     from apex_reward.preference import PreferenceHead, pairwise_feature_names
 
-    from .arena_cache import score_audio_files
+    from .arena_cache import model_fingerprint, score_audio_files
     from .arena_data import ArenaDataError, BattleIssue, load_battles
     from .arena_eval import (
         RULE_SUBSETS,
@@ -323,15 +321,23 @@ def _run(
         write_preference_to_checkpoint,
     )
 
+    fingerprint = model_fingerprint(model)
+
     def scorer(paths: list[Path]) -> dict[str, np.ndarray]:
         res, _ = score_audio_files(
-            model, paths, cache=cache, batch_size=cfg.batch_size, num_workers=cfg.num_workers
+            model,
+            paths,
+            cache=cache,
+            fingerprint=fingerprint,
+            batch_size=cfg.batch_size,
+            num_workers=cfg.num_workers,
         )
         bad = [str(p) for p in paths if not res[p].ok]
         if bad:
             raise ArenaDataError(f"synthetic clips failed to score: {bad[:3]}")
         return {k: np.array([res[p].scores[k] for p in paths]) for k in model.score_names}
 
+    # 1. battles ------------------------------------------------------------------------------
     battles_path = cfg.battles
     if cfg.synthetic:
         from .arena_synthetic import write_synthetic_arena
@@ -362,6 +368,7 @@ def _run(
         model,
         paths,
         cache=cache,
+        fingerprint=fingerprint,
         batch_size=cfg.batch_size,
         num_workers=cfg.num_workers,
         progress=cfg.progress,
