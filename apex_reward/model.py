@@ -373,16 +373,34 @@ class ApexRewardModel(nn.Module):
         out_b: ApexOutput,
         *,
         is_instrumental: torch.Tensor | float | None = None,
+        systems_a: str | Sequence[str | None] | None = None,
+        systems_b: str | Sequence[str | None] | None = None,
     ) -> torch.Tensor:
         """``logit P(A > B)`` from two outputs of the same batch size. ``[B]``.
 
         With a fitted preference head (APEX_SPEC §5) it is the head's logistic model over the
         pairwise features; otherwise Bradley–Terry on the reward,
-        ``(r_A - r_B) / preference.temperature``.
+        ``(r_A - r_B) / preference.temperature``. When ``systems_a``/``systems_b`` name the
+        generators of A and B (one name or one per pair), the per-system offsets in
+        ``preference.system_offsets`` are added: ``+ offset[system_a] - offset[system_b]``
+        (unknown systems: 0).
         """
         if self.preference_head is not None:
-            return self.preference_head(out_a.scores, out_b.scores, is_instrumental=is_instrumental)
-        return (out_a.reward - out_b.reward) / self.config.preference.temperature
+            logit = self.preference_head(
+                out_a.scores, out_b.scores, is_instrumental=is_instrumental
+            )
+        else:
+            logit = (out_a.reward - out_b.reward) / self.config.preference.temperature
+        if systems_a is not None or systems_b is not None:
+            from .preference import system_offsets_tensor
+
+            offsets = self.config.preference.system_offsets
+            n = logit.shape[0]
+            shift = system_offsets_tensor(
+                offsets, systems_a, n, device=logit.device
+            ) - system_offsets_tensor(offsets, systems_b, n, device=logit.device)
+            logit = logit + shift.to(logit.dtype)
+        return logit
 
     def preference_logits(
         self,
@@ -392,12 +410,16 @@ class ApexRewardModel(nn.Module):
         *,
         sample_rate_b: int | Sequence[int] | None = None,
         is_instrumental: torch.Tensor | float | None = None,
+        systems_a: str | Sequence[str | None] | None = None,
+        systems_b: str | Sequence[str | None] | None = None,
     ) -> torch.Tensor:
         """``logit P(A_i > B_i)`` for paired batches ``a`` and ``b``; differentiable. ``[B]``.
 
         Both batches go through the encoder in one pass. ``sample_rate_b`` defaults to
         ``sample_rate``. ``is_instrumental`` (``[B]`` or scalar 0/1) is used by a fitted
-        preference head whose features include it (default 0).
+        preference head whose features include it (default 0). ``systems_a``/``systems_b``
+        (generator names) add the per-system offsets, see
+        :meth:`preference_logits_from_outputs`.
         """
         from .audio import as_waveform_list
 
@@ -410,7 +432,9 @@ class ApexRewardModel(nn.Module):
         n = len(la)
         out_a = ApexOutput(scores={k: v[:n] for k, v in out.scores.items()}, reward=out.reward[:n])
         out_b = ApexOutput(scores={k: v[n:] for k, v in out.scores.items()}, reward=out.reward[n:])
-        return self.preference_logits_from_outputs(out_a, out_b, is_instrumental=is_instrumental)
+        return self.preference_logits_from_outputs(
+            out_a, out_b, is_instrumental=is_instrumental, systems_a=systems_a, systems_b=systems_b
+        )
 
     # ------------------------------------------------------------------------------------------
     # batched scoring of files and arrays

@@ -10,6 +10,7 @@ gives the same logit in both places and stays differentiable with respect to the
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -22,6 +23,7 @@ __all__ = [
     "pairwise_feature_names",
     "pairwise_features",
     "PreferenceHead",
+    "system_offsets_tensor",
 ]
 
 #: Score dimensions used for pairwise features, in feature order.
@@ -125,3 +127,32 @@ class PreferenceHead(nn.Module):
         logit = ((x - self.mean.to(f64)) / self.scale.to(f64)) @ self.coef.to(f64)
         logit = logit + self.intercept.to(f64)
         return logit.to(next(iter(scores_a.values())).dtype)
+
+
+def system_offsets_tensor(
+    offsets: Mapping[str, float],
+    systems: str | Sequence[str | None] | None,
+    batch: int,
+    *,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Per-generator Bradley–Terry offsets (``preference.system_offsets``) of a batch. ``[B]``.
+
+    ``systems`` is one name for the whole batch, ``B`` names (None for unknown), or None (all 0).
+    Systems without an offset get 0 (with a warning naming them, when offsets exist at all).
+    """
+    out = torch.zeros(batch, dtype=torch.float64, device=device)
+    if systems is None:
+        return out
+    names = [systems] * batch if isinstance(systems, str) else list(systems)
+    if len(names) != batch:
+        raise ValueError(f"system names: got {len(names)} for a batch of {batch}")
+    values = []
+    for name in names:
+        if name is not None and name not in offsets and offsets:
+            warnings.warn(
+                f"no preference offset for system {name!r}; using 0 (known: {sorted(offsets)})",
+                stacklevel=3,
+            )
+        values.append(float(offsets.get(name, 0.0)) if name is not None else 0.0)
+    return torch.tensor(values, dtype=torch.float64, device=device)
