@@ -12,6 +12,12 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import synth_music
+from sklearn.metrics import roc_auc_score
+
+from apex_reward import ApexRewardModel
+from apex_reward.errors import CheckpointError, ConfigError
+from apex_reward.preference import PreferenceHead, pairwise_features
 from apex_reward.training.arena_cache import ScoreCache, model_fingerprint, score_audio_files
 from apex_reward.training.arena_data import ArenaDataError
 from apex_reward.training.arena_eval import (
@@ -31,12 +37,6 @@ from apex_reward.training.arena_head import (
     write_preference_to_checkpoint,
 )
 from apex_reward.training.arena_synthetic import TruePreference, make_synthetic_arena
-from conftest import synth_music
-from sklearn.metrics import roc_auc_score
-
-from apex_reward import ApexRewardModel
-from apex_reward.errors import CheckpointError, ConfigError
-from apex_reward.preference import PreferenceHead, pairwise_features
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

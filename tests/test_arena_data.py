@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+
 from apex_reward.training.arena_data import ArenaDataError, load_battles, parse_datetime
 
 

@@ -11,18 +11,28 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
-from apex_reward.errors import ConfigError, require
+from apex_reward.errors import ApexError, ConfigError, require
 from apex_reward.model import SegmentFeatures
 
-__all__ = ["EmbeddingStore"]
+__all__ = [
+    "EmbeddingStore",
+    "ShardWriter",
+    "shard_name",
+    "shard_complete",
+    "write_index",
+    "sha256_file",
+    "atomic_write_text",
+]
 
 
 class EmbeddingStore:
@@ -137,3 +147,133 @@ class EmbeddingStore:
         first = self.index["shard"].iloc[0]
         shape = self._shard(first).shape
         return int(shape[1]), int(shape[2])
+
+
+# ----------------------------------------------------------------------------------------------
+# the on-disk format, written by `apex-reward extract` (and by synthetic stores for tests)
+
+
+def shard_name(k: int) -> str:
+    return f"shard-{k:06d}"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def shard_complete(shards_dir: Path, k: int) -> dict[str, Any] | None:
+    rec_path = shards_dir / f"{shard_name(k)}.json"
+    data_path = shards_dir / f"{shard_name(k)}.safetensors"
+    if not rec_path.is_file() or not data_path.is_file():
+        return None
+    try:
+        rec = json.loads(rec_path.read_text())
+    except json.JSONDecodeError:
+        return None
+    if rec.get("sha256") != sha256_file(data_path):
+        return None
+    return rec
+
+
+class ShardWriter:
+    """Collects one shard's embeddings and writes it atomically when the shard is done."""
+
+    def __init__(self, shards_dir: Path, k: int) -> None:
+        self.dir, self.k = shards_dir, k
+        self.chunks: list[torch.Tensor] = []
+        self.songs: list[dict[str, Any]] = []
+        self.errors: list[dict[str, Any]] = []
+        self.rows = 0
+
+    def add_song(
+        self, sid: str, path: str, feats: torch.Tensor, valid_s: list[float], duration_s: float
+    ) -> None:
+        self.chunks.append(feats.to(torch.float16).cpu())
+        self.songs.append(
+            {
+                "id": sid,
+                "path": path,
+                "row": self.rows,
+                "segments": len(valid_s),
+                "segment_duration_s": valid_s,
+                "duration_s": duration_s,
+            }
+        )
+        self.rows += len(valid_s)
+
+    def add_error(self, item: dict[str, Any]) -> None:
+        self.errors.append(
+            {
+                "id": item["id"],
+                "path": item["path"],
+                "error_type": item["error_type"],
+                "reason": item["reason"],
+            }
+        )
+
+    def write(self) -> dict[str, Any]:
+        from safetensors.torch import save_file
+
+        name = shard_name(self.k)
+        data = self.dir / f"{name}.safetensors"
+        tmp = self.dir / f"{name}.safetensors.tmp{os.getpid()}"
+        emb = torch.cat(self.chunks) if self.chunks else torch.zeros(0, dtype=torch.float16)
+        save_file({"embeddings": emb.contiguous()}, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, data)
+        record = {
+            "shard": self.k,
+            "rows": self.rows,
+            "songs": self.songs,
+            "errors": self.errors,
+            "sha256": sha256_file(data),
+            "shape": list(emb.shape),
+        }
+        atomic_write_text(self.dir / f"{name}.json", json.dumps(record) + "\n")
+        return record
+
+
+def write_index(out: Path, n_shards: int, n_songs: int) -> dict[str, Any]:
+    pd = require("pandas", "train")
+    shards_dir = out / "shards"
+    rows, errors, missing = [], [], []
+    for k in range(n_shards):
+        rec = shard_complete(shards_dir, k)
+        if rec is None:
+            missing.append(k)
+            continue
+        for s in rec["songs"]:
+            for j, d in enumerate(s["segment_duration_s"]):
+                rows.append((s["id"], j, d, s["duration_s"], shard_name(k), s["row"] + j))
+        errors.extend(rec["errors"])
+    if missing:
+        raise ApexError(
+            f"{len(missing)} of {n_shards} shards are not complete (e.g. {shard_name(missing[0])}); "
+            "rerun the same command to finish them"
+        )
+    index = pd.DataFrame(
+        rows, columns=["id", "segment", "duration_s", "song_duration_s", "shard", "row"]
+    )
+    tmp = out / "index.parquet.tmp"
+    index.to_parquet(tmp, index=False)
+    os.replace(tmp, out / "index.parquet")
+    atomic_write_text(out / "errors.jsonl", "".join(json.dumps(e) + "\n" for e in errors))
+    n_ok = int(index["id"].nunique()) if len(index) else 0
+    song_durations = index.drop_duplicates("id")["song_duration_s"] if len(index) else []
+    return {
+        "songs": n_songs,
+        "songs_extracted": n_ok,
+        "songs_failed": len(errors),
+        "segments": len(index),
+        "audio_hours": float(sum(song_durations) / 3600.0),
+        "shards": n_shards,
+    }

@@ -27,7 +27,6 @@ import argparse
 import hashlib
 import json
 import logging
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -39,9 +38,17 @@ import torch
 from apex_reward.dataclass_io import add_dataclass_arguments, dataclass_from_args, to_dict
 from apex_reward.errors import ApexError, ConfigError, require
 
+from .distributed import finish_distributed
+from .embeddings import (
+    ShardWriter,
+    atomic_write_text,
+    shard_complete,
+    write_index,
+)
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["ExtractConfig", "run_extraction", "shard_name", "read_songs"]
+__all__ = ["ExtractConfig", "run_extraction", "read_songs"]
 
 
 @dataclass
@@ -89,24 +96,6 @@ class ExtractConfig:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.num_workers < 0:
             raise ConfigError(f"num_workers: must be >= 0, got {self.num_workers}")
-
-
-def shard_name(k: int) -> str:
-    return f"shard-{k:06d}"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def read_songs(
@@ -183,77 +172,6 @@ def _fingerprint(model, config: ExtractConfig, checkpoint_sha: str | None) -> di
     }
 
 
-def _shard_complete(shards_dir: Path, k: int) -> dict[str, Any] | None:
-    rec_path = shards_dir / f"{shard_name(k)}.json"
-    data_path = shards_dir / f"{shard_name(k)}.safetensors"
-    if not rec_path.is_file() or not data_path.is_file():
-        return None
-    try:
-        rec = json.loads(rec_path.read_text())
-    except json.JSONDecodeError:
-        return None
-    if rec.get("sha256") != _sha256(data_path):
-        return None
-    return rec
-
-
-class _ShardWriter:
-    """Collects one shard's embeddings and writes it atomically when the shard is done."""
-
-    def __init__(self, shards_dir: Path, k: int) -> None:
-        self.dir, self.k = shards_dir, k
-        self.chunks: list[torch.Tensor] = []
-        self.songs: list[dict[str, Any]] = []
-        self.errors: list[dict[str, Any]] = []
-        self.rows = 0
-
-    def add_song(
-        self, sid: str, path: str, feats: torch.Tensor, valid_s: list[float], duration_s: float
-    ) -> None:
-        self.chunks.append(feats.to(torch.float16).cpu())
-        self.songs.append(
-            {
-                "id": sid,
-                "path": path,
-                "row": self.rows,
-                "segments": len(valid_s),
-                "segment_duration_s": valid_s,
-                "duration_s": duration_s,
-            }
-        )
-        self.rows += len(valid_s)
-
-    def add_error(self, item: dict[str, Any]) -> None:
-        self.errors.append(
-            {
-                "id": item["id"],
-                "path": item["path"],
-                "error_type": item["error_type"],
-                "reason": item["reason"],
-            }
-        )
-
-    def write(self) -> dict[str, Any]:
-        from safetensors.torch import save_file
-
-        name = shard_name(self.k)
-        data = self.dir / f"{name}.safetensors"
-        tmp = self.dir / f"{name}.safetensors.tmp{os.getpid()}"
-        emb = torch.cat(self.chunks) if self.chunks else torch.zeros(0, dtype=torch.float16)
-        save_file({"embeddings": emb.contiguous()}, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, data)
-        record = {
-            "shard": self.k,
-            "rows": self.rows,
-            "songs": self.songs,
-            "errors": self.errors,
-            "sha256": _sha256(data),
-            "shape": list(emb.shape),
-        }
-        _atomic_write_text(self.dir / f"{name}.json", json.dumps(record) + "\n")
-        return record
-
-
 def _resolve_dtype(config: ExtractConfig, device: torch.device) -> str:
     if config.dtype != "auto":
         return config.dtype
@@ -303,13 +221,13 @@ def run_extraction(config: ExtractConfig, *, progress: bool = True) -> dict[str,
                     "use another --out or delete it"
                 )
         else:
-            _atomic_write_text(fp_path, json.dumps(fingerprint, indent=2) + "\n")
+            atomic_write_text(fp_path, json.dumps(fingerprint, indent=2) + "\n")
     accelerator.wait_for_everyone()
     if not fp_path.is_file():
         raise ConfigError(f"{fp_path} was not written by the main process")
 
     mine = [k for k in range(n_shards) if k % world == rank]
-    todo = [k for k in mine if _shard_complete(shards_dir, k) is None]
+    todo = [k for k in mine if shard_complete(shards_dir, k) is None]
     skipped = len(mine) - len(todo)
     if skipped:
         logger.info(
@@ -329,7 +247,7 @@ def run_extraction(config: ExtractConfig, *, progress: bool = True) -> dict[str,
     accelerator.wait_for_everyone()
     summary = None
     if accelerator.is_main_process:
-        summary = _write_index(out, n_shards, len(songs))
+        summary = write_index(out, n_shards, len(songs))
         summary.update(
             wall_s_this_run=elapsed,
             world_size=world,
@@ -338,7 +256,7 @@ def run_extraction(config: ExtractConfig, *, progress: bool = True) -> dict[str,
             shards_skipped_on_resume=skipped if world == 1 else None,
             main_process_songs_per_s=stats["songs"] / elapsed if elapsed > 0 else None,
         )
-        _atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     accelerator.wait_for_everyone()
     return summary
 
@@ -361,7 +279,7 @@ def _extract_items(
             total=len(items), unit="song", desc="extracting (main process)", dynamic_ncols=True
         )
     sr = model.config.frontend.sample_rate
-    writer: _ShardWriter | None = None
+    writer: ShardWriter | None = None
     pending: list[dict[str, Any]] = []
     pending_segments = 0
     stats = {"songs": 0, "audio_s": 0.0}
@@ -393,7 +311,7 @@ def _extract_items(
     for item in loader:
         if writer is None or item["shard"] != writer.k:
             finish_shard()
-            writer = _ShardWriter(shards_dir, item["shard"])
+            writer = ShardWriter(shards_dir, item["shard"])
         if item["audio"] is None:
             writer.add_error(item)
         else:
@@ -418,43 +336,6 @@ def _extract_items(
     return stats
 
 
-def _write_index(out: Path, n_shards: int, n_songs: int) -> dict[str, Any]:
-    pd = require("pandas", "train")
-    shards_dir = out / "shards"
-    rows, errors, missing = [], [], []
-    for k in range(n_shards):
-        rec = _shard_complete(shards_dir, k)
-        if rec is None:
-            missing.append(k)
-            continue
-        for s in rec["songs"]:
-            for j, d in enumerate(s["segment_duration_s"]):
-                rows.append((s["id"], j, d, s["duration_s"], shard_name(k), s["row"] + j))
-        errors.extend(rec["errors"])
-    if missing:
-        raise ApexError(
-            f"{len(missing)} of {n_shards} shards are not complete (e.g. {shard_name(missing[0])}); "
-            "rerun the same command to finish them"
-        )
-    index = pd.DataFrame(
-        rows, columns=["id", "segment", "duration_s", "song_duration_s", "shard", "row"]
-    )
-    tmp = out / "index.parquet.tmp"
-    index.to_parquet(tmp, index=False)
-    os.replace(tmp, out / "index.parquet")
-    _atomic_write_text(out / "errors.jsonl", "".join(json.dumps(e) + "\n" for e in errors))
-    n_ok = int(index["id"].nunique()) if len(index) else 0
-    song_durations = index.drop_duplicates("id")["song_duration_s"] if len(index) else []
-    return {
-        "songs": n_songs,
-        "songs_extracted": n_ok,
-        "songs_failed": len(errors),
-        "segments": len(index),
-        "audio_hours": float(sum(song_durations) / 3600.0),
-        "shards": n_shards,
-    }
-
-
 # ----------------------------------------------------------------------------------------------
 # CLI
 
@@ -473,10 +354,4 @@ def run_extract(args: argparse.Namespace) -> int:
             sys.stderr.write(
                 f"{summary['songs_failed']} songs could not be read; see {Path(config.out) / 'errors.jsonl'}\n"
             )
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        # end cleanly: a live gloo/NCCL group at interpreter exit sometimes aborts the process
-        torch.distributed.destroy_process_group()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    return code
+    return finish_distributed(code)
