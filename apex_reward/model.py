@@ -160,12 +160,12 @@ class ApexRewardModel(nn.Module):
                 {f"preference.{k}": v for k, v in self.preference_head.state_dict().items()}
             )
         encoder_state = self.encoder.model.state_dict()
-        if cfg.encoder.lora is not None:
+        if cfg.encoder.lora is not None or hasattr(self.encoder.model, "peft_config"):
             # LoRA hook (apex_reward.integrations.lora): base weights under their plain names,
             # the adapter under its own prefix
             from apex_reward.integrations.lora import split_lora_state_dict
 
-            encoder_state, adapter = split_lora_state_dict(self.encoder)
+            encoder_state, adapter = split_lora_state_dict(self.encoder, cfg.encoder.lora)
             tensors.update({f"encoder_lora.{k}": v for k, v in adapter.items()})
         if include_encoder:
             tensors.update({f"encoder.{k}": v for k, v in encoder_state.items()})

@@ -2,8 +2,10 @@
 
 APEX's forward pass is differentiable with respect to the waveform (front end, resampler and
 frozen MERT are all torch ops), so a differentiable sound generator can be optimised directly
-against it: here an additive synthesiser (a pitch, the amplitudes of 8 harmonics and a decay
-rate, all learnable) plays a 1 s note, and Adam maximises ``model(waveform, sr).reward``.
+against it: here an additive synthesiser (the amplitudes of 8 harmonics and a decay rate are
+learnable; the pitch too with ``--learn-pitch``) plays a 1 s note, and Adam maximises
+``model(waveform, sr).reward``. The gradient with respect to pitch passes through ``sin`` of a
+phase that grows with time, so it oscillates: learning the pitch makes the ascent jumpy.
 
     python examples/differentiable_synth.py --steps 30
 
@@ -30,10 +32,12 @@ import note_lm  # noqa: E402
 class AdditiveSynth(nn.Module):
     """``f0 * k`` harmonics with learnable amplitudes and an exponential decay -> ``[T]``."""
 
-    def __init__(self, harmonics: int = 8, f0: float = 220.0, seed: int = 0) -> None:
+    def __init__(
+        self, harmonics: int = 8, f0: float = 220.0, seed: int = 0, learn_pitch: bool = False
+    ) -> None:
         super().__init__()
         g = torch.Generator().manual_seed(seed)
-        self.log_f0 = nn.Parameter(torch.tensor(math.log(f0)))
+        self.log_f0 = nn.Parameter(torch.tensor(math.log(f0)), requires_grad=learn_pitch)
         self.amp_logits = nn.Parameter(torch.randn(harmonics, generator=g))
         self.log_decay = nn.Parameter(torch.tensor(math.log(3.0)))
 
@@ -52,7 +56,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--model", default=None, help="APEX checkpoint (default: the tiny demo model)")
     p.add_argument("--out", default=None, help="output directory (default: a temporary one)")
     p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--learn-pitch", action="store_true", help="also optimise the pitch")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
@@ -61,8 +66,8 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out or tempfile.mkdtemp(prefix="diff_synth_"))
     model_dir = args.model or note_lm.build_demo_reward_model(out / "apex-demo", seed=args.seed)
     model = ApexRewardModel.from_pretrained(model_dir, device="cpu")  # frozen, eval mode
-    synth = AdditiveSynth(seed=args.seed)
-    opt = torch.optim.Adam(synth.parameters(), lr=args.lr)
+    synth = AdditiveSynth(seed=args.seed, learn_pitch=args.learn_pitch)
+    opt = torch.optim.Adam([p for p in synth.parameters() if p.requires_grad], lr=args.lr)
     rewards = []
     for _ in range(args.steps):
         reward = model(synth()[None], note_lm.SAMPLE_RATE).reward[0]

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="APEX checkpoint (default: the tiny demo model)")
     p.add_argument("--out", default=None, help="output directory (default: a temporary one)")
-    p.add_argument("--prompts", type=int, default=24, help="prompt groups to sample")
+    p.add_argument("--prompts", type=int, default=48, help="prompt groups to sample")
     p.add_argument("--samples", type=int, default=8, help="phrases sampled per prompt")
     p.add_argument("--top-k", type=int, default=2, help="top-k vs bottom-k pairs per prompt")
     p.add_argument("--epochs", type=float, default=2.0, help="DPO epochs over the training pairs")

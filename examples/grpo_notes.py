@@ -1,11 +1,12 @@
 """GRPO with TRL on a tiny note language model, rewarded by an APEX model.
 
-A GPT-2 built from a config (32-wide, 2 layers; no download) writes phrases of eight note tokens;
-:class:`note_lm.NoteDecoder` synthesises them to audio; :class:`ApexRewardFunction` scores the
-audio with APEX and hands TRL one reward per completion (``None`` for phrases that are not
-audio, e.g. too short). GRPO raises the policy's mean reward.
+A GPT-2 built from a config (32-wide, 2 layers; no download) writes phrases of up to eight note
+tokens; :class:`note_lm.NoteDecoder` synthesises them to audio; :class:`ApexRewardFunction`
+scores the audio with APEX and hands TRL one reward per completion. Phrases that cannot be scored
+(too short: the policy stopped early) get ``--failure-value``. GRPO raises the policy's mean
+APEX reward, measured before and after training on fresh samples.
 
-    python examples/grpo_notes.py --steps 40
+    python examples/grpo_notes.py --steps 30
 
 By default the reward model is the tiny demo checkpoint of ``note_lm.build_demo_reward_model``
 (random encoder: its reward responds to pitch and note mix but is not a judgement of music; see

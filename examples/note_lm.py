@@ -128,7 +128,7 @@ def build_demo_reward_model(directory: str | Path, seed: int = 0) -> Path:
     config = ApexConfig.from_preset("tiny")
     config.frontend = FrontendConfig(segment_seconds=1.0, min_duration_s=0.5)
     model = ApexRewardModel.from_config(config, encoder="random")
-    songs = [torch.from_numpy(note_waveform(p)) for p in random_phrases(64, seed=seed + 1)]
+    songs = [torch.from_numpy(note_waveform(p)) for p in random_phrases(32, seed=seed + 1)]
     with torch.no_grad():  # calibrate the head's BatchNorm statistics on synthesiser output
         emb = model.head.embed(model.encode(songs, SAMPLE_RATE).layer_features)
         for m in model.head.modules():

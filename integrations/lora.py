@@ -136,13 +136,27 @@ def attach_lora(
 
 
 def split_lora_state_dict(
-    encoder: MertEncoder,
+    encoder: MertEncoder, config: LoraAdapterConfig | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """``(base, adapter)`` state dicts of an encoder with a LoRA adapter.
+    """``(base, adapter)`` state dicts of an encoder with a LoRA adapter (used by
+    ``ApexRewardModel.save_pretrained``).
 
     ``base`` uses plain ``HubertModel`` names (as without the adapter: ``...q_proj.weight``);
     ``adapter`` uses PEFT's adapter-name-free keys (``...q_proj.lora_A.weight``).
+
+    Raises:
+        ConfigError: the adapter and the config disagree (an adapter injected without
+            :func:`add_lora`, or ``encoder.lora`` set on an encoder without one).
     """
+    if config is None or not has_lora(encoder):
+        raise ConfigError(
+            "the encoder's LoRA adapter and config.encoder.lora disagree: "
+            + (
+                "the encoder has an adapter that the config does not record (use add_lora)"
+                if config is None
+                else "config.encoder.lora is set but the encoder has no adapter"
+            )
+        )
     base = {}
     for key, value in encoder.model.state_dict().items():
         parts = key.split(".")

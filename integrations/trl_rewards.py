@@ -81,9 +81,16 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
     return torch.device("cpu")
 
 
-def _checkpoint_key(path: str | Path) -> str:
+def _checkpoint_key(path: str | Path) -> tuple[str, str | None]:
+    """``(resolved path, weights checksum)``: a checkpoint rewritten in place is a new model."""
     p = Path(path).expanduser()
-    return str(p.resolve()) if p.exists() else str(path)
+    if not p.exists():
+        return str(path), None
+    try:
+        checksum = json.loads((p / "config.json").read_text()).get("weights_sha256")
+    except (OSError, ValueError, AttributeError):
+        checksum = None
+    return str(p.resolve()), checksum
 
 
 def load_cached_model(
@@ -270,6 +277,8 @@ class ApexRewardFunction:
         device: where the model runs (default: this process's current CUDA device, else CPU).
         encoder_source: override where the MERT weights come from (see ``from_pretrained``).
         encoder_dtype: ``"bf16"``/``"fp16"`` to run the encoder in half precision.
+            (``device``, ``encoder_source`` and ``encoder_dtype`` apply to a checkpoint path; an
+            in-memory model is used as it is.)
         batch_size: 30 s segments per encoder call.
         num_workers: threads decoding audio files ahead of the encoder.
         log_scores: report the batch mean of every score (and the failed fraction) through TRL's

@@ -4,9 +4,11 @@ gains (see each test)."""
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
+import torch
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "examples"))
@@ -14,13 +16,25 @@ sys.path.insert(0, str(REPO / "examples"))
 pytest.importorskip("trl")
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny (32-64 wide): intra-op threads only add synchronisation, which on
+    shared CPU cores costs up to 40x (measured: 8-token generation 1.9 s with 2 threads, 0.05 s
+    with 1). Restored afterwards for the other test modules."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def test_grpo_example_raises_the_mean_reward(tmp_path):
     import grpo_notes
 
     r = grpo_notes.main(["--steps", "20", "--eval-samples", "16", "--out", str(tmp_path)])
     assert r["steps"] == 20
-    # APEX reward of scorable phrases, 64 samples before vs after (measured: 0.506 -> 0.573,
-    # sample std 0.044); and fewer phrases too short to score (0.22 -> 0.02)
+    # APEX reward of scorable phrases, 64 samples before vs after (measured: 0.505 -> 0.567,
+    # sample std 0.044; seeds 1-3: +0.025 to +0.030); fewer phrases too short to score (0.22 ->
+    # 0.06)
     assert r["reward_after"] > r["reward_before"] + 0.02
     assert r["failed_after"] < r["failed_before"]
     # TRL's logged training reward rose as well, and the per-score means reached its logs
@@ -35,9 +49,10 @@ def test_dpo_example_increases_the_held_out_margin(tmp_path):
 
     r = dpo_notes.main(["--out", str(tmp_path), "--reward-model-steps", "2"])
     assert r["dpo_steps"] >= 2
-    assert r["pairs_train"] == r["pair_stats_train"]["pairs"] >= 36
-    assert r["pairs_held_out"] >= 12
-    # log p(chosen) - log p(rejected) on pairs from prompts DPO never saw (measured: +1.5 nats)
+    assert r["pairs_train"] == r["pair_stats_train"]["pairs"] >= 100
+    assert r["pairs_held_out"] >= 36
+    # log p(chosen) - log p(rejected) on pairs from prompts DPO never saw (measured: -3.14 ->
+    # +5.49 nats, pairs ordered correctly 19% -> 75%; seeds 1-5: +2.1 to +22 nats)
     assert r["held_out_margin_after"] > r["held_out_margin_before"] + 0.5
     assert r["train_margin_after"] > r["train_margin_before"]
     assert r["reward_model_steps"] == 2 and r["reward_model_used_margin"]
@@ -48,7 +63,9 @@ def test_differentiable_synth_example_raises_the_reward(tmp_path):
 
     r = differentiable_synth.main(["--steps", "15", "--out", str(tmp_path)])
     assert len(r["rewards"]) == 15
+    # measured: 0.633 -> 0.671, rising at almost every step (seeds 1, 2: +0.12)
     assert r["reward_end"] > r["reward_start"] + 0.01
+    assert sum(b > a for a, b in zip(r["rewards"], r["rewards"][1:])) >= 10
 
 
 def test_readme_trl_section_runs(tmp_path, tiny_checkpoint):
@@ -64,7 +81,12 @@ def test_readme_trl_section_runs(tmp_path, tiny_checkpoint):
     assert "ApexRewardFunction" in code and "add_lora" in code and "build_preference_pairs" in code
     shutil.copytree(tiny_checkpoint, tmp_path / "runs" / "untrained-tiny")
     proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},  # tiny model: see one_thread()
     )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
