@@ -166,6 +166,35 @@ class FrontendConfig:
 
 
 @dataclass
+class LoraAdapterConfig:
+    """A LoRA adapter on the encoder (PEFT), for fine-tuning it end to end from audio.
+
+    Recorded in ``config.json`` (``encoder.lora``) so that ``from_pretrained`` rebuilds the
+    adapter; its weights are stored in ``model.safetensors`` under the ``encoder_lora.`` prefix.
+    Added and merged with :mod:`apex_reward.integrations.lora` (needs ``peft``).
+    """
+
+    r: int = field(default=8, metadata={"help": "LoRA rank"})
+    alpha: float = field(default=16.0, metadata={"help": "LoRA scaling numerator (alpha / r)"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
+    target_modules: tuple[str, ...] = field(
+        default=("q_proj", "v_proj"),
+        metadata={"help": "names of the encoder's linear layers that get an adapter"},
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise ConfigError(f"encoder.lora.r: must be an integer >= 1, got {self.r!r}")
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise ConfigError(f"encoder.lora.alpha: must be > 0, got {self.alpha!r}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"encoder.lora.dropout: must be in [0, 1), got {self.dropout!r}")
+        if not self.target_modules:
+            raise ConfigError("encoder.lora.target_modules: must name at least one module")
+        self.target_modules = tuple(self.target_modules)
+
+
+@dataclass
 class EncoderConfig:
     """The MERT encoder: architecture, where its weights come from, which layers are pooled."""
 
@@ -188,6 +217,12 @@ class EncoderConfig:
     stored: bool = field(
         default=False,
         metadata={"help": "encoder weights are stored inside the checkpoint (no download)"},
+    )
+    lora: LoraAdapterConfig | None = field(
+        default=None,
+        metadata={
+            "help": "LoRA adapter on the encoder (weights under encoder_lora. in the checkpoint)"
+        },
     )
 
     def __post_init__(self) -> None:

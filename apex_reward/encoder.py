@@ -136,6 +136,9 @@ class MertEncoder(torch.nn.Module):
         super().__init__()
         self.config = config
         self.model = model if model is not None else build_hubert(config)
+        # LayerDrop (active only in training mode, e.g. LoRA fine-tuning) skips whole layers and
+        # leaves them out of `hidden_states`, which the layer pooling indexes: keep every layer.
+        self.model.config.layerdrop = 0.0
         self.layers = tuple(config.layers)
         self.trainable = False
         self.freeze()

@@ -159,8 +159,16 @@ class ApexRewardModel(nn.Module):
             tensors.update(
                 {f"preference.{k}": v for k, v in self.preference_head.state_dict().items()}
             )
+        encoder_state = self.encoder.model.state_dict()
+        if cfg.encoder.lora is not None or hasattr(self.encoder.model, "peft_config"):
+            # LoRA hook (apex_reward.integrations.lora): base weights under their plain names,
+            # the adapter under its own prefix
+            from apex_reward.integrations.lora import split_lora_state_dict
+
+            encoder_state, adapter = split_lora_state_dict(self.encoder, cfg.encoder.lora)
+            tensors.update({f"encoder_lora.{k}": v for k, v in adapter.items()})
         if include_encoder:
-            tensors.update({f"encoder.{k}": v for k, v in self.encoder.model.state_dict().items()})
+            tensors.update({f"encoder.{k}": v for k, v in encoder_state.items()})
         return save_checkpoint(directory, cfg.to_dict(), tensors)
 
     @classmethod
@@ -183,7 +191,8 @@ class ApexRewardModel(nn.Module):
                 e.g. a local copy when offline. Ignored when the checkpoint stores them.
             device: move the model there.
             freeze: ``requires_grad_(False)`` on all parameters (gradients still reach the input
-                waveform); pass ``False`` to fine-tune the heads.
+                waveform); pass ``False`` to fine-tune the heads (and a stored LoRA adapter,
+                which then also makes the encoder follow ``train()``).
             verify: check ``model.safetensors`` against the checksum in ``config.json``.
 
         Returns:
@@ -197,7 +206,12 @@ class ApexRewardModel(nn.Module):
             config = ApexConfig.from_dict(raw)
         except ConfigError as e:
             raise ConfigError(f"{directory / 'config.json'}: {e}") from e
-        groups: dict[str, dict[str, torch.Tensor]] = {"head": {}, "encoder": {}, "preference": {}}
+        groups: dict[str, dict[str, torch.Tensor]] = {
+            "head": {},
+            "encoder": {},
+            "encoder_lora": {},
+            "preference": {},
+        }
         for key, value in tensors.items():
             prefix, _, rest = key.partition(".")
             if prefix not in groups:
@@ -217,6 +231,13 @@ class ApexRewardModel(nn.Module):
             if encoder_source is not None:
                 config.encoder.source = encoder_source
             encoder = MertEncoder.from_pretrained(config.encoder)
+        if config.encoder.lora is not None:
+            # LoRA hook: rebuild the adapter recorded in config.json (needs peft)
+            from apex_reward.integrations.lora import attach_lora
+
+            attach_lora(encoder, config.encoder.lora, groups["encoder_lora"], where=directory)
+        elif groups["encoder_lora"]:
+            raise CheckpointError(f"{directory}: LoRA weights without encoder.lora in config.json")
         model = cls(config, encoder)
         _load_strict(model.head, groups["head"], "head", directory)
         if model.preference_head is not None:
@@ -225,6 +246,12 @@ class ApexRewardModel(nn.Module):
             raise CheckpointError(f"{directory}: preference weights without a preference config")
         if freeze:
             model.requires_grad_(False)
+        elif config.encoder.lora is not None:
+            from apex_reward.integrations.lora import lora_parameters
+
+            for p in lora_parameters(model):
+                p.requires_grad_(True)
+            model.encoder.trainable = True
         if device is not None:
             model.to(device)
         return model.eval()

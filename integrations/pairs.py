@@ -1,0 +1,682 @@
+"""Preference pairs from scored candidates, in TRL's standard preference format.
+
+Given prompts with N scored candidates each, :func:`select_pairs` picks (chosen, rejected) pairs
+by one of three strategies:
+
+* ``best_vs_worst``: one pair per prompt, the highest- against the lowest-scoring candidate;
+* ``all_pairs``: every pair of candidates whose scores differ by at least ``min_margin``;
+* ``top_k``: each of the ``k`` best candidates against each of the ``k`` worst (``k`` is capped
+  at half the valid candidates so the two sets never overlap).
+
+Candidates whose score is missing (decoding or scoring failed) or non-finite are left out; pairs
+whose scores are equal within ``tie_tolerance`` (ties) or differ by less than ``min_margin`` are
+not emitted. All of these are counted in :class:`PairStats`. Every emitted pair satisfies
+``score_chosen >= score_rejected + min_margin`` and ``score_chosen > score_rejected +
+tie_tolerance``.
+
+:func:`build_preference_pairs` returns a ``datasets.Dataset`` with the columns ``prompt``,
+``chosen``, ``rejected``, ``score_chosen``, ``score_rejected`` and ``margin`` — what TRL's
+``DPOTrainer`` (text prompt/chosen/rejected) and ``RewardTrainer`` (which also reads ``margin``)
+accept. ``chosen``/``rejected`` hold whatever the candidates are: text, token ids, or audio paths.
+
+The ``apex-reward pairs`` command does the whole job from a JSONL file of prompts and candidate
+audio files (format in :func:`read_candidates`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from apex_reward.errors import ApexError, ConfigError, require
+
+if TYPE_CHECKING:
+    import datasets
+
+    from apex_reward.model import ApexRewardModel
+
+    from .trl_rewards import ApexRewardFunction
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "PairStats",
+    "PairsConfig",
+    "CandidateGroup",
+    "select_pairs",
+    "build_preference_pairs",
+    "score_and_build_pairs",
+    "read_candidates",
+    "add_pairs_arguments",
+    "run_pairs",
+]
+
+Strategy = Literal["best_vs_worst", "all_pairs", "top_k"]
+STRATEGIES: tuple[str, ...] = ("best_vs_worst", "all_pairs", "top_k")
+PAIR_COLUMNS: tuple[str, ...] = (
+    "prompt",
+    "chosen",
+    "rejected",
+    "score_chosen",
+    "score_rejected",
+    "margin",
+)
+
+
+@dataclass
+class PairStats:
+    """What the builder kept and left out.
+
+    Attributes:
+        prompts: prompts seen.
+        prompts_with_pairs: prompts that gave at least one pair.
+        prompts_too_few_valid: prompts with fewer than two scored candidates (no pair possible).
+        candidates: candidates seen.
+        failed_candidates: candidates without a usable score (failed or non-finite).
+        pairs: pairs emitted.
+        ties: candidate pairs left out because their scores were equal (within the tolerance).
+        below_margin: candidate pairs left out because their scores differed by less than
+            ``min_margin`` (ties not included).
+        capped: pairs left out by ``max_pairs_per_prompt``.
+        mean_margin: mean ``score_chosen - score_rejected`` of the emitted pairs (NaN if none).
+    """
+
+    prompts: int = 0
+    prompts_with_pairs: int = 0
+    prompts_too_few_valid: int = 0
+    candidates: int = 0
+    failed_candidates: int = 0
+    pairs: int = 0
+    ties: int = 0
+    below_margin: int = 0
+    capped: int = 0
+    mean_margin: float = math.nan
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["mean_margin"] = None if math.isnan(self.mean_margin) else self.mean_margin
+        return d
+
+
+def _usable(v: Any) -> bool:
+    return (
+        v is not None
+        and not isinstance(v, bool)
+        and isinstance(v, (int, float))
+        and math.isfinite(v)
+    )
+
+
+def select_pairs(
+    values: Sequence[float | None],
+    *,
+    strategy: Strategy = "best_vs_worst",
+    min_margin: float = 0.0,
+    top_k: int = 1,
+    tie_tolerance: float = 1e-6,
+    max_pairs_per_prompt: int | None = None,
+    stats: PairStats | None = None,
+) -> list[tuple[int, int]]:
+    """Pairs ``(chosen, rejected)`` of candidate indices for one prompt.
+
+    Args:
+        values: one score per candidate; ``None``/NaN for candidates that failed.
+        strategy: ``"best_vs_worst"``, ``"all_pairs"`` or ``"top_k"`` (module docstring).
+        min_margin: keep a pair only if ``v[chosen] - v[rejected] >= min_margin``.
+        top_k: ``k`` for ``"top_k"``.
+        tie_tolerance: scores within this distance are a tie; ties are never paired.
+        max_pairs_per_prompt: keep at most this many pairs, those with the largest margins.
+        stats: counters to update (failed candidates, ties, pairs below the margin, ...).
+
+    Returns:
+        Index pairs, largest margin first (for ``best_vs_worst``: at most one pair).
+    """
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"strategy: {strategy!r} is not one of {list(STRATEGIES)}")
+    if not math.isfinite(min_margin) or min_margin < 0:
+        raise ConfigError(f"min_margin must be a finite number >= 0, got {min_margin!r}")
+    if not math.isfinite(tie_tolerance) or tie_tolerance < 0:
+        raise ConfigError(f"tie_tolerance must be a finite number >= 0, got {tie_tolerance!r}")
+    if strategy == "top_k" and top_k < 1:
+        raise ConfigError(f"top_k must be >= 1, got {top_k}")
+    if max_pairs_per_prompt is not None and max_pairs_per_prompt < 1:
+        raise ConfigError(f"max_pairs_per_prompt must be >= 1, got {max_pairs_per_prompt}")
+    st = stats if stats is not None else PairStats()
+    st.prompts += 1
+    st.candidates += len(values)
+    valid = [i for i, v in enumerate(values) if _usable(v)]
+    st.failed_candidates += len(values) - len(valid)
+    if len(valid) < 2:
+        st.prompts_too_few_valid += 1
+        return []
+    v = {i: float(values[i]) for i in valid}  # type: ignore[arg-type]
+    # highest score first; equal scores keep their input order
+    order = sorted(valid, key=lambda i: (-v[i], i))
+    if strategy == "best_vs_worst":
+        candidates = [(order[0], order[-1])]
+    elif strategy == "top_k":
+        k = min(top_k, len(order) // 2)
+        candidates = [(a, b) for a in order[:k] for b in order[-k:]]
+    else:
+        candidates = [
+            (order[x], order[y]) for x in range(len(order)) for y in range(x + 1, len(order))
+        ]
+    pairs = []
+    for a, b in candidates:
+        d = v[a] - v[b]
+        if d <= tie_tolerance:
+            st.ties += 1
+        elif d < min_margin:
+            st.below_margin += 1
+        else:
+            pairs.append((a, b))
+    pairs.sort(key=lambda p: -(v[p[0]] - v[p[1]]))
+    if max_pairs_per_prompt is not None and len(pairs) > max_pairs_per_prompt:
+        st.capped += len(pairs) - max_pairs_per_prompt
+        pairs = pairs[:max_pairs_per_prompt]
+    if pairs:
+        st.prompts_with_pairs += 1
+    return pairs
+
+
+def _pair_records(
+    prompts: Sequence[Any],
+    candidates: Sequence[Sequence[Any]],
+    values: Sequence[Sequence[float | None]],
+    *,
+    strategy: Strategy,
+    min_margin: float,
+    top_k: int,
+    tie_tolerance: float,
+    max_pairs_per_prompt: int | None,
+    margin_scale: float,
+    extra: Sequence[dict[str, Sequence[Any]]] | None = None,
+) -> tuple[list[dict[str, Any]], PairStats]:
+    if not (len(prompts) == len(candidates) == len(values)):
+        raise ConfigError(
+            f"got {len(prompts)} prompts, {len(candidates)} candidate lists and {len(values)} "
+            "value lists; expected one of each per prompt"
+        )
+    if not math.isfinite(margin_scale) or margin_scale <= 0:
+        raise ConfigError(f"margin_scale must be a finite number > 0, got {margin_scale!r}")
+    stats = PairStats()
+    records: list[dict[str, Any]] = []
+    margins: list[float] = []
+    for p, (prompt, cands, vals) in enumerate(zip(prompts, candidates, values)):
+        if len(cands) != len(vals):
+            raise ConfigError(
+                f"prompt {p}: {len(cands)} candidates but {len(vals)} values; expected one each"
+            )
+        for a, b in select_pairs(
+            vals,
+            strategy=strategy,
+            min_margin=min_margin,
+            top_k=top_k,
+            tie_tolerance=tie_tolerance,
+            max_pairs_per_prompt=max_pairs_per_prompt,
+            stats=stats,
+        ):
+            sa, sb = float(vals[a]), float(vals[b])  # type: ignore[arg-type]
+            rec = {
+                "prompt": prompt,
+                "chosen": cands[a],
+                "rejected": cands[b],
+                "score_chosen": sa,
+                "score_rejected": sb,
+                "margin": margin_scale * (sa - sb),
+            }
+            if extra is not None:
+                for col, per_candidate in extra[p].items():
+                    rec[f"chosen_{col}"] = per_candidate[a]
+                    rec[f"rejected_{col}"] = per_candidate[b]
+            records.append(rec)
+            margins.append(sa - sb)
+    stats.pairs = len(records)
+    if margins:
+        stats.mean_margin = float(sum(margins) / len(margins))
+    return records, stats
+
+
+def _to_dataset(records: list[dict[str, Any]], columns: Sequence[str]) -> datasets.Dataset:
+    datasets = require("datasets", "trl", "preference pairs")
+    if not records:
+        return datasets.Dataset.from_dict({c: [] for c in columns})
+    try:
+        return datasets.Dataset.from_list(records)
+    except Exception as e:  # pyarrow raises several types for inconsistent columns
+        raise ConfigError(
+            "cannot build a dataset from these pairs: prompts and candidates must each have one "
+            f"type across all rows (all text, all token-id lists or all paths) ({e})"
+        ) from e
+
+
+def build_preference_pairs(
+    prompts: Sequence[Any],
+    candidates: Sequence[Sequence[Any]],
+    values: Sequence[Sequence[float | None]],
+    *,
+    strategy: Strategy = "best_vs_worst",
+    min_margin: float = 0.0,
+    top_k: int = 1,
+    tie_tolerance: float = 1e-6,
+    max_pairs_per_prompt: int | None = None,
+    margin_scale: float = 1.0,
+) -> tuple[datasets.Dataset, PairStats]:
+    """Preference pairs from scored candidates.
+
+    Args:
+        prompts: one prompt per group (text, or conversational messages).
+        candidates: ``[prompt][candidate]``: what goes in ``chosen``/``rejected`` (text, token
+            ids or audio paths; one type throughout).
+        values: ``[prompt][candidate]`` scores (higher is better), ``None`` where scoring failed.
+        strategy, min_margin, top_k, tie_tolerance, max_pairs_per_prompt: see
+            :func:`select_pairs`.
+        margin_scale: the ``margin`` column is ``margin_scale * (score_chosen - score_rejected)``
+            (TRL's ``RewardTrainer`` subtracts it inside its loss, in reward-logit units).
+
+    Returns:
+        ``(dataset, stats)``: a ``datasets.Dataset`` with the columns ``prompt``, ``chosen``,
+        ``rejected``, ``score_chosen``, ``score_rejected``, ``margin``, and :class:`PairStats`.
+    """
+    records, stats = _pair_records(
+        prompts,
+        candidates,
+        values,
+        strategy=strategy,
+        min_margin=min_margin,
+        top_k=top_k,
+        tie_tolerance=tie_tolerance,
+        max_pairs_per_prompt=max_pairs_per_prompt,
+        margin_scale=margin_scale,
+    )
+    return _to_dataset(records, PAIR_COLUMNS), stats
+
+
+def score_and_build_pairs(
+    reward: ApexRewardFunction | ApexRewardModel | str | Path,
+    prompts: Sequence[Any],
+    candidates: Sequence[Sequence[Any]],
+    *,
+    strategy: Strategy = "best_vs_worst",
+    min_margin: float = 0.0,
+    top_k: int = 1,
+    tie_tolerance: float = 1e-6,
+    max_pairs_per_prompt: int | None = None,
+    margin_scale: float = 1.0,
+    **reward_kwargs: Any,
+) -> tuple[datasets.Dataset, PairStats]:
+    """Score every candidate with an APEX reward function, then :func:`build_preference_pairs`.
+
+    ``candidates[p]`` are completions the reward function can turn into audio (with its decoder)
+    or audio paths; they also fill ``chosen``/``rejected``. ``reward`` is an
+    :class:`~apex_reward.integrations.trl_rewards.ApexRewardFunction`, or a model/checkpoint
+    with ``reward_kwargs`` (``decoder=``, ``score=``, ...) to build one. All candidates are scored
+    in one batched pass.
+    """
+    from .trl_rewards import ApexRewardFunction
+
+    fn = (
+        reward
+        if isinstance(reward, ApexRewardFunction)
+        else ApexRewardFunction(reward, **reward_kwargs)
+    )
+    flat = [c for group in candidates for c in group]
+    ids = flat if fn.decode_from == "completion_ids" else None
+    flat_values = fn.values(fn.score_completions(flat, completion_ids=ids)) if flat else []
+    values, start = [], 0
+    for group in candidates:
+        values.append(flat_values[start : start + len(group)])
+        start += len(group)
+    return build_preference_pairs(
+        prompts,
+        candidates,
+        values,
+        strategy=strategy,
+        min_margin=min_margin,
+        top_k=top_k,
+        tie_tolerance=tie_tolerance,
+        max_pairs_per_prompt=max_pairs_per_prompt,
+        margin_scale=margin_scale,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# the candidates file
+
+
+@dataclass
+class CandidateGroup:
+    """One prompt and its candidates, from one line of the candidates file.
+
+    Attributes:
+        line: 1-based line number in the file.
+        prompt: the prompt (any JSON value: text, or a list of chat messages).
+        audio: candidate audio paths (resolved against the file's directory).
+        completions: what goes in ``chosen``/``rejected`` for each candidate (the completion text
+            or token ids when given, else the audio path).
+        id: the line's optional ``"id"``.
+    """
+
+    line: int
+    prompt: Any
+    audio: list[str]
+    completions: list[Any]
+    id: Any = None
+
+
+def _parse_line(obj: Any, base: Path, line: int) -> CandidateGroup:
+    if not isinstance(obj, dict):
+        raise ConfigError(f"expected a JSON object, got {type(obj).__name__}")
+    unknown = sorted(set(obj) - {"prompt", "candidates", "id"})
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown}; expected prompt, candidates and optional id")
+    if "prompt" not in obj:
+        raise ConfigError("missing 'prompt'")
+    if obj["prompt"] is None or obj["prompt"] == "":
+        raise ConfigError("'prompt' is empty")
+    cands = obj.get("candidates")
+    if not isinstance(cands, list) or len(cands) < 2:
+        raise ConfigError("'candidates' must be a list of at least 2 entries")
+    audio: list[str] = []
+    completions: list[Any] = []
+    with_completion = 0
+    for j, c in enumerate(cands):
+        if isinstance(c, str):
+            path, completion = c, None
+        elif isinstance(c, dict):
+            extra = sorted(set(c) - {"audio", "completion"})
+            if extra:
+                raise ConfigError(
+                    f"candidates[{j}]: unknown key(s) {extra}; expected 'audio' and optional "
+                    "'completion'"
+                )
+            path, completion = c.get("audio"), c.get("completion")
+            if completion is not None:
+                with_completion += 1
+        else:
+            raise ConfigError(
+                f"candidates[{j}]: expected an audio path or an object "
+                f'{{"audio": ..., "completion": ...}}, got {type(c).__name__}'
+            )
+        if not isinstance(path, str) or not path:
+            raise ConfigError(f"candidates[{j}]: 'audio' must be a non-empty path string")
+        p = Path(path).expanduser()
+        resolved = str(p if p.is_absolute() else base / p)
+        audio.append(resolved)
+        completions.append(resolved if completion is None else completion)
+    if 0 < with_completion < len(cands):
+        raise ConfigError(
+            f"{with_completion} of {len(cands)} candidates have a 'completion'; give it for all "
+            "candidates of a line or for none"
+        )
+    return CandidateGroup(line, obj["prompt"], audio, completions, obj.get("id"))
+
+
+def read_candidates(path: str | Path) -> tuple[list[CandidateGroup], list[dict[str, Any]]]:
+    """Read a candidates JSONL file.
+
+    One JSON object per line::
+
+        {"prompt": "calm piano", "candidates": ["a.wav", "b.wav", "c.wav"]}
+        {"prompt": "fast drums", "id": 7,
+         "candidates": [{"audio": "d.wav", "completion": "C4 E4 G4"},
+                        {"audio": "e.wav", "completion": "C4 C4 C4"}]}
+
+    ``prompt`` is any JSON value (text, or a list of chat messages); ``candidates`` lists at least
+    two audio paths, or objects with ``audio`` and ``completion`` (text or a list of token ids:
+    what ``chosen``/``rejected`` will hold instead of the path; all candidates of a line or none).
+    Relative audio paths are resolved against the directory of the JSONL file. Blank lines are
+    skipped.
+
+    Returns:
+        ``(groups, bad_lines)``: the valid lines, and ``{"line", "error"}`` for each invalid one.
+
+    Raises:
+        ConfigError: the file cannot be read.
+    """
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read candidates file {str(p)!r}: {e}") from e
+    groups, bad = [], []
+    base = p.resolve().parent
+    for n, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as e:
+            bad.append({"line": n, "error": f"invalid JSON: {e.msg} (column {e.colno})"})
+            continue
+        try:
+            groups.append(_parse_line(obj, base, n))
+        except ConfigError as e:
+            bad.append({"line": n, "error": str(e)})
+    return groups, bad
+
+
+# ----------------------------------------------------------------------------------------------
+# the `apex-reward pairs` job
+
+
+@dataclass
+class PairsConfig:
+    """Options of ``apex-reward pairs``: score candidate audio, build preference pairs."""
+
+    model: str | None = field(
+        default=None, metadata={"help": "APEX checkpoint directory or hub id (required)"}
+    )
+    candidates: str | None = field(
+        default=None,
+        metadata={"help": "JSONL file: one {prompt, candidates} object per line (required)"},
+    )
+    out: str | None = field(default=None, metadata={"help": "output directory (required)"})
+    strategy: Strategy = field(
+        default="best_vs_worst",
+        metadata={
+            "help": "best_vs_worst: one pair per prompt; all_pairs: every pair with margin >= "
+            "min_margin; top_k: the k best against the k worst"
+        },
+    )
+    min_margin: float = field(
+        default=0.0, metadata={"help": "keep pairs with score_chosen - score_rejected >= this"}
+    )
+    top_k: int = field(default=1, metadata={"help": "k for --strategy top_k"})
+    tie_tolerance: float = field(
+        default=1e-6, metadata={"help": "scores closer than this are a tie (never paired)"}
+    )
+    max_pairs_per_prompt: int | None = field(
+        default=None, metadata={"help": "keep at most this many pairs per prompt (largest margins)"}
+    )
+    score: str = field(
+        default="reward",
+        metadata={"help": "which score ranks candidates: 'reward' or a score name (e.g. overall)"},
+    )
+    weights: dict[str, float] | None = field(
+        default=None,
+        metadata={
+            "help": 'rank by a weighted sum of scores instead, e.g. \'{"overall": 1, '
+            '"clarity": 0.1}\' (overrides --score)'
+        },
+    )
+    margin_scale: float = field(
+        default=1.0, metadata={"help": "margin column = margin_scale * (score difference)"}
+    )
+    batch_size: int = field(default=8, metadata={"help": "30 s segments per encoder call"})
+    num_workers: int = field(default=2, metadata={"help": "audio decoding threads"})
+    device: str | None = field(
+        default=None, metadata={"help": "torch device (default: cuda if available, else cpu)"}
+    )
+    encoder: str | None = field(
+        default=None, metadata={"help": "override where the MERT weights come from"}
+    )
+    overwrite: bool = field(
+        default=False, metadata={"help": "replace an existing dataset in --out"}
+    )
+    strict: bool = field(
+        default=False,
+        metadata={"help": "exit with status 1 if any line is invalid or any candidate fails"},
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("model", "candidates", "out"):
+            if not getattr(self, name):
+                raise ConfigError(f"--{name} is required")
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"strategy: {self.strategy!r} is not one of {list(STRATEGIES)}")
+
+
+def add_pairs_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``apex-reward pairs`` (generated from :class:`PairsConfig`)."""
+    from apex_reward.dataclass_io import add_dataclass_arguments
+
+    parser.epilog = (
+        "candidates file (JSONL), one prompt per line, at least 2 candidates each:\n"
+        '  {"prompt": "calm piano", "candidates": ["a.wav", "b.wav", "c.wav"]}\n'
+        '  {"prompt": "fast drums", "id": 7, "candidates": [{"audio": "d.wav", "completion": '
+        '"C4 E4"}, {"audio": "e.wav", "completion": "G4 G4"}]}\n'
+        "completion (text or token ids) goes in chosen/rejected instead of the path; relative\n"
+        "paths are resolved against the file's directory; invalid lines are reported and skipped.\n"
+        "writes OUT/dataset (datasets.load_from_disk), OUT/pairs.jsonl, OUT/scores.jsonl and\n"
+        "OUT/stats.json"
+    )
+    add_dataclass_arguments(parser, PairsConfig)
+    metavars = {"model": "DIR", "candidates": "FILE", "out": "DIR", "device": "DEVICE"}
+    for action in parser._actions:
+        if action.dest in metavars:
+            action.metavar = metavars[action.dest]
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+
+
+def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+
+
+def run_pairs_job(cfg: PairsConfig, *, progress: bool = False) -> dict[str, Any]:
+    """Run the pairs job; returns the summary also written to ``OUT/stats.json``.
+
+    Outputs in ``cfg.out``: ``dataset/`` (``datasets.Dataset.save_to_disk``), ``pairs.jsonl``
+    (the same rows), ``scores.jsonl`` (every candidate's scores or error, with its line number)
+    and ``stats.json`` (:class:`PairStats`, bad lines, failed candidates, the options used).
+    """
+    from apex_reward.model import ApexRewardModel
+
+    from .trl_rewards import ApexRewardFunction
+
+    require("datasets", "trl", "apex-reward pairs")
+    out = Path(cfg.out)  # type: ignore[arg-type]
+    if (out / "dataset").exists() and not cfg.overwrite:
+        raise ApexError(f"{out / 'dataset'} already exists; pass --overwrite to replace it")
+    groups, bad_lines = read_candidates(cfg.candidates)  # type: ignore[arg-type]
+    for b in bad_lines:
+        logger.warning("%s line %d skipped: %s", cfg.candidates, b["line"], b["error"])
+    if not groups:
+        raise ApexError(f"{cfg.candidates}: no valid lines ({len(bad_lines)} invalid)")
+
+    model = ApexRewardModel.from_pretrained(
+        cfg.model,  # type: ignore[arg-type]
+        device=cfg.device or ("cuda" if _cuda() else "cpu"),
+        encoder_source=cfg.encoder,
+    )
+    if model.untrained:
+        logger.warning("%s is an UNTRAINED model: its rankings say nothing about music", cfg.model)
+    spec: Any = cfg.weights if cfg.weights else cfg.score
+    fn = ApexRewardFunction(
+        model, score=spec, batch_size=cfg.batch_size, num_workers=cfg.num_workers
+    )
+    unique = sorted({a for g in groups for a in g.audio})
+    results = model.score(
+        unique, batch_size=cfg.batch_size, num_workers=cfg.num_workers, progress=progress
+    )
+    by_path = dict(zip(unique, results))
+    values = [[fn.values([by_path[a]])[0] for a in g.audio] for g in groups]
+    # chosen_audio/rejected_audio columns when chosen/rejected hold completions, not the paths
+    with_completions = any(g.completions != g.audio for g in groups)
+
+    records, stats = _pair_records(
+        [g.prompt for g in groups],
+        [g.completions for g in groups],
+        values,
+        strategy=cfg.strategy,
+        min_margin=cfg.min_margin,
+        top_k=cfg.top_k,
+        tie_tolerance=cfg.tie_tolerance,
+        max_pairs_per_prompt=cfg.max_pairs_per_prompt,
+        margin_scale=cfg.margin_scale,
+        extra=[{"audio": g.audio} for g in groups] if with_completions else None,
+    )
+    dataset = _to_dataset(records, PAIR_COLUMNS)
+
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / "dataset").exists():
+        import shutil
+
+        shutil.rmtree(out / "dataset")
+    dataset.save_to_disk(str(out / "dataset"))
+    _write_jsonl(out / "pairs.jsonl", records)
+    score_rows, failed = [], []
+    for g, vals in zip(groups, values):
+        for j, a in enumerate(g.audio):
+            r = by_path[a].to_dict()
+            r.update({"line": g.line, "candidate": j, "value": vals[j]})
+            score_rows.append(r)
+            if "error" in r:
+                failed.append(
+                    {"line": g.line, "audio": a, "error_type": r["error_type"], "error": r["error"]}
+                )
+    _write_jsonl(out / "scores.jsonl", score_rows)
+    summary = {
+        **stats.to_dict(),
+        "bad_lines": bad_lines,
+        "failed": failed,
+        "untrained_model": bool(model.untrained),
+        "options": {k: v for k, v in asdict(cfg).items()},
+    }
+    tmp = out / "stats.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    tmp.replace(out / "stats.json")
+    return summary
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def run_pairs(args: argparse.Namespace) -> int:
+    """``apex-reward pairs``: exit 0 when a dataset was written (1 with ``--strict`` if any line
+    or candidate failed, or when no pair could be built)."""
+    from apex_reward.dataclass_io import dataclass_from_args
+
+    cfg = dataclass_from_args(PairsConfig, args)
+    summary = run_pairs_job(cfg, progress=True)
+    err = sys.stderr
+    err.write(
+        f"{summary['pairs']} pairs from {summary['prompts_with_pairs']} of {summary['prompts']} "
+        f"prompts ({summary['candidates']} candidates, {summary['failed_candidates']} failed, "
+        f"{summary['ties']} ties, {summary['below_margin']} below margin, "
+        f"{len(summary['bad_lines'])} invalid lines) -> {cfg.out}\n"
+    )
+    for b in summary["bad_lines"]:
+        err.write(f"  line {b['line']}: {b['error']}\n")
+    for f in summary["failed"]:
+        err.write(f"  line {f['line']}: {f['audio']}: {f['error_type']}: {f['error']}\n")
+    if summary["pairs"] == 0:
+        err.write("no pairs could be built\n")
+        return 1
+    if cfg.strict and (summary["bad_lines"] or summary["failed"]):
+        return 1
+    return 0

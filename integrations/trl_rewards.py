@@ -1,0 +1,617 @@
+"""APEX as a reward function for TRL's online trainers (GRPO, RLOO), plus best-of-N selection.
+
+TRL calls each of a trainer's ``reward_funcs`` as ``func(prompts=..., completions=...,
+completion_ids=..., trainer_state=..., log_metric=..., log_extra=..., **dataset_columns)`` and
+expects one ``float`` (or ``None`` for "not applicable") per completion. An APEX model scores
+audio, so :class:`ApexRewardFunction` turns each completion into audio first, with a decoder the
+user supplies (token ids or text -> ``(waveform, sample_rate)``, e.g. a neural codec or a
+synthesiser), or uses the completion as audio directly (a file path, an array, or an
+``(array, sample_rate)`` tuple). Completions that cannot be decoded or scored get ``None``; TRL
+leaves them out of the reward sum.
+
+The function is picklable (TRL's own convention for reward functions, needed by multi-process
+launchers): it holds the checkpoint *path*, device and options, never the model. Each process
+loads the model the first time it is called and keeps it in a per-process cache, so many
+functions built from the same checkpoint (say, one per score) share one model.
+
+:func:`best_of_n` scores N candidates per prompt and returns the best one with its scores.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import logging
+import math
+import os
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+
+from apex_reward.errors import ApexError, AudioDecodeError, ConfigError
+from apex_reward.scoring import ScoreResult
+
+if TYPE_CHECKING:
+    from apex_reward.model import ApexRewardModel
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ApexRewardFunction",
+    "AsyncApexRewardFunction",
+    "BestOfN",
+    "best_of_n",
+    "clear_model_cache",
+    "load_cached_model",
+    "score_value",
+]
+
+#: Which number a reward function returns: ``"reward"`` (the checkpoint's configured reward), any
+#: score name (``"overall"``, ``"clarity"``, ...), or weights ``{name: w}`` over score names and
+#: ``"reward"`` (the value is ``sum(w * score)``).
+ScoreSpec = str | Mapping[str, float]
+
+#: A decoder maps one completion (text, token ids, or conversational messages) to audio: a
+#: ``(waveform, sample_rate)`` tuple (``waveform`` ``[T]`` or ``[C, T]``, tensor or array), a bare
+#: waveform (with ``sample_rate=`` given to the reward function), or a path to an audio file. It
+#: may return ``None`` or raise for a completion that is not valid audio; that completion's reward
+#: is then ``None``.
+Decoder = Callable[[Any], Any]
+
+
+# ----------------------------------------------------------------------------------------------
+# per-process model cache
+
+_CACHE: dict[tuple, tuple[ApexRewardModel, threading.Lock]] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    if torch.cuda.is_available():
+        # under accelerate/torchrun each process has already selected its own GPU
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _checkpoint_key(path: str | Path) -> tuple[str, str | None]:
+    """``(resolved path, weights checksum)``: a checkpoint rewritten in place is a new model."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        return str(path), None
+    try:
+        checksum = json.loads((p / "config.json").read_text()).get("weights_sha256")
+    except (OSError, ValueError, AttributeError):
+        checksum = None
+    return str(p.resolve()), checksum
+
+
+def load_cached_model(
+    path: str | Path,
+    *,
+    device: str | torch.device | None = None,
+    encoder_source: str | None = None,
+    encoder_dtype: str | None = None,
+) -> tuple[ApexRewardModel, threading.Lock]:
+    """The model at ``path`` on ``device``, loaded once per process and then reused.
+
+    Returns ``(model, lock)``: the model is frozen and in eval mode; hold ``lock`` while running
+    it from several threads (the async reward function does).
+    """
+    dev = _resolve_device(device)
+    key = (os.getpid(), _checkpoint_key(path), str(dev), encoder_source, encoder_dtype)
+    with _CACHE_LOCK:
+        hit = _CACHE.get(key)
+        if hit is not None:
+            return hit
+        from apex_reward.model import ApexRewardModel
+
+        model = ApexRewardModel.from_pretrained(path, device=dev, encoder_source=encoder_source)
+        if encoder_dtype is not None:
+            model.set_encoder_dtype(encoder_dtype)
+        if model.untrained:
+            logger.warning(
+                "%s is an UNTRAINED APEX model (random heads): its rewards are arbitrary", path
+            )
+        _CACHE[key] = (model, threading.Lock())
+        return _CACHE[key]
+
+
+def clear_model_cache() -> None:
+    """Drop every model this process has loaded for reward functions."""
+    with _CACHE_LOCK:
+        _CACHE.clear()
+
+
+def _read_score_names(path: str | Path) -> tuple[str, ...]:
+    """Score names of a checkpoint, from its ``config.json`` only (cheap; no weights)."""
+    from apex_reward.checkpoint import CONFIG_NAME, resolve_checkpoint_dir
+    from apex_reward.config import ApexConfig
+
+    directory = resolve_checkpoint_dir(path)
+    try:
+        raw = json.loads((directory / CONFIG_NAME).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{directory / CONFIG_NAME}: cannot read ({e})") from e
+    raw.pop("weights_sha256", None)
+    return ApexConfig.from_dict(raw).score_names
+
+
+# ----------------------------------------------------------------------------------------------
+# values from scores
+
+
+def _check_spec(spec: ScoreSpec, names: Sequence[str]) -> ScoreSpec:
+    allowed = set(names) | {"reward"}
+    if isinstance(spec, str):
+        if spec not in allowed:
+            raise ConfigError(
+                f"score {spec!r} is not an output of this model; expected 'reward' or one of "
+                f"{list(names)}"
+            )
+        return spec
+    if not isinstance(spec, Mapping) or not spec:
+        raise ConfigError(
+            f"score must be a score name or a non-empty dict of weights, got {spec!r}"
+        )
+    out = {}
+    for name, w in spec.items():
+        if name not in allowed:
+            raise ConfigError(
+                f"score weights: {name!r} is not an output of this model; expected 'reward' or "
+                f"one of {list(names)}"
+            )
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+            raise ConfigError(
+                f"score weights: weight of {name!r} must be a finite number, got {w!r}"
+            )
+        out[str(name)] = float(w)
+    return out
+
+
+def score_value(result: ScoreResult | None, spec: ScoreSpec = "reward") -> float | None:
+    """The number ``spec`` selects from a :class:`ScoreResult`; ``None`` for a failed input or a
+    non-finite value."""
+    if result is None or not result.ok or result.scores is None:
+        return None
+
+    def get(name: str) -> float:
+        return float(result.reward if name == "reward" else result.scores[name])
+
+    if isinstance(spec, str):
+        value = get(spec)
+    else:
+        value = sum(w * get(name) for name, w in spec.items())
+    return value if math.isfinite(value) else None
+
+
+def _spec_label(spec: ScoreSpec) -> str:
+    if isinstance(spec, str):
+        return spec
+    return "+".join(f"{w:g}*{k}" for k, w in spec.items())
+
+
+# ----------------------------------------------------------------------------------------------
+# completions -> audio
+
+
+def _message_content(completion: Any) -> Any:
+    """The content of the last message of a conversational completion, else the completion."""
+    if isinstance(completion, list) and completion and isinstance(completion[-1], dict):
+        return completion[-1].get("content")
+    return completion
+
+
+def _as_audio(obj: Any, sample_rate: int | None, where: str) -> Any:
+    """Decoder output / raw completion -> what ``model.score`` accepts (a path or (wave, sr))."""
+    if obj is None:
+        raise AudioDecodeError("the decoder returned None", where)
+    if isinstance(obj, (str, Path)):
+        return str(obj)
+    if isinstance(obj, tuple) and len(obj) == 2 and not isinstance(obj[0], (str, Path)):
+        wav, sr = obj
+        if isinstance(sr, bool) or not isinstance(sr, (int, np.integer)):
+            raise AudioDecodeError(
+                f"expected (waveform, sample_rate) with an integer rate, got rate {sr!r}", where
+            )
+        return (_as_waveform(wav, where), int(sr))
+    if isinstance(obj, (torch.Tensor, np.ndarray)):
+        if sample_rate is None:
+            raise AudioDecodeError(
+                "got a bare waveform; return (waveform, sample_rate) from the decoder or pass "
+                "sample_rate= to the reward function",
+                where,
+            )
+        return (_as_waveform(obj, where), int(sample_rate))
+    raise AudioDecodeError(
+        f"cannot use {type(obj).__name__} as audio; expected a path, (waveform, sample_rate) "
+        "or a waveform",
+        where,
+    )
+
+
+def _as_waveform(wav: Any, where: str) -> torch.Tensor:
+    if isinstance(wav, np.ndarray):
+        wav = torch.from_numpy(np.ascontiguousarray(wav))
+    if not isinstance(wav, torch.Tensor):
+        raise AudioDecodeError(
+            f"waveform must be a tensor or array, got {type(wav).__name__}", where
+        )
+    # rewards never need gradients; keep the caller's graph (and device memory) out of scoring
+    return wav.detach().to("cpu")
+
+
+def _describe(e: BaseException) -> tuple[str, str]:
+    return (getattr(e, "reason", None) or str(e) or type(e).__name__), type(e).__name__
+
+
+# ----------------------------------------------------------------------------------------------
+# the reward function
+
+
+class ApexRewardFunction:
+    """A TRL reward function: completions -> audio -> APEX score, one float (or None) each.
+
+    Args:
+        model: checkpoint directory or hub id (picklable; loaded lazily once per process), or an
+            in-memory :class:`~apex_reward.ApexRewardModel` (convenient in one process; such a
+            function cannot be pickled).
+        decoder: completion -> audio (see :data:`Decoder`). ``None``: completions already are
+            audio (paths, arrays with ``sample_rate``, or ``(array, sample_rate)`` tuples; for
+            conversational completions, the last message's content).
+        decode_from: ``"completions"`` (text or messages, the default) or ``"completion_ids"``
+            (the token ids TRL passes alongside; what a codec-token language model needs).
+        batched_decoder: the decoder takes the whole list of completions and returns a list
+            (one audio or ``None`` each), e.g. to run a neural codec in one batch.
+        score: ``"reward"`` (default: the checkpoint's configured reward), a score name, or
+            weights ``{name: w}`` (value = ``sum(w * score)``).
+        sample_rate: Hz of bare waveforms returned by the decoder.
+        name: the ``__name__`` TRL logs the reward under (default ``"apex_<score>"``).
+        device: where the model runs (default: this process's current CUDA device, else CPU).
+        encoder_source: override where the MERT weights come from (see ``from_pretrained``).
+        encoder_dtype: ``"bf16"``/``"fp16"`` to run the encoder in half precision.
+            (``device``, ``encoder_source`` and ``encoder_dtype`` apply to a checkpoint path; an
+            in-memory model is used as it is.)
+        batch_size: 30 s segments per encoder call.
+        num_workers: threads decoding audio files ahead of the encoder.
+        log_scores: report the batch mean of every score (and the failed fraction) through TRL's
+            ``log_metric`` hook, as ``<name>/<score>``.
+        failure_value: what a completion that cannot be decoded or scored gets. ``None`` (the
+            default) tells TRL the reward does not apply: GRPO/RLOO give it zero advantage, so
+            the policy is not steered away from broken outputs. A number (e.g. the bottom of
+            the score's range) penalises them instead.
+
+    Calling it: ``func(prompts, completions, **kwargs) -> list[float | None]``.
+    """
+
+    def __init__(
+        self,
+        model: str | Path | ApexRewardModel,
+        *,
+        decoder: Decoder | None = None,
+        decode_from: Literal["completions", "completion_ids"] = "completions",
+        batched_decoder: bool = False,
+        score: ScoreSpec = "reward",
+        sample_rate: int | None = None,
+        name: str | None = None,
+        device: str | torch.device | None = None,
+        encoder_source: str | None = None,
+        encoder_dtype: str | None = None,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        log_scores: bool = True,
+        failure_value: float | None = None,
+    ) -> None:
+        from apex_reward.model import ApexRewardModel
+
+        if decode_from not in ("completions", "completion_ids"):
+            raise ConfigError(
+                f"decode_from must be 'completions' or 'completion_ids', got {decode_from!r}"
+            )
+        if decoder is not None and not callable(decoder):
+            raise ConfigError(f"decoder must be callable, got {type(decoder).__name__}")
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        self._model: ApexRewardModel | None = None
+        self._lock: threading.Lock | None = None
+        if isinstance(model, ApexRewardModel):
+            self.model_path: str | None = None
+            self._model, self._lock = model, threading.Lock()
+            names = model.score_names
+        else:
+            self.model_path = str(model)
+            names = _read_score_names(model)
+        self.score_names: tuple[str, ...] = tuple(names)
+        self.score = _check_spec(score, self.score_names)
+        self.decoder = decoder
+        self.decode_from = decode_from
+        self.batched_decoder = batched_decoder
+        self.sample_rate = sample_rate
+        self.device = None if device is None else str(device)
+        self.encoder_source = encoder_source
+        self.encoder_dtype = encoder_dtype
+        self.batch_size = int(batch_size)
+        self.num_workers = int(num_workers)
+        self.log_scores = log_scores
+        if failure_value is not None and not math.isfinite(failure_value):
+            raise ConfigError(
+                f"failure_value must be None or a finite number, got {failure_value!r}"
+            )
+        self.failure_value = failure_value
+        self.__name__ = name or "apex_" + (
+            self.score if isinstance(self.score, str) else "weighted"
+        )
+
+    # -- pickling: never the model ---------------------------------------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        if self.model_path is None:
+            raise TypeError(
+                f"{type(self).__name__} built from an in-memory model cannot be pickled; build it "
+                "from the checkpoint directory (model.save_pretrained(dir); "
+                f"{type(self).__name__}(dir, ...)) so each process loads its own copy"
+            )
+        state = dict(self.__dict__)
+        state["_model"] = None
+        state["_lock"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    def __copy__(self) -> ApexRewardFunction:
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        return new
+
+    def __deepcopy__(self, memo: dict) -> ApexRewardFunction:
+        # a frozen reward model is shared, not copied
+        new = object.__new__(type(self))
+        new.__dict__ = {
+            k: (v if k in ("_model", "_lock", "decoder") else copy.deepcopy(v, memo))
+            for k, v in self.__dict__.items()
+        }
+        return new
+
+    def __repr__(self) -> str:
+        where = self.model_path or "<in-memory model>"
+        return f"{type(self).__name__}({where!r}, score={_spec_label(self.score)!r})"
+
+    # -- model -------------------------------------------------------------------------------
+
+    def load(self) -> tuple[ApexRewardModel, threading.Lock]:
+        """The model (loaded on first use in this process) and its lock."""
+        if self._model is None:
+            assert self.model_path is not None
+            self._model, self._lock = load_cached_model(
+                self.model_path,
+                device=self.device,
+                encoder_source=self.encoder_source,
+                encoder_dtype=self.encoder_dtype,
+            )
+        assert self._lock is not None
+        return self._model, self._lock
+
+    @property
+    def model(self) -> ApexRewardModel:
+        return self.load()[0]
+
+    # -- decoding and scoring ----------------------------------------------------------------
+
+    def _decode_all(self, items: Sequence[Any]) -> list[Any | BaseException]:
+        """Audio for each item, or the exception that item raised."""
+        n = len(items)
+        if self.decoder is None:
+            raw: list[Any] = [_message_content(c) for c in items]
+        elif self.batched_decoder:
+            try:
+                raw = list(self.decoder(list(items)))
+            except Exception as e:  # the whole batch failed to decode
+                logger.warning("batched decoder failed on %d completions: %r", n, e)
+                return [e] * n
+            if len(raw) != n:
+                err = ConfigError(f"batched decoder returned {len(raw)} outputs for {n} inputs")
+                return [err] * n
+        else:
+            raw = []
+            for item in items:
+                try:
+                    raw.append(self.decoder(item))
+                except Exception as e:
+                    raw.append(e)
+        out: list[Any | BaseException] = []
+        for i, r in enumerate(raw):
+            if isinstance(r, BaseException):
+                out.append(r)
+                continue
+            try:
+                out.append(_as_audio(r, self.sample_rate, f"completion[{i}]"))
+            except ApexError as e:
+                out.append(e)
+        return out
+
+    def score_completions(
+        self, completions: Sequence[Any], *, completion_ids: Sequence[Any] | None = None
+    ) -> list[ScoreResult]:
+        """Decode and score completions; one :class:`ScoreResult` each, in order.
+
+        Completions that fail to decode get a result with ``error``/``error_type`` (the
+        decoder's exception class name) and are not sent to the model.
+        """
+        if self.decode_from == "completion_ids":
+            if completion_ids is None:
+                raise ConfigError(
+                    "decode_from='completion_ids' but no completion_ids were given (TRL passes "
+                    "them to reward functions; pass completion_ids= when calling it yourself)"
+                )
+            items: Sequence[Any] = completion_ids
+        else:
+            items = completions
+        decoded = self._decode_all(items)
+        results: list[ScoreResult | None] = [None] * len(decoded)
+        audio, where = [], []
+        for i, d in enumerate(decoded):
+            if isinstance(d, BaseException):
+                reason, kind = _describe(d)
+                logger.debug("completion %d could not be decoded: %s: %s", i, kind, reason)
+                results[i] = ScoreResult(f"completion[{i}]", error=reason, error_type=kind)
+            else:
+                audio.append(d)
+                where.append(i)
+        if audio:
+            model, lock = self.load()
+            with lock:
+                scored = model.score(
+                    audio, batch_size=self.batch_size, num_workers=self.num_workers
+                )
+            for i, a, r in zip(where, audio, scored):
+                if not isinstance(a, str):  # name in-memory audio by its completion, not "array[k]"
+                    r.input = f"completion[{i}]"
+                results[i] = r
+        return [r for r in results if r is not None]
+
+    def values(self, results: Sequence[ScoreResult]) -> list[float | None]:
+        """The selected score of each result (``None`` for failures)."""
+        return [score_value(r, self.score) for r in results]
+
+    def _log(self, results: Sequence[ScoreResult], log_metric: Any) -> None:
+        if not (self.log_scores and callable(log_metric) and results):
+            return
+        ok = [r for r in results if r.ok and r.scores is not None]
+        log_metric(f"{self.__name__}/failed", 1.0 - len(ok) / len(results))
+        if not ok:
+            return
+        for name in self.score_names:
+            log_metric(f"{self.__name__}/{name}", float(np.mean([r.scores[name] for r in ok])))
+        log_metric(f"{self.__name__}/reward", float(np.mean([r.reward for r in ok])))
+
+    def compute(
+        self,
+        prompts: Sequence[Any] | None,
+        completions: Sequence[Any],
+        *,
+        completion_ids: Sequence[Any] | None = None,
+        log_metric: Callable[[str, float], None] | None = None,
+        **kwargs: Any,
+    ) -> list[float | None]:
+        """The synchronous computation behind ``__call__`` (see the class docstring)."""
+        if prompts is not None and len(prompts) != len(completions):
+            raise ConfigError(f"got {len(prompts)} prompts for {len(completions)} completions")
+        results = self.score_completions(completions, completion_ids=completion_ids)
+        failed = sum(not r.ok for r in results)
+        if results and failed == len(results):
+            first = results[0]
+            logger.warning(
+                "%s: none of %d completions could be scored (first: %s: %s)",
+                self.__name__,
+                len(results),
+                first.error_type,
+                first.error,
+            )
+        self._log(results, log_metric)
+        values = self.values(results)
+        if self.failure_value is not None:
+            values = [self.failure_value if v is None else v for v in values]
+        return values
+
+    def __call__(
+        self, prompts: Sequence[Any] | None, completions: Sequence[Any], **kwargs: Any
+    ) -> list[float | None]:
+        """``(prompts, completions, **kwargs) -> list[float | None]``, one per completion.
+
+        ``kwargs`` may hold ``completion_ids`` (needed with ``decode_from="completion_ids"``) and
+        ``log_metric`` (TRL's metric hook); other TRL arguments (``trainer_state``,
+        ``log_extra``, dataset columns) are accepted and ignored.
+        """
+        return self.compute(prompts, completions, **kwargs)
+
+
+class AsyncApexRewardFunction(ApexRewardFunction):
+    """:class:`ApexRewardFunction` with ``async def __call__``.
+
+    TRL runs async reward functions concurrently on an event loop (e.g. next to an LLM judge or a
+    remote verifier). Scoring runs in a worker thread (``asyncio.to_thread``), so the event loop
+    stays free; calls on one model are serialised by its lock.
+    """
+
+    async def __call__(  # type: ignore[override]
+        self, prompts: Sequence[Any] | None, completions: Sequence[Any], **kwargs: Any
+    ) -> list[float | None]:
+        return await asyncio.to_thread(self.compute, prompts, completions, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# best-of-N
+
+
+@dataclass
+class BestOfN:
+    """The best of one prompt's N candidates.
+
+    Attributes:
+        index: position of the best candidate (the first one on ties), or ``None`` if none
+            could be scored.
+        candidate: the best candidate itself (``None`` if none could be scored).
+        value: its selected score.
+        scores: all its scores (``{name: value}``) and ``"reward"``.
+        values: the selected score of every candidate (``None`` for failures), in order.
+        results: every candidate's :class:`ScoreResult`.
+    """
+
+    index: int | None
+    candidate: Any
+    value: float | None
+    scores: dict[str, float] | None
+    values: list[float | None] = field(default_factory=list)
+    results: list[ScoreResult] = field(default_factory=list)
+
+
+def best_of_n(
+    reward: ApexRewardFunction | ApexRewardModel | str | Path,
+    candidates: Sequence[Sequence[Any]],
+    **reward_kwargs: Any,
+) -> list[BestOfN]:
+    """Score N candidates per prompt and pick the best of each group.
+
+    Args:
+        reward: an :class:`ApexRewardFunction` (its decoder and score selection are used), or a
+            model / checkpoint path, with ``reward_kwargs`` (``decoder=``, ``score=``, ...)
+            passed to build one.
+        candidates: ``[prompt][candidate]`` completions (or audio paths/arrays); groups may have
+            different sizes. All candidates are scored in one batched pass.
+
+    Returns:
+        One :class:`BestOfN` per group, in order.
+    """
+    fn = (
+        reward
+        if isinstance(reward, ApexRewardFunction)
+        else ApexRewardFunction(reward, **reward_kwargs)
+    )
+    if isinstance(reward, ApexRewardFunction) and reward_kwargs:
+        raise ConfigError("reward_kwargs are only used when `reward` is a model or a path")
+    flat = [c for group in candidates for c in group]
+    ids = flat if fn.decode_from == "completion_ids" else None
+    results = fn.score_completions(flat, completion_ids=ids) if flat else []
+    out, start = [], 0
+    for group in candidates:
+        res = results[start : start + len(group)]
+        start += len(group)
+        vals = fn.values(res)
+        valid = [(v, i) for i, v in enumerate(vals) if v is not None]
+        if not valid:
+            out.append(BestOfN(None, None, None, None, vals, list(res)))
+            continue
+        best = max(valid, key=lambda t: (t[0], -t[1]))[1]
+        r = res[best]
+        scores = dict(r.scores or {})
+        scores["reward"] = float(r.reward) if r.reward is not None else math.nan
+        out.append(BestOfN(best, group[best], vals[best], scores, vals, list(res)))
+    return out
