@@ -151,7 +151,7 @@ class ServeConfig:
     )
     port: int = field(default=8000, metadata={"help": "TCP port"})
     device: str | None = field(
-        default=None, metadata={"help": "torch device (default: cuda if available, else cpu)"}
+        default=None, metadata={"help": "torch device; null picks cuda if available, else cpu"}
     )
     dtype: Literal["fp32", "bf16", "fp16"] = field(
         default="fp32",
@@ -161,7 +161,7 @@ class ServeConfig:
         },
     )
     threads: int | None = field(
-        default=None, metadata={"help": "torch CPU threads (default: torch's choice)"}
+        default=None, metadata={"help": "torch CPU threads; null leaves torch's choice"}
     )
     max_batch: int = field(
         default=16,
@@ -259,7 +259,8 @@ class ServeConfig:
         metadata={
             "help": "CPU only: oneDNN's kernel cache size (its default is 1024). A server sees a "
             "new tensor shape with almost every batch, and each cached shape keeps memory, so "
-            "the default 0 keeps resident memory flat at the cost of ~0.2 ms per kernel"
+            "the default 0 keeps resident memory flat (kernels are rebuilt, ~0.2 ms each); an "
+            "ONEDNN_PRIMITIVE_CACHE_CAPACITY already in the environment wins"
         },
     )
     warmup: bool = field(
@@ -369,7 +370,8 @@ def find_audio_reference(text: str) -> tuple[Literal["base64", "path"], str] | N
 
     * a data URI ``data:audio/<type>;base64,<payload>`` (or ``application/octet-stream``) whose
       payload is a whole audio file (WAV, FLAC, Ogg, MP3) in standard base64 without line breaks;
-    * a file URI ``file:///absolute/path.wav`` (percent-encoded, e.g. ``%20`` for a space),
+    * a file URI ``file:///absolute/path.wav`` (percent-encoded, e.g. ``%20`` for a space); it
+      ends at whitespace, a quote, ``<`` or ``>``, and trailing ``.,;:!?)]}`` are dropped. It is
       honoured only when the server allows paths (``--allow-dir``) and the file lies inside it.
 
     Returns None when the text holds neither.
@@ -379,7 +381,7 @@ def find_audio_reference(text: str) -> tuple[Literal["base64", "path"], str] | N
         best = (m.start(), "base64", m.group(1))
     for m in _FILE_URI.finditer(text):
         if best is None or m.start() > best[0]:
-            best = (m.start(), "path", unquote(m.group(1)))
+            best = (m.start(), "path", unquote(m.group(1).rstrip(".,;:!?)]}")))
     return None if best is None else (best[1], best[2])
 
 
@@ -727,7 +729,8 @@ class ServerState:
                 futures.append(c.error)  # type: ignore[arg-type]
                 continue
             seconds = c.wav.numel() / c.sample_rate  # type: ignore[union-attr]
-            if self._queued_audio_s + seconds > self.config.max_queue_audio_s:
+            queued = self._queued_audio_s
+            if queued > 0 and queued + seconds > self.config.max_queue_audio_s:
                 futures.append(
                     (
                         503,
@@ -838,7 +841,10 @@ def create_app(model: ApexRewardModel, config: ServeConfig | None = None):
         ConfigError: invalid options (unset API key variable, missing --allow-dir, ...).
     """
     fastapi = require("fastapi", "serve", "the reward server")
-    require("multipart", "serve", "the reward server's file uploads")
+    import importlib.util
+
+    if importlib.util.find_spec("python_multipart") is None:  # python-multipart < 0.0.13
+        require("multipart", "serve", "the reward server's file uploads")
     from contextlib import asynccontextmanager
 
     from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -859,9 +865,14 @@ def create_app(model: ApexRewardModel, config: ServeConfig | None = None):
     @asynccontextmanager
     async def lifespan(app):
         state.batcher.start()
+        warmup = None
+        if not state.warmed_up:  # serve() warms up before binding; an embedding app may not
+            warmup = asyncio.get_running_loop().run_in_executor(state.pool, state.warmup)
         try:
             yield
         finally:
+            if warmup is not None and warmup.done() and warmup.exception() is not None:
+                logger.error("warm-up failed: %s", warmup.exception())
             state.batcher.stop()
             state.pool.shutdown(wait=False, cancel_futures=True)
 

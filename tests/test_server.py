@@ -21,18 +21,18 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import copy
 import io
 import json
 import math
 import pickle
 import re
-import sys
 
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import make_tiny_model, synth_music
+from conftest import synth_music
 
 from apex_reward import ApexRewardModel
 from apex_reward.audio import decode_audio_bytes
@@ -56,9 +56,9 @@ FORMATS = (("WAV", "PCM_16"), ("FLAC", "PCM_16"), ("WAV", "FLOAT"))
 
 
 @pytest.fixture(scope="module")
-def served_model(tmp_path_factory):
+def served_model(tmp_path_factory, tiny_model):
     """(checkpoint dir, the same model loaded in-process)."""
-    model = make_tiny_model(seed=3)
+    model = copy.deepcopy(tiny_model)
     model.config.frontend.segment_seconds = 1.0
     ckpt = tmp_path_factory.mktemp("serve") / "tiny-1s"
     model.save_pretrained(ckpt)
@@ -585,14 +585,11 @@ def test_client_retries_5xx_and_connection_errors_not_4xx(server):
     assert e.value.status == 401 and e.value.type == "Unauthorized"
 
 
-def test_server_process_exits_cleanly_with_one_line_errors(tmp_path):
-    import subprocess
+def test_serve_cli_reports_a_bad_checkpoint_in_one_line(tmp_path, capsys):
+    from apex_reward.cli import main
 
-    proc = subprocess.run(
-        [sys.executable, "-m", "apex_reward", "serve", "--model", str(tmp_path / "missing")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert "apex-reward serve: error:" in proc.stderr
+    assert main(["serve", "--model", str(tmp_path / "missing")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("apex-reward serve: error:") and "Traceback" not in err
+    assert main(["serve"]) == 1
+    assert "--model DIR is required" in capsys.readouterr().err
