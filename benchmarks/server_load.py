@@ -4,8 +4,8 @@ side by side with in-process batched scoring of the same clips in the same run.
 Builds an APEX model with a *randomly initialised* encoder of the preset (same compute as the real
 weights; nothing to download), saves it to a temporary checkpoint, then
 
-1. in-process: ``model.score`` on the decoded clips in batches of ``--max-batch`` (the model's
-   ceiling without HTTP, decoding or queueing), timed per batch;
+1. in-process: ``model.score`` on the decoded clips in batches of 1 and of ``--max-batch`` (the
+   model's own speed without HTTP, decoding or queueing), timed per batch;
 2. server: starts ``apex-reward serve`` on loopback and, for each concurrency level C, runs C
    closed-loop clients that each POST one clip (a WAV upload) to ``/v1/score`` and wait for the
    answer before sending the next. Latency is per request, client side; throughput is
@@ -63,34 +63,42 @@ def pct(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
 
-def in_process(args, ckpt: Path, clips: list[bytes]) -> dict:
+def in_process(args, ckpt: Path, clips: list[bytes], batch_sizes: list[int]) -> list[dict]:
+    """``model.score`` on decoded clips, ``bs`` clips (= 30 s segments) per call."""
     model = ApexRewardModel.from_pretrained(ckpt, device=args.device)
     if args.dtype != "fp32":
         model.set_encoder_dtype(args.dtype)
     decoded = [decode_audio_bytes(c) for c in clips]
-    bs = args.max_batch
-    model.score(decoded[:bs], batch_size=bs, num_workers=0)  # warm-up
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else lambda: None
-    times = []
-    t0 = time.perf_counter()
-    for start in range(0, len(decoded), bs):
-        sync()
-        t = time.perf_counter()
-        res = model.score(decoded[start : start + bs], batch_size=bs, num_workers=0)
-        sync()
-        times.append(time.perf_counter() - t)
-        assert all(r.ok for r in res)
-    wall = time.perf_counter() - t0
+    rows = []
+    for bs in batch_sizes:
+        model.score(decoded[:bs], batch_size=bs, num_workers=0)  # warm-up
+        n = max(bs * 3, min(len(decoded), args.requests))
+        n -= n % bs
+        times = []
+        t0 = time.perf_counter()
+        for start in range(0, n, bs):
+            sync()
+            t = time.perf_counter()
+            res = model.score(decoded[start : start + bs], batch_size=bs, num_workers=0)
+            sync()
+            times.append(time.perf_counter() - t)
+            assert all(r.ok for r in res)
+        wall = time.perf_counter() - t0
+        rows.append(
+            {
+                "mode": f"in-process batch={bs}",
+                "clips": n,
+                "clips_per_s": n / wall,
+                "batch": bs,
+                "batch_p50_s": pct(times, 50),
+                "batch_p99_s": pct(times, 99),
+            }
+        )
     del model
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()
-    return {
-        "mode": "in-process",
-        "clips": len(decoded),
-        "clips_per_s": len(decoded) / wall,
-        "batch_p50_s": pct(times, 50),
-        "batch_p99_s": pct(times, 99),
-    }
+    return rows
 
 
 def _metric(text: str, name: str) -> float:
@@ -156,7 +164,8 @@ def main(argv=None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = build_checkpoint(args.preset, Path(tmp))
-        rows.append(in_process(args, ckpt, clips))
+        sizes = sorted({1, args.max_batch})
+        rows.extend(in_process(args, ckpt, clips, sizes))
         server_args = [
             "--device", args.device,
             "--dtype", args.dtype,
@@ -212,11 +221,11 @@ def main(argv=None) -> int:
     print("| mode | clips/s | p50 latency | p99 latency | mean batch |", file=sys.stderr)
     print("|---|---|---|---|---|", file=sys.stderr)
     for r in rows:
-        if r["mode"] == "in-process":
+        if r["mode"].startswith("in-process"):
             print(
-                f"| in-process `model.score`, batches of {args.max_batch} | "
+                f"| in-process `model.score`, batches of {r['batch']} | "
                 f"{r['clips_per_s']:.1f} | {r['batch_p50_s'] * 1000:.0f} ms / batch | "
-                f"{r['batch_p99_s'] * 1000:.0f} ms / batch | {args.max_batch} |",
+                f"{r['batch_p99_s'] * 1000:.0f} ms / batch | {r['batch']} |",
                 file=sys.stderr,
             )
         else:
