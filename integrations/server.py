@@ -85,6 +85,7 @@ __all__ = [
     "serve",
     "load_server_model",
     "find_audio_reference",
+    "preference_logit",
     "add_serve_arguments",
     "run_serve",
     "UnsupportedSampleRateError",
@@ -1100,7 +1101,10 @@ def create_app(model: ApexRewardModel, config: ServeConfig | None = None):
                 status, kind, message = clip.error  # type: ignore[misc]
                 raise HTTPError(status, kind, f"clip {which}: {message}")
         ra, rb = await asyncio.gather(scored_one(clips[0]), scored_one(clips[1]))
-        logit = _preference_logit(model, ra, rb, 1.0 if instrumental else 0.0)
+        # off the event loop: with the head on a GPU this waits for the device
+        logit = await state.run_blocking(
+            preference_logit, model, ra, rb, 1.0 if instrumental else 0.0
+        )
         payload = {
             "a": clips[0].name,
             "b": clips[1].name,
@@ -1227,19 +1231,25 @@ def _sigmoid(x: float) -> float:
     return z / (1.0 + z)
 
 
-def _preference_logit(
+def preference_logit(
     model: ApexRewardModel, a: ScoreResult, b: ScoreResult, instrumental: float
 ) -> float:
+    """``logit P(a > b)`` from two scored clips, via ``model.preference_logits_from_outputs``
+    (the fitted preference head, or Bradley–Terry on the rewards): the number the model gives
+    for the pair in one forward pass, up to float32 rounding."""
     from apex_reward.model import ApexOutput
 
+    head = model.preference_head
+    device = next(head.buffers()).device if head is not None else torch.device("cpu")
+
     def out(r: ScoreResult) -> ApexOutput:
-        scores = {k: torch.tensor([v], dtype=torch.float32) for k, v in (r.scores or {}).items()}
-        return ApexOutput(scores=scores, reward=torch.tensor([r.reward], dtype=torch.float32))
+        f32 = torch.float32
+        scores = {k: torch.tensor([v], dtype=f32, device=device) for k, v in r.scores.items()}
+        return ApexOutput(scores=scores, reward=torch.tensor([r.reward], dtype=f32, device=device))
 
     with torch.inference_mode():
-        logit = model.preference_logits_from_outputs(
-            out(a), out(b), is_instrumental=torch.tensor([instrumental], dtype=torch.float64)
-        )
+        inst = torch.tensor([instrumental], dtype=torch.float64, device=device)
+        logit = model.preference_logits_from_outputs(out(a), out(b), is_instrumental=inst)
     return float(logit[0])
 
 

@@ -204,16 +204,22 @@ def test_200_concurrent_score_requests_match_in_process_and_are_batched(server, 
     responses = asyncio.run(_send_all(server.url, requests, concurrency=N_CLIPS + 1))
     health = responses.pop(100)
     assert health.status_code == 200 and health.json() == {"status": "ok"}
+    worst = 0.0
     for clip, ref, resp in zip(clips, reference, responses):
         assert resp.status_code == 200, resp.text
         body = resp.json()
         assert body["name"] == clip["name"] and body["untrained"] is True
         _assert_matches(body, ref)
+        worst = max(worst, abs(body["reward"] - ref.reward))
     after = _metrics(server)
     batches = _metric(after, "apex_batch_size_count") - _metric(before, "apex_batch_size_count")
     scored = _metric(after, "apex_batch_size_sum") - _metric(before, "apex_batch_size_sum")
     singles = _metric(after, "apex_batch_size_bucket", le="1") - _metric(
         before, "apex_batch_size_bucket", le="1"
+    )
+    print(
+        f"200 requests: {batches:.0f} batches (mean {scored / batches:.1f} clips, "
+        f"{singles:.0f} of one clip); max |reward - in-process| = {worst:.2e}"
     )
     assert scored == N_CLIPS
     assert batches < N_CLIPS and singles < batches, (batches, singles)  # batches of > 1 clip
@@ -502,6 +508,7 @@ def _decode_completion(text: str) -> tuple[np.ndarray, int]:
 
 
 def test_client_as_trl_reward_function_matches_in_process(server, served_model, tmp_path):
+    pytest.importorskip("trl")
     from trl.trainer.utils import get_callable_name, is_async_callable
 
     _, model = served_model

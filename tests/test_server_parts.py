@@ -284,3 +284,40 @@ def test_client_pickles_without_connection_or_env_key(monkeypatch):
     arr = np.zeros((2, 100), np.float32)
     with pytest.raises(Exception, match="samples, channels"):
         clone._part(0, arr.T, 24000)
+
+
+def test_compare_logit_uses_the_fitted_preference_head(fast_model):
+    from apex_reward.integrations.server import preference_logit
+
+    from apex_reward.config import PreferenceHeadConfig
+    from apex_reward.preference import PreferenceHead, pairwise_feature_names
+
+    names = pairwise_feature_names(fast_model.score_names)
+    rng = np.random.default_rng(0)
+    cfg = PreferenceHeadConfig(
+        features=names,
+        coef=rng.normal(size=len(names)).tolist(),
+        intercept=0.2,
+        mean=rng.normal(size=len(names)).tolist(),
+        scale=rng.uniform(0.5, 2.0, size=len(names)).tolist(),
+    )
+    model = copy.deepcopy(fast_model)
+    model.config.preference.head = cfg
+    model.preference_head = PreferenceHead(cfg)
+    a, b = (torch.from_numpy(synth_music(1.5, 24000, seed=s)) for s in (8, 9))
+    ra, rb = score_waveforms(model, [("a", a, 24000), ("b", b, 24000)])
+    with torch.inference_mode():
+        direct = model.preference_logits([a], [b], 24000, is_instrumental=1.0)
+    got = preference_logit(model, ra, rb, 1.0)
+    assert abs(got - float(direct[0])) <= 1e-4
+    assert abs(got - (ra.reward - rb.reward)) > 1e-3  # not Bradley-Terry
+
+
+def test_missing_serve_extra_is_named(fast_model, monkeypatch):
+    import sys
+
+    from apex_reward.errors import MissingDependencyError
+
+    monkeypatch.setitem(sys.modules, "fastapi", None)
+    with pytest.raises(MissingDependencyError, match=r"apex-reward\[serve\]"):
+        create_app(fast_model)
