@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ScoreResult", "score_inputs"]
+__all__ = ["ScoreResult", "score_inputs", "score_waveforms"]
 
 
 @dataclass
@@ -193,6 +193,30 @@ def _run_batch(
             reward=reward,
             duration_s=it.wav.shape[-1] / it.sample_rate,
         )
+
+
+def score_waveforms(
+    model: ApexRewardModel,
+    items: Sequence[tuple[str, torch.Tensor, int]],
+    *,
+    segment_batch_size: int = 8,
+) -> list[ScoreResult]:
+    """Score already decoded and validated waveforms in one forward pass (the reward server's batch).
+
+    Args:
+        items: ``(name, waveform [T] or [C, T] float32, sample_rate Hz)`` per song; each should have
+            passed ``model.frontend.check``.
+        segment_batch_size: 30 s segments per encoder call.
+
+    Returns:
+        One :class:`ScoreResult` per item, in order. If the batched forward raises, the items are
+        scored one by one, so only the song that fails gets an error.
+    """
+    batch = [_Item(i, name, wav, int(sr)) for i, (name, wav, sr) in enumerate(items)]
+    results: list[ScoreResult | None] = [None] * len(batch)
+    if batch:
+        _run_batch(model, batch, max(1, int(segment_batch_size)), results)
+    return [r for r in results if r is not None]
 
 
 def score_inputs(

@@ -1,0 +1,541 @@
+"""``ApexRewardClient``: call a remote ``apex-reward serve`` from Python, or use it as a TRL reward.
+
+::
+
+    from apex_reward.integrations.client import ApexRewardClient
+
+    client = ApexRewardClient("http://127.0.0.1:8000", api_key="...")   # or $APEX_REWARD_API_KEY
+    results = client.score(["a.wav", (waveform, 44100)])   # list[ScoreResult], like model.score
+    cmp = client.compare("a.wav", "b.wav")                   # Comparison(logit, probability, ...)
+
+    # TRL GRPO/RLOO: reward_funcs=[client]; completions are audio (paths, arrays) or anything the
+    # decoder turns into audio
+    client = ApexRewardClient(url, decoder=my_decoder, sample_rate=32000)
+    rewards = client(prompts, completions)                   # list[float | None]
+
+Audio travels as files: paths are read here and uploaded (or, with ``send_paths=True``, sent as
+paths for a server started with ``--allow-dir`` on a shared filesystem); arrays are written as
+32-bit float WAV, so the server decodes exactly the samples given. Requests are split to respect
+the server's body and clip limits and sent concurrently, so the server can batch them with other
+workers' clips. Connection errors, timeouts, 429 and 5xx answers are retried with exponential
+backoff; 4xx answers are not (they raise :class:`RemoteError`). A clip the server cannot score gets
+a :class:`~apex_reward.scoring.ScoreResult` with ``.error`` (reward ``None``), never an exception.
+
+The client pickles without its connection pool (re-created on first use), so it can be shipped to
+dataloader or Ray workers; the API key is pickled only if it was passed explicitly.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from apex_reward.errors import ApexError, AudioShapeError, require
+from apex_reward.scoring import ScoreResult
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ApexRewardClient", "Comparison", "RemoteError", "API_KEY_ENV"]
+
+#: Environment variable read for the API key when none is passed.
+API_KEY_ENV = "APEX_REWARD_API_KEY"
+
+_RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+
+
+class RemoteError(ApexError):
+    """The server refused a request (4xx) or could not be reached after all retries.
+
+    Attributes:
+        status: HTTP status, or None when no answer came back.
+        type: the server's error type (e.g. ``"Unauthorized"``), or ``"Unavailable"``.
+        message: what went wrong.
+    """
+
+    def __init__(self, status: int | None, type: str, message: str) -> None:
+        self.status = status
+        self.type = type
+        self.message = message
+        prefix = f"HTTP {status} " if status is not None else ""
+        super().__init__(f"{prefix}{type}: {message}")
+
+
+@dataclass
+class Comparison:
+    """Result of :meth:`ApexRewardClient.compare`.
+
+    Attributes:
+        logit: ``logit P(a > b)``.
+        probability: ``P(a > b)`` in [0, 1].
+        reward_a, reward_b: the two rewards.
+        scores_a, scores_b: ``{score name: value}`` of each clip.
+        method: ``"preference_head"`` or ``"bradley_terry"``.
+    """
+
+    logit: float
+    probability: float
+    reward_a: float
+    reward_b: float
+    scores_a: dict[str, float]
+    scores_b: dict[str, float]
+    method: str
+
+
+# what the client accepts as one clip
+AudioLike = Any  # str | Path | np.ndarray | torch.Tensor | tuple[array, int]
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    if isinstance(x, np.ndarray):
+        return x
+    try:
+        import torch
+
+        if isinstance(x, torch.Tensor):
+            return x.detach().to("cpu", torch.float32).numpy()
+    except ImportError:  # pragma: no cover - torch is a core dependency
+        pass
+    raise AudioShapeError(
+        f"expected a path, an array/tensor or an (array, sample_rate) tuple, got {type(x).__name__}"
+    )
+
+
+def encode_wav(array: Any, sample_rate: int) -> bytes:
+    """``[T]`` or ``[C, T]`` samples -> the bytes of a 32-bit float WAV file (lossless)."""
+    import soundfile as sf
+
+    a = _to_numpy(array)
+    if a.dtype.kind in "iu":
+        a = a.astype(np.float32) / float(np.iinfo(a.dtype).max)
+    a = np.asarray(a, dtype=np.float32)
+    if a.ndim == 1:
+        a = a[None, :]
+    if a.ndim != 2:
+        raise AudioShapeError(f"expected [T] or [C, T], got shape {a.shape}")
+    if a.shape[0] > a.shape[1]:
+        raise AudioShapeError(
+            f"shape {a.shape} looks like [samples, channels]; pass [channels, samples]"
+        )
+    if not isinstance(sample_rate, (int, np.integer)) or sample_rate <= 0:
+        raise AudioShapeError(f"arrays need a positive integer sample_rate, got {sample_rate!r}")
+    buf = io.BytesIO()
+    sf.write(buf, a.T, int(sample_rate), format="WAV", subtype="FLOAT")
+    return buf.getvalue()
+
+
+@dataclass
+class _Part:
+    index: int
+    name: str
+    data: bytes | None = None  # upload
+    path: str | None = None  # server-side path
+
+
+class ApexRewardClient:
+    """HTTP client of an apex-reward server; also a TRL reward function.
+
+    Args:
+        url: base URL of the server, e.g. ``"http://127.0.0.1:8000"``.
+        api_key: the server's API key; default: the ``APEX_REWARD_API_KEY`` environment variable
+            (read at request time, so it is not pickled).
+        timeout: seconds to wait for one HTTP answer (connecting: at most 10 s).
+        retries: extra attempts after a connection error, timeout, 429 or 5xx.
+        backoff_s: first retry delay; doubles each attempt (with jitter), at most 30 s.
+        sample_rate: Hz of arrays given without one.
+        decoder: for the TRL call, ``decoder(completion) -> audio`` (a path, an array at
+            ``sample_rate``, or ``(array, sample_rate)``); it must be picklable to pickle the
+            client. Without one, completions must already be audio.
+        max_clips_per_request: clips per HTTP request (the server's limit is 256 by default).
+        max_request_mb: split requests to stay under this body size (server default: 64 MiB).
+        concurrency: requests in flight at once for one call.
+        send_paths: send paths as server-side paths instead of uploading the files (the server
+            must be started with ``--allow-dir`` covering them).
+        name: the ``__name__`` TRL logs the reward under.
+    """
+
+    def __init__(
+        self,
+        url: str = "http://127.0.0.1:8000",
+        *,
+        api_key: str | None = None,
+        timeout: float = 120.0,
+        retries: int = 3,
+        backoff_s: float = 0.5,
+        sample_rate: int | None = None,
+        decoder: Callable[[Any], AudioLike] | None = None,
+        max_clips_per_request: int = 32,
+        max_request_mb: float = 32.0,
+        concurrency: int = 4,
+        send_paths: bool = False,
+        name: str = "apex_remote_reward",
+    ) -> None:
+        if retries < 0 or timeout <= 0 or backoff_s < 0:
+            raise ValueError("need retries >= 0, timeout > 0, backoff_s >= 0")
+        if max_clips_per_request < 1 or max_request_mb <= 0 or concurrency < 1:
+            raise ValueError(
+                "need max_clips_per_request >= 1, max_request_mb > 0, concurrency >= 1"
+            )
+        self.url = url.rstrip("/")
+        self.api_key = api_key
+        self.timeout = float(timeout)
+        self.retries = int(retries)
+        self.backoff_s = float(backoff_s)
+        self.sample_rate = sample_rate
+        self.decoder = decoder
+        self.max_clips_per_request = int(max_clips_per_request)
+        self.max_request_bytes = int(max_request_mb * 1024 * 1024)
+        self.concurrency = int(concurrency)
+        self.send_paths = bool(send_paths)
+        self.__name__ = name
+        self._http: Any = None
+        self._lock = threading.Lock()
+
+    # -- pickling: no sockets, no locks ------------------------------------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_http"] = None
+        state["_lock"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"ApexRewardClient({self.url!r}, name={self.__name__!r})"
+
+    # -- HTTP ---------------------------------------------------------------------------------------
+
+    def _client(self):
+        if self._http is None:
+            with self._lock:
+                if self._http is None:
+                    httpx = require("httpx", "serve", "ApexRewardClient")
+                    self._http = httpx.Client(
+                        timeout=httpx.Timeout(self.timeout, connect=min(10.0, self.timeout)),
+                        limits=httpx.Limits(max_connections=max(4, 2 * self.concurrency)),
+                    )
+        return self._http
+
+    def _headers(self) -> dict[str, str]:
+        key = self.api_key if self.api_key is not None else os.environ.get(API_KEY_ENV)
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+    def close(self) -> None:
+        """Close the connection pool (it is re-created if the client is used again)."""
+        if self._http is not None:
+            self._http.close()
+            self._http = None
+
+    def __enter__(self) -> ApexRewardClient:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _delay(self, attempt: int, retry_after: str | None) -> float:
+        base = self.backoff_s * (2**attempt)
+        if retry_after:
+            try:
+                base = max(base, float(retry_after))
+            except ValueError:
+                pass
+        return min(30.0, base + random.uniform(0, self.backoff_s))
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        """Send a request with retries; returns the decoded JSON (or text for non-JSON answers).
+
+        Raises:
+            RemoteError: a 4xx answer (not retried), or no success after ``retries`` retries.
+        """
+        import httpx
+
+        http = self._client()
+        url = f"{self.url}{path}"
+        last: str = ""
+        status: int | None = None
+        for attempt in range(self.retries + 1):
+            try:
+                resp = http.request(method, url, headers=self._headers(), **kwargs)
+            except httpx.TransportError as e:  # connect, read/write timeouts, protocol errors
+                last, status = f"{type(e).__name__}: {e}", None
+                retry_after = None
+            else:
+                if resp.status_code < 400:
+                    if resp.headers.get("content-type", "").startswith("application/json"):
+                        return resp.json()
+                    return resp.text
+                kind, message = _error_of(resp)
+                if resp.status_code not in _RETRY_STATUSES:
+                    raise RemoteError(resp.status_code, kind, message)
+                last, status = f"{kind}: {message}", resp.status_code
+                retry_after = resp.headers.get("retry-after")
+            if attempt < self.retries:
+                delay = self._delay(attempt, retry_after)
+                logger.warning(
+                    "%s %s failed (%s); retry %d/%d in %.1f s",
+                    method,
+                    url,
+                    last,
+                    attempt + 1,
+                    self.retries,
+                    delay,
+                )
+                time.sleep(delay)
+        raise RemoteError(
+            status,
+            "Unavailable",
+            f"{method} {url} failed after {self.retries + 1} attempts: {last}",
+        )
+
+    # -- endpoints ----------------------------------------------------------------------------------
+
+    def health(self) -> bool:
+        """Whether the server answers ``/health`` (one attempt, no retries)."""
+        import httpx
+
+        try:
+            return self._client().get(f"{self.url}/health").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def ready(self) -> bool:
+        """Whether the server is ready to score (``/ready``; one attempt)."""
+        import httpx
+
+        try:
+            return self._client().get(f"{self.url}/ready").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def wait_until_ready(self, timeout: float = 120.0, interval: float = 0.5) -> None:
+        """Poll ``/ready`` until it answers 200; raises :class:`RemoteError` after ``timeout`` s."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.ready():
+                return
+            time.sleep(interval)
+        raise RemoteError(None, "NotReady", f"{self.url} not ready after {timeout:g} s")
+
+    def info(self) -> dict[str, Any]:
+        """The server's model, score names and limits (``/v1/info``)."""
+        return self.request("GET", "/v1/info")
+
+    def _part(self, index: int, item: AudioLike, sample_rate: int | None) -> _Part:
+        if isinstance(item, (str, Path)):
+            name = str(item)
+            if self.send_paths:
+                return _Part(index, name, path=name)
+            p = Path(item)
+            if not p.is_file():
+                from apex_reward.errors import AudioDecodeError
+
+                raise AudioDecodeError("file not found", name)
+            return _Part(index, name, data=p.read_bytes())
+        if _is_pair(item):
+            array, rate = item
+        else:
+            array, rate = item, sample_rate
+        if rate is None:
+            raise AudioShapeError("arrays need a sample_rate", f"array[{index}]")
+        return _Part(index, f"array[{index}]", data=encode_wav(array, rate))
+
+    def _chunks(self, parts: list[_Part]) -> list[list[_Part]]:
+        chunks: list[list[_Part]] = []
+        current: list[_Part] = []
+        size = 0
+        for part in parts:
+            n = len(part.data or b"") + 1024  # multipart overhead per part is small
+            if current and (
+                len(current) >= self.max_clips_per_request
+                or size + n > self.max_request_bytes
+                or (current[0].path is None) != (part.path is None)
+            ):
+                chunks.append(current)
+                current, size = [], 0
+            current.append(part)
+            size += n
+        if current:
+            chunks.append(current)
+        return chunks
+
+    def _send_chunk(self, chunk: list[_Part]) -> list[dict[str, Any]]:
+        if chunk[0].path is not None:
+            body = {"clips": [{"path": p.path, "name": p.name} for p in chunk]}
+            out = self.request("POST", "/v1/score/batch", json=body)
+        else:
+            files = [("file", (p.name, p.data, "application/octet-stream")) for p in chunk]
+            out = self.request("POST", "/v1/score/batch", files=files)
+        rows = out.get("results") if isinstance(out, dict) else None
+        if not isinstance(rows, list) or len(rows) != len(chunk):
+            raise RemoteError(200, "BadResponse", f"unexpected answer from the server: {out!r}")
+        return rows
+
+    def score(self, inputs: Any, *, sample_rate: int | None = None) -> list[ScoreResult]:
+        """Score clips remotely; like :meth:`apex_reward.ApexRewardModel.score`.
+
+        Args:
+            inputs: a path, an array/tensor (``[T]`` or ``[C, T]``), an ``(array, sample_rate)``
+                tuple, or a list of them.
+            sample_rate: Hz of arrays given without one (default: the client's ``sample_rate``).
+
+        Returns:
+            One :class:`~apex_reward.scoring.ScoreResult` per input, in order: scores and reward,
+            or the error the server (or the local file read) reported.
+
+        Raises:
+            RemoteError: the server refused the request or could not be reached.
+        """
+        single = isinstance(inputs, (str, Path)) or hasattr(inputs, "shape") or _is_pair(inputs)
+        items = [inputs] if single else list(inputs)
+        rate = sample_rate if sample_rate is not None else self.sample_rate
+        results: list[ScoreResult | None] = [None] * len(items)
+        parts = []
+        for i, item in enumerate(items):
+            try:
+                parts.append(self._part(i, item, rate))
+            except ApexError as e:
+                name = str(item) if isinstance(item, (str, Path)) else f"array[{i}]"
+                results[i] = ScoreResult(
+                    name, error=getattr(e, "reason", str(e)), error_type=type(e).__name__
+                )
+        chunks = self._chunks(parts)
+        if len(chunks) > 1 and self.concurrency > 1:
+            with ThreadPoolExecutor(min(self.concurrency, len(chunks))) as pool:
+                answers = list(pool.map(self._send_chunk, chunks))
+        else:
+            answers = [self._send_chunk(c) for c in chunks]
+        for chunk, rows in zip(chunks, answers):
+            for part, row in zip(chunk, rows):
+                results[part.index] = _score_result(part.name, row)
+        return [r for r in results if r is not None]
+
+    def compare(
+        self,
+        a: AudioLike,
+        b: AudioLike,
+        *,
+        sample_rate: int | None = None,
+        is_instrumental: bool = False,
+    ) -> Comparison:
+        """``logit P(a > b)`` from the server (``/v1/compare``).
+
+        Raises:
+            RemoteError: e.g. a clip the server cannot score (422, naming it).
+        """
+        rate = sample_rate if sample_rate is not None else self.sample_rate
+        pa, pb = self._part(0, a, rate), self._part(1, b, rate)
+        if pa.path is not None or pb.path is not None:
+            body = {
+                "a": {"path": pa.path} if pa.path else _b64_clip(pa),
+                "b": {"path": pb.path} if pb.path else _b64_clip(pb),
+                "is_instrumental": bool(is_instrumental),
+            }
+            out = self.request("POST", "/v1/compare", json=body)
+        else:
+            files = [
+                ("a", (pa.name, pa.data, "application/octet-stream")),
+                ("b", (pb.name, pb.data, "application/octet-stream")),
+            ]
+            out = self.request(
+                "POST",
+                "/v1/compare",
+                files=files,
+                data={"is_instrumental": "true" if is_instrumental else "false"},
+            )
+        return Comparison(
+            logit=float(out["logit"]),
+            probability=float(out["probability"]),
+            reward_a=float(out["reward_a"]),
+            reward_b=float(out["reward_b"]),
+            scores_a=dict(out["scores_a"]),
+            scores_b=dict(out["scores_b"]),
+            method=str(out["method"]),
+        )
+
+    # -- TRL reward function ----------------------------------------------------------------------
+
+    def __call__(
+        self, prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any
+    ) -> list[float | None]:
+        """TRL reward function: one reward per completion, ``None`` where it cannot be scored.
+
+        Completions are decoded to audio by ``decoder`` (if given). ``kwargs`` are TRL's extra
+        columns; if TRL passes ``log_metric``, the fraction of unscoreable completions is logged as
+        ``<name>/failed``.
+        """
+        audio: list[Any] = []
+        failed_decode: dict[int, str] = {}
+        for i, c in enumerate(completions):
+            if self.decoder is None:
+                audio.append(c)
+                continue
+            try:
+                audio.append(self.decoder(c))
+            except Exception as e:  # one bad completion must not stop the batch
+                failed_decode[i] = f"{type(e).__name__}: {e}"
+                audio.append(None)
+        keep = [i for i in range(len(audio)) if i not in failed_decode]
+        results = self.score([audio[i] for i in keep]) if keep else []
+        rewards: list[float | None] = [None] * len(audio)
+        for i, r in zip(keep, results):
+            rewards[i] = r.reward if r.ok else None
+            if not r.ok:
+                logger.warning(
+                    "%s: completion %d not scored: %s: %s", self.__name__, i, r.error_type, r.error
+                )
+        for i, why in failed_decode.items():
+            logger.warning("%s: decoder failed on completion %d: %s", self.__name__, i, why)
+        log_metric = kwargs.get("log_metric")
+        if callable(log_metric) and audio:
+            log_metric(f"{self.__name__}/failed", sum(r is None for r in rewards) / len(audio))
+        return rewards
+
+
+def _is_pair(x: Any) -> bool:
+    """Whether ``x`` is an ``(array, sample_rate)`` tuple."""
+    return (
+        isinstance(x, tuple)
+        and len(x) == 2
+        and hasattr(x[0], "shape")
+        and isinstance(x[1], (int, np.integer))
+        and not isinstance(x[1], bool)
+    )
+
+
+def _b64_clip(part: _Part) -> dict[str, str]:
+    import base64
+
+    return {"base64": base64.b64encode(part.data or b"").decode("ascii"), "name": part.name}
+
+
+def _error_of(resp: Any) -> tuple[str, str]:
+    try:
+        err = resp.json()["error"]
+        return str(err["type"]), str(err["message"])
+    except Exception:
+        return f"HTTP{resp.status_code}", resp.text[:500]
+
+
+def _score_result(name: str, row: dict[str, Any]) -> ScoreResult:
+    if "error" in row:
+        err = row["error"] or {}
+        return ScoreResult(name, error=str(err.get("message")), error_type=str(err.get("type")))
+    return ScoreResult(
+        name,
+        scores={k: float(v) for k, v in row["scores"].items()},
+        reward=float(row["reward"]),
+        duration_s=row.get("duration_s"),
+    )
