@@ -305,7 +305,7 @@ class AudioFrontEnd(torch.nn.Module):
         """
         import julius
 
-        frac = Fraction(old, new)
+        frac = _bounded_ratio(Fraction(old, new))
         key = (frac.numerator, frac.denominator, wav.device, wav.dtype)
         cache = self.__dict__.setdefault("_resamplers", {})
         if key not in cache:
@@ -399,6 +399,28 @@ class AudioFrontEnd(torch.nn.Module):
         else:
             mono = [self.resample(w, sr) for w, sr in zip(prepared, rates)]
         return self.segment(mono)
+
+
+#: Largest numerator/denominator of the resampling ratio. julius builds a filter bank of
+#: ``new x (old + ~100)`` taps for ``old/new`` in lowest terms: fine for the usual rates (44.1 kHz ->
+#: 24 kHz is 147/80) but gigabytes for an odd rate such as 44,101 Hz (44101/24000).
+_MAX_RATIO_TERM = 1000
+
+
+def _bounded_ratio(frac: Fraction) -> Fraction:
+    """``frac`` itself, or the closest ratio whose terms are at most ``_MAX_RATIO_TERM``.
+
+    The approximation changes the effective rate by at most a few parts in 10^5 (e.g. 47,999 Hz
+    is treated as 48,000 Hz: 0.04 cents of pitch, inaudible), and only for rates that are not
+    simple ratios of 24 kHz.
+    """
+    if max(frac.numerator, frac.denominator) <= _MAX_RATIO_TERM:
+        return frac
+    if frac >= 1:
+        approx = 1 / (1 / frac).limit_denominator(_MAX_RATIO_TERM)
+    else:
+        approx = frac.limit_denominator(_MAX_RATIO_TERM)
+    return approx
 
 
 def _rates(sample_rate: int | Sequence[int], n: int) -> list[int]:

@@ -141,6 +141,8 @@ class MertEncoder(torch.nn.Module):
         self.model.config.layerdrop = 0.0
         self.layers = tuple(config.layers)
         self.trainable = False
+        self._compiled: Any = None
+        self.activation_checkpointing = False
         self.freeze()
 
     @classmethod
@@ -176,6 +178,33 @@ class MertEncoder(torch.nn.Module):
         n = self.model._get_feat_extract_output_lengths(valid)
         return torch.clamp(n, min=1)
 
+    # ------------------------------------------------------------------------------------------
+    # speed and memory options (the GPU fast path, see ApexRewardModel.set_fast_path)
+
+    def set_compiled(self, enabled: bool = True, *, mode: str | None = None) -> MertEncoder:
+        """Run the HubertModel through ``torch.compile`` (static shapes; one compilation per
+        segment-batch size, so pair it with bucketed batches). ``False`` goes back to eager."""
+        self._compiled = torch.compile(self.model, dynamic=False, mode=mode) if enabled else None
+        return self
+
+    @property
+    def compiled(self) -> bool:
+        return self._compiled is not None
+
+    def set_activation_checkpointing(self, enabled: bool = True) -> MertEncoder:
+        """Recompute activations during backward instead of storing them: each convolution block
+        of the feature extractor and each transformer layer runs under
+        ``torch.utils.checkpoint``. About a third more compute for the differentiable path, a
+        fraction of its memory (long songs, large batches). No effect without gradients."""
+        blocks = [*self.model.feature_extractor.conv_layers, *self.model.encoder.layers]
+        for block in blocks:
+            if enabled and "forward" not in block.__dict__:
+                block.forward = _checkpointed(block.forward)
+            elif not enabled and "forward" in block.__dict__:
+                del block.forward
+        self.activation_checkpointing = enabled
+        return self
+
     def forward(self, audio: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         """Encode segments and mean-pool the selected hidden states over time.
 
@@ -189,7 +218,8 @@ class MertEncoder(torch.nn.Module):
         """
         param = next(self.model.parameters())
         x = audio.to(dtype=param.dtype)
-        out = self.model(x, output_hidden_states=True, return_dict=True)
+        run = self._compiled if self._compiled is not None else self.model
+        out = run(x, output_hidden_states=True, return_dict=True)
         hidden = out.hidden_states
         frames = hidden[-1].shape[1]
         if valid is None:
@@ -202,3 +232,19 @@ class MertEncoder(torch.nn.Module):
                 torch.einsum("nf,nfh->nh", mask, hidden[i].float()) / denom for i in self.layers
             ]
         return torch.stack(pooled, dim=1)
+
+
+def _checkpointed(forward):
+    """Wrap a module's bound ``forward`` so that, when gradients are needed, it runs under
+    non-reentrant activation checkpointing (the module's parameters and state dict are unchanged)."""
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if torch.is_grad_enabled() and any(
+            isinstance(a, torch.Tensor) and a.requires_grad for a in (*args, *kwargs.values())
+        ):
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return forward(*args, **kwargs)
+
+    return run

@@ -110,6 +110,11 @@ class ApexRewardModel(nn.Module):
 
             self.preference_head = PreferenceHead(config.preference.head)
         self.segment_batch_size = 8
+        #: GPU fast path: None = on automatically for CUDA (see set_fast_path), True/False = set
+        self.fast_path: bool | None = None
+        self._fast_applied = False
+        self._fp32_encoder_state: dict[str, torch.Tensor] | None = None
+        self.bucket_batches = False
 
     # ------------------------------------------------------------------------------------------
     # construction, saving, loading
@@ -168,6 +173,10 @@ class ApexRewardModel(nn.Module):
             encoder_state, adapter = split_lora_state_dict(self.encoder, cfg.encoder.lora)
             tensors.update({f"encoder_lora.{k}": v for k, v in adapter.items()})
         if include_encoder:
+            if self._fp32_encoder_state is not None:  # the fast path holds bf16/fp16 copies
+                encoder_state = {
+                    k: self._fp32_encoder_state.get(k, v) for k, v in encoder_state.items()
+                }
             tensors.update({f"encoder.{k}": v for k, v in encoder_state.items()})
         return save_checkpoint(directory, cfg.to_dict(), tensors)
 
@@ -181,6 +190,7 @@ class ApexRewardModel(nn.Module):
         device: str | torch.device | None = None,
         freeze: bool = True,
         verify: bool = True,
+        fast: bool | None = None,
     ) -> ApexRewardModel:
         """Load a checkpoint directory (or hub repo id).
 
@@ -194,6 +204,8 @@ class ApexRewardModel(nn.Module):
                 waveform); pass ``False`` to fine-tune the heads (and a stored LoRA adapter,
                 which then also makes the encoder follow ``train()``).
             verify: check ``model.safetensors`` against the checksum in ``config.json``.
+            fast: the GPU fast path (:meth:`set_fast_path`); None = on when the model runs on
+                CUDA, False = never (exact float32 everywhere).
 
         Returns:
             The model in eval mode.
@@ -254,6 +266,9 @@ class ApexRewardModel(nn.Module):
             model.encoder.trainable = True
         if device is not None:
             model.to(device)
+        model.fast_path = fast
+        if fast:
+            model.set_fast_path(True)
         return model.eval()
 
     # ------------------------------------------------------------------------------------------
@@ -273,6 +288,46 @@ class ApexRewardModel(nn.Module):
         dtype); inputs are cast to it and pooled features come back as float32. Returns self."""
         self.encoder.model.to(resolve_dtype(dtype))
         return self
+
+    def set_fast_path(
+        self,
+        enabled: bool = True,
+        *,
+        dtype: torch.dtype | str = "bf16",
+        compile: bool = True,
+        bucket: bool = True,
+    ) -> ApexRewardModel:
+        """Turn the GPU fast path on or off (default on for CUDA models; see ``fast_path``).
+
+        On: encoder weights in ``dtype`` (no autocast; the front end stays float32, the head
+        float64), SDPA attention (flash kernels in bf16/fp16), ``torch.compile`` of the encoder,
+        and segment batches padded to fixed bucket sizes (powers of two up to
+        ``segment_batch_size``) so that compiled shapes repeat and a song's score does not depend
+        on the rest of its batch. Off restores the exact float32 weights. Returns self.
+        """
+        if enabled:
+            if self._fp32_encoder_state is None and self.encoder_dtype == torch.float32:
+                self._fp32_encoder_state = {
+                    k: v.detach().to("cpu", copy=True)
+                    for k, v in self.encoder.model.state_dict().items()
+                }
+            self.set_encoder_dtype(dtype)
+            self.encoder.set_compiled(compile)
+            self.bucket_batches = bucket
+        else:
+            self.encoder.set_compiled(False)
+            self.bucket_batches = False
+            if self._fp32_encoder_state is not None:
+                self.set_encoder_dtype(torch.float32)
+                self.encoder.model.load_state_dict(self._fp32_encoder_state)
+                self._fp32_encoder_state = None
+        self.fast_path = enabled
+        self._fast_applied = enabled
+        return self
+
+    def _maybe_fast_path(self) -> None:
+        if self.fast_path is None and not self._fast_applied and self.device.type == "cuda":
+            self.set_fast_path(True)
 
     @property
     def score_names(self) -> tuple[str, ...]:
@@ -301,9 +356,14 @@ class ApexRewardModel(nn.Module):
         """Encode ``segments.audio`` in chunks of ``segment_batch_size``; yields ``[n, L, H]``."""
         bs = max(1, int(segment_batch_size or self.segment_batch_size))
         for start in range(0, segments.audio.shape[0], bs):
-            yield self.encoder(
-                segments.audio[start : start + bs], segments.valid[start : start + bs]
-            )
+            audio = segments.audio[start : start + bs]
+            valid = segments.valid[start : start + bs]
+            n = audio.shape[0]
+            size = _bucket(n, bs) if self.bucket_batches else n
+            if size > n:  # pad with silent segments to a fixed batch size; their rows are dropped
+                audio = torch.nn.functional.pad(audio, (0, 0, 0, size - n))
+                valid = torch.nn.functional.pad(valid, (0, size - n), value=audio.shape[-1])
+            yield self.encoder(audio, valid)[:n]
 
     def encode(
         self,
@@ -322,6 +382,7 @@ class ApexRewardModel(nn.Module):
         Returns:
             :class:`SegmentFeatures` with ``layer_features`` ``[N, L, H]``.
         """
+        self._maybe_fast_path()
         segments = self.frontend(waveforms, sample_rate, device=self.device)
         chunks = list(self.iter_encoded_chunks(segments, segment_batch_size))
         return SegmentFeatures(
@@ -509,6 +570,14 @@ _DTYPES = {
     "fp16": torch.float16,
     "float16": torch.float16,
 }
+
+
+def _bucket(n: int, cap: int) -> int:
+    """Smallest power of two >= ``n``, capped at ``cap`` (the segment batch size)."""
+    size = 1
+    while size < n:
+        size *= 2
+    return min(size, cap)
 
 
 def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:

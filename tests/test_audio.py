@@ -199,3 +199,24 @@ def test_decode_audio_bytes(tmp_path):
         decode_audio_bytes(bad["text"].read_bytes(), name="upload.mp3")
     with pytest.raises(AudioDecodeError, match="truncated"):
         decode_audio_bytes(bad["truncated"].read_bytes(), name="t.flac")
+
+
+@pytest.mark.parametrize("rate", [44101, 47999, 8001, 96017])
+def test_odd_sample_rates_resample_with_a_small_filter(rate):
+    """An odd rate must not make the resampler build a gigabyte filter bank (44101/24000 in lowest
+    terms): the ratio is approximated to under 1e-4, and the output length stays right."""
+    from fractions import Fraction
+
+    from apex_reward.audio import _bounded_ratio
+
+    approx = _bounded_ratio(Fraction(rate, 24000))
+    assert max(approx.numerator, approx.denominator) <= 1000
+    assert abs(float(approx) / (rate / 24000) - 1) < 1e-4  # < 0.2 cents of pitch
+    fe = AudioFrontEnd(FrontendConfig(normalize=False))
+    t = torch.arange(rate) / rate
+    y = fe.resample(torch.sin(2 * torch.pi * 1000.0 * t), rate)
+    assert abs(y.shape[-1] - 24000) <= 2
+    kernel = next(iter(fe._resamplers.values())).kernel
+    assert kernel.numel() < 2_000_000
+    spectrum = torch.fft.rfft(y[2000:22000]).abs()
+    assert abs(spectrum.argmax().item() * 24000 / 20000 - 1000.0) < 2.0

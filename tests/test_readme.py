@@ -6,7 +6,6 @@ import re
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 from conftest import REPO
 
@@ -27,7 +26,7 @@ def test_ci_runs_the_readme_test_command():
 def test_readme_python_example_runs(tmp_path, tiny_checkpoint):
     readme = (REPO / "README.md").read_text()
     code = re.findall(r"```python\n(.*?)```", readme, flags=re.S)[0]
-    ckpt = tmp_path / "runs" / "untrained-tiny"
+    ckpt = tmp_path / "runs" / "demo" / "train" / "model"
     shutil.copytree(tiny_checkpoint, ckpt)
     proc = subprocess.run(
         [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300
@@ -50,30 +49,14 @@ def test_readme_cli_usage_matches_parser():
             assert flag in flags, (command, flag)
 
 
-def test_quick_start_scores_real_audio(tmp_path, shared_audio):
-    """README command 1's last two steps, run against the shared clips."""
-    out = tmp_path / "runs" / "untrained-tiny"
-    env_python = Path(sys.executable).parent
-    init = subprocess.run(
-        [str(env_python / "apex-reward"), "init", "--preset", "tiny", "--out", str(out), "--force"],
-        capture_output=True,
-        text=True,
-    )
-    assert init.returncode == 0, init.stderr
-    score = subprocess.run(
-        [
-            str(env_python / "apex-reward"),
-            "score",
-            "--model",
-            str(out),
-            "--format",
-            "table",
-            *map(str, shared_audio),
-        ],
-        capture_output=True,
-        text=True,
-    )
-    assert score.returncode == 0, score.stderr
-    lines = score.stdout.splitlines()
-    assert lines[0].startswith("# UNTRAINED")
-    assert len(lines) == 2 + len(shared_audio)
+def test_quick_start_command_one_is_the_demo():
+    """README command 1 sets up with the train extra and runs `apex-reward demo` (exercised end to
+    end by tests/test_demo.py)."""
+    readme = (REPO / "README.md").read_text()
+    command = _bash_blocks(readme)[0].strip()
+    assert "--find-links /opt/wheels torch==2.13.0" in command and '-e ".[train]"' in command
+    assert command.endswith("apex-reward demo")
+    from apex_reward.cli import build_parser
+
+    args = build_parser("demo").parse_args(["demo"])
+    assert args._run.__name__ == "run_demo"

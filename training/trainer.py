@@ -668,6 +668,7 @@ def train(
         g = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
         perm = torch.randperm(n, generator=g)
         train_loss, seen = 0.0, 0
+        t_epoch = time.perf_counter()
         for step in range(steps_per_epoch):
             idx = (
                 perm[step * global_batch : (step + 1) * global_batch] if n >= global_batch else perm
@@ -683,6 +684,7 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             train_loss += float(loss.detach()) * len(mine)
             seen += len(mine)
+        epoch_seconds = time.perf_counter() - t_epoch
         _sync_buffers(raw, world)  # BatchNorm statistics differ per process after local steps
         val_loss, val_per_task = split_loss(data.splits["val"])
         if world > 1:  # every process must take the same early-stopping decision
@@ -693,6 +695,8 @@ def train(
             "val_loss": val_loss,
             "val_mse_unit": dict(zip(tasks, val_per_task)),
             "lr": scheduler.get_last_lr()[0],
+            "epoch_seconds": epoch_seconds,
+            "samples_per_s": seen * world / max(epoch_seconds, 1e-9),
             "sigma2": dict(zip(tasks, torch.exp(raw.log_vars.detach().float()).cpu().tolist())),
         }
         history.append(record)
