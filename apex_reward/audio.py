@@ -410,8 +410,8 @@ _MAX_RATIO_TERM = 1000
 def _bounded_ratio(frac: Fraction) -> Fraction:
     """``frac`` itself, or the closest ratio whose terms are at most ``_MAX_RATIO_TERM``.
 
-    The approximation changes the effective rate by at most a few parts in 10^5 (e.g. 47,999 Hz
-    is treated as 48,000 Hz: 0.04 cents of pitch, inaudible), and only for rates that are not
+    The approximation changes the effective rate by at most about 1 part in 10^4 (e.g. 8,001 Hz
+    is treated as 8,000 Hz: 0.2 cents of pitch, inaudible), and only for rates that are not
     simple ratios of 24 kHz.
     """
     if max(frac.numerator, frac.denominator) <= _MAX_RATIO_TERM:

@@ -204,14 +204,14 @@ def test_decode_audio_bytes(tmp_path):
 @pytest.mark.parametrize("rate", [44101, 47999, 8001, 96017])
 def test_odd_sample_rates_resample_with_a_small_filter(rate):
     """An odd rate must not make the resampler build a gigabyte filter bank (44101/24000 in lowest
-    terms): the ratio is approximated to under 1e-4, and the output length stays right."""
+    terms): the ratio is approximated to under 2e-4, and the output length stays right."""
     from fractions import Fraction
 
     from apex_reward.audio import _bounded_ratio
 
     approx = _bounded_ratio(Fraction(rate, 24000))
     assert max(approx.numerator, approx.denominator) <= 1000
-    assert abs(float(approx) / (rate / 24000) - 1) < 1e-4  # < 0.2 cents of pitch
+    assert abs(float(approx) / (rate / 24000) - 1) < 2e-4  # < 0.35 cents of pitch
     fe = AudioFrontEnd(FrontendConfig(normalize=False))
     t = torch.arange(rate) / rate
     y = fe.resample(torch.sin(2 * torch.pi * 1000.0 * t), rate)
