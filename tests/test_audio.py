@@ -215,7 +215,7 @@ def test_odd_sample_rates_resample_with_a_small_filter(rate):
     fe = AudioFrontEnd(FrontendConfig(normalize=False))
     t = torch.arange(rate) / rate
     y = fe.resample(torch.sin(2 * torch.pi * 1000.0 * t), rate)
-    assert abs(y.shape[-1] - 24000) <= 2
+    assert abs(y.shape[-1] - 24000) <= 24000 * 2e-4 + 1  # the length follows the approximated ratio
     kernel = next(iter(fe._resamplers.values())).kernel
     assert kernel.numel() < 2_000_000
     spectrum = torch.fft.rfft(y[2000:22000]).abs()
