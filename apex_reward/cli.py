@@ -94,13 +94,13 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_model(path: str, device: str | None, encoder: str | None = None):
-    """Load a checkpoint for a CLI command (eval mode, frozen, on ``device``)."""
+def load_model(path: str, device: str | None, encoder: str | None = None, dtype: str = "auto"):
+    """Load a checkpoint for a CLI command (eval mode, frozen, on ``device``, ``--dtype``)."""
     from .model import ApexRewardModel
 
     model = ApexRewardModel.from_pretrained(
         path, device=device or default_device(), encoder_source=encoder
-    )
+    ).set_precision(dtype)
     if model.untrained:
         print(
             f"warning: {path} is an UNTRAINED model (random heads): its scores show the pipeline "
@@ -121,6 +121,17 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
         metavar="ID_OR_PATH",
         help="override where the MERT weights come from (hub id or local directory)",
     )
+    p.add_argument("--dtype", **DTYPE_ARGUMENT)
+
+
+#: ``--dtype`` of every command that runs the encoder (one meaning everywhere: set_precision)
+DTYPE_ARGUMENT: dict = {
+    "default": "auto",
+    "choices": ["auto", "fp32", "fp16", "bf16"],
+    "help": "encoder precision: auto = the GPU fast path (fp16 weights, fast kernels) on CUDA "
+    "and exact float32 on CPU; fp32 = exact float32 (turns the fast path off); fp16/bf16 = the "
+    "fast path in that dtype (default: auto)",
+}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -285,7 +296,7 @@ def write_results(rows: list[dict[str, Any]], names: Sequence[str], fmt: str, st
 
 
 def run_score(args: argparse.Namespace) -> int:
-    model = load_model(args.model, args.device, args.encoder)
+    model = load_model(args.model, args.device, args.encoder, args.dtype)
     results = model.score(
         args.files, batch_size=args.batch_size, num_workers=args.num_workers, progress=True
     )
@@ -332,7 +343,7 @@ def run_compare(args: argparse.Namespace) -> int:
 
     from .audio import load_audio
 
-    model = load_model(args.model, args.device, args.encoder)
+    model = load_model(args.model, args.device, args.encoder, args.dtype)
     max_s = model.config.frontend.max_duration_s
     wa, sra = load_audio(args.a, max_duration_s=max_s)
     wb, srb = load_audio(args.b, max_duration_s=max_s)

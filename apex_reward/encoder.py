@@ -11,6 +11,7 @@ Freezing uses ``requires_grad_(False)`` and ``eval()`` only; the forward never e
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 
 import torch
 
+from . import fast_kernels
 from .config import EncoderConfig
 from .errors import CheckpointError
 
@@ -143,6 +145,7 @@ class MertEncoder(torch.nn.Module):
         self.trainable = False
         self._compiled: Any = None
         self.activation_checkpointing = False
+        self.fast_kernels = False
         self.freeze()
 
     @classmethod
@@ -183,7 +186,16 @@ class MertEncoder(torch.nn.Module):
 
     def set_compiled(self, enabled: bool = True, *, mode: str | None = None) -> MertEncoder:
         """Run the HubertModel through ``torch.compile`` (static shapes; one compilation per
-        segment-batch size, so pair it with bucketed batches). ``False`` goes back to eager."""
+        segment-batch size, so pair it with bucketed batches). ``False`` goes back to eager.
+
+        Compiled, attention goes through :func:`_sdpa_attention` (plain
+        ``scaled_dot_product_attention``): traced by dynamo, the transformers SDPA wrapper ran
+        3x slower than eager on an H100 (BENCHMARKS.md)."""
+        if enabled:
+            _register_attention()
+            self.model.config._attn_implementation = _ATTENTION_NAME
+        elif self.model.config._attn_implementation == _ATTENTION_NAME:
+            self.model.config._attn_implementation = "sdpa"
         self._compiled = torch.compile(self.model, dynamic=False, mode=mode) if enabled else None
         return self
 
@@ -191,19 +203,44 @@ class MertEncoder(torch.nn.Module):
     def compiled(self) -> bool:
         return self._compiled is not None
 
-    def set_activation_checkpointing(self, enabled: bool = True) -> MertEncoder:
-        """Recompute activations during backward instead of storing them: each convolution block
-        of the feature extractor and each transformer layer runs under
-        ``torch.utils.checkpoint``. About a third more compute for the differentiable path, a
-        fraction of its memory (long songs, large batches). No effect without gradients."""
-        blocks = [*self.model.feature_extractor.conv_layers, *self.model.encoder.layers]
-        for block in blocks:
-            if enabled and "forward" not in block.__dict__:
-                block.forward = _checkpointed(block.forward)
-            elif not enabled and "forward" in block.__dict__:
-                del block.forward
-        self.activation_checkpointing = enabled
+    def set_fast_kernels(self, enabled: bool = True) -> MertEncoder:
+        """Replace the forwards of the feature extractor and the positional convolution by the
+        GEMM / FFT formulations of :mod:`apex_reward.fast_kernels` (same weights, same maths up
+        to rounding; much faster on GPUs). Configs they do not implement keep the stock forwards
+        (logged). Returns self."""
+        if enabled:
+            reason = fast_kernels.unsupported_reason(self.model)
+            if reason is not None:
+                logger.info("fast encoder kernels not used: %s", reason)
+                enabled = False
+        self.fast_kernels = enabled
+        self._install_forwards()
         return self
+
+    def set_activation_checkpointing(self, enabled: bool = True) -> MertEncoder:
+        """Recompute activations during backward instead of storing them: the feature extractor
+        (each convolution block, or the whole fast extractor) and each transformer layer run
+        under ``torch.utils.checkpoint``. About a third more compute for the differentiable
+        path, a fraction of its memory (long songs, large batches). No effect without
+        gradients."""
+        self.activation_checkpointing = enabled
+        self._install_forwards()
+        return self
+
+    def _install_forwards(self) -> None:
+        """Instance-level ``forward`` overrides on stock submodules (parameters, state dict and
+        the class untouched): fast kernels first, checkpointing wrapped around them."""
+        m = self.model
+        extractor, pos = m.feature_extractor, m.encoder.pos_conv_embed
+        for module in (extractor, pos, *extractor.conv_layers, *m.encoder.layers):
+            module.__dict__.pop("forward", None)
+        if self.fast_kernels:
+            extractor.forward = functools.partial(fast_kernels.feature_encoder_forward, extractor)
+            pos.forward = functools.partial(fast_kernels.positional_conv_forward, pos)
+        if self.activation_checkpointing:
+            blocks = [extractor] if self.fast_kernels else list(extractor.conv_layers)
+            for block in (*blocks, *m.encoder.layers):
+                block.forward = _checkpointed(block.forward)
 
     def forward(self, audio: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         """Encode segments and mean-pool the selected hidden states over time.
@@ -232,6 +269,33 @@ class MertEncoder(torch.nn.Module):
                 torch.einsum("nf,nfh->nh", mask, hidden[i].float()) / denom for i in self.layers
             ]
         return torch.stack(pooled, dim=1)
+
+
+_ATTENTION_NAME = "apex_sdpa"
+
+
+def _sdpa_attention(
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Bidirectional attention for ``HubertAttention``: ``[B, H, T, D]`` q/k/v ->
+    ``([B, T, H, D], None)``, as the transformers attention interface expects."""
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(_ATTENTION_NAME, _sdpa_attention)
 
 
 def _checkpointed(forward):

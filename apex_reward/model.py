@@ -293,17 +293,21 @@ class ApexRewardModel(nn.Module):
         self,
         enabled: bool = True,
         *,
-        dtype: torch.dtype | str = "bf16",
-        compile: bool = True,
+        dtype: torch.dtype | str = "fp16",
+        compile: bool = False,
         bucket: bool = True,
+        kernels: bool = True,
     ) -> ApexRewardModel:
         """Turn the GPU fast path on or off (default on for CUDA models; see ``fast_path``).
 
         On: encoder weights in ``dtype`` (no autocast; the front end stays float32, the head
-        float64), SDPA attention (flash kernels in bf16/fp16), ``torch.compile`` of the encoder,
-        and segment batches padded to fixed bucket sizes (powers of two up to
-        ``segment_batch_size``) so that compiled shapes repeat and a song's score does not depend
-        on the rest of its batch. Off restores the exact float32 weights. Returns self.
+        float64; fp16 keeps 3 more mantissa bits than bf16, which the 1e-2 score parity needs),
+        SDPA attention (flash kernels), the GEMM/FFT encoder kernels of
+        :mod:`apex_reward.fast_kernels` (``kernels``), optionally ``torch.compile`` of the
+        encoder (``compile``; measured no faster on an H100, see BENCHMARKS.md), and segment
+        batches padded to fixed bucket sizes (powers of two up to ``segment_batch_size``) so that
+        a song's score does not depend on the rest of its batch and compiled shapes repeat. Off
+        restores the exact float32 weights and the stock forwards. Returns self.
         """
         if enabled:
             if self._fp32_encoder_state is None and self.encoder_dtype == torch.float32:
@@ -312,10 +316,12 @@ class ApexRewardModel(nn.Module):
                     for k, v in self.encoder.model.state_dict().items()
                 }
             self.set_encoder_dtype(dtype)
+            self.encoder.set_fast_kernels(kernels)
             self.encoder.set_compiled(compile)
             self.bucket_batches = bucket
         else:
             self.encoder.set_compiled(False)
+            self.encoder.set_fast_kernels(False)
             self.bucket_batches = False
             if self._fp32_encoder_state is not None:
                 self.set_encoder_dtype(torch.float32)
@@ -325,9 +331,31 @@ class ApexRewardModel(nn.Module):
         self._fast_applied = enabled
         return self
 
+    def set_precision(self, dtype: str = "auto") -> ApexRewardModel:
+        """The one precision switch used by the CLIs (``--dtype``) and the server.
+
+        * ``"auto"``: the fast path (fp16) on CUDA, the exact float32 path elsewhere.
+        * ``"fp32"``: the exact float32 path everywhere (the fast path off).
+        * ``"fp16"`` / ``"bf16"``: the fast path in that dtype (on most CPUs slower than fp32;
+          useful there to preview GPU numerics). ``"fp32"`` afterwards restores the exact
+          float32 weights.
+
+        Call it after moving the model to its device. Returns self."""
+        if dtype not in ("auto", "fp32", "fp16", "bf16"):
+            raise ConfigError(f"unknown dtype {dtype!r}; expected one of auto, fp32, fp16, bf16")
+        if dtype == "fp32" or (dtype == "auto" and self.device.type != "cuda"):
+            self.set_fast_path(False)
+        else:
+            self.set_fast_path(True, dtype="fp16" if dtype == "auto" else dtype)
+        return self
+
     def _maybe_fast_path(self) -> None:
         if self.fast_path is None and not self._fast_applied and self.device.type == "cuda":
-            self.set_fast_path(True)
+            # the first call may run under inference_mode: weights cast there would be
+            # inference tensors, unusable by a later differentiable call
+            with torch.inference_mode(False):
+                self.set_fast_path(True)
+            self.fast_path = None  # still "automatic": follows the device
 
     @property
     def score_names(self) -> tuple[str, ...]:

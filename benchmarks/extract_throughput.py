@@ -47,7 +47,8 @@ def main(argv=None) -> int:
         "--gpus", type=int, default=4, help="processes for the implied time (linear scaling)"
     )
     args = p.parse_args(argv)
-    clips = sorted(f for f in Path(args.audio_dir).iterdir() if f.suffix.lower() in AUDIO)
+    audio_dir = Path(args.audio_dir).resolve()  # the manifest lives elsewhere: absolute paths
+    clips = sorted(f for f in audio_dir.iterdir() if f.suffix.lower() in AUDIO)
     if not clips:
         sys.exit(f"no audio files in {args.audio_dir}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -73,6 +74,8 @@ def main(argv=None) -> int:
         )
         summary = run_extraction(cfg, progress=False)
     audio_s = summary["audio_hours"] * 3600
+    if audio_s <= 0:
+        sys.exit(f"nothing was extracted: {json.dumps(summary)[:2000]}")
     rate = audio_s / summary["wall_s_this_run"]
     implied_h = args.target_hours * 3600 / (rate * args.gpus) / 3600
     result = {

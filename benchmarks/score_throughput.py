@@ -10,14 +10,15 @@ Variants (``--variants``, default: all that apply to the device):
 * ``hf-fp32-b1``    plain ``HubertModel`` in fp32, one song at a time, 4 layers mean-pooled
 * ``hf-bf16-amp``   plain ``HubertModel`` under bf16 autocast, SDPA, batch ``--batch-size``
 * ``ours-fp32``     ``ApexRewardModel`` exact path (front end + encoder + heads), fp32
-* ``ours-fast``     ``ApexRewardModel`` fast path (bf16 weights, SDPA, torch.compile, buckets)
+* ``ours-fast``     ``ApexRewardModel`` fast path (``--fast-modes``: fp16/bf16 weights, GEMM/FFT
+  encoder kernels, SDPA, buckets, optionally torch.compile); each mode also reports ``parity``
 * ``hf-fp16-amp-grad``  differentiable baseline: fp16 autocast forward + backward to the waveform,
   batch ``--grad-batch-size``
 * ``ours-fast-grad``    our differentiable path: ``model(x).reward.sum().backward()``, fast path
 * ``long-grad``     a ``--long-seconds`` song's gradient, batch ``--grad-batch-size``, activation
   checkpointing: peak GPU memory and time
 
-``parity`` compares ``ours-fast`` with ``ours-fp32`` scores on the same songs (max relative diff).
+``parity`` compares each fast mode with ``ours-fp32`` scores on the same songs (max relative diff).
 
     python benchmarks/score_throughput.py --preset tiny --device cpu --variants ours-fp32 --batch-size 8
     python benchmarks/score_throughput.py --preset mert-v1-95m --device cuda --batch-size 32
@@ -133,15 +134,22 @@ def main(argv=None) -> int:
     )
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--fast-dtype", default="bf16", choices=["bf16", "fp16"])
-    p.add_argument("--no-compile", action="store_true", help="fast path without torch.compile")
+    p.add_argument(
+        "--fast-modes",
+        nargs="+",
+        default=["fp16:eager"],
+        choices=[f"{d}:{c}" for d in ("fp16", "bf16") for c in ("eager", "compile")],
+        help="fast-path settings to time side by side (dtype:compile-or-eager); the first is "
+        "reported as ours-fast and used by the gradient variants",
+    )
     p.add_argument("--long-seconds", type=float, default=240.0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument(
         "--profile",
         default=None,
-        help="write a torch.profiler kernel table of one fast-path call here",
+        help="write a torch.profiler kernel table of one fast-path call here (and of one "
+        "gradient call to PROFILE.grad.txt)",
     )
     args = p.parse_args(argv)
     if args.threads:
@@ -256,24 +264,31 @@ def main(argv=None) -> int:
             model.head.eval()
         with torch.inference_mode():
             ref_scores = model.predict_from_features(ref_feats).scores
-        t0 = time.perf_counter()
-        model.set_fast_path(True, dtype=args.fast_dtype, compile=not args.no_compile)
-        if "ours-fast" in variants:
+        for mode in args.fast_modes:
+            fdtype, how = mode.split(":")
+            label = "ours-fast" if mode == args.fast_modes[0] else f"ours-fast[{mode}]"
+            model.set_fast_path(False)
+            if cuda:
+                torch._dynamo.reset()
+            t0 = time.perf_counter()
+            model.set_fast_path(True, dtype=fdtype, compile=how == "compile")
+            if "ours-fast" not in variants:
+                continue
 
             def ours_fast():
                 with torch.inference_mode():
                     for i in range(0, songs, bs):
                         model(x[i : i + bs], SR, segment_batch_size=bs).reward.sum().item()
 
-            with guard("ours-fast"):
+            with guard(label):
                 ours_fast()  # compile
                 compile_s = time.perf_counter() - t0
                 record(
-                    "ours-fast",
+                    label,
                     timed(ours_fast, dev, args.repeats, args.warmup),
                     songs * 30.0,
-                    dtype=args.fast_dtype,
-                    compiled=not args.no_compile,
+                    dtype=fdtype,
+                    compiled=how == "compile",
                     first_call_s=compile_s,
                 )
                 with torch.inference_mode():
@@ -288,17 +303,23 @@ def main(argv=None) -> int:
                 a, b = fast_feats.layer_features, ref_feats.layer_features
                 feat_err = float((a - b).norm() / b.norm())
                 spread = {k: float(v.std()) for k, v in ref_scores.items()}
-                results["parity"] = {
+                results[label]["parity"] = {
                     "max_relative_diff": rel,
                     "worst": max(rel.values()),
                     "embedding_relative_l2": feat_err,
                     "score_std_across_songs": spread,
                 }
                 print(
-                    f"parity: worst relative score diff fast vs fp32 {max(rel.values()):.2e}; "
+                    f"{label} parity: worst relative score diff vs fp32 {max(rel.values()):.2e}; "
                     f"embedding relative L2 {feat_err:.2e}",
                     file=sys.stderr,
                 )
+        # the gradient variants and the profile use the first (default) mode
+        model.set_fast_path(False)
+        if cuda:
+            torch._dynamo.reset()
+        fdtype, how = args.fast_modes[0].split(":")
+        model.set_fast_path(True, dtype=fdtype, compile=how == "compile")
         if args.profile and cuda:
             with guard("profile"):
                 from torch.profiler import ProfilerActivity, profile
@@ -320,6 +341,17 @@ def main(argv=None) -> int:
             with guard("ours-fast-grad"):
                 times = timed(ours_grad, dev, args.repeats, args.warmup)
                 record("ours-fast-grad", times, songs * 30.0, batch=gb)
+            if args.profile and cuda:
+                with guard("profile-grad"):
+                    from torch.profiler import ProfilerActivity, profile
+
+                    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                        xi = x[:gb].clone().requires_grad_(True)
+                        model(xi, SR, segment_batch_size=gb).reward.sum().backward()
+                        torch.cuda.synchronize()
+                    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40)
+                    with open(args.profile + ".grad.txt", "w") as f:
+                        f.write(table)
         if "long-grad" in variants and cuda:
             gb = args.grad_batch_size
             model.encoder.set_activation_checkpointing(True)

@@ -12,7 +12,7 @@ weights; nothing to download), saves it to a temporary checkpoint, then
    requests / wall time. The server's ``apex_batch_size`` metric gives the mean batch it formed.
 
     python benchmarks/server_load.py --preset tiny --device cpu --clip-seconds 10
-    python benchmarks/server_load.py --preset mert-v1-95m --device cuda --dtype bf16 --clip-seconds 10
+    python benchmarks/server_load.py --preset mert-v1-95m --device cuda --clip-seconds 10
 
 Every clip of up to 30 s costs one 30 s encoder segment (shorter clips are zero-padded).
 """
@@ -66,8 +66,7 @@ def pct(values: list[float], q: float) -> float:
 def in_process(args, ckpt: Path, clips: list[bytes], batch_sizes: list[int]) -> list[dict]:
     """``model.score`` on decoded clips, ``bs`` clips (= 30 s segments) per call."""
     model = ApexRewardModel.from_pretrained(ckpt, device=args.device)
-    if args.dtype != "fp32":
-        model.set_encoder_dtype(args.dtype)
+    model.set_precision(args.dtype)
     decoded = [decode_audio_bytes(c) for c in clips]
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else lambda: None
     rows = []
@@ -142,7 +141,7 @@ def main(argv=None) -> int:
     )
     p.add_argument("--preset", default="tiny", choices=["tiny", "mert-v1-95m"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--clip-seconds", type=float, default=10.0, help="length of each clip")
     p.add_argument("--sample-rate", type=int, default=44100, help="clip sample rate (Hz)")
     p.add_argument("--channels", type=int, default=2, help="clip channels")

@@ -154,11 +154,12 @@ class ServeConfig:
     device: str | None = field(
         default=None, metadata={"help": "torch device; null picks cuda if available, else cpu"}
     )
-    dtype: Literal["fp32", "bf16", "fp16"] = field(
-        default="fp32",
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = field(
+        default="auto",
         metadata={
-            "help": "encoder weight dtype; bf16/fp16 are for GPUs (on CPU they run, slowly, "
-            "with a warning)"
+            "help": "encoder precision: auto = the GPU fast path (fp16) on CUDA, fp32 on CPU; "
+            "fp32 = exact (fast path off); bf16/fp16 = the fast path in that dtype (on CPU "
+            "they run, slowly, with a warning)"
         },
     )
     threads: int | None = field(
@@ -407,15 +408,14 @@ def load_server_model(config: ServeConfig) -> ApexRewardModel:
     model = ApexRewardModel.from_pretrained(
         config.model, device=device, encoder_source=config.encoder
     )
-    if config.dtype != "fp32":
-        if model.device.type == "cpu":
-            logger.warning(
-                "--dtype %s on CPU: the encoder runs in %s, which on CPU is usually several times "
-                "slower than fp32 and shifts scores by ~1e-3; use it to try a GPU configuration",
-                config.dtype,
-                config.dtype,
-            )
-        model.set_encoder_dtype(config.dtype)
+    if config.dtype in ("fp16", "bf16") and model.device.type == "cpu":
+        logger.warning(
+            "--dtype %s on CPU: the encoder runs in %s, which on CPU is usually several times "
+            "slower than fp32 and shifts scores by ~1e-3; use it to try a GPU configuration",
+            config.dtype,
+            config.dtype,
+        )
+    model.set_precision(config.dtype)
     if model.untrained:
         logger.warning(
             "%s is an UNTRAINED model (random heads): its scores show the pipeline works, they "

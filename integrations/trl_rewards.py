@@ -115,7 +115,7 @@ def load_cached_model(
 
         model = ApexRewardModel.from_pretrained(path, device=dev, encoder_source=encoder_source)
         if encoder_dtype is not None:
-            model.set_encoder_dtype(encoder_dtype)
+            model.set_precision(encoder_dtype)
         if model.untrained:
             logger.warning(
                 "%s is an UNTRAINED APEX model (random heads): its rewards are arbitrary", path
@@ -276,7 +276,9 @@ class ApexRewardFunction:
         name: the ``__name__`` TRL logs the reward under (default ``"apex_<score>"``).
         device: where the model runs (default: this process's current CUDA device, else CPU).
         encoder_source: override where the MERT weights come from (see ``from_pretrained``).
-        encoder_dtype: ``"bf16"``/``"fp16"`` to run the encoder in half precision.
+        encoder_dtype: ``"auto"``/``"fp32"``/``"fp16"``/``"bf16"``
+            (:meth:`ApexRewardModel.set_precision`); None keeps the model's default (the fast
+            path on CUDA).
             (``device``, ``encoder_source`` and ``encoder_dtype`` apply to a checkpoint path; an
             in-memory model is used as it is.)
         batch_size: 30 s segments per encoder call.

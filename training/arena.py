@@ -93,8 +93,12 @@ class ArenaConfig:
         default=None,
         metadata={"help": "override where the MERT weights come from (hub id or directory)"},
     )
-    encoder_dtype: Literal["fp32", "bf16", "fp16"] = field(
-        default="fp32", metadata={"help": "encoder weight dtype while scoring"}
+    encoder_dtype: Literal["auto", "fp32", "bf16", "fp16"] = field(
+        default="auto",
+        metadata={
+            "help": "encoder precision while scoring: auto = the GPU fast path (fp16) on CUDA, "
+            "fp32 on CPU; fp32 = exact (fast path off)"
+        },
     )
     batch_size: int = field(default=8, metadata={"help": "30 s segments per encoder call"})
     num_workers: int = field(default=2, metadata={"help": "audio decoding threads"})
@@ -275,8 +279,7 @@ def run_arena_evaluation(
     out.mkdir(parents=True, exist_ok=True)
     if model is None:
         model = _load_model(cfg)
-    if cfg.encoder_dtype != "fp32":
-        model.set_encoder_dtype(cfg.encoder_dtype)
+    model.set_precision(cfg.encoder_dtype)
     summary: dict[str, Any] = {"config": to_dict(cfg), "untrained_model": model.untrained}
     cache = None
     if cfg.use_cache:

@@ -80,7 +80,11 @@ class ExtractConfig:
         default=256, metadata={"help": "songs per shard (the unit of resumption)"}
     )
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = field(
-        default="auto", metadata={"help": "encoder dtype; auto = fp16 on CUDA, fp32 on CPU"}
+        default="auto",
+        metadata={
+            "help": "encoder precision: auto = the GPU fast path (fp16) on CUDA, fp32 on CPU; "
+            "fp32 = exact (fast path off); fp16/bf16 = the fast path in that dtype"
+        },
     )
     cpu: bool = field(
         default=False,
@@ -199,7 +203,7 @@ def run_extraction(config: ExtractConfig, *, progress: bool = True) -> dict[str,
     model = ApexRewardModel.from_pretrained(config.model, encoder_source=config.encoder)
     model.to(device)
     dtype = _resolve_dtype(config, device)
-    model.set_encoder_dtype(dtype)
+    model.set_precision(config.dtype)
     checkpoint_cfg = (
         json.loads((Path(config.model) / "config.json").read_text())
         if Path(config.model).is_dir()

@@ -791,7 +791,7 @@ def _sync_buffers(module: nn.Module, world: int) -> None:
 def _params_in_sync(accelerator, module: nn.Module) -> bool:
     """True when every process holds the same parameters (DDP keeps them equal; checked, not assumed)."""
     flat = torch.cat([p.detach().double().flatten() for p in module.parameters()])
-    weights = torch.arange(len(flat), dtype=torch.float64)
+    weights = torch.arange(len(flat), dtype=torch.float64, device=flat.device)
     probe = torch.stack([flat.sum(), (flat * flat).sum(), (flat * weights).sum()])
     gathered = accelerator.gather(probe.to(accelerator.device)[None]).cpu()
     return bool(torch.all(gathered == gathered[0]))
