@@ -261,3 +261,25 @@ def test_prepared_split_is_disjoint_and_reproducible(corpus, prepared, tmp_path)
     prep2 = pd.read_parquet(tmp_path / "again" / "prepared.parquet")
     pd.testing.assert_frame_equal(prep, prep2)
     assert again["counts"] == report["counts"]
+
+
+def test_relative_manifest_paths_become_absolute(tmp_path, monkeypatch):
+    """A manifest named by a relative path (the demo's default `runs/demo/...`) yields absolute
+    audio paths, so a manifest written elsewhere from them (prepare's output, which extraction
+    resolves against its own directory) still points at the files."""
+    (tmp_path / "corpus" / "audio").mkdir(parents=True)
+    pd.DataFrame(
+        [
+            {
+                "id": "a",
+                "platform": "x",
+                "audio_path": "audio/a.wav",
+                "streams": 1,
+                "likes": 1,
+                "created_at": "2024-01-02",
+            }
+        ]
+    ).to_csv(tmp_path / "corpus" / "manifest.csv", index=False)
+    monkeypatch.chdir(tmp_path)
+    df, _ = load_manifest("corpus/manifest.csv")
+    assert df["audio_path"].tolist() == [str(tmp_path / "corpus" / "audio" / "a.wav")]

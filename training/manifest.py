@@ -247,7 +247,8 @@ def load_manifest(
     out = df.loc[ok].copy()
     out["id"] = text("id")[ok]
     out["platform"] = text("platform")[ok].str.lower()
-    root = Path(audio_root) if audio_root is not None else p.parent
+    # absolute, so that manifests written elsewhere (prepare's output) keep pointing at the files
+    root = (Path(audio_root) if audio_root is not None else p.parent).absolute()
     out["audio_path"] = [
         str(q if q.is_absolute() else (root / q)) for q in map(Path, text("audio_path")[ok])
     ]
