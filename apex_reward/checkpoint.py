@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +27,28 @@ __all__ = [
     "save_checkpoint",
     "read_checkpoint",
     "resolve_checkpoint_dir",
+    "state_mismatch",
     "CONFIG_NAME",
     "WEIGHTS_NAME",
 ]
+
+
+def state_mismatch(expected: Mapping[str, Any], state: Mapping[str, Any]) -> str | None:
+    """How ``state`` (name -> tensor) fails to match ``expected`` -- missing, unexpected and
+    wrong-shape keys, a few of each -- or None when it matches."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(
+        f"{k}: {tuple(state[k].shape)} != {tuple(expected[k].shape)}"
+        for k in set(state) & set(expected)
+        if state[k].shape != expected[k].shape
+    )
+    parts = [
+        f"{what} {keys[:6]}"
+        for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+        if keys
+    ]
+    return "; ".join(parts) or None
 
 
 def _sha256(path: Path) -> str:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .audio import AudioFrontEnd, Segments, WaveformInput
-from .checkpoint import read_checkpoint, save_checkpoint
+from .checkpoint import read_checkpoint, save_checkpoint, state_mismatch
 from .config import ApexConfig
 from .encoder import MertEncoder
 from .errors import CheckpointError, ConfigError
@@ -627,23 +627,7 @@ def _per_song_rates(sample_rate: int | Sequence[int], n: int) -> list[int]:
 def _load_strict(
     module: nn.Module, state: dict[str, torch.Tensor], name: str, directory: Path
 ) -> None:
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(
-        f"{k}: {tuple(state[k].shape)} != {tuple(expected[k].shape)}"
-        for k in set(state) & set(expected)
-        if state[k].shape != expected[k].shape
-    )
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing {missing[:6]}")
-        if unexpected:
-            parts.append(f"unexpected {unexpected[:6]}")
-        if wrong:
-            parts.append(f"wrong shape {wrong[:6]}")
-        raise CheckpointError(
-            f"{directory}: {name} weights do not match config.json: " + "; ".join(parts)
-        )
+    problem = state_mismatch(module.state_dict(), state)
+    if problem:
+        raise CheckpointError(f"{directory}: {name} weights do not match config.json: {problem}")
     module.load_state_dict(state, strict=True)

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from apex_reward.checkpoint import state_mismatch
 from apex_reward.config import LoraAdapterConfig
 from apex_reward.dataclass_io import to_dict
 from apex_reward.errors import CheckpointError, ConfigError, require
@@ -117,18 +118,10 @@ def attach_lora(
     if state is not None:
         from peft.functional import set_peft_model_state_dict
 
-        expected = _adapter_keys(encoder)
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        wrong = sorted(
-            f"{k}: {tuple(state[k].shape)} != {tuple(expected[k].shape)}"
-            for k in set(state) & set(expected)
-            if state[k].shape != expected[k].shape
-        )
-        if missing or unexpected or wrong:
+        problem = state_mismatch(_adapter_keys(encoder), state)
+        if problem:
             raise CheckpointError(
-                f"{where}: LoRA adapter weights do not match config.json encoder.lora: "
-                f"missing {missing[:4]}, unexpected {unexpected[:4]}, wrong shape {wrong[:4]}"
+                f"{where}: LoRA adapter weights do not match config.json encoder.lora: {problem}"
             )
         set_peft_model_state_dict(encoder.model, state, adapter_name=_ADAPTER)
     for p in encoder.model.parameters():

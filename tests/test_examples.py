@@ -8,7 +8,6 @@ import os
 import sys
 
 import pytest
-import torch
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "examples"))
@@ -16,15 +15,7 @@ sys.path.insert(0, str(REPO / "examples"))
 pytest.importorskip("trl")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny (32-64 wide): intra-op threads only add synchronisation, which on
-    shared CPU cores costs up to 40x (measured: 8-token generation 1.9 s with 2 threads, 0.05 s
-    with 1). Restored afterwards for the other test modules."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_grpo_example_raises_the_mean_reward(tmp_path):

@@ -13,13 +13,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from conftest import accelerate_launch
 
 from apex_reward import ApexRewardModel, ConfigError, load_audio
 from apex_reward.training.embeddings import EmbeddingStore
 from apex_reward.training.extract import ExtractConfig, run_extraction
 from apex_reward.training.synthetic import SynthConfig, generate_corpus
 
-BIN = Path(sys.executable).parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
@@ -162,19 +162,7 @@ def test_four_process_extraction_matches_single_process(songs, model_dir, refere
     ref_out, _ = reference
     out = tmp_path / "emb4"
     cmd = [
-        str(BIN / "accelerate"),
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "4",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-        "apex_reward",
+        *accelerate_launch(4),
         *_extract_cmd(manifest, model_dir, out, "--num-workers", "0"),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)

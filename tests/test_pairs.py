@@ -28,15 +28,7 @@ from apex_reward.integrations.pairs import (
 # strategies
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny (32-64 wide): intra-op threads only add synchronisation, which on
-    shared CPU cores costs up to 40x (measured: 8-token generation 1.9 s with 2 threads, 0.05 s
-    with 1). Restored afterwards for the other test modules."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _random_values(rng: np.random.Generator) -> list[float | None]:

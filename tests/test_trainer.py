@@ -6,13 +6,12 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import write_good_files
+from conftest import accelerate_launch, write_good_files
 
 from apex_reward import ApexRewardModel
 from apex_reward.config import ALL_TASKS, SCORE_RANGES
@@ -20,7 +19,6 @@ from apex_reward.training.embeddings import EmbeddingStore
 from apex_reward.training.synthetic import synthetic_embedding_corpus
 from apex_reward.training.trainer import TrainConfig, TrainingData, combine_losses, train
 
-BIN = Path(sys.executable).parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
@@ -174,19 +172,7 @@ def test_ddp_four_processes_match_one_process(store, base_model, tmp_path):
     assert one.returncode == 0, one.stderr[-2000:]
     four = subprocess.run(
         [
-            str(BIN / "accelerate"),
-            "launch",
-            "--multi_gpu",
-            "--num_processes",
-            "4",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "-m",
-            "apex_reward",
+            *accelerate_launch(4),
             "train",
             *common,
             "--out",

@@ -381,16 +381,8 @@ def _run(
     for b in battles:
         bad = [(p, scored[p]) for p in (b.audio_a, b.audio_b) if not scored[p].ok]
         if bad:
-            src, _, line = b.source.rpartition(":")
-            report.add_issue(
-                BattleIssue(
-                    src or b.source,
-                    int(line) if line.isdigit() else None,
-                    b.battle_id,
-                    "audio unreadable: "
-                    + "; ".join(f"{p}: {e.error_type}: {e.error}" for p, e in bad),
-                )
-            )
+            reason = "; ".join(f"{p}: {e.error_type}: {e.error}" for p, e in bad)
+            report.add_issue(BattleIssue.of(b, "audio unreadable: " + reason))
             report.remove("audio_unreadable")
             continue
         usable.append(b)

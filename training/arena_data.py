@@ -134,6 +134,14 @@ class BattleIssue:
     problem: str
     dropped: bool = True
 
+    @classmethod
+    def of(cls, battle: Battle, problem: str) -> BattleIssue:
+        """An issue of a parsed battle (its ``source`` is ``"file:line"``), dropped."""
+        src, _, line = battle.source.rpartition(":")
+        return cls(
+            src or battle.source, int(line) if line.isdigit() else None, battle.battle_id, problem
+        )
+
     def __str__(self) -> str:
         where = f"{self.source}:{self.line}" if self.line is not None else self.source
         bid = f" [{self.battle_id}]" if self.battle_id else ""
@@ -624,15 +632,7 @@ def load_battles(
     for b in released:
         missing = [str(p) for p in (b.audio_a, b.audio_b) if p is not None and not p.is_file()]
         if missing:
-            src, _, line = b.source.rpartition(":")
-            report.add_issue(
-                BattleIssue(
-                    src or b.source,
-                    int(line) if line.isdigit() else None,
-                    b.battle_id,
-                    "audio file missing: " + ", ".join(missing),
-                )
-            )
+            report.add_issue(BattleIssue.of(b, "audio file missing: " + ", ".join(missing)))
             report.remove("audio_missing")
             continue
         present.append(b)

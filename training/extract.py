@@ -176,12 +176,6 @@ def _fingerprint(model, config: ExtractConfig, checkpoint_sha: str | None) -> di
     }
 
 
-def _resolve_dtype(config: ExtractConfig, device: torch.device) -> str:
-    if config.dtype != "auto":
-        return config.dtype
-    return "fp16" if device.type == "cuda" else "fp32"
-
-
 def run_extraction(config: ExtractConfig, *, progress: bool = True) -> dict[str, Any] | None:
     """Extract embeddings for this process's share; the main process then writes the index.
 
@@ -202,8 +196,10 @@ def run_extraction(config: ExtractConfig, *, progress: bool = True) -> dict[str,
 
     model = ApexRewardModel.from_pretrained(config.model, encoder_source=config.encoder)
     model.to(device)
-    dtype = _resolve_dtype(config, device)
     model.set_precision(config.dtype)
+    dtype = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[
+        model.encoder_dtype
+    ]
     checkpoint_cfg = (
         json.loads((Path(config.model) / "config.json").read_text())
         if Path(config.model).is_dir()

@@ -41,7 +41,7 @@ from apex_reward.dataclass_io import add_dataclass_arguments, dataclass_from_arg
 from apex_reward.errors import ApexError, ConfigError, require
 from apex_reward.popularity import PopularityReference, popularity_scores
 
-from .manifest import load_manifest
+from .manifest import REQUIRED_COLUMNS, load_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -319,12 +319,7 @@ def prepare_corpus(config: PrepareConfig, *, progress: bool = False) -> dict[str
     counts["splits"] = {s: int((df["split"] == s).sum()) for s in SPLITS}
 
     columns = [
-        "id",
-        "platform",
-        "audio_path",
-        "streams",
-        "likes",
-        "created_at",
+        *REQUIRED_COLUMNS,
         "streams_score",
         "likes_score",
         *[c for c in AESTHETIC_TASKS if c in df.columns],
