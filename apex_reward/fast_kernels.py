@@ -35,8 +35,10 @@ def unsupported_reason(model: Any) -> str | None:
     norm = getattr(first, "layer_norm", None)
     if not isinstance(norm, torch.nn.GroupNorm) or norm.num_groups != norm.num_channels:
         return "the first feature-extractor layer has no per-channel GroupNorm"
-    for layer in model.feature_extractor.conv_layers:
-        conv = layer.conv
+    convs = [layer.conv for layer in model.feature_extractor.conv_layers]
+    if not all(isinstance(c, torch.nn.Conv1d) for c in (*convs, model.encoder.pos_conv_embed.conv)):
+        return "a convolution is wrapped (e.g. a LoRA adapter on it)"
+    for conv in convs:
         if conv.groups != 1 or conv.padding[0] != 0 or conv.dilation[0] != 1:
             return "a feature-extractor convolution is grouped, padded or dilated"
     pos = model.encoder.pos_conv_embed

@@ -142,6 +142,16 @@ def test_fast_kernels_fall_back_for_configs_they_do_not_implement(caplog):
     assert not enc.fast_kernels and "forward" not in enc.model.feature_extractor.__dict__
     assert "fast encoder kernels not used" in caplog.text
 
+    class Wrapped(torch.nn.Module):  # e.g. an adapter around a convolution
+        def __init__(self, conv):
+            super().__init__()
+            self.base = conv
+
+    enc = MertEncoder(EncoderConfig.from_preset("tiny"))
+    layer = enc.model.feature_extractor.conv_layers[2]
+    layer.conv = Wrapped(layer.conv)
+    assert "wrapped" in fast_kernels.unsupported_reason(enc.model)
+
 
 # ----------------------------------------------------------------------------------------------
 # GPU parity (run on the device machine: pytest -m gpu)
