@@ -72,6 +72,7 @@ _MERT_BASE: dict[str, Any] = dict(
 ENCODER_PRESETS: dict[str, dict[str, Any]] = {
     "mert-v1-95m": dict(
         source="m-a-p/MERT-v1-95M",
+        revision="12af15fef9d0ac838c3f475bfbbf26d2060dd4f5",
         layers=(3, 6, 9, -1),
         hubert=dict(
             _MERT_BASE,
@@ -85,6 +86,7 @@ ENCODER_PRESETS: dict[str, dict[str, Any]] = {
     ),
     "mert-v1-330m": dict(
         source="m-a-p/MERT-v1-330M",
+        revision="5240c2708a5acaee1007f43fb9735c7dcd0b78c9",
         layers=(3, 6, 9, -1),
         hubert=dict(
             _MERT_BASE,
@@ -101,6 +103,7 @@ ENCODER_PRESETS: dict[str, dict[str, Any]] = {
     # hidden_states has 3 entries (input of layer 1, output of layers 1 and 2).
     "tiny": dict(
         source=None,
+        revision=None,
         layers=(0, 1, 2, -1),
         hubert=dict(
             _MERT_BASE,
@@ -212,7 +215,11 @@ class EncoderConfig:
         metadata={"help": "Hugging Face hub id or local directory of the MERT weights"},
     )
     revision: str | None = field(
-        default=None, metadata={"help": "hub revision (commit hash recommended)"}
+        default=None,
+        metadata={
+            "help": "hub revision (commit hash recommended); left empty with the preset's own "
+            "source, the preset's pinned commit"
+        },
     )
     stored: bool = field(
         default=False,
@@ -233,6 +240,9 @@ class EncoderConfig:
                     f"{sorted(ENCODER_PRESETS)} or an explicit encoder.hubert architecture"
                 )
             self.hubert = copy.deepcopy(ENCODER_PRESETS[self.preset]["hubert"])
+        preset = ENCODER_PRESETS.get(self.preset)
+        if self.revision is None and preset is not None and self.source == preset["source"]:
+            self.revision = preset["revision"]  # the preset's hub id at its pinned commit
         for key in ("hidden_size", "num_hidden_layers"):
             if key not in self.hubert:
                 raise ConfigError(f"encoder.hubert: missing {key!r}")
@@ -250,7 +260,10 @@ class EncoderConfig:
     def from_preset(
         cls, preset: str, *, source: str | None = "preset", revision: str | None = None
     ) -> EncoderConfig:
-        """Config of a named preset; ``source="preset"`` keeps the preset's default source."""
+        """Config of a named preset; ``source="preset"`` keeps the preset's default source.
+
+        With the preset's own hub id and no ``revision``, the preset's pinned commit is used
+        (reproducible weights); another source gets ``revision`` as given."""
         if preset not in ENCODER_PRESETS:
             raise ConfigError(
                 f"unknown encoder preset {preset!r}; expected one of {sorted(ENCODER_PRESETS)}"

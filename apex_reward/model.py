@@ -240,8 +240,9 @@ class ApexRewardModel(nn.Module):
                     f"{directory}: config says the encoder is not stored, but model.safetensors "
                     "holds encoder weights"
                 )
-            if encoder_source is not None:
-                config.encoder.source = encoder_source
+            if encoder_source is not None and encoder_source != config.encoder.source:
+                # the recorded revision belongs to the recorded source, not to this one
+                config.encoder.source, config.encoder.revision = encoder_source, None
             encoder = MertEncoder.from_pretrained(config.encoder)
         if config.encoder.lora is not None:
             # LoRA hook: rebuild the adapter recorded in config.json (needs peft)

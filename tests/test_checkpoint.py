@@ -55,7 +55,7 @@ def test_referenced_encoder_loads_from_its_source(tmp_path, tiny_model):
     src = tmp_path / "mert"
     tiny_model.encoder.model.save_pretrained(src)  # a local MERT directory
     cfg = ApexConfig.from_dict({**tiny_model.config.to_dict()})
-    cfg.encoder.source = str(src)
+    cfg.encoder.source, cfg.encoder.revision = str(src), "0" * 40
     model = ApexRewardModel(cfg, tiny_model.encoder)
     model.head.load_state_dict(tiny_model.head.state_dict())
     model.save_pretrained(tmp_path / "ref", include_encoder=False)
@@ -69,7 +69,10 @@ def test_referenced_encoder_loads_from_its_source(tmp_path, tiny_model):
     shutil.move(src, moved)
     with pytest.raises(CheckpointError, match="no such directory"):
         ApexRewardModel.from_pretrained(tmp_path / "ref")
-    ApexRewardModel.from_pretrained(tmp_path / "ref", encoder_source=str(moved))
+    reloaded = ApexRewardModel.from_pretrained(tmp_path / "ref", encoder_source=str(moved))
+    # the recorded revision belonged to the recorded source; the override has none
+    assert reloaded.config.encoder.source == str(moved)
+    assert reloaded.config.encoder.revision is None
 
 
 def test_random_encoder_cannot_be_saved_by_reference(tiny_model, tmp_path):

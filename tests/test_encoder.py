@@ -113,6 +113,37 @@ def test_hub_snapshot_records_resolved_commit(tmp_path, monkeypatch):
     assert cfg.revision == commit
 
 
+def test_released_presets_pin_their_hub_commit(tmp_path, monkeypatch):
+    """The MERT presets fetch a fixed commit unless told otherwise (APEX_SPEC §2: pin a
+    revision); a checkpoint config without a revision gets the pin, another source does not."""
+    import re
+
+    from apex_reward.config import ENCODER_PRESETS
+
+    for name in ("mert-v1-95m", "mert-v1-330m"):
+        cfg = EncoderConfig.from_preset(name)
+        assert re.fullmatch(r"[0-9a-f]{40}", cfg.revision), name
+        assert cfg.revision == ENCODER_PRESETS[name]["revision"]
+        assert EncoderConfig.from_preset(name, revision="main").revision == "main"
+        assert EncoderConfig.from_preset(name, source="/models/mert").revision is None
+        # an older config.json that recorded no revision loads with the pin
+        assert EncoderConfig(preset=name, source=ENCODER_PRESETS[name]["source"]).revision == (
+            cfg.revision
+        )
+    calls = []
+
+    def fake_snapshot_download(repo_id, revision=None, allow_patterns=None):
+        calls.append((repo_id, revision))
+        raise OSError("offline")
+
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    with pytest.raises(CheckpointError):
+        MertEncoder.from_pretrained(EncoderConfig.from_preset("mert-v1-95m"))
+    assert calls[0] == ("m-a-p/MERT-v1-95M", ENCODER_PRESETS["mert-v1-95m"]["revision"])
+
+
 def test_encoder_is_frozen_but_passes_gradient_to_input():
     enc = MertEncoder(EncoderConfig.from_preset("tiny"))
     assert not any(p.requires_grad for p in enc.parameters())
