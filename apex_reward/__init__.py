@@ -31,6 +31,7 @@ from .errors import (
     ApexError,
     AudioDecodeError,
     AudioError,
+    AudioRangeError,
     AudioShapeError,
     AudioTooLongError,
     AudioTooShortError,
@@ -39,6 +40,7 @@ from .errors import (
     EmptyAudioError,
     MissingDependencyError,
     NonFiniteAudioError,
+    UnsupportedSampleRateError,
 )
 from .heads import ApexHead
 from .model import ApexOutput, ApexRewardModel, SegmentFeatures
@@ -70,10 +72,12 @@ __all__ = [
     "AudioError",
     "AudioDecodeError",
     "AudioShapeError",
+    "AudioRangeError",
     "AudioTooLongError",
     "AudioTooShortError",
     "EmptyAudioError",
     "NonFiniteAudioError",
+    "UnsupportedSampleRateError",
     "CheckpointError",
     "ConfigError",
     "MissingDependencyError",

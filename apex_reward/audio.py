@@ -11,6 +11,8 @@
 from __future__ import annotations
 
 import math
+import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -22,12 +24,14 @@ import torch
 from .config import FrontendConfig
 from .errors import (
     AudioDecodeError,
+    AudioRangeError,
     AudioShapeError,
     AudioTooLongError,
     AudioTooShortError,
     EmptyAudioError,
     MissingDependencyError,
     NonFiniteAudioError,
+    UnsupportedSampleRateError,
 )
 
 __all__ = [
@@ -44,6 +48,15 @@ __all__ = [
 WaveformInput = torch.Tensor | np.ndarray | Sequence[torch.Tensor | np.ndarray]
 
 _MAX_CHANNELS = 64
+
+#: Sample rates the front end resamples from (Hz). Below 1 kHz there is no music to score; above
+#: 768 kHz (the highest PCM rate in use) the resampling ratio is no longer representable.
+MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 1_000, 768_000
+
+#: Largest accepted |sample|. Float audio is expected in [-1, 1]; integer-scaled floats (up to
+#: 2^31) are fine since each segment is normalised. Beyond this the float32 statistics of the
+#: normalisation overflow and a song would score as NaN or as silence.
+MAX_ABS_SAMPLE = 1e12
 
 
 def decode_audio_bytes(
@@ -81,13 +94,19 @@ def load_audio(
     """
     p = Path(path)
     name = str(path)
-    if not p.exists():
-        raise AudioDecodeError("file not found", name)
-    if p.is_dir():
-        raise AudioDecodeError("is a directory, not an audio file", name)
-    if p.stat().st_size == 0:
-        raise EmptyAudioError("file is empty (0 bytes)", name)
-    return _decode(name, name, max_duration_s)
+    try:
+        if not p.exists():
+            raise AudioDecodeError("file not found", name)
+        if p.is_dir():
+            raise AudioDecodeError("is a directory, not an audio file", name)
+        if p.stat().st_size == 0:
+            raise EmptyAudioError("file is empty (0 bytes)", name)
+        with open(p, "rb"):  # permission problems get their own message, not libsndfile's
+            pass
+    except OSError as e:  # permission denied, name too long, I/O error ...
+        raise AudioDecodeError(f"cannot open: {e.strerror or e}", name) from e
+    # bytes, not str: libsndfile gets file names that are not valid UTF-8 as they are on disk
+    return _decode(os.fsencode(p), name, max_duration_s)
 
 
 def _decode(source, name: str, max_duration_s: float | None) -> tuple[torch.Tensor, int]:
@@ -99,6 +118,7 @@ def _decode(source, name: str, max_duration_s: float | None) -> tuple[torch.Tens
         raise AudioDecodeError(f"not a readable audio file ({_sf_reason(e)})", name) from e
     if info.samplerate <= 0:
         raise AudioDecodeError(f"invalid sample rate {info.samplerate}", name)
+    _check_complete(info.extra_info, name)
     if max_duration_s is not None and info.frames > 0:
         duration = info.frames / info.samplerate
         if duration > max_duration_s:
@@ -122,6 +142,31 @@ def _decode(source, name: str, max_duration_s: float | None) -> tuple[torch.Tens
         raise EmptyAudioError("audio has no samples", name)
     # [T, C] -> [C, T] as a view: no copy of what can be a large decode
     return torch.from_numpy(data).T, int(sr)
+
+
+#: libsndfile's note on a container whose audio chunk is shorter than its header says, e.g.
+#: ``data : 640000 (should be 213304)`` (WAV) or ``SSND : 640008 (should be 213305)`` (AIFF).
+_SHORT_CHUNK = re.compile(r"^\s*(data|SSND)\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
+#: Chunk sizes that streaming writers put in a header they cannot rewrite (size unknown).
+_UNKNOWN_SIZES = {0, 0xFFFFFFFF, 0x7FFFFFFF}
+
+
+def _check_complete(extra_info: str, name: str) -> None:
+    """Raise if the header announces more audio data than the file holds (a cut-off download).
+
+    libsndfile silently decodes what is there; its header dump says what was announced.
+    Placeholder sizes of streamed files and a padding byte are not truncation.
+    """
+    m = _SHORT_CHUNK.search(extra_info or "")
+    if m is None:
+        return
+    announced, present = int(m.group(2)), int(m.group(3))
+    if announced not in _UNKNOWN_SIZES and present + 8 < announced:
+        raise AudioDecodeError(
+            f"truncated: the header announces {announced} bytes of audio, the file holds "
+            f"{present} ({100 * present / announced:.0f} %)",
+            name,
+        )
 
 
 def _sf_reason(e: Exception) -> str:
@@ -257,8 +302,13 @@ class AudioFrontEnd(torch.nn.Module):
         ``wav`` is ``[T]`` or ``[C, T]`` at ``sample_rate`` Hz.
         """
         cfg = self.config
+        check_sample_rate(sample_rate, where)
         if wav.ndim == 2 and wav.shape[0] == 0:
             raise EmptyAudioError("audio has no channels", where)
+        if wav.ndim == 2 and wav.shape[0] > _MAX_CHANNELS:
+            raise AudioShapeError(
+                f"{wav.shape[0]} channels; at most {_MAX_CHANNELS} are accepted", where
+            )
         n = wav.shape[-1]
         if n == 0:
             raise EmptyAudioError("audio has no samples", where)
@@ -271,9 +321,17 @@ class AudioFrontEnd(torch.nn.Module):
             raise AudioTooLongError(
                 f"audio is {duration:.1f} s long; the limit is {cfg.max_duration_s:g} s", where
             )
-        if not bool(torch.isfinite(wav.detach()).all()):
+        # one reduction for both checks: the peak is NaN/inf if any sample is
+        peak = float(wav.detach().abs().amax())
+        if not math.isfinite(peak):
             bad = int((~torch.isfinite(wav.detach())).sum())
             raise NonFiniteAudioError(f"audio contains {bad} NaN or infinite samples", where)
+        if peak > MAX_ABS_SAMPLE:
+            raise AudioRangeError(
+                f"peak |sample| is {peak:.3g}, above the {MAX_ABS_SAMPLE:g} this front end "
+                "can normalise (float audio is expected in [-1, 1])",
+                where,
+            )
 
     # -- steps -------------------------------------------------------------------------------
 
@@ -385,7 +443,7 @@ class AudioFrontEnd(torch.nn.Module):
         non-finite, too-short or too-long input (skipped with ``check=False``).
         """
         songs = as_waveform_list(waveforms)
-        rates = _rates(sample_rate, len(songs))
+        rates = per_song_rates(sample_rate, len(songs))
         batched = isinstance(waveforms, (torch.Tensor, np.ndarray)) and len(set(rates)) == 1
         prepared: list[torch.Tensor] = []
         for i, (wav, sr) in enumerate(zip(songs, rates)):
@@ -423,22 +481,36 @@ def _bounded_ratio(frac: Fraction) -> Fraction:
     return approx
 
 
-def _rates(sample_rate: int | Sequence[int], n: int) -> list[int]:
+def per_song_rates(
+    sample_rate: int | Sequence[int], n: int, where: str = "sample_rate"
+) -> list[int]:
+    """One checked sample rate per song: ``sample_rate`` repeated, or its ``n`` entries."""
     if isinstance(sample_rate, (list, tuple)):
         if len(sample_rate) != n:
-            raise AudioShapeError(
-                f"got {len(sample_rate)} sample rates for {n} songs", "sample_rate"
-            )
+            raise AudioShapeError(f"got {len(sample_rate)} sample rates for {n} songs", where)
         rates = list(sample_rate)
     else:
         rates = [sample_rate] * n
-    out = []
-    for r in rates:
-        if isinstance(r, float) and r.is_integer():
-            r = int(r)
-        if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r <= 0:
-            raise AudioShapeError(
-                f"sample rate must be a positive integer number of Hz, got {r!r}", "sample_rate"
-            )
-        out.append(int(r))
-    return out
+    return [check_sample_rate(r, where) for r in rates]
+
+
+def check_sample_rate(rate: object, where: str) -> int:
+    """``rate`` as an int number of Hz, or a typed error naming ``where``.
+
+    Raises:
+        AudioShapeError: not a positive integer (``0``, ``-1``, ``24000.7``, ``nan``, ``"x"``).
+        UnsupportedSampleRateError: outside ``MIN_SAMPLE_RATE`` .. ``MAX_SAMPLE_RATE``.
+    """
+    r = rate
+    if isinstance(r, float) and r.is_integer():
+        r = int(r)
+    if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r <= 0:
+        raise AudioShapeError(
+            f"sample rate must be a positive integer number of Hz, got {rate!r}", where
+        )
+    if not MIN_SAMPLE_RATE <= r <= MAX_SAMPLE_RATE:
+        raise UnsupportedSampleRateError(
+            f"sample rate {int(r)} Hz is outside the supported {MIN_SAMPLE_RATE}..{MAX_SAMPLE_RATE} Hz",
+            where,
+        )
+    return int(r)

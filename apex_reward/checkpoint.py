@@ -2,7 +2,9 @@
 
 ``config.json`` holds the :class:`~apex_reward.config.ApexConfig` plus ``weights_sha256``, the
 SHA-256 of ``model.safetensors``; loading verifies it, so a truncated or tampered weights file is
-reported instead of silently changing scores. Files are written to a temporary name and renamed,
+reported instead of silently changing scores. The same tensors always give the same file (and
+checksum). When the encoder is stored, ``encoder_sha256`` (:func:`tensors_digest` of the encoder
+and adapter tensors) identifies the weights that cached embeddings depend on, whatever the heads. Files are written to a temporary name and renamed,
 so an interrupted save never leaves a half-written checkpoint behind under the final names.
 """
 
@@ -22,12 +24,14 @@ from .errors import CheckpointError, ConfigError
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 _CHECKSUM_KEY = "weights_sha256"
+ENCODER_DIGEST_KEY = "encoder_sha256"
 
 __all__ = [
     "save_checkpoint",
     "read_checkpoint",
     "resolve_checkpoint_dir",
     "state_mismatch",
+    "tensors_digest",
     "CONFIG_NAME",
     "WEIGHTS_NAME",
 ]
@@ -59,6 +63,19 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 of named tensors (names, dtypes, shapes and values, in name order).
+
+    Independent of file layout and metadata: the same weights give the same digest wherever
+    and however they are stored."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
 def save_checkpoint(
     directory: str | Path, config: dict[str, Any], tensors: dict[str, torch.Tensor]
 ) -> Path:
@@ -70,9 +87,14 @@ def save_checkpoint(
     weights_tmp = out / (WEIGHTS_NAME + ".tmp")
     config_tmp = out / (CONFIG_NAME + ".tmp")
     flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    save_file(flat, str(weights_tmp), metadata={"format": "pt", "producer": "apex-reward"})
+    # one metadata key: safetensors writes several in a per-process random order, which made the
+    # bytes (and the checksum) of identical weights differ from one save to the next
+    save_file(flat, str(weights_tmp), metadata={"format": "pt"})
     data = dict(config)
     data[_CHECKSUM_KEY] = _sha256(weights_tmp)
+    encoder = {k: v for k, v in flat.items() if k.startswith(("encoder.", "encoder_lora."))}
+    if encoder:
+        data[ENCODER_DIGEST_KEY] = tensors_digest(encoder)
     config_tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
     umask = os.umask(0)
     os.umask(umask)
@@ -98,6 +120,11 @@ def resolve_checkpoint_dir(path_or_id: str | Path, revision: str | None = None) 
         s = s[len("hf-hub:") :]
     elif s.startswith((".", "/", "~")) or s.count("/") != 1:
         raise CheckpointError(f"checkpoint directory {s!r} does not exist")
+    elif Path(s.split("/")[0]).is_dir():  # "runs/typo" next to a local runs/: not a hub id
+        raise CheckpointError(
+            f"checkpoint directory {s!r} does not exist (for a hub repo of that name, write "
+            f"hf-hub:{s})"
+        )
     from huggingface_hub import snapshot_download
 
     try:
@@ -106,7 +133,7 @@ def resolve_checkpoint_dir(path_or_id: str | Path, revision: str | None = None) 
         )
     except Exception as e:
         raise CheckpointError(
-            f"{s!r} is not a local directory and could not be fetched from the hub: "
+            f"no local directory {s!r}, and fetching it as a hub repo id failed: "
             f"{type(e).__name__}: {e}"
         ) from e
 
@@ -139,6 +166,7 @@ def read_checkpoint(
     if not isinstance(config, dict):
         raise ConfigError(f"{cfg_path}: expected a JSON object")
     expected = config.pop(_CHECKSUM_KEY, None)
+    config.pop(ENCODER_DIGEST_KEY, None)
     if verify and expected is not None:
         actual = _sha256(w_path)
         if actual != expected:

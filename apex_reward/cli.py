@@ -11,15 +11,17 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import io
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ._version import __version__
-from .errors import ApexError
+from .errors import ApexError, ConfigError
 
 logger = logging.getLogger("apex_reward")
 
@@ -172,13 +174,16 @@ def run_init(args: argparse.Namespace) -> int:
     import torch
 
     from .config import ApexConfig
-    from .encoder import MertEncoder
+    from .encoder import MertEncoder, looks_like_path
     from .model import ApexRewardModel
 
     out = Path(args.out)
     if (out / "config.json").exists() and not args.force:
         raise ApexError(f"{out} already holds a checkpoint; pass --force to overwrite it")
     source = args.encoder if args.encoder is not None else "preset"
+    if args.encoder is not None and looks_like_path(args.encoder):
+        if not Path(args.encoder).expanduser().is_dir():
+            raise ConfigError(f"--encoder {args.encoder}: no such directory")
     config = ApexConfig.from_preset(
         args.preset,
         encoder_source=source,
@@ -213,6 +218,34 @@ def run_init(args: argparse.Namespace) -> int:
 # score
 
 
+def int_at_least(low: int):
+    """An argparse ``type`` for integers ``>= low`` (a usage error names the option)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def _check_output_path(path: str) -> Path:
+    """Fail before any work if ``--output`` cannot be written (not after scoring everything)."""
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"--output {path}: is a directory")
+    if not p.parent.is_dir():
+        raise ConfigError(f"--output {path}: directory {p.parent} does not exist")
+    if not os.access(p.parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise ConfigError(f"--output {path}: not writable")
+    return p
+
+
 def add_score_arguments(p: argparse.ArgumentParser) -> None:
     _add_model_arguments(p)
     p.add_argument(
@@ -222,9 +255,14 @@ def add_score_arguments(p: argparse.ArgumentParser) -> None:
         "--format", choices=("jsonl", "csv", "table"), default="jsonl", help="output format"
     )
     p.add_argument(
-        "--batch-size", type=int, default=8, help="30 s segments per encoder call (default: 8)"
+        "--batch-size",
+        type=int_at_least(1),
+        default=8,
+        help="30 s segments per encoder call (default: 8)",
     )
-    p.add_argument("--num-workers", type=int, default=2, help="decoding threads (default: 2)")
+    p.add_argument(
+        "--num-workers", type=int_at_least(0), default=2, help="decoding threads (default: 2)"
+    )
     p.add_argument(
         "--output", "-o", default=None, metavar="FILE", help="write results here instead of stdout"
     )
@@ -296,6 +334,7 @@ def write_results(rows: list[dict[str, Any]], names: Sequence[str], fmt: str, st
 
 
 def run_score(args: argparse.Namespace) -> int:
+    output = _check_output_path(args.output) if args.output else None
     model = load_model(args.model, args.device, args.encoder, args.dtype)
     results = model.score(
         args.files, batch_size=args.batch_size, num_workers=args.num_workers, progress=True
@@ -306,14 +345,19 @@ def run_score(args: argparse.Namespace) -> int:
         if model.untrained:
             d["untrained"] = True
         rows.append(d)
-    stream = open(args.output, "w") if args.output else sys.stdout
-    try:
-        if args.format == "table" and model.untrained:
-            stream.write("# UNTRAINED model: scores are not meaningful\n")
-        write_results(rows, model.score_names, args.format, stream)
-    finally:
-        if args.output:
-            stream.close()
+    # file names need not be valid UTF-8: surrogateescape writes them back as their raw bytes
+    buffer = io.StringIO()
+    if args.format == "table" and model.untrained:
+        buffer.write("# UNTRAINED model: scores are not meaningful\n")
+    write_results(rows, model.score_names, args.format, buffer)
+    if output is None:
+        if hasattr(sys.stdout, "reconfigure"):
+            sys.stdout.reconfigure(errors="surrogateescape")
+        sys.stdout.write(buffer.getvalue())
+    else:  # complete or not at all: an existing file is replaced only once the new one is whole
+        tmp = output.with_name(f".{output.name}.tmp")
+        tmp.write_text(buffer.getvalue(), encoding="utf-8", errors="surrogateescape")
+        os.replace(tmp, output)
     failed = [r for r in results if not r.ok]
     if failed:
         print(f"{len(failed)} of {len(results)} inputs failed:", file=sys.stderr)
@@ -347,6 +391,8 @@ def run_compare(args: argparse.Namespace) -> int:
     max_s = model.config.frontend.max_duration_s
     wa, sra = load_audio(args.a, max_duration_s=max_s)
     wb, srb = load_audio(args.b, max_duration_s=max_s)
+    for path, wav, sr in ((args.a, wa, sra), (args.b, wb, srb)):
+        model.frontend.check(wav, sr, path)  # errors name the file, not waveforms[i]
     with torch.inference_mode():
         out = model([wa, wb], [sra, srb])
         a_out, b_out = _split_output(out)

@@ -43,6 +43,11 @@ def build_hubert(config: EncoderConfig, *, attn_implementation: str = "sdpa"):
     return HubertModel(hcfg)
 
 
+def looks_like_path(source: str) -> bool:
+    """True for a source that can only be a local directory (not an ``org/name`` hub id)."""
+    return source.startswith((".", "/", "~")) or source.count("/") > 1
+
+
 def _resolve_source(source: str, revision: str | None) -> tuple[Path, str | None]:
     """A local directory holding the weights of ``source`` and the commit it resolved to."""
     local = Path(source).expanduser()
@@ -50,7 +55,7 @@ def _resolve_source(source: str, revision: str | None) -> tuple[Path, str | None
         if not local.is_dir():
             raise CheckpointError(f"encoder source {source!r} is a file; expected a directory")
         return local, revision
-    if source.startswith((".", "/", "~")) or source.count("/") > 1:
+    if looks_like_path(source):
         raise CheckpointError(f"encoder source {source!r}: no such directory")
     from huggingface_hub import snapshot_download
 

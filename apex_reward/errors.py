@@ -44,6 +44,14 @@ class AudioShapeError(AudioError):
     """A waveform tensor or array has a shape the front end does not accept."""
 
 
+class AudioRangeError(AudioError):
+    """Finite sample values too large to process (far outside [-1, 1], e.g. 1e20)."""
+
+
+class UnsupportedSampleRateError(AudioError):
+    """The sample rate is outside what the front end (or a server's ``--sample-rates``) takes."""
+
+
 class ConfigError(ApexError, ValueError):
     """A configuration (``config.json``, YAML, CLI flags) has a missing, unknown or invalid field."""
 

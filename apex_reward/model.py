@@ -232,6 +232,11 @@ class ApexRewardModel(nn.Module):
                 )
             groups[prefix][rest] = value
         if config.encoder.stored:
+            if encoder_source is not None:
+                raise ConfigError(
+                    f"{directory} stores its encoder weights; an encoder source (--encoder "
+                    f"{encoder_source}) applies only to checkpoints that reference their encoder"
+                )
             encoder = MertEncoder(config.encoder)
             _load_strict(encoder.model, groups["encoder"], "encoder", directory)
         else:
@@ -347,6 +352,12 @@ class ApexRewardModel(nn.Module):
         if dtype == "fp32" or (dtype == "auto" and self.device.type != "cuda"):
             self.set_fast_path(False)
         else:
+            if dtype != "auto" and self.device.type == "cpu":
+                logger.warning(
+                    "dtype %s on the CPU: slower than fp32 on most CPUs, and scores differ from "
+                    "the exact float32 path by rounding (use it to preview GPU numerics)",
+                    dtype,
+                )
             self.set_fast_path(True, dtype="fp16" if dtype == "auto" else dtype)
         return self
 
@@ -538,13 +549,16 @@ class ApexRewardModel(nn.Module):
         (generator names) add the per-system offsets, see
         :meth:`preference_logits_from_outputs`.
         """
-        from .audio import as_waveform_list
+        from .audio import as_waveform_list, per_song_rates
 
         la, lb = as_waveform_list(a), as_waveform_list(b)
         if len(la) != len(lb):
             raise ConfigError(f"preference_logits: {len(la)} songs in a but {len(lb)} in b")
-        ra = _per_song_rates(sample_rate, len(la))
-        rb = _per_song_rates(sample_rate if sample_rate_b is None else sample_rate_b, len(lb))
+        ra = per_song_rates(sample_rate, len(la), "sample_rate (of a)")
+        if sample_rate_b is None:
+            rb = per_song_rates(sample_rate, len(lb), "sample_rate (of b)")
+        else:
+            rb = per_song_rates(sample_rate_b, len(lb), "sample_rate_b")
         out = self(la + lb, ra + rb)
         n = len(la)
         out_a = ApexOutput(scores={k: v[:n] for k, v in out.scores.items()}, reward=out.reward[:n])
@@ -617,12 +631,6 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
         return _DTYPES[str(dtype).lower()]
     except KeyError:
         raise ConfigError(f"unknown dtype {dtype!r}; expected one of fp32, bf16, fp16") from None
-
-
-def _per_song_rates(sample_rate: int | Sequence[int], n: int) -> list[int]:
-    if isinstance(sample_rate, (list, tuple)):
-        return list(sample_rate)
-    return [sample_rate] * n
 
 
 def _load_strict(

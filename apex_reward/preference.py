@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .config import PreferenceHeadConfig
+from .errors import ConfigError
 
 __all__ = [
     "PAIR_SCORE_DIMS",
@@ -144,9 +145,14 @@ def system_offsets_tensor(
     out = torch.zeros(batch, dtype=torch.float64, device=device)
     if systems is None:
         return out
-    names = [systems] * batch if isinstance(systems, str) else list(systems)
+    if isinstance(systems, str):
+        names = [systems] * batch
+    elif isinstance(systems, Sequence) and all(n is None or isinstance(n, str) for n in systems):
+        names = list(systems)
+    else:
+        raise ConfigError(f"system names: expected a string or a list of strings, got {systems!r}")
     if len(names) != batch:
-        raise ValueError(f"system names: got {len(names)} for a batch of {batch}")
+        raise ConfigError(f"system names: got {len(names)} for a batch of {batch}")
     values = []
     for name in names:
         if name is not None and name not in offsets and offsets:

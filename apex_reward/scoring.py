@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .audio import as_waveform_list, load_audio
+from .audio import as_waveform_list, check_sample_rate, load_audio
 from .errors import ApexError, AudioShapeError
 
 if TYPE_CHECKING:
@@ -119,7 +119,7 @@ def _load(model: ApexRewardModel, index: int, name: str, item: Any, rate: int | 
             if rate is None:
                 raise AudioShapeError("arrays need a sample_rate", name)
             (wav,) = as_waveform_list([item])
-            sr = int(rate)
+            sr = check_sample_rate(rate, name)
         fe.check(wav, sr, name)
         return _Item(index, name, wav, sr)
     except ApexError as e:
@@ -187,6 +187,14 @@ def _run_batch(
         return
     for it, rec in zip(batch, records):
         reward = rec.pop("reward")
+        if not all(math.isfinite(v) for v in (reward, *rec.values())):
+            # never hand NaN to a caller as a score (an RL loop would train on it)
+            results[it.index] = ScoreResult(
+                it.name,
+                error="the model produced non-finite scores (NaN or inf) for this input",
+                error_type="NonFiniteOutput",
+            )
+            continue
         results[it.index] = ScoreResult(
             it.name,
             scores=rec,

@@ -61,11 +61,11 @@ from apex_reward.audio import as_waveform_list, decode_audio_bytes, load_audio
 from apex_reward.dataclass_io import add_dataclass_arguments, dataclass_from_args
 from apex_reward.errors import (
     ApexError,
-    AudioError,
     AudioShapeError,
     AudioTooLongError,
     ConfigError,
     EmptyAudioError,
+    UnsupportedSampleRateError,
     require,
 )
 from apex_reward.scoring import ScoreResult
@@ -125,10 +125,6 @@ ROUTES = (
     "/ready",
     "/metrics",
 )
-
-
-class UnsupportedSampleRateError(AudioError):
-    """The audio's sample rate is not one the server accepts (``--sample-rates``)."""
 
 
 @dataclass
@@ -441,6 +437,15 @@ class _Clip:
         return self.error is None
 
 
+def _is_utf8(text: str) -> bool:
+    """False for strings JSON lets through that cannot be encoded (lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode("utf-8")).digest()
 
@@ -651,10 +656,13 @@ class ServerState:
                 f"{name}: server-side paths are disabled on this server (start it with "
                 "--allow-dir DIR), upload the audio instead",
             )
-        if not isinstance(raw, str) or not raw or "\x00" in raw:
+        if not isinstance(raw, str) or not raw or "\x00" in raw or not _is_utf8(raw):
             raise HTTPError(400, "InvalidRequest", f"{name}: 'path' must be a non-empty string")
         p = Path(raw)
-        candidate = (p if p.is_absolute() else self.allow_dir / p).resolve()
+        try:
+            candidate = (p if p.is_absolute() else self.allow_dir / p).resolve()
+        except OSError as e:  # name too long, symlink loop ...
+            raise HTTPError(400, "InvalidRequest", f"{name}: bad path ({e.strerror})") from None
         if not candidate.is_relative_to(self.allow_dir):
             raise HTTPError(
                 403,
@@ -697,8 +705,10 @@ class ServerState:
                 "and optionally 'name'",
             )
         name = obj.get("name", default_name)
-        if not isinstance(name, str) or not name:
-            raise HTTPError(400, "InvalidRequest", f"{default_name}: 'name' must be a string")
+        if not isinstance(name, str) or not name or not _is_utf8(name):
+            raise HTTPError(
+                400, "InvalidRequest", f"{default_name}: 'name' must be a non-empty UTF-8 string"
+            )
         name = name[:200]
         if ("base64" in obj) == ("path" in obj):
             raise HTTPError(
@@ -932,6 +942,8 @@ def create_app(model: ApexRewardModel, config: ServeConfig | None = None):
             return await state.run_blocking(json.loads, body)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise HTTPError(400, "InvalidJSON", f"the body is not valid JSON ({e})") from None
+        except RecursionError:
+            raise HTTPError(400, "InvalidJSON", "the body's JSON is nested too deeply") from None
 
     def require_body(request: Request) -> None:
         if request.headers.get("content-length") == "0":

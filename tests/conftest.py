@@ -5,6 +5,7 @@ Tests need no network, no GPU and no downloaded weights (HF_HUB_OFFLINE=1).
 
 from __future__ import annotations
 
+import io
 import os
 import sys
 
@@ -141,19 +142,24 @@ def shared_audio() -> list[Path]:
 
 
 def write_bad_files(directory: Path) -> dict[str, Path]:
-    """The bad inputs of acceptance point 7: empty, truncated FLAC, text named .mp3, NaN WAV, 0.1 s."""
+    """Bad inputs: empty, truncated FLAC and WAV, text named .mp3, NaN WAV, 0.1 s, peak 3e38,
+    7 Hz."""
     import soundfile as sf
 
     directory.mkdir(parents=True, exist_ok=True)
     files = {}
     files["empty"] = directory / "empty.wav"
     files["empty"].write_bytes(b"")
-    full = directory / "full.flac"
-    sf.write(full, synth_music(4.0, 44100).T, 44100, format="FLAC")
-    data = full.read_bytes()
-    files["truncated"] = directory / "truncated.flac"
-    files["truncated"].write_bytes(data[: len(data) // 3])
-    full.unlink()
+
+    def first_third(name: str, rate: int, **fmt) -> Path:
+        """A file cut off at a third of its bytes (an interrupted download)."""
+        buf = io.BytesIO()
+        sf.write(buf, synth_music(4.0, rate).T, rate, **fmt)
+        data = buf.getvalue()
+        (directory / name).write_bytes(data[: len(data) // 3])
+        return directory / name
+
+    files["truncated"] = first_third("truncated.flac", 44100, format="FLAC")
     files["text"] = directory / "notes.mp3"
     files["text"].write_text("these are not the droids you are looking for\n" * 20)
     nan = synth_music(3.0, 22050)
@@ -162,6 +168,13 @@ def write_bad_files(directory: Path) -> dict[str, Path]:
     sf.write(files["nan"], nan.T, 22050, subtype="FLOAT")
     files["short"] = directory / "short.wav"
     sf.write(files["short"], synth_music(0.1, 16000).T, 16000)
+    # libsndfile decodes the part of a cut-off WAV that is there without a word
+    files["cut_wav"] = first_third("cut.wav", 16000, format="WAV", subtype="PCM_16")
+    # finite but absurd: float32 statistics of the normalisation overflow (NaN scores before)
+    files["loud"] = directory / "loud.wav"
+    sf.write(files["loud"], np.full((32000, 2), 3e38, np.float32), 16000, subtype="FLOAT")
+    files["low_rate"] = directory / "low_rate.wav"  # 7 Hz: no ratio to 24 kHz
+    sf.write(files["low_rate"], np.zeros(70, np.float32), 7, subtype="FLOAT")
     return files
 
 

@@ -11,12 +11,14 @@ from conftest import synth_music, write_bad_files, write_good_files
 from apex_reward import (
     AudioDecodeError,
     AudioFrontEnd,
+    AudioRangeError,
     AudioShapeError,
     AudioTooLongError,
     AudioTooShortError,
     EmptyAudioError,
     FrontendConfig,
     NonFiniteAudioError,
+    UnsupportedSampleRateError,
     load_audio,
 )
 
@@ -54,6 +56,7 @@ def test_load_audio_shared_clips(shared_audio):
         ("empty", EmptyAudioError, "empty"),
         ("truncated", AudioDecodeError, "truncated"),
         ("text", AudioDecodeError, "not a readable audio file"),
+        ("cut_wav", AudioDecodeError, "truncated: the header announces"),
     ],
 )
 def test_load_audio_bad_files(tmp_path, kind, error, fragment):
@@ -86,6 +89,83 @@ def test_frontend_checks(tmp_path):
         fe.check(torch.zeros(11 * 8000), 8000, "x")
     with pytest.raises(EmptyAudioError):
         fe.check(torch.zeros(2, 0), 8000, "x")
+    loud, sr = load_audio(files["loud"])
+    with pytest.raises(AudioRangeError, match="loud.wav: peak \\|sample\\| is 3e\\+38"):
+        fe.check(loud, sr, "loud.wav")
+    low, sr = load_audio(files["low_rate"])
+    with pytest.raises(UnsupportedSampleRateError, match="7 Hz is outside"):
+        fe.check(low, sr, "low_rate.wav")
+    with pytest.raises(AudioShapeError, match="65 channels; at most 64"):
+        fe.check(torch.zeros(65, 16000), 16000, "x")
+
+
+def test_out_of_range_input_never_scores_nan(tiny_model):
+    """Huge finite samples used to overflow the normalisation (NaN, or silence-like scores):
+    every entry point now raises a typed error for that input only."""
+    good = torch.from_numpy(synth_music(2.0, 24000)[0])
+    with pytest.raises(AudioRangeError, match="waveforms\\[1\\]"):
+        tiny_model([good, torch.full((48000,), 1e30)], 24000)
+    with pytest.raises(AudioRangeError):
+        tiny_model(torch.randn(48000, dtype=torch.float64) * 1e300, 24000)
+    # integer-scaled floats are fine: normalisation is scale-invariant
+    with torch.inference_mode():
+        a = tiny_model(good[None], 24000).reward
+        b = tiny_model(good[None] * 32767.0, 24000).reward
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    records = tiny_model.score(
+        [good.numpy(), np.full(48000, 1e20, np.float32), good.numpy()], sample_rate=24000
+    )
+    assert [r.ok for r in records] == [True, False, True]
+    assert records[1].error_type == "AudioRangeError"
+
+
+@pytest.mark.parametrize(
+    "rate,error",
+    [
+        (0, AudioShapeError),
+        (-24000, AudioShapeError),
+        (24000.7, AudioShapeError),
+        (float("nan"), AudioShapeError),
+        ("abc", AudioShapeError),
+        (7, UnsupportedSampleRateError),
+        (48_000_000, UnsupportedSampleRateError),
+    ],
+)
+def test_bad_sample_rates_are_typed_errors_everywhere(tiny_model, rate, error):
+    """forward and score validate array sample rates the same way (no ZeroDivisionError, no
+    'audio is -2 s long', no silent truncation of 24000.7)."""
+    x = np.zeros(48000, np.float32)
+    with pytest.raises(error):
+        tiny_model([torch.from_numpy(x)], rate)
+    (r,) = tiny_model.score([x], sample_rate=rate)
+    assert r.error_type == error.__name__, r
+
+
+def test_os_errors_and_odd_file_names_are_typed(tmp_path):
+    """A path the OS refuses is an AudioDecodeError naming the reason; a file name that is not
+    valid UTF-8 is still decoded."""
+    import os
+
+    odd = os.fsdecode(b"caf\xe9.wav")  # latin-1 bytes: not UTF-8
+    sf.write(os.fsencode(tmp_path / odd), synth_music(1.0, 16000).T, 16000)
+    wav, sr = load_audio(tmp_path / odd)
+    assert sr == 16000 and wav.shape[-1] == 16000
+    with pytest.raises(AudioDecodeError, match="cannot open: File name too long"):
+        load_audio(tmp_path / ("x" * 300 + ".wav"))
+
+
+def test_streamed_wav_with_unknown_size_is_not_truncated(tmp_path):
+    """Streaming writers leave 0xFFFFFFFF as the data size: complete, not a truncated file."""
+    import struct
+
+    p = tmp_path / "streamed.wav"
+    sf.write(p, synth_music(1.0, 16000).T, 16000, subtype="PCM_16")
+    data = bytearray(p.read_bytes())
+    at = data.find(b"data")
+    data[4:8] = data[at + 4 : at + 8] = struct.pack("<I", 0xFFFFFFFF)
+    p.write_bytes(bytes(data))
+    wav, sr = load_audio(p)
+    assert wav.shape[-1] == 16000
 
 
 def test_frontend_shape_errors():
@@ -199,6 +279,8 @@ def test_decode_audio_bytes(tmp_path):
         decode_audio_bytes(bad["text"].read_bytes(), name="upload.mp3")
     with pytest.raises(AudioDecodeError, match="truncated"):
         decode_audio_bytes(bad["truncated"].read_bytes(), name="t.flac")
+    with pytest.raises(AudioDecodeError, match="t.wav: truncated"):
+        decode_audio_bytes(bad["cut_wav"].read_bytes(), name="t.wav")
 
 
 @pytest.mark.parametrize("rate", [44101, 47999, 8001, 96017])

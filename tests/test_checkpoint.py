@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -172,3 +173,45 @@ def test_stored_encoder_weights_are_exact(tiny_model, tiny_checkpoint):
     for k, v in loaded.encoder.model.state_dict().items():
         assert torch.equal(v, ref[k]), k
     assert set(ref) == set(build_hubert(tiny_model.config.encoder).state_dict())
+
+
+def test_saving_is_reproducible_across_processes(tmp_path, tiny_checkpoint):
+    """The same weights saved by two processes give byte-identical files (safetensors used to
+    write its metadata in a per-process random order, so checksums of equal models differed and
+    cached embeddings were rejected at random); the encoder digest ignores the heads."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from apex_reward import ApexRewardModel; "
+        "ApexRewardModel.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2])"
+    )
+    for name in ("a", "b", "c"):
+        subprocess.run(
+            [sys.executable, "-c", code, str(tiny_checkpoint), str(tmp_path / name)],
+            check=True,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
+    blobs = {(tmp_path / n / "model.safetensors").read_bytes() for n in "abc"}
+    assert len(blobs) == 1
+    cfg = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert len(cfg["encoder_sha256"]) == 64
+    # other heads, same encoder: the whole-file checksum changes, the encoder digest does not
+    model = ApexRewardModel.from_pretrained(tmp_path / "a")
+    with torch.no_grad():
+        next(model.head.parameters()).add_(1.0)
+    model.save_pretrained(tmp_path / "d")
+    other = json.loads((tmp_path / "d" / "config.json").read_text())
+    assert other["weights_sha256"] != cfg["weights_sha256"]
+    assert other["encoder_sha256"] == cfg["encoder_sha256"]
+
+
+def test_load_time_mistakes_are_named(tmp_path, tiny_checkpoint, monkeypatch):
+    """--encoder on a checkpoint that stores its encoder is an error, not silently ignored; a
+    mistyped local path next to an existing folder is not sent to the hub."""
+    with pytest.raises(ConfigError, match="stores its encoder weights"):
+        ApexRewardModel.from_pretrained(tiny_checkpoint, encoder_source="/models/MERT-v1-95M")
+    (tmp_path / "runs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError, match="'runs/nothere' does not exist.*hf-hub:runs/nothere"):
+        ApexRewardModel.from_pretrained("runs/nothere")

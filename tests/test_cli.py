@@ -46,6 +46,9 @@ def test_score_mix_of_good_and_bad_files(tmp_path, tiny_checkpoint):
         good[3],
         bad["short"],
         good[4],
+        bad["cut_wav"],
+        bad["loud"],
+        bad["low_rate"],
     ]
     proc = _run_cli("score", "--model", str(tiny_checkpoint), *map(str, order))
     assert proc.returncode == 1, proc.stderr
@@ -63,12 +66,15 @@ def test_score_mix_of_good_and_bad_files(tmp_path, tiny_checkpoint):
         "text": ("AudioDecodeError", "not a readable audio file"),
         "nan": ("NonFiniteAudioError", "NaN"),
         "short": ("AudioTooShortError", "minimum is 1 s"),
+        "cut_wav": ("AudioDecodeError", "truncated"),
+        "loud": ("AudioRangeError", "peak |sample|"),
+        "low_rate": ("UnsupportedSampleRateError", "7 Hz"),
     }
     for kind, (etype, fragment) in expected.items():
         r = by_path[str(bad[kind])]
         assert r["error_type"] == etype and fragment in r["error"], r
         assert f"{bad[kind]}: {etype}" in proc.stderr  # summary on stderr names file and problem
-    assert "5 of 10 inputs failed" in proc.stderr
+    assert "8 of 13 inputs failed" in proc.stderr
     assert "UNTRAINED" in proc.stderr
 
 
@@ -91,6 +97,33 @@ def test_score_formats(tmp_path, tiny_checkpoint, capsys):
     row = json.loads(dest.read_text())
     api = ApexRewardModel.from_pretrained(tiny_checkpoint).score([good[0]])[0]
     assert row["reward"] == pytest.approx(api.reward, abs=1e-6)
+
+
+def test_score_output_is_checked_first_and_written_whole(tmp_path, tiny_checkpoint, capsys):
+    """A bad --output fails before any scoring; file names that are not UTF-8 are scored and
+    written back byte for byte; an existing output is replaced only by a complete one."""
+    good = write_good_files(tmp_path / "audio")
+    odd = tmp_path / "audio" / os.fsdecode(b"caf\xe9.wav")  # latin-1 name, not UTF-8
+    os.link(good[0], os.fsencode(odd))
+    model = str(tiny_checkpoint)
+    for bad_out, message in [
+        (tmp_path / "audio", "is a directory"),
+        (tmp_path / "missing" / "out.csv", "does not exist"),
+    ]:
+        assert main(["score", "--model", model, "-o", str(bad_out), str(good[0])]) == 1
+        assert message in capsys.readouterr().err
+    dest = tmp_path / "out.csv"
+    dest.write_text("previous results\n")
+    files = [str(good[0]), str(odd), str(good[1])]
+    assert main(["score", "--model", model, "--format", "csv", "-o", str(dest), *files]) == 0
+    raw = dest.read_bytes()
+    assert b"caf\xe9.wav" in raw and b"previous" not in raw
+    rows = list(csv.reader(io.StringIO(raw.decode("utf-8", "surrogateescape"))))
+    assert [r[0] for r in rows[1:]] == files and all(r[-1] == "" for r in rows[1:])
+    assert not list(tmp_path.glob(".out.csv*"))  # no temporary file left behind
+    with pytest.raises(SystemExit):
+        main(["score", "--model", model, "--batch-size", "0", str(good[0])])
+    assert "--batch-size: must be at least 1" in capsys.readouterr().err
 
 
 def test_init_and_compare(tmp_path, capsys):
@@ -135,6 +168,11 @@ def test_init_and_compare(tmp_path, capsys):
     assert res["probability"] == pytest.approx(1 / (1 + np.exp(-res["logit"])), abs=1e-6)
     assert main(["compare", "--model", str(out), str(good[0]), str(tmp_path / "missing.wav")]) == 1
     assert "missing.wav: file not found" in capsys.readouterr().err
+    short = tmp_path / "short.wav"
+    sf.write(short, np.zeros(150, np.float32), 24000)
+    assert main(["compare", "--model", str(out), str(good[0]), str(short)]) == 1
+    err = capsys.readouterr().err
+    assert f"{short}: audio is 0.00625 s long" in err and "waveforms[" not in err
 
 
 def test_init_mert_preset_references_encoder_without_download(tmp_path):
@@ -148,6 +186,24 @@ def test_init_mert_preset_references_encoder_without_download(tmp_path):
     proc = _run_cli("score", "--model", str(out), str(tmp_path / "x.wav"))
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "cannot fetch encoder weights 'm-a-p/MERT-v1-95M'" in proc.stderr
+    assert cfg["encoder"]["revision"] == "12af15fef9d0ac838c3f475bfbbf26d2060dd4f5"  # pinned
+    # a local encoder path that does not exist is refused at init, not recorded as a hub id
+    missing = tmp_path / "models" / "MERT-v1-95M"
+    assert (
+        main(
+            [
+                "init",
+                "--preset",
+                "mert-v1-95m",
+                "--out",
+                str(tmp_path / "m2"),
+                "--encoder",
+                str(missing),
+            ]
+        )
+        == 1
+    )
+    assert not (tmp_path / "m2").exists()
 
 
 def test_help_lists_commands():

@@ -233,3 +233,21 @@ def test_refuses_to_mix_embeddings_from_another_model(songs, reference, tmp_path
             ),
             progress=False,
         )
+
+
+def test_launch_without_a_group_is_refused(monkeypatch):
+    """`accelerate launch --multi_gpu` on a GPU-less machine starts N lone processes (each sees
+    WORLD_SIZE=N but a group of 1); extraction and training refuse instead of racing N copies."""
+    from types import SimpleNamespace
+
+    from apex_reward.errors import ConfigError
+    from apex_reward.training.distributed import check_launch
+
+    alone = SimpleNamespace(num_processes=1, device=torch.device("cpu"))  # what each one sees
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(ConfigError, match="launched 4 processes but they did not form a group"):
+        check_launch(alone)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    check_launch(alone)
+    monkeypatch.delenv("WORLD_SIZE")
+    check_launch(alone)

@@ -227,16 +227,19 @@ def test_gpu_fast_path_gradient(cuda_models):
     assert cos > 0.99, cos
 
 
-def test_set_precision_is_the_one_switch():
-    """`--dtype` of the CLIs and the server: auto/fp32 exact on CPU, fp16/bf16 cast, bad names
-    rejected; fp32 switches the fast path off for good (no automatic switch-on later)."""
+def test_set_precision_is_the_one_switch(caplog):
+    """`--dtype` of the CLIs and the server: auto/fp32 exact on CPU, fp16/bf16 cast (with a
+    warning on the CPU), bad names rejected; fp32 switches the fast path off for good (no
+    automatic switch-on later)."""
     from apex_reward.errors import ConfigError
 
     model = make_tiny_model(seed=10)
     model.set_precision("auto")
     assert model.fast_path is False and model.encoder_dtype == torch.float32
+    assert not caplog.records
     model.set_precision("bf16")
     assert model.encoder_dtype == torch.bfloat16 and model.encoder.fast_kernels
+    assert "dtype bf16 on the CPU" in caplog.text
     model.set_precision("fp32")
     assert model.encoder_dtype == torch.float32 and model.fast_path is False
     assert not model.encoder.fast_kernels

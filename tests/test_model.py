@@ -241,3 +241,29 @@ def test_encoder_dtype_bf16_close_to_fp32():
         assert torch.allclose(low[k], ref[k], rtol=5e-2), k
     with pytest.raises(Exception, match="unknown dtype"):
         model.set_encoder_dtype("int3")
+
+
+def test_non_finite_model_output_is_an_error_record_not_a_score():
+    """If the model itself yields NaN (e.g. broken weights), score() reports an error for that
+    song instead of handing NaN to an RL loop or writing bare NaN into JSON output."""
+    model = make_tiny_model(seed=5)
+    x = synth_music(2.0, 24000, seed=1)[0]
+    (ok,) = model.score([x], sample_rate=24000)
+    assert ok.ok
+    with torch.no_grad():
+        next(p for p in model.head.parameters() if p.ndim == 1).fill_(float("nan"))
+    (bad,) = model.score([x], sample_rate=24000)
+    assert not bad.ok and bad.error_type == "NonFiniteOutput" and "NaN" in bad.error
+    assert bad.reward is None and bad.to_dict()["error_type"] == "NonFiniteOutput"
+
+
+def test_preference_logits_argument_errors_name_the_argument(tiny_model):
+    from apex_reward import ConfigError
+
+    x = torch.from_numpy(synth_music(2.0, 24000)[0])
+    with pytest.raises(AudioShapeError, match="sample_rate \\(of a\\): got 2 sample rates for 1"):
+        tiny_model.preference_logits([x], [x], [24000, 24000])
+    with pytest.raises(ConfigError, match="got 2 for a batch of 1"):
+        tiny_model.preference_logits([x], [x], 24000, systems_a=["a", "b"])
+    with pytest.raises(ConfigError, match="expected a string or a list of strings"):
+        tiny_model.preference_logits([x], [x], 24000, systems_a=[3])

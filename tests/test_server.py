@@ -243,6 +243,13 @@ def _bad_requests(clips, audio_dir) -> list[tuple[str, tuple[str, str, dict], in
     odd_rate = _encode(synth_music(1.5, 44101), 44101, "WAV", "PCM_16")
     many_channels = _encode(synth_music(1.5, 16000, channels=12), 16000, "WAV", "PCM_16")
     huge = b"\0" * (1024 * 1024 + 10)  # > --max-body-mb 1
+    loud = _encode(np.full((2, 32000), 3e38, np.float32), 16000, "WAV", "FLOAT")
+    cut_wav = _encode(synth_music(4.0, 16000), 16000, "WAV", "PCM_16")
+    cut_wav = cut_wav[: len(cut_wav) // 3]
+    good_b64 = base64.b64encode(good["data"]).decode()
+    lone_surrogate = json.dumps({"base64": good_b64, "name": "\ud800x"}).encode()  # escaped
+    deep = b"[" * 200_000 + b"]" * 200_000
+    as_json = {"Content-Type": "application/json"}
     up = lambda data, name="x.wav": {  # noqa: E731
         "files": {"file": (name, data, "application/octet-stream")}
     }
@@ -268,6 +275,20 @@ def _bad_requests(clips, audio_dir) -> list[tuple[str, tuple[str, str, dict], in
         ("too long", ("POST", "/v1/score", up(long_clip)), 422, "AudioTooLongError"),
         ("odd rate", ("POST", "/v1/score", up(odd_rate)), 422, "UnsupportedSampleRateError"),
         ("12 channels", ("POST", "/v1/score", up(many_channels)), 422, "AudioShapeError"),
+        ("peak 3e38", ("POST", "/v1/score", up(loud)), 422, "AudioRangeError"),
+        ("truncated wav", ("POST", "/v1/score", up(cut_wav)), 422, "AudioDecodeError"),
+        (
+            "lone surrogate name",
+            ("POST", "/v1/score", {"content": lone_surrogate, "headers": as_json}),
+            400,
+            "InvalidRequest",
+        ),
+        (
+            "deeply nested json",
+            ("POST", "/v1/score/batch", {"content": deep, "headers": as_json}),
+            400,
+            "InvalidJSON",
+        ),
         (
             "empty body",
             ("POST", "/v1/score", {"headers": {"Content-Type": "application/json"}}),

@@ -21,3 +21,21 @@ def finish_distributed(code: int) -> int:
         sys.stderr.flush()
         os._exit(code)
     return code
+
+
+def check_launch(accelerator) -> None:
+    """Raise if ``accelerate launch`` started more processes than joined the group.
+
+    ``accelerate launch --multi_gpu --num_processes N`` on a machine without GPUs starts N
+    processes that each fall back to a group of one: N copies of the job race on the same output
+    and all exit 0. ``WORLD_SIZE`` (set by the launcher) tells that apart from a real group.
+    """
+    from apex_reward.errors import ConfigError
+
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if launched > accelerator.num_processes:
+        raise ConfigError(
+            f"accelerate launched {launched} processes but they did not form a group "
+            f"(each runs alone on {accelerator.device}): on a machine without GPUs pass --cpu to "
+            "the job (gloo group on the CPU), or launch one process"
+        )

@@ -35,10 +35,11 @@ from typing import Any, Literal
 
 import torch
 
+from apex_reward.checkpoint import ENCODER_DIGEST_KEY
 from apex_reward.dataclass_io import add_dataclass_arguments, dataclass_from_args, to_dict
 from apex_reward.errors import ApexError, ConfigError, require
 
-from .distributed import finish_distributed
+from .distributed import check_launch, finish_distributed
 from .embeddings import (
     ShardWriter,
     atomic_write_text,
@@ -157,10 +158,12 @@ class _AudioDataset(torch.utils.data.Dataset):
         return out
 
 
-def _fingerprint(model, config: ExtractConfig, checkpoint_sha: str | None) -> dict[str, Any]:
+def _fingerprint(model, config: ExtractConfig, encoder_sha: str | None) -> dict[str, Any]:
+    """What the embeddings depend on: front end, encoder architecture/source/revision, the stored
+    encoder weights' digest (None for a referenced encoder: source + revision name it)."""
     enc = model.config.encoder
     return {
-        "format_version": 1,
+        "format_version": 2,
         "frontend": to_dict(model.config.frontend),
         "encoder": {
             "preset": enc.preset,
@@ -170,7 +173,7 @@ def _fingerprint(model, config: ExtractConfig, checkpoint_sha: str | None) -> di
             "revision": enc.revision,
             "stored": enc.stored,
         },
-        "encoder_weights_sha256": checkpoint_sha,
+        "encoder_weights_sha256": encoder_sha,
         "shard_size": config.shard_size,
         "dtype": "fp16 storage",
     }
@@ -187,6 +190,7 @@ def run_extraction(config: ExtractConfig, *, progress: bool = True) -> dict[str,
         raise ConfigError("extract: --manifest and --model are required")
     accelerate = require("accelerate", "train", "apex-reward extract")
     accelerator = accelerate.Accelerator(cpu=config.cpu)
+    check_launch(accelerator)
     rank, world = accelerator.process_index, accelerator.num_processes
     device = accelerator.device
     out = Path(config.out)
@@ -205,7 +209,7 @@ def run_extraction(config: ExtractConfig, *, progress: bool = True) -> dict[str,
         if Path(config.model).is_dir()
         else {}
     )
-    fingerprint = _fingerprint(model, config, checkpoint_cfg.get("weights_sha256"))
+    fingerprint = _fingerprint(model, config, checkpoint_cfg.get(ENCODER_DIGEST_KEY))
     fingerprint["songs_sha256"] = hashlib.sha256(json.dumps(songs).encode()).hexdigest()
     fp_path = out / "extraction.json"
     if accelerator.is_main_process:

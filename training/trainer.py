@@ -50,6 +50,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from apex_reward.checkpoint import ENCODER_DIGEST_KEY
 from apex_reward.config import (
     AESTHETIC_TASKS,
     POPULARITY_TASKS,
@@ -69,7 +70,7 @@ from apex_reward.errors import ConfigError, require
 from apex_reward.heads import ApexHead
 from apex_reward.popularity import percentile_ranks
 
-from .distributed import finish_distributed
+from .distributed import check_launch, finish_distributed
 
 logger = logging.getLogger(__name__)
 
@@ -489,9 +490,11 @@ def _accelerator(config: TrainConfig, out: Path):
         except ImportError:
             if config.log_with == "tensorboard":
                 raise ConfigError("log_with=tensorboard but tensorboard is not installed") from None
-    return accelerate.Accelerator(
+    accelerator = accelerate.Accelerator(
         cpu=config.cpu, mixed_precision=mp, log_with=log_with, project_dir=str(out / "logs")
     )
+    check_launch(accelerator)
+    return accelerator
 
 
 def train(
@@ -863,7 +866,7 @@ def _check_extraction_matches(store, model_dir: str) -> None:
         raise ConfigError(
             f"the embeddings in {store.dir} were not extracted with {model_dir} (front end or encoder differ)"
         )
-    if fp.get("encoder_weights_sha256") not in (None, cfg.get("weights_sha256")):
+    if fp.get("encoder_weights_sha256") not in (None, cfg.get(ENCODER_DIGEST_KEY)):
         raise ConfigError(f"the embeddings in {store.dir} come from other weights than {model_dir}")
 
 
