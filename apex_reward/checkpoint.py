@@ -30,6 +30,7 @@ __all__ = [
     "save_checkpoint",
     "read_checkpoint",
     "resolve_checkpoint_dir",
+    "split_digests",
     "state_mismatch",
     "tensors_digest",
     "CONFIG_NAME",
@@ -61,6 +62,15 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def split_digests(raw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A ``config.json`` dict -> ``(ApexConfig fields, the digests save_checkpoint added)``."""
+    keys = (_CHECKSUM_KEY, ENCODER_DIGEST_KEY)
+    return (
+        {k: v for k, v in raw.items() if k not in keys},
+        {k: raw[k] for k in keys if k in raw},
+    )
 
 
 def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
@@ -165,8 +175,8 @@ def read_checkpoint(
         raise CheckpointError(f"{cfg_path}: invalid JSON ({e})") from e
     if not isinstance(config, dict):
         raise ConfigError(f"{cfg_path}: expected a JSON object")
-    expected = config.pop(_CHECKSUM_KEY, None)
-    config.pop(ENCODER_DIGEST_KEY, None)
+    config, digests = split_digests(config)
+    expected = digests.get(_CHECKSUM_KEY)
     if verify and expected is not None:
         actual = _sha256(w_path)
         if actual != expected:

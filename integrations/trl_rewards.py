@@ -132,7 +132,7 @@ def clear_model_cache() -> None:
 
 def _read_score_names(path: str | Path) -> tuple[str, ...]:
     """Score names of a checkpoint, from its ``config.json`` only (cheap; no weights)."""
-    from apex_reward.checkpoint import CONFIG_NAME, resolve_checkpoint_dir
+    from apex_reward.checkpoint import CONFIG_NAME, resolve_checkpoint_dir, split_digests
     from apex_reward.config import ApexConfig
 
     directory = resolve_checkpoint_dir(path)
@@ -140,8 +140,7 @@ def _read_score_names(path: str | Path) -> tuple[str, ...]:
         raw = json.loads((directory / CONFIG_NAME).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigError(f"{directory / CONFIG_NAME}: cannot read ({e})") from e
-    raw.pop("weights_sha256", None)
-    return ApexConfig.from_dict(raw).score_names
+    return ApexConfig.from_dict(split_digests(raw)[0]).score_names
 
 
 # ----------------------------------------------------------------------------------------------

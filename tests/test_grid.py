@@ -83,3 +83,4 @@ def test_grid_runs_all_conditions_and_resumes(tmp_path):
     summary = json.loads((out / "grid_summary.json").read_text())
     best = ApexRewardModel.from_pretrained(out / "best_model")
     assert not best.untrained and best.config.training["config"]["out"].endswith(summary["best"])
+    assert summary["best"].endswith("-full") and "clarity" in best.score_names  # a reward model

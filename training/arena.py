@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from apex_reward.checkpoint import split_digests
 from apex_reward.dataclass_io import add_dataclass_arguments, dataclass_from_args, to_dict
 from apex_reward.errors import ConfigError
 
@@ -541,8 +542,7 @@ def _run(
             system_offsets=offsets if cfg.export_system_offsets else None,
             out=cfg.export_to,
         )
-        raw = json.loads((dst / "config.json").read_text())
-        raw.pop("weights_sha256", None)
+        raw, _ = split_digests(json.loads((dst / "config.json").read_text()))
         written = ApexConfig.from_dict(raw)
         check: dict[str, Any] = {"checkpoint": str(dst)}
         if cfg.export_head:

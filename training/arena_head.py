@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from apex_reward.checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_checkpoint
+from apex_reward.checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_checkpoint, split_digests
 from apex_reward.config import ApexConfig, PreferenceHeadConfig
 from apex_reward.dataclass_io import from_dict, to_dict
 from apex_reward.errors import CheckpointError, ConfigError
@@ -231,7 +231,7 @@ def write_preference_to_checkpoint(
         raw = json.loads((src / CONFIG_NAME).read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{src / CONFIG_NAME}: invalid JSON ({e})") from e
-    checksum = raw.pop("weights_sha256", None)
+    raw, digests = split_digests(raw)
     pref = dict(raw.get("preference") or {})
     if head is not None:
         head_dict = to_dict(head)
@@ -246,8 +246,7 @@ def write_preference_to_checkpoint(
         pref["system_offsets"] = {str(k): float(v) for k, v in system_offsets.items()}
     raw["preference"] = pref
     ApexConfig.from_dict(json.loads(json.dumps(raw)))  # validate before touching any file
-    if checksum is not None:
-        raw["weights_sha256"] = checksum
+    raw.update(digests)  # the weights file is not touched: its digests stay valid
     text = json.dumps(raw, indent=2) + "\n"
 
     if out is None or Path(out).expanduser().resolve() == src.resolve():

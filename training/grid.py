@@ -258,11 +258,14 @@ def write_tables(config: GridConfig) -> dict[str, Any]:
         )
         (out / f"{name}.md").write_text(f"# {title}\n\n" + "\n".join(lines) + "\n")
 
-    # best condition: chosen on validation, popularity first (the primary tasks)
+    # best condition: chosen on validation by the popularity tasks (the primary ones),
     def val_score(r: dict[str, Any]) -> float:
         return float(np.mean([r["metrics"]["val"][t]["pearson"] for t in POPULARITY_TASKS]))
 
-    best = max(rows, key=val_score)
+    # among the full-task conditions (when run): best_model/ is a reward model, and a
+    # popularity-only one has no aesthetic scores (its "overall" would be popularity alone)
+    full = [r for r in rows if r["tasks"] == "full"]
+    best = max(full or rows, key=val_score)
     best_dir = Path(config.out) / "conditions" / best["name"]
     if (best_dir / "model").is_dir():
         target = out / "best_model"
