@@ -564,6 +564,17 @@ def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     tmp.replace(path)
 
 
+def _finite_or_none(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float replaced by ``None`` (valid JSON: ``null``)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_none(v) for v in obj]
+    return obj
+
+
 def run_pairs_job(cfg: PairsConfig, *, progress: bool = False) -> dict[str, Any]:
     """Run the pairs job; returns the summary also written to ``OUT/stats.json``.
 
@@ -573,7 +584,7 @@ def run_pairs_job(cfg: PairsConfig, *, progress: bool = False) -> dict[str, Any]
     """
     from apex_reward.model import ApexRewardModel
 
-    from .trl_rewards import ApexRewardFunction
+    from .trl_rewards import ApexRewardFunction, _spec_label
 
     require("datasets", "trl", "apex-reward pairs")
     out = Path(cfg.out)  # type: ignore[arg-type]
@@ -626,15 +637,26 @@ def run_pairs_job(cfg: PairsConfig, *, progress: bool = False) -> dict[str, Any]
         shutil.rmtree(out / "dataset")
     dataset.save_to_disk(str(out / "dataset"))
     _write_jsonl(out / "pairs.jsonl", records)
+    # one `failed` entry per candidate counted in stats.failed_candidates: those that could not
+    # be scored, and those whose selected score is NaN or infinite (left out of the pairs too)
     score_rows, failed = [], []
     for g, vals in zip(groups, values):
         for j, a in enumerate(g.audio):
-            r = by_path[a].to_dict()
+            r = _finite_or_none(by_path[a].to_dict())
             r.update({"line": g.line, "candidate": j, "value": vals[j]})
             score_rows.append(r)
             if "error" in r:
                 failed.append(
                     {"line": g.line, "audio": a, "error_type": r["error_type"], "error": r["error"]}
+                )
+            elif vals[j] is None:
+                failed.append(
+                    {
+                        "line": g.line,
+                        "audio": a,
+                        "error_type": "NonFiniteScore",
+                        "error": f"the {_spec_label(fn.score)!r} score is NaN or infinite",
+                    }
                 )
     _write_jsonl(out / "scores.jsonl", score_rows)
     summary = {

@@ -337,6 +337,59 @@ def test_pairs_cli_end_to_end(fast_checkpoint, tmp_path, capsys):
     }
 
 
+def test_non_finite_score_is_listed_as_a_failed_candidate(fast_checkpoint, tmp_path, capsys):
+    """A candidate that decodes but scores NaN (float audio at 1e38: the encoder overflows) is
+    counted in failed_candidates, so it must also be listed in `failed` (and fail --strict);
+    scores.jsonl stays valid JSON (null, not NaN)."""
+    import soundfile as sf
+
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    for i in range(4):
+        sf.write(audio / f"c{i}.wav", synth_music(1.0 + 0.25 * i, 16000, seed=i).T, 16000)
+    loud = synth_music(1.5, 16000, seed=9).T.astype(np.float32)
+    sf.write(audio / "huge.wav", loud / np.abs(loud).max() * 1e38, 16000, subtype="FLOAT")
+    huge = str(audio / "huge.wav")
+    result = ApexRewardModel.from_pretrained(fast_checkpoint).score([huge])[0]
+    assert result.ok and math.isnan(result.reward)  # the premise: scored, but not finite
+
+    f = tmp_path / "candidates.jsonl"
+    f.write_text(
+        json.dumps(
+            {"prompt": "a", "candidates": ["audio/c0.wav", "audio/c1.wav", "audio/huge.wav"]}
+        )
+        + "\n"
+        + json.dumps({"prompt": "b", "candidates": ["audio/c2.wav", "audio/c3.wav"]})
+        + "\n"
+    )
+    out = tmp_path / "out"
+    argv = ["pairs", "--model", str(fast_checkpoint), "--candidates", str(f), "--out", str(out)]
+    assert main(argv + ["--strategy", "all_pairs", "--tie-tolerance", "0", "--strict"]) == 1
+    assert f"line 1: {huge}: NonFiniteScore" in capsys.readouterr().err
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["failed_candidates"] == len(stats["failed"]) == 1
+    assert stats["failed"][0] == {
+        "line": 1,
+        "audio": huge,
+        "error_type": "NonFiniteScore",
+        "error": "the 'reward' score is NaN or infinite",
+    }
+
+    def no_nan(token):
+        raise AssertionError(f"{token} in scores.jsonl is not valid JSON")
+
+    scores = [
+        json.loads(line, parse_constant=no_nan)
+        for line in (out / "scores.jsonl").read_text().splitlines()
+    ]
+    row = next(r for r in scores if r["path"] == huge)
+    assert row["value"] is None and row["reward"] is None
+    assert all(v is None for v in row["scores"].values())
+    rows = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()]
+    assert len(rows) == stats["pairs"] == 2  # c0 vs c1 and c2 vs c3: huge.wav is in none
+    assert all(huge not in (r["chosen"], r["rejected"]) for r in rows)
+
+
 def test_pairs_cli_errors(fast_checkpoint, tmp_path, capsys):
     assert main(["pairs", "--candidates", "x.jsonl", "--out", str(tmp_path)]) == 1
     assert "--model is required" in capsys.readouterr().err
