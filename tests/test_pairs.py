@@ -390,6 +390,58 @@ def test_non_finite_score_is_listed_as_a_failed_candidate(fast_checkpoint, tmp_p
     assert all(huge not in (r["chosen"], r["rejected"]) for r in rows)
 
 
+def test_overwrite_keeps_the_old_outputs_when_writing_the_new_ones_fails(
+    fast_checkpoint, tmp_path, monkeypatch
+):
+    """--overwrite used to delete OUT/dataset before saving the new one: a failed save (here: the
+    disk fills up halfway through) lost it. The new outputs are now staged next to the old ones
+    and moved into place only when all of them are complete."""
+    import datasets
+    import soundfile as sf
+
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    for i in range(4):
+        sf.write(audio / f"c{i}.wav", synth_music(1.0 + 0.25 * i, 16000, seed=i).T, 16000)
+    old_f, new_f = tmp_path / "old.jsonl", tmp_path / "new.jsonl"
+    old_f.write_text(json.dumps({"prompt": "old", "candidates": ["audio/c0.wav", "audio/c1.wav"]}))
+    new_f.write_text(json.dumps({"prompt": "new", "candidates": ["audio/c2.wav", "audio/c3.wav"]}))
+    out = tmp_path / "out"
+    outputs = ["dataset", "pairs.jsonl", "scores.jsonl", "stats.json"]
+
+    def argv(f):
+        return ["pairs", "--model", str(fast_checkpoint), "--candidates", str(f), "--out", str(out)]
+
+    assert main(argv(old_f) + ["--tie-tolerance", "0"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == outputs
+    before = {n: (out / n).read_bytes() for n in outputs[1:]}
+    old_rows = datasets.load_from_disk(str(out / "dataset")).to_list()
+    assert [r["prompt"] for r in old_rows] == ["old"]
+
+    real_save = datasets.Dataset.save_to_disk
+
+    def save_then_disk_full(self, path, *args, **kwargs):
+        real_save(self, path, *args, **kwargs)  # a partly written dataset is left behind ...
+        raise OSError(28, "No space left on device")  # ... and the save fails
+
+    monkeypatch.setattr(datasets.Dataset, "save_to_disk", save_then_disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        main(argv(new_f) + ["--tie-tolerance", "0", "--overwrite"])
+    assert sorted(p.name for p in out.iterdir()) == outputs  # no temporary left behind
+    assert datasets.load_from_disk(str(out / "dataset")).to_list() == old_rows
+    assert {n: (out / n).read_bytes() for n in outputs[1:]} == before
+
+    monkeypatch.setattr(datasets.Dataset, "save_to_disk", real_save)
+    assert main(argv(new_f) + ["--tie-tolerance", "0", "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == outputs
+    new_rows = datasets.load_from_disk(str(out / "dataset")).to_list()
+    assert [r["prompt"] for r in new_rows] == ["new"]
+    assert [json.loads(x)["prompt"] for x in (out / "pairs.jsonl").read_text().splitlines()] == [
+        "new"
+    ]
+    assert json.loads((out / "stats.json").read_text())["options"]["candidates"] == str(new_f)
+
+
 def test_pairs_cli_errors(fast_checkpoint, tmp_path, capsys):
     assert main(["pairs", "--candidates", "x.jsonl", "--out", str(tmp_path)]) == 1
     assert "--model is required" in capsys.readouterr().err
