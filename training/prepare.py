@@ -443,9 +443,11 @@ def _plot(df, path: Path) -> None:
             ax.set_title(f"{col} by {key}")
             ax.set_xlabel(col)
             ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=90, format="png")
-    plt.close(fig)
+    try:
+        fig.tight_layout()
+        fig.savefig(path, dpi=90, format="png")
+    finally:
+        plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------------
