@@ -250,10 +250,9 @@ class ShardWriter:
 
         name = shard_name(self.k)
         data = self.dir / f"{name}.safetensors"
-        tmp = self.dir / f"{name}.safetensors.tmp{os.getpid()}"
         emb = torch.cat(self.chunks) if self.chunks else torch.zeros(0, dtype=torch.float16)
-        save_file({"embeddings": emb.contiguous()}, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, data)
+        with atomic_path(data) as tmp:
+            save_file({"embeddings": emb.contiguous()}, str(tmp), metadata={"format": "pt"})
         record = {
             "shard": self.k,
             "rows": self.rows,
@@ -287,9 +286,8 @@ def write_index(out: Path, n_shards: int, n_songs: int) -> dict[str, Any]:
     index = pd.DataFrame(
         rows, columns=["id", "segment", "duration_s", "song_duration_s", "shard", "row"]
     )
-    tmp = out / "index.parquet.tmp"
-    index.to_parquet(tmp, index=False)
-    os.replace(tmp, out / "index.parquet")
+    with atomic_path(out / "index.parquet") as tmp:
+        index.to_parquet(tmp, index=False)
     atomic_write_text(out / "errors.jsonl", "".join(json.dumps(e) + "\n" for e in errors))
     n_ok = int(index["id"].nunique()) if len(index) else 0
     song_durations = index.drop_duplicates("id")["song_duration_s"] if len(index) else []
