@@ -321,6 +321,42 @@ def test_failed_prepare_leaves_previous_outputs_intact(
     assert after["prepared.parquet"] != before["prepared.parquet"]  # the new run replaced it
 
 
+def test_os_error_on_one_file_is_recorded_and_the_job_goes_on(corpus, prepared, tmp_path):
+    """An OSError while probing one file (here a real one: a file name longer than the file
+    system allows) used to escape check_audio and abort prepare; it is now one removed song with
+    its reason, in both audio_check modes."""
+    from apex_reward.training.prepare import check_audio
+
+    too_long = str(tmp_path / ("x" * 300 + ".flac"))
+    for mode in ("decode", "header"):
+        result = check_audio(too_long, mode, 1.0, 60.0)
+        assert not result["ok"] and "File name too long" in result["reason"], (mode, result)
+
+    src, _ = corpus
+    prepared_dir, report = prepared
+    victim = pd.read_parquet(prepared_dir / "prepared.parquet")["id"].iloc[0]
+    manifest = pd.read_csv(src / "manifest.csv")
+    first = manifest.index[manifest["id"] == victim][0]  # later rows are duplicate ids
+    manifest.loc[first, "audio_path"] = too_long
+    manifest.to_csv(tmp_path / "manifest.csv", index=False)
+    out = tmp_path / "out"
+    again = prepare_corpus(  # as the `prepared` fixture, but for that one file
+        PrepareConfig(
+            manifest=str(tmp_path / "manifest.csv"),
+            audio_root=str(src),
+            out=str(out),
+            snapshot_date="2025-06-01",
+            workers=2,
+            seed=3,
+        )
+    )
+    assert again["counts"]["unreadable"] == report["counts"]["unreadable"] + 1
+    removed = pd.read_csv(out / "removed.csv")
+    row = removed[(removed["id"] == victim) & (removed["filter"] == "unreadable")]
+    assert row["reason"].tolist() == ["cannot read the file: File name too long (OSError)"]
+    assert victim not in set(pd.read_parquet(out / "prepared.parquet")["id"])
+
+
 def test_relative_manifest_paths_become_absolute(tmp_path, monkeypatch):
     """A manifest named by a relative path (the demo's default `runs/demo/...`) yields absolute
     audio paths, so a manifest written elsewhere from them (prepare's output, which extraction

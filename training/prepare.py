@@ -117,7 +117,12 @@ class PrepareConfig:
 
 def check_audio(path: str, mode: str, min_s: float, max_s: float) -> dict[str, Any]:
     """Check one audio file. Returns ``{"ok", "reason", "duration_s", "sample_rate",
-    "channels", "content_hash"}``; never raises for bad audio."""
+    "channels", "content_hash"}``.
+
+    Never raises for a bad file: unreadable, truncated, non-finite, too short or too long audio,
+    and operating-system errors on the file (permission denied, a name too long, an I/O error)
+    give ``ok=False`` with the reason, so one file cannot stop a corpus-wide job.
+    """
     import soundfile as sf
 
     from apex_reward.audio import load_audio
@@ -155,14 +160,18 @@ def check_audio(path: str, mode: str, min_s: float, max_s: float) -> dict[str, A
         }
     except ApexError as e:
         reason = getattr(e, "reason", None) or str(e)
-        return {
-            "ok": False,
-            "reason": reason,
-            "duration_s": None,
-            "sample_rate": None,
-            "channels": None,
-            "content_hash": None,
-        }
+    except OSError as e:  # PermissionError, name too long, I/O error: this file, not the job
+        reason = f"cannot read the file: {e.strerror or e} ({type(e).__name__})"
+    except Exception as e:  # a decoder crash on one file must not stop the job
+        reason = f"{type(e).__name__}: {e}"
+    return {
+        "ok": False,
+        "reason": reason,
+        "duration_s": None,
+        "sample_rate": None,
+        "channels": None,
+        "content_hash": None,
+    }
 
 
 def score_bins(scores: np.ndarray, bins: int) -> np.ndarray:
