@@ -29,6 +29,8 @@ import argparse
 import json
 import logging
 import math
+import os
+import shutil
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -557,11 +559,46 @@ def add_pairs_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with open(path, "w", encoding="utf-8") as f:
         for r in rows:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    tmp.replace(path)
+
+
+def _replace_dir(new: Path, dst: Path) -> None:
+    """Move the complete directory ``new`` to ``dst``, replacing whatever ``dst`` holds.
+
+    A directory cannot be renamed over a non-empty one, so the old ``dst`` is first renamed aside
+    and deleted only once ``new`` is in place (it is put back if that rename fails): at no point
+    is the old output deleted before the new one is complete.
+    """
+    old = None
+    if dst.exists():
+        old = dst.with_name(f"{dst.name}.old{os.getpid()}")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(dst, old)
+    try:
+        os.replace(new, dst)
+    except BaseException:
+        if old is not None:
+            os.replace(old, dst)
+        raise
+    if old is not None:
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
+
+
+def _finite_or_none(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float replaced by ``None`` (valid JSON: ``null``)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_none(v) for v in obj]
+    return obj
 
 
 def run_pairs_job(cfg: PairsConfig, *, progress: bool = False) -> dict[str, Any]:
@@ -570,10 +607,12 @@ def run_pairs_job(cfg: PairsConfig, *, progress: bool = False) -> dict[str, Any]
     Outputs in ``cfg.out``: ``dataset/`` (``datasets.Dataset.save_to_disk``), ``pairs.jsonl``
     (the same rows), ``scores.jsonl`` (every candidate's scores or error, with its line number)
     and ``stats.json`` (:class:`PairStats`, bad lines, failed candidates, the options used).
+    All four are written in full under temporary names first and then moved into place, so a
+    failed run (``--overwrite`` included) leaves the previous outputs as they were.
     """
     from apex_reward.model import ApexRewardModel
 
-    from .trl_rewards import ApexRewardFunction
+    from .trl_rewards import ApexRewardFunction, _spec_label
 
     require("datasets", "trl", "apex-reward pairs")
     out = Path(cfg.out)  # type: ignore[arg-type]
@@ -619,24 +658,27 @@ def run_pairs_job(cfg: PairsConfig, *, progress: bool = False) -> dict[str, Any]
     )
     dataset = _to_dataset(records, PAIR_COLUMNS)
 
-    out.mkdir(parents=True, exist_ok=True)
-    if (out / "dataset").exists():
-        import shutil
-
-        shutil.rmtree(out / "dataset")
-    dataset.save_to_disk(str(out / "dataset"))
-    _write_jsonl(out / "pairs.jsonl", records)
+    # one `failed` entry per candidate counted in stats.failed_candidates: those that could not
+    # be scored, and those whose selected score is NaN or infinite (left out of the pairs too)
     score_rows, failed = [], []
     for g, vals in zip(groups, values):
         for j, a in enumerate(g.audio):
-            r = by_path[a].to_dict()
+            r = _finite_or_none(by_path[a].to_dict())
             r.update({"line": g.line, "candidate": j, "value": vals[j]})
             score_rows.append(r)
             if "error" in r:
                 failed.append(
                     {"line": g.line, "audio": a, "error_type": r["error_type"], "error": r["error"]}
                 )
-    _write_jsonl(out / "scores.jsonl", score_rows)
+            elif vals[j] is None:
+                failed.append(
+                    {
+                        "line": g.line,
+                        "audio": a,
+                        "error_type": "NonFiniteScore",
+                        "error": f"the {_spec_label(fn.score)!r} score is NaN or infinite",
+                    }
+                )
     summary = {
         **stats.to_dict(),
         "bad_lines": bad_lines,
@@ -644,9 +686,28 @@ def run_pairs_job(cfg: PairsConfig, *, progress: bool = False) -> dict[str, Any]
         "untrained_model": bool(model.untrained),
         "options": {k: v for k, v in asdict(cfg).items()},
     }
-    tmp = out / "stats.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    tmp.replace(out / "stats.json")
+
+    # Every output is written in full under a temporary name in `out` first, and only then moved
+    # over the previous one (--overwrite): if writing fails (disk full, ...), the previous outputs
+    # are left as they were.
+    out.mkdir(parents=True, exist_ok=True)
+    tag = f".tmp{os.getpid()}"
+    staged_dataset = out / f"dataset{tag}"
+    staged = {name: out / f"{name}{tag}" for name in ("pairs.jsonl", "scores.jsonl", "stats.json")}
+    try:
+        if staged_dataset.exists():
+            shutil.rmtree(staged_dataset)
+        dataset.save_to_disk(str(staged_dataset))
+        _write_jsonl(staged["pairs.jsonl"], records)
+        _write_jsonl(staged["scores.jsonl"], score_rows)
+        staged["stats.json"].write_text(json.dumps(summary, indent=2) + "\n")
+        _replace_dir(staged_dataset, out / "dataset")
+        for name, tmp in staged.items():
+            os.replace(tmp, out / name)
+    finally:
+        shutil.rmtree(staged_dataset, ignore_errors=True)
+        for tmp in staged.values():
+            tmp.unlink(missing_ok=True)
     return summary
 
 

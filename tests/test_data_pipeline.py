@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -261,6 +262,99 @@ def test_prepared_split_is_disjoint_and_reproducible(corpus, prepared, tmp_path)
     prep2 = pd.read_parquet(tmp_path / "again" / "prepared.parquet")
     pd.testing.assert_frame_equal(prep, prep2)
     assert again["counts"] == report["counts"]
+
+
+@pytest.mark.parametrize("failing", ["parquet", "plot"])
+def test_failed_prepare_leaves_previous_outputs_intact(
+    corpus, prepared, tmp_path, monkeypatch, failing
+):
+    """prepare used to write its outputs in place, one after the other: a failure halfway
+    (simulated: the disk fills up while the Parquet file or the plot, the last output, is being
+    written) left a truncated prepared.parquet, or a new one beside the previous run's reports.
+    Now the previous outputs stay byte for byte, and no temporary file is left behind."""
+    import shutil
+
+    import matplotlib.figure
+
+    src, _ = corpus
+    out = tmp_path / "prepared"
+    shutil.copytree(prepared[0], out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert set(before) == {
+        "prepared.parquet",
+        "popularity_reference.json",
+        "removed.csv",
+        "report.json",
+        "report.md",
+        "report.png",
+    }
+    cls, method = (
+        (pd.DataFrame, "to_parquet")
+        if failing == "parquet"
+        else (matplotlib.figure.Figure, "savefig")
+    )
+    real = getattr(cls, method)
+
+    def half_then_disk_full(self, path, *args, **kwargs):
+        real(self, path, *args, **kwargs)
+        data = Path(path).read_bytes()
+        Path(path).write_bytes(data[: len(data) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cls, method, half_then_disk_full)
+    config = PrepareConfig(
+        manifest=str(src / "manifest.csv"),
+        out=str(out),
+        snapshot_date="2025-06-01",
+        workers=2,
+        seed=4,  # another split than the previous run's: the outputs would differ
+    )
+    with pytest.raises(OSError, match="No space left"):
+        prepare_corpus(config)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    pd.read_parquet(out / "prepared.parquet")  # still readable
+
+    monkeypatch.setattr(cls, method, real)
+    prepare_corpus(config)
+    after = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert set(after) == set(before)
+    assert after["prepared.parquet"] != before["prepared.parquet"]  # the new run replaced it
+
+
+def test_os_error_on_one_file_is_recorded_and_the_job_goes_on(corpus, prepared, tmp_path):
+    """An OSError while probing one file (here a real one: a file name longer than the file
+    system allows) used to escape check_audio and abort prepare; it is now one removed song with
+    its reason, in both audio_check modes."""
+    from apex_reward.training.prepare import check_audio
+
+    too_long = str(tmp_path / ("x" * 300 + ".flac"))
+    for mode in ("decode", "header"):
+        result = check_audio(too_long, mode, 1.0, 60.0)
+        assert not result["ok"] and "File name too long" in result["reason"], (mode, result)
+
+    src, _ = corpus
+    prepared_dir, report = prepared
+    victim = pd.read_parquet(prepared_dir / "prepared.parquet")["id"].iloc[0]
+    manifest = pd.read_csv(src / "manifest.csv")
+    first = manifest.index[manifest["id"] == victim][0]  # later rows are duplicate ids
+    manifest.loc[first, "audio_path"] = too_long
+    manifest.to_csv(tmp_path / "manifest.csv", index=False)
+    out = tmp_path / "out"
+    again = prepare_corpus(  # as the `prepared` fixture, but for that one file
+        PrepareConfig(
+            manifest=str(tmp_path / "manifest.csv"),
+            audio_root=str(src),
+            out=str(out),
+            snapshot_date="2025-06-01",
+            workers=2,
+            seed=3,
+        )
+    )
+    assert again["counts"]["unreadable"] == report["counts"]["unreadable"] + 1
+    removed = pd.read_csv(out / "removed.csv")
+    row = removed[(removed["id"] == victim) & (removed["filter"] == "unreadable")]
+    assert row["reason"].tolist() == ["cannot read the file: File name too long (OSError)"]
+    assert victim not in set(pd.read_parquet(out / "prepared.parquet")["id"])
 
 
 def test_relative_manifest_paths_become_absolute(tmp_path, monkeypatch):

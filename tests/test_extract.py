@@ -16,8 +16,9 @@ import torch
 from conftest import accelerate_launch
 
 from apex_reward import ApexRewardModel, ConfigError, load_audio
+from apex_reward.cli import main
 from apex_reward.training.embeddings import EmbeddingStore
-from apex_reward.training.extract import ExtractConfig, run_extraction
+from apex_reward.training.extract import ExtractConfig, read_songs, run_extraction
 from apex_reward.training.synthetic import SynthConfig, generate_corpus
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -251,3 +252,20 @@ def test_launch_without_a_group_is_refused(monkeypatch):
     check_launch(alone)
     monkeypatch.delenv("WORLD_SIZE")
     check_launch(alone)
+
+
+@pytest.mark.parametrize("limit", [-1, 0])
+def test_limit_below_one_is_an_error(songs, model_dir, tmp_path, capsys, limit):
+    """``--limit -1`` used to drop the last song (a Python slice) and ``--limit 0`` to succeed with
+    no songs; both are now refused before anything is written."""
+    manifest, _ = songs
+    out = tmp_path / "emb"
+    assert main(_extract_cmd(manifest, model_dir, out, "--limit", str(limit))) == 1
+    err = capsys.readouterr().err
+    assert f"limit: must be >= 1 (leave it unset to extract every song), got {limit}" in err
+    assert not out.exists()
+    with pytest.raises(ConfigError, match=f"limit: must be >= 1.*got {limit}"):
+        read_songs(str(manifest), limit=limit)
+    every = read_songs(str(manifest))
+    assert read_songs(str(manifest), limit=1) == every[:1]
+    assert read_songs(str(manifest), limit=len(every) + 5) == every

@@ -337,6 +337,105 @@ def test_pairs_cli_end_to_end(fast_checkpoint, tmp_path, capsys):
     }
 
 
+def test_out_of_range_candidate_is_listed_as_a_failed_candidate(fast_checkpoint, tmp_path, capsys):
+    """A candidate that decodes but cannot be scored (float audio at 1e38; it used to score NaN)
+    is counted in failed_candidates and listed in `failed` (and fails --strict); scores.jsonl
+    stays valid JSON."""
+    import soundfile as sf
+
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    for i in range(4):
+        sf.write(audio / f"c{i}.wav", synth_music(1.0 + 0.25 * i, 16000, seed=i).T, 16000)
+    loud = synth_music(1.5, 16000, seed=9).T.astype(np.float32)
+    sf.write(audio / "huge.wav", loud / np.abs(loud).max() * 1e38, 16000, subtype="FLOAT")
+    huge = str(audio / "huge.wav")
+
+    f = tmp_path / "candidates.jsonl"
+    f.write_text(
+        json.dumps(
+            {"prompt": "a", "candidates": ["audio/c0.wav", "audio/c1.wav", "audio/huge.wav"]}
+        )
+        + "\n"
+        + json.dumps({"prompt": "b", "candidates": ["audio/c2.wav", "audio/c3.wav"]})
+        + "\n"
+    )
+    out = tmp_path / "out"
+    argv = ["pairs", "--model", str(fast_checkpoint), "--candidates", str(f), "--out", str(out)]
+    assert main(argv + ["--strategy", "all_pairs", "--tie-tolerance", "0", "--strict"]) == 1
+    assert f"line 1: {huge}: AudioRangeError" in capsys.readouterr().err
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["failed_candidates"] == len(stats["failed"]) == 1
+    (failed,) = stats["failed"]
+    assert failed["audio"] == huge and failed["error_type"] == "AudioRangeError"
+    assert "peak |sample| is 1e+38" in failed["error"]
+
+    def no_nan(token):
+        raise AssertionError(f"{token} in scores.jsonl is not valid JSON")
+
+    scores = [
+        json.loads(line, parse_constant=no_nan)
+        for line in (out / "scores.jsonl").read_text().splitlines()
+    ]
+    row = next(r for r in scores if r["path"] == huge)
+    assert row["value"] is None and row["error_type"] == "AudioRangeError"
+    rows = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()]
+    assert len(rows) == stats["pairs"] == 2  # c0 vs c1 and c2 vs c3: huge.wav is in none
+    assert all(huge not in (r["chosen"], r["rejected"]) for r in rows)
+
+
+def test_overwrite_keeps_the_old_outputs_when_writing_the_new_ones_fails(
+    fast_checkpoint, tmp_path, monkeypatch
+):
+    """--overwrite used to delete OUT/dataset before saving the new one: a failed save (here: the
+    disk fills up halfway through) lost it. The new outputs are now staged next to the old ones
+    and moved into place only when all of them are complete."""
+    import datasets
+    import soundfile as sf
+
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    for i in range(4):
+        sf.write(audio / f"c{i}.wav", synth_music(1.0 + 0.25 * i, 16000, seed=i).T, 16000)
+    old_f, new_f = tmp_path / "old.jsonl", tmp_path / "new.jsonl"
+    old_f.write_text(json.dumps({"prompt": "old", "candidates": ["audio/c0.wav", "audio/c1.wav"]}))
+    new_f.write_text(json.dumps({"prompt": "new", "candidates": ["audio/c2.wav", "audio/c3.wav"]}))
+    out = tmp_path / "out"
+    outputs = ["dataset", "pairs.jsonl", "scores.jsonl", "stats.json"]
+
+    def argv(f):
+        return ["pairs", "--model", str(fast_checkpoint), "--candidates", str(f), "--out", str(out)]
+
+    assert main(argv(old_f) + ["--tie-tolerance", "0"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == outputs
+    before = {n: (out / n).read_bytes() for n in outputs[1:]}
+    old_rows = datasets.load_from_disk(str(out / "dataset")).to_list()
+    assert [r["prompt"] for r in old_rows] == ["old"]
+
+    real_save = datasets.Dataset.save_to_disk
+
+    def save_then_disk_full(self, path, *args, **kwargs):
+        real_save(self, path, *args, **kwargs)  # a partly written dataset is left behind ...
+        raise OSError(28, "No space left on device")  # ... and the save fails
+
+    monkeypatch.setattr(datasets.Dataset, "save_to_disk", save_then_disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        main(argv(new_f) + ["--tie-tolerance", "0", "--overwrite"])
+    assert sorted(p.name for p in out.iterdir()) == outputs  # no temporary left behind
+    assert datasets.load_from_disk(str(out / "dataset")).to_list() == old_rows
+    assert {n: (out / n).read_bytes() for n in outputs[1:]} == before
+
+    monkeypatch.setattr(datasets.Dataset, "save_to_disk", real_save)
+    assert main(argv(new_f) + ["--tie-tolerance", "0", "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == outputs
+    new_rows = datasets.load_from_disk(str(out / "dataset")).to_list()
+    assert [r["prompt"] for r in new_rows] == ["new"]
+    assert [json.loads(x)["prompt"] for x in (out / "pairs.jsonl").read_text().splitlines()] == [
+        "new"
+    ]
+    assert json.loads((out / "stats.json").read_text())["options"]["candidates"] == str(new_f)
+
+
 def test_pairs_cli_errors(fast_checkpoint, tmp_path, capsys):
     assert main(["pairs", "--candidates", "x.jsonl", "--out", str(tmp_path)]) == 1
     assert "--model is required" in capsys.readouterr().err

@@ -14,7 +14,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,6 +32,7 @@ __all__ = [
     "shard_complete",
     "write_index",
     "sha256_file",
+    "atomic_path",
     "atomic_write_text",
 ]
 
@@ -165,10 +167,32 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary sibling of ``path`` to write to, renamed over ``path`` when the block ends.
+
+    On a normal exit the temporary file replaces ``path`` with :func:`os.replace` (atomic on
+    POSIX: ``path`` holds its previous content or the complete new one, never a partial write);
+    if the block raises, the temporary file is deleted and ``path`` is left as it was. Enter
+    several with :class:`contextlib.ExitStack` to move a set of files into place only once all
+    of them are written::
+
+        with atomic_path(out / "table.parquet") as tmp:
+            df.to_parquet(tmp)
+    """
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (through :func:`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def shard_complete(shards_dir: Path, k: int) -> dict[str, Any] | None:
@@ -226,10 +250,9 @@ class ShardWriter:
 
         name = shard_name(self.k)
         data = self.dir / f"{name}.safetensors"
-        tmp = self.dir / f"{name}.safetensors.tmp{os.getpid()}"
         emb = torch.cat(self.chunks) if self.chunks else torch.zeros(0, dtype=torch.float16)
-        save_file({"embeddings": emb.contiguous()}, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, data)
+        with atomic_path(data) as tmp:
+            save_file({"embeddings": emb.contiguous()}, str(tmp), metadata={"format": "pt"})
         record = {
             "shard": self.k,
             "rows": self.rows,
@@ -263,9 +286,8 @@ def write_index(out: Path, n_shards: int, n_songs: int) -> dict[str, Any]:
     index = pd.DataFrame(
         rows, columns=["id", "segment", "duration_s", "song_duration_s", "shard", "row"]
     )
-    tmp = out / "index.parquet.tmp"
-    index.to_parquet(tmp, index=False)
-    os.replace(tmp, out / "index.parquet")
+    with atomic_path(out / "index.parquet") as tmp:
+        index.to_parquet(tmp, index=False)
     atomic_write_text(out / "errors.jsonl", "".join(json.dumps(e) + "\n" for e in errors))
     n_ok = int(index["id"].nunique()) if len(index) else 0
     song_durations = index.drop_duplicates("id")["song_duration_s"] if len(index) else []

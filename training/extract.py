@@ -101,13 +101,26 @@ class ExtractConfig:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.num_workers < 0:
             raise ConfigError(f"num_workers: must be >= 0, got {self.num_workers}")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(
+                f"limit: must be >= 1 (leave it unset to extract every song), got {self.limit}"
+            )
 
 
 def read_songs(
     manifest: str, columns: str | None = None, limit: int | None = None
 ) -> list[tuple[str, str]]:
-    """``[(id, absolute audio path)]`` sorted by id, from any manifest with id and audio_path."""
+    """``[(id, absolute audio path)]`` sorted by id, from any manifest with id and audio_path.
+
+    ``limit`` keeps only the first ``limit`` songs (by id); it must be >= 1 when given.
+
+    Raises:
+        ConfigError: a missing column, duplicate ids, or ``limit`` < 1.
+    """
     from .manifest import parse_column_map, read_table
+
+    if limit is not None and limit < 1:
+        raise ConfigError(f"limit: must be >= 1 (or None for every song), got {limit}")
 
     p = Path(manifest)
     df = read_table(p)

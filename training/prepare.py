@@ -18,8 +18,9 @@
    proportions are exact to one song and each bin is split in the same proportions.
 
 Outputs in ``--out``: ``prepared.parquet``, ``popularity_reference.json``, ``report.md``,
-``report.json``, ``report.png`` (score histograms per split and platform), ``removed.csv``.
-Deterministic given the inputs and ``--seed``.
+``report.json``, ``report.png`` (score histograms per split and platform), ``removed.csv``; each
+is written to a temporary file and all are renamed into place together at the end, so a failed
+run leaves a previous run's outputs intact. Deterministic given the inputs and ``--seed``.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import json
 import logging
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -41,6 +43,7 @@ from apex_reward.dataclass_io import add_dataclass_arguments, dataclass_from_arg
 from apex_reward.errors import ApexError, ConfigError, require
 from apex_reward.popularity import PopularityReference, popularity_scores
 
+from .embeddings import atomic_path
 from .manifest import REQUIRED_COLUMNS, load_manifest
 
 logger = logging.getLogger(__name__)
@@ -114,7 +117,12 @@ class PrepareConfig:
 
 def check_audio(path: str, mode: str, min_s: float, max_s: float) -> dict[str, Any]:
     """Check one audio file. Returns ``{"ok", "reason", "duration_s", "sample_rate",
-    "channels", "content_hash"}``; never raises for bad audio."""
+    "channels", "content_hash"}``.
+
+    Never raises for a bad file: unreadable, truncated, non-finite, too short or too long audio,
+    and operating-system errors on the file (permission denied, a name too long, an I/O error)
+    give ``ok=False`` with the reason, so one file cannot stop a corpus-wide job.
+    """
     import soundfile as sf
 
     from apex_reward.audio import load_audio
@@ -152,14 +160,18 @@ def check_audio(path: str, mode: str, min_s: float, max_s: float) -> dict[str, A
         }
     except ApexError as e:
         reason = getattr(e, "reason", None) or str(e)
-        return {
-            "ok": False,
-            "reason": reason,
-            "duration_s": None,
-            "sample_rate": None,
-            "channels": None,
-            "content_hash": None,
-        }
+    except OSError as e:  # PermissionError, name too long, I/O error: this file, not the job
+        reason = f"cannot read the file: {e.strerror or e} ({type(e).__name__})"
+    except Exception as e:  # a decoder crash on one file must not stop the job
+        reason = f"{type(e).__name__}: {e}"
+    return {
+        "ok": False,
+        "reason": reason,
+        "duration_s": None,
+        "sample_rate": None,
+        "channels": None,
+        "content_hash": None,
+    }
 
 
 def score_bins(scores: np.ndarray, bins: int) -> np.ndarray:
@@ -332,13 +344,6 @@ def prepare_corpus(config: PrepareConfig, *, progress: bool = False) -> dict[str
     ]
     extra = [c for c in df.columns if c not in columns]
     prepared = df[columns + extra]
-    prepared.to_parquet(out / "prepared.parquet", index=False)
-    (out / "popularity_reference.json").write_text(
-        json.dumps(to_dict(reference.to_config())) + "\n"
-    )
-    pd.DataFrame(removed, columns=["id", "row", "filter", "reason"]).to_csv(
-        out / "removed.csv", index=False
-    )
     report = {
         "config": to_dict(config),
         "manifest": mreport.to_dict(),
@@ -346,9 +351,24 @@ def prepare_corpus(config: PrepareConfig, *, progress: bool = False) -> dict[str
         "distributions": _distributions(prepared),
         "audio_hours": float(prepared["duration_s"].sum() / 3600.0),
     }
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    (out / "report.md").write_text(_report_markdown(report))
-    _plot(prepared, out / "report.png")
+    # Each output is written to a temporary file in `out`; all are renamed into place only once
+    # every one is complete, so a failure (disk full, a plotting error) leaves the previous
+    # outputs as they were instead of a truncated file or a mix of two runs.
+    with ExitStack() as stack:
+
+        def staged(name: str) -> Path:
+            return stack.enter_context(atomic_path(out / name))
+
+        prepared.to_parquet(staged("prepared.parquet"), index=False)
+        staged("popularity_reference.json").write_text(
+            json.dumps(to_dict(reference.to_config())) + "\n"
+        )
+        pd.DataFrame(removed, columns=["id", "row", "filter", "reason"]).to_csv(
+            staged("removed.csv"), index=False
+        )
+        staged("report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+        staged("report.md").write_text(_report_markdown(report))
+        _plot(prepared, staged("report.png"))
     return report
 
 
@@ -432,9 +452,11 @@ def _plot(df, path: Path) -> None:
             ax.set_title(f"{col} by {key}")
             ax.set_xlabel(col)
             ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    try:
+        fig.tight_layout()
+        fig.savefig(path, dpi=90, format="png")
+    finally:
+        plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------------
