@@ -252,13 +252,16 @@ def add_score_arguments(p: argparse.ArgumentParser) -> None:
         "files", nargs="+", metavar="FILE", help="audio files (WAV, FLAC, Ogg, Opus, MP3)"
     )
     p.add_argument(
-        "--format", choices=("jsonl", "csv", "table"), default="jsonl", help="output format"
+        "--format",
+        choices=("jsonl", "csv", "table"),
+        default="jsonl",
+        help="output format (default: jsonl)",
     )
     p.add_argument(
         "--batch-size",
         type=int_at_least(1),
         default=8,
-        help="30 s segments per encoder call (default: 8)",
+        help="encoder segments (30 s for the MERT presets) per encoder call (default: 8)",
     )
     p.add_argument(
         "--num-workers", type=int_at_least(0), default=2, help="decoding threads (default: 2)"

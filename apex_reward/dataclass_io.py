@@ -265,9 +265,13 @@ def add_dataclass_arguments(
         if default is dataclasses.MISSING and f.default_factory is not dataclasses.MISSING:
             default = f.default_factory()
         help_text = f.metadata.get("help", "")
-        if default is not dataclasses.MISSING:
+        if default is not dataclasses.MISSING and "(default" not in help_text:
             shown = to_dict(default)
-            help_text = f"{help_text} (default: {json.dumps(shown) if not isinstance(shown, str) else shown})"
+            if shown is None:
+                help_text = f"{help_text} (default: unset)"
+            elif shown != "":  # an empty default is a required option's placeholder
+                text = json.dumps(shown) if not isinstance(shown, str) else shown
+                help_text = f"{help_text} (default: {text})"
         flag = "--" + f.name.replace("_", "-")
         group.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, help=help_text, **spec)
 

@@ -1316,6 +1316,9 @@ class _Guard:
                         if ("authorization" in headers or "x-api-key" in headers)
                         else "missing API key"
                     )
+                    query = scope.get("query_string", b"").decode("latin-1")
+                    if "api_key=" in query and not state.config.allow_query_api_key:
+                        which += " (?api_key= is read only with --allow-query-api-key)"
                     resp = self.error_response(
                         401,
                         "Unauthorized",

@@ -353,7 +353,7 @@ def test_os_error_on_one_file_is_recorded_and_the_job_goes_on(corpus, prepared, 
     assert again["counts"]["unreadable"] == report["counts"]["unreadable"] + 1
     removed = pd.read_csv(out / "removed.csv")
     row = removed[(removed["id"] == victim) & (removed["filter"] == "unreadable")]
-    assert row["reason"].tolist() == ["cannot read the file: File name too long (OSError)"]
+    assert row["reason"].tolist() == ["cannot open: File name too long"]
     assert victim not in set(pd.read_parquet(out / "prepared.parquet")["id"])
 
 
@@ -377,3 +377,31 @@ def test_relative_manifest_paths_become_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     df, _ = load_manifest("corpus/manifest.csv")
     assert df["audio_path"].tolist() == [str(tmp_path / "corpus" / "audio" / "a.wav")]
+
+
+def test_invalid_row_reasons_show_plain_values(tmp_path):
+    """removed.csv and the report say `-5`, not `np.int64(-5)` (typed parquet columns)."""
+    rows = [
+        {
+            "id": "a",
+            "platform": "x",
+            "audio_path": "a.wav",
+            "streams": -5,
+            "likes": 3,
+            "created_at": "2024-01-01",
+        },
+        {
+            "id": "b",
+            "platform": "x",
+            "audio_path": "b.wav",
+            "streams": 5,
+            "likes": 3.5,
+            "created_at": "2024-01-01",
+        },
+    ]
+    pd.DataFrame(rows).to_parquet(tmp_path / "m.parquet", index=False)
+    _, report = load_manifest(tmp_path / "m.parquet")
+    assert report.invalid == [
+        (1, "bad streams: -5 is negative"),
+        (2, "bad likes: 3.5 is not a whole number"),
+    ]

@@ -320,3 +320,14 @@ def test_missing_serve_extra_is_named(fast_model, monkeypatch):
     monkeypatch.setitem(sys.modules, "fastapi", None)
     with pytest.raises(MissingDependencyError, match=r"apex-reward\[serve\]"):
         create_app(fast_model)
+
+
+def test_key_in_the_url_without_the_flag_gets_a_401_naming_the_flag(fast_model, monkeypatch):
+    monkeypatch.setenv("APEX_TEST_KEY", "s3cret")
+    app = create_app(fast_model, ServeConfig(api_key_env="APEX_TEST_KEY", warmup=False))
+    with _ThreadServer(app) as url, httpx.Client(base_url=url, timeout=60) as http:
+        r = http.get("/v1/info?api_key=s3cret")
+        assert r.status_code == 401
+        assert "--allow-query-api-key" in r.json()["error"]["message"]
+        r = http.get("/v1/info", headers={"Authorization": "Bearer s3cret"})
+        assert r.status_code == 200

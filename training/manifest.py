@@ -37,6 +37,12 @@ from apex_reward.errors import ConfigError, require
 
 logger = logging.getLogger(__name__)
 
+
+def _shown(value: object) -> str:
+    """A table cell for a message: numpy scalars as plain values (-5, not np.int64(-5))."""
+    return repr(value.item() if type(value).__module__ == "numpy" else value)
+
+
 REQUIRED_COLUMNS: tuple[str, ...] = (
     "id",
     "platform",
@@ -223,15 +229,17 @@ def load_manifest(
     counts = {}
     for col in ("streams", "likes"):
         v = pd.to_numeric(df[col], errors="coerce")
-        flag(v.isna(), lambda i, c=col: f"bad {c}: {df.at[i, c]!r} is not a number")
-        flag(v < 0, lambda i, c=col: f"bad {c}: {df.at[i, c]!r} is negative")
+        flag(v.isna(), lambda i, c=col: f"bad {c}: {_shown(df.at[i, c])} is not a number")
+        flag(v < 0, lambda i, c=col: f"bad {c}: {_shown(df.at[i, c])} is negative")
         flag(
             v.notna() & (v != v.round()),
-            lambda i, c=col: f"bad {c}: {df.at[i, c]!r} is not a whole number",
+            lambda i, c=col: f"bad {c}: {_shown(df.at[i, c])} is not a whole number",
         )
         counts[col] = v
     created = _parse_time(df["created_at"])
-    flag(created.isna(), lambda i: f"bad created_at: {df.at[i, 'created_at']!r} is not a date")
+    flag(
+        created.isna(), lambda i: f"bad created_at: {_shown(df.at[i, 'created_at'])} is not a date"
+    )
     present = [c for c in LABEL_COLUMNS if c in df.columns]
     if present and len(present) != len(LABEL_COLUMNS):
         raise ConfigError(
@@ -240,8 +248,10 @@ def load_manifest(
     labels = {}
     for col in present:
         v = pd.to_numeric(df[col], errors="coerce")
-        flag(v.isna(), lambda i, c=col: f"bad {c}: {df.at[i, c]!r} is not a number")
-        flag((v < 1) | (v > 5), lambda i, c=col: f"bad {c}: {df.at[i, c]!r} is outside [1, 5]")
+        flag(v.isna(), lambda i, c=col: f"bad {c}: {_shown(df.at[i, c])} is not a number")
+        flag(
+            (v < 1) | (v > 5), lambda i, c=col: f"bad {c}: {_shown(df.at[i, c])} is outside [1, 5]"
+        )
         labels[col] = v
     ok = reasons.isna()
     out = df.loc[ok].copy()
