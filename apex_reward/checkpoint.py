@@ -3,14 +3,13 @@
 ``config.json`` holds the :class:`~apex_reward.config.ApexConfig` plus ``weights_sha256``, the
 SHA-256 of ``model.safetensors``; loading verifies it, so a truncated or tampered weights file is
 reported instead of silently changing scores. The same tensors always give the same file (and
-checksum). When the encoder is stored, ``encoder_sha256`` (:func:`tensors_digest` of the encoder
+checksum). When the encoder is stored, ``encoder_sha256`` (:func:`~apex_reward.files.tensors_digest` of the encoder
 and adapter tensors) identifies the weights that cached embeddings depend on, whatever the heads. Files are written to a temporary name and renamed,
 so an interrupted save never leaves a half-written checkpoint behind under the final names.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -20,6 +19,7 @@ from typing import Any
 import torch
 
 from .errors import CheckpointError, ConfigError
+from .files import file_sha256, tensors_digest
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -32,7 +32,6 @@ __all__ = [
     "resolve_checkpoint_dir",
     "split_digests",
     "state_mismatch",
-    "tensors_digest",
     "CONFIG_NAME",
     "WEIGHTS_NAME",
 ]
@@ -56,14 +55,6 @@ def state_mismatch(expected: Mapping[str, Any], state: Mapping[str, Any]) -> str
     return "; ".join(parts) or None
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def split_digests(raw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """A ``config.json`` dict -> ``(ApexConfig fields, the digests save_checkpoint added)``."""
     keys = (_CHECKSUM_KEY, ENCODER_DIGEST_KEY)
@@ -71,19 +62,6 @@ def split_digests(raw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         {k: v for k, v in raw.items() if k not in keys},
         {k: raw[k] for k in keys if k in raw},
     )
-
-
-def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
-    """SHA-256 of named tensors (names, dtypes, shapes and values, in name order).
-
-    Independent of file layout and metadata: the same weights give the same digest wherever
-    and however they are stored."""
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().to("cpu").contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()
 
 
 def save_checkpoint(
@@ -101,7 +79,7 @@ def save_checkpoint(
     # bytes (and the checksum) of identical weights differ from one save to the next
     save_file(flat, str(weights_tmp), metadata={"format": "pt"})
     data = dict(config)
-    data[_CHECKSUM_KEY] = _sha256(weights_tmp)
+    data[_CHECKSUM_KEY] = file_sha256(weights_tmp)
     encoder = {k: v for k, v in flat.items() if k.startswith(("encoder.", "encoder_lora."))}
     if encoder:
         data[ENCODER_DIGEST_KEY] = tensors_digest(encoder)
@@ -178,7 +156,7 @@ def read_checkpoint(
     config, digests = split_digests(config)
     expected = digests.get(_CHECKSUM_KEY)
     if verify and expected is not None:
-        actual = _sha256(w_path)
+        actual = file_sha256(w_path)
         if actual != expected:
             raise CheckpointError(
                 f"{w_path}: checksum mismatch (file is truncated or was modified): "

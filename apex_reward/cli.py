@@ -358,9 +358,9 @@ def run_score(args: argparse.Namespace) -> int:
             sys.stdout.reconfigure(errors="surrogateescape")
         sys.stdout.write(buffer.getvalue())
     else:  # complete or not at all: an existing file is replaced only once the new one is whole
-        tmp = output.with_name(f".{output.name}.tmp")
-        tmp.write_text(buffer.getvalue(), encoding="utf-8", errors="surrogateescape")
-        os.replace(tmp, output)
+        from .files import atomic_write_text
+
+        atomic_write_text(output, buffer.getvalue(), errors="surrogateescape")
     failed = [r for r in results if not r.ok]
     if failed:
         print(f"{len(failed)} of {len(results)} inputs failed:", file=sys.stderr)

@@ -33,11 +33,13 @@ import os
 import shutil
 import sys
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from apex_reward.errors import ApexError, ConfigError, require
+from apex_reward.files import atomic_path
 
 if TYPE_CHECKING:
     import datasets
@@ -691,23 +693,22 @@ def run_pairs_job(cfg: PairsConfig, *, progress: bool = False) -> dict[str, Any]
     # over the previous one (--overwrite): if writing fails (disk full, ...), the previous outputs
     # are left as they were.
     out.mkdir(parents=True, exist_ok=True)
-    tag = f".tmp{os.getpid()}"
-    staged_dataset = out / f"dataset{tag}"
-    staged = {name: out / f"{name}{tag}" for name in ("pairs.jsonl", "scores.jsonl", "stats.json")}
+    staged_dataset = out / f"dataset.tmp{os.getpid()}"
     try:
-        if staged_dataset.exists():
-            shutil.rmtree(staged_dataset)
-        dataset.save_to_disk(str(staged_dataset))
-        _write_jsonl(staged["pairs.jsonl"], records)
-        _write_jsonl(staged["scores.jsonl"], score_rows)
-        staged["stats.json"].write_text(json.dumps(summary, indent=2) + "\n")
-        _replace_dir(staged_dataset, out / "dataset")
-        for name, tmp in staged.items():
-            os.replace(tmp, out / name)
+        with ExitStack() as files:  # the files move into place when the block ends, not before
+            staged = {
+                name: files.enter_context(atomic_path(out / name))
+                for name in ("stats.json", "scores.jsonl", "pairs.jsonl")
+            }
+            if staged_dataset.exists():
+                shutil.rmtree(staged_dataset)
+            dataset.save_to_disk(str(staged_dataset))
+            _write_jsonl(staged["pairs.jsonl"], records)
+            _write_jsonl(staged["scores.jsonl"], score_rows)
+            staged["stats.json"].write_text(json.dumps(summary, indent=2) + "\n")
+            _replace_dir(staged_dataset, out / "dataset")
     finally:
         shutil.rmtree(staged_dataset, ignore_errors=True)
-        for tmp in staged.values():
-            tmp.unlink(missing_ok=True)
     return summary
 
 

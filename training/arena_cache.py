@@ -28,10 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from apex_reward import errors as apex_errors
 from apex_reward.dataclass_io import to_dict
+from apex_reward.files import file_sha256, update_with_tensor
 
 if TYPE_CHECKING:
     from apex_reward.model import ApexRewardModel
@@ -43,7 +42,6 @@ __all__ = [
     "ScoreCache",
     "ScoringStats",
     "default_cache_path",
-    "file_sha256",
     "model_fingerprint",
     "score_audio_files",
 ]
@@ -65,22 +63,6 @@ def default_cache_path() -> Path:
     return base / "apex-reward" / "scores.sqlite"
 
 
-def file_sha256(path: str | Path, block: int = 1 << 22) -> str:
-    """SHA-256 hex digest of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(block), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _hash_tensor(h: Any, name: str, t: torch.Tensor) -> None:
-    t = t.detach().to("cpu").contiguous().reshape(-1)
-    h.update(f"{name}|{t.dtype}|{t.numel()}|".encode())
-    if t.numel():
-        h.update(t.view(torch.uint8).numpy().tobytes())
-
-
 def model_fingerprint(model: ApexRewardModel) -> str:
     """SHA-256 identifying the scores ``model`` produces (weights as loaded + scoring config).
 
@@ -97,7 +79,7 @@ def model_fingerprint(model: ApexRewardModel) -> str:
     h.update(json.dumps(meta, sort_keys=True, default=str).encode())
     for prefix, module in (("head", model.head), ("encoder", model.encoder.model)):
         for name, t in sorted(module.state_dict().items()):
-            _hash_tensor(h, f"{prefix}.{name}", t)
+            update_with_tensor(h, f"{prefix}.{name}", t)
     return h.hexdigest()
 
 

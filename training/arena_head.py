@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -36,6 +35,7 @@ from apex_reward.checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_checkpoint, s
 from apex_reward.config import ApexConfig, PreferenceHeadConfig
 from apex_reward.dataclass_io import from_dict, to_dict
 from apex_reward.errors import CheckpointError, ConfigError
+from apex_reward.files import atomic_path
 
 from .arena_eval import PreferenceData, head_pipeline
 
@@ -259,11 +259,10 @@ def write_preference_to_checkpoint(
         for f in sorted(src.iterdir()):
             if f.is_file() and f.name != CONFIG_NAME:
                 shutil.copy2(f, dst / f.name)
-    tmp = dst / (CONFIG_NAME + ".tmp")
-    tmp.write_text(text)
-    if (dst / CONFIG_NAME).exists():
-        shutil.copymode(dst / CONFIG_NAME, tmp)
-    os.replace(tmp, dst / CONFIG_NAME)
+    with atomic_path(dst / CONFIG_NAME) as tmp:
+        tmp.write_text(text)
+        if (dst / CONFIG_NAME).exists():
+            shutil.copymode(dst / CONFIG_NAME, tmp)
     cfg, _, _ = read_checkpoint(dst, verify=True)
     ApexConfig.from_dict(cfg)
     logger.info("wrote preference model to %s", dst / CONFIG_NAME)

@@ -11,11 +11,8 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,6 +20,7 @@ import numpy as np
 import torch
 
 from apex_reward.errors import ApexError, ConfigError, require
+from apex_reward.files import atomic_path, atomic_write_text, file_sha256
 from apex_reward.model import SegmentFeatures
 
 __all__ = [
@@ -31,9 +29,6 @@ __all__ = [
     "shard_name",
     "shard_complete",
     "write_index",
-    "sha256_file",
-    "atomic_path",
-    "atomic_write_text",
 ]
 
 
@@ -159,42 +154,6 @@ def shard_name(k: int) -> str:
     return f"shard-{k:06d}"
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-@contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """A temporary sibling of ``path`` to write to, renamed over ``path`` when the block ends.
-
-    On a normal exit the temporary file replaces ``path`` with :func:`os.replace` (atomic on
-    POSIX: ``path`` holds its previous content or the complete new one, never a partial write);
-    if the block raises, the temporary file is deleted and ``path`` is left as it was. Enter
-    several with :class:`contextlib.ExitStack` to move a set of files into place only once all
-    of them are written::
-
-        with atomic_path(out / "table.parquet") as tmp:
-            df.to_parquet(tmp)
-    """
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (through :func:`atomic_path`)."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-
-
 def shard_complete(shards_dir: Path, k: int) -> dict[str, Any] | None:
     rec_path = shards_dir / f"{shard_name(k)}.json"
     data_path = shards_dir / f"{shard_name(k)}.safetensors"
@@ -204,7 +163,7 @@ def shard_complete(shards_dir: Path, k: int) -> dict[str, Any] | None:
         rec = json.loads(rec_path.read_text())
     except json.JSONDecodeError:
         return None
-    if rec.get("sha256") != sha256_file(data_path):
+    if rec.get("sha256") != file_sha256(data_path):
         return None
     return rec
 
@@ -258,7 +217,7 @@ class ShardWriter:
             "rows": self.rows,
             "songs": self.songs,
             "errors": self.errors,
-            "sha256": sha256_file(data),
+            "sha256": file_sha256(data),
             "shape": list(emb.shape),
         }
         atomic_write_text(self.dir / f"{name}.json", json.dumps(record) + "\n")

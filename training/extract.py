@@ -38,14 +38,10 @@ import torch
 from apex_reward.checkpoint import ENCODER_DIGEST_KEY
 from apex_reward.dataclass_io import add_dataclass_arguments, dataclass_from_args, to_dict
 from apex_reward.errors import ApexError, ConfigError, require
+from apex_reward.files import atomic_write_text
 
 from .distributed import check_launch, finish_distributed
-from .embeddings import (
-    ShardWriter,
-    atomic_write_text,
-    shard_complete,
-    write_index,
-)
+from .embeddings import ShardWriter, shard_complete, write_index
 
 logger = logging.getLogger(__name__)
 

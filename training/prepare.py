@@ -41,9 +41,9 @@ import numpy as np
 from apex_reward.config import AESTHETIC_TASKS
 from apex_reward.dataclass_io import add_dataclass_arguments, dataclass_from_args, to_dict
 from apex_reward.errors import ApexError, ConfigError, require
+from apex_reward.files import atomic_path, file_sha256
 from apex_reward.popularity import PopularityReference, popularity_scores
 
-from .embeddings import atomic_path
 from .manifest import REQUIRED_COLUMNS, load_manifest
 
 logger = logging.getLogger(__name__)
@@ -137,7 +137,7 @@ def check_audio(path: str, mode: str, min_s: float, max_s: float) -> dict[str, A
             except Exception as e:
                 raise ApexError(f"not a readable audio file ({e})") from e
             duration, sr, ch = info.frames / max(1, info.samplerate), info.samplerate, info.channels
-            digest = hashlib.sha256(p.read_bytes()).hexdigest()
+            digest = file_sha256(p)
         else:
             wav, sr = load_audio(path, max_duration_s=max_s)
             if not bool(np.isfinite(wav.numpy()).all()):

@@ -490,9 +490,10 @@ def synthetic_embedding_corpus(
     import torch
 
     from apex_reward.config import ALL_TASKS, SCORE_RANGES, ApexConfig
+    from apex_reward.files import atomic_write_text
     from apex_reward.popularity import PopularityReference
 
-    from .embeddings import ShardWriter, atomic_write_text, write_index
+    from .embeddings import ShardWriter, write_index
     from .prepare import SPLITS, stratified_split
 
     cfg = model_config or ApexConfig.from_preset("tiny")

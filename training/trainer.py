@@ -38,7 +38,6 @@ import copy
 import json
 import logging
 import math
-import os
 import shutil
 import sys
 import time
@@ -67,6 +66,7 @@ from apex_reward.dataclass_io import (
     to_dict,
 )
 from apex_reward.errors import ConfigError, require
+from apex_reward.files import atomic_path, atomic_write_text
 from apex_reward.heads import ApexHead
 from apex_reward.popularity import percentile_ranks
 
@@ -828,16 +828,13 @@ def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
 
 
 def _atomic_json(path: Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=float) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=2, default=float) + "\n")
 
 
 def load_training_data(config: TrainConfig) -> TrainingData:
