@@ -411,6 +411,7 @@ class ApexRewardModel(nn.Module):
         sample_rate: int | Sequence[int],
         *,
         segment_batch_size: int | None = None,
+        check: bool = True,
     ) -> SegmentFeatures:
         """Front end + encoder: waveforms -> per-segment pooled layer features.
 
@@ -418,12 +419,14 @@ class ApexRewardModel(nn.Module):
             waveforms: ``[B, T]``, ``[B, C, T]``, ``[T]``, or a list of ``[T]``/``[C, T]`` tensors
                 or arrays, at ``sample_rate`` Hz (one rate, or one per song).
             segment_batch_size: segments per encoder call (default ``self.segment_batch_size``).
+            check: run ``frontend.check`` on each song (``False`` when the caller already did:
+                it is a full pass over the samples).
 
         Returns:
             :class:`SegmentFeatures` with ``layer_features`` ``[N, L, H]``.
         """
         self._maybe_fast_path()
-        segments = self.frontend(waveforms, sample_rate, device=self.device)
+        segments = self.frontend(waveforms, sample_rate, device=self.device, check=check)
         chunks = list(self.iter_encoded_chunks(segments, segment_batch_size))
         return SegmentFeatures(
             layer_features=torch.cat(chunks, dim=0),
@@ -472,6 +475,7 @@ class ApexRewardModel(nn.Module):
         *,
         return_embeddings: bool = False,
         segment_batch_size: int | None = None,
+        check: bool = True,
     ) -> ApexOutput:
         """Score waveforms; differentiable with respect to them.
 
@@ -481,6 +485,7 @@ class ApexRewardModel(nn.Module):
             sample_rate: Hz, one for all songs or a sequence with one per song.
             return_embeddings: also return song embeddings ``[B, H]`` and per-segment features.
             segment_batch_size: segments per encoder call.
+            check: validate each song with ``frontend.check`` (``False``: the caller already did).
 
         Returns:
             :class:`ApexOutput` with ``scores`` (each ``[B]``) and ``reward`` ``[B]``.
@@ -489,7 +494,9 @@ class ApexRewardModel(nn.Module):
             AudioError subclasses for empty, non-finite, too-short or too-long input, and
             AudioShapeError for tensors of the wrong shape.
         """
-        features = self.encode(waveforms, sample_rate, segment_batch_size=segment_batch_size)
+        features = self.encode(
+            waveforms, sample_rate, segment_batch_size=segment_batch_size, check=check
+        )
         return self.predict_from_features(features, return_embeddings=return_embeddings)
 
     # ------------------------------------------------------------------------------------------

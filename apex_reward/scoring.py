@@ -164,7 +164,11 @@ def _num_segments(model: ApexRewardModel, item: _Item) -> int:
 
 
 def _run_batch(
-    model: ApexRewardModel, batch: list[_Item], batch_size: int, results: list[ScoreResult | None]
+    model: ApexRewardModel,
+    batch: list[_Item],
+    batch_size: int,
+    results: list[ScoreResult | None],
+    check: bool,
 ) -> None:
     try:
         with torch.inference_mode():
@@ -172,6 +176,7 @@ def _run_batch(
                 [it.wav for it in batch],
                 [it.sample_rate for it in batch],
                 segment_batch_size=batch_size,
+                check=check,
             )
         records = out.to_records()
     except Exception as e:
@@ -179,7 +184,7 @@ def _run_batch(
             # isolate the failing song: score the batch members one by one
             logger.debug("batch failed (%s); retrying items one by one", e)
             for it in batch:
-                _run_batch(model, [it], batch_size, results)
+                _run_batch(model, [it], batch_size, results, check)
             return
         reason, kind = _describe(e)
         it = batch[0]
@@ -208,13 +213,15 @@ def score_waveforms(
     items: Sequence[tuple[str, torch.Tensor, int]],
     *,
     segment_batch_size: int = 8,
+    checked: bool = False,
 ) -> list[ScoreResult]:
     """Score already decoded and validated waveforms in one forward pass (the reward server's batch).
 
     Args:
-        items: ``(name, waveform [T] or [C, T] float32, sample_rate Hz)`` per song; each should have
-            passed ``model.frontend.check``.
-        segment_batch_size: 30 s segments per encoder call.
+        items: ``(name, waveform [T] or [C, T] float32, sample_rate Hz)`` per song.
+        segment_batch_size: encoder segments per encoder call.
+        checked: every item already passed ``model.frontend.check`` (the server checks in its
+            decode threads): skip that full pass over the samples here.
 
     Returns:
         One :class:`ScoreResult` per item, in order. If the batched forward raises, the items are
@@ -223,7 +230,7 @@ def score_waveforms(
     batch = [_Item(i, name, wav, int(sr)) for i, (name, wav, sr) in enumerate(items)]
     results: list[ScoreResult | None] = [None] * len(batch)
     if batch:
-        _run_batch(model, batch, max(1, int(segment_batch_size)), results)
+        _run_batch(model, batch, max(1, int(segment_batch_size)), results, not checked)
     return [r for r in results if r is not None]
 
 
@@ -252,7 +259,7 @@ def score_inputs(
     def flush() -> None:
         nonlocal batch, segs
         if batch:
-            _run_batch(model, batch, batch_size, results)
+            _run_batch(model, batch, batch_size, results, False)  # _load checked each item
             if bar is not None:
                 bar.update(len(batch))
         batch, segs = [], 0

@@ -213,6 +213,7 @@ class DynamicBatcher:
                 self.model,
                 [(j.name, j.wav, j.sample_rate) for j in batch],
                 segment_batch_size=self.segment_batch_size,
+                checked=True,  # submit() takes validated clips: no second pass on this thread
             )
         except BaseException as e:  # never let the worker die: fail this batch, keep serving
             logger.exception("batch of %d clips failed unexpectedly", len(batch))

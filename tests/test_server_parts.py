@@ -331,3 +331,25 @@ def test_key_in_the_url_without_the_flag_gets_a_401_naming_the_flag(fast_model, 
         assert "--allow-query-api-key" in r.json()["error"]["message"]
         r = http.get("/v1/info", headers={"Authorization": "Bearer s3cret"})
         assert r.status_code == 200
+
+
+def test_each_clip_is_checked_once(fast_model, monkeypatch):
+    """frontend.check is a full pass over the samples: model.score runs it once per input (when
+    loading), and the server's batch worker not at all (clips were checked in decode threads)."""
+    calls = []
+    real = fast_model.frontend.check
+    monkeypatch.setattr(
+        fast_model.frontend,
+        "check",
+        lambda wav, sr, where: (calls.append(where), real(wav, sr, where)),
+    )
+    clips = [torch.from_numpy(synth_music(1.5, 24000, seed=s)) for s in range(3)]
+    assert all(r.ok for r in fast_model.score([(c, 24000) for c in clips], num_workers=0))
+    assert len(calls) == 3
+    calls.clear()
+    res = score_waveforms(
+        fast_model, [(str(i), c, 24000) for i, c in enumerate(clips)], checked=True
+    )
+    assert all(r.ok for r in res) and calls == []
+    score_waveforms(fast_model, [("x", clips[0], 24000)])
+    assert calls == ["waveforms[0]"]
