@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import io
 import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,115 +25,68 @@ from .errors import ApexError, ConfigError
 
 logger = logging.getLogger("apex_reward")
 
-#: name -> (module, function that adds the arguments, function that runs it, one-line help)
-COMMANDS: dict[str, tuple[str, str, str, str]] = {
-    "init": ("apex_reward.cli", "add_init_arguments", "run_init", "write an untrained APEX model"),
-    "score": ("apex_reward.cli", "add_score_arguments", "run_score", "score audio files"),
-    "compare": (
-        "apex_reward.cli",
-        "add_compare_arguments",
-        "run_compare",
-        "P(A > B) and its logit for two audio files",
-    ),
-}
+
+@dataclass(frozen=True)
+class Command:
+    """One ``apex-reward`` subcommand, defined in the module it drives.
+
+    ``add_arguments(parser)`` adds its flags; ``run(args)`` runs it and returns the exit status.
+    """
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
 
 
-def register_command(name: str, module: str, add: str, run: str, help: str) -> None:
-    """Register a subcommand implemented in ``module`` (imported lazily)."""
-    COMMANDS[name] = (module, add, run, help)
+#: Every subcommand, in ``--help`` order, as ``"module:attribute"`` of its :class:`Command`.
+#: The modules are imported when the command line runs, never by ``import apex_reward``.
+COMMANDS: tuple[str, ...] = (
+    "apex_reward.cli:INIT",
+    "apex_reward.cli:SCORE",
+    "apex_reward.cli:COMPARE",
+    "apex_reward.training.synthetic:COMMAND",
+    "apex_reward.training.prepare:COMMAND",
+    "apex_reward.training.extract:COMMAND",
+    "apex_reward.training.trainer:COMMAND",
+    "apex_reward.training.grid:COMMAND",
+    "apex_reward.training.demo:COMMAND",
+    "apex_reward.training.arena:COMMAND",
+    "apex_reward.integrations.pairs:COMMAND",
+    "apex_reward.integrations.server:COMMAND",
+)
 
 
-def _extra_commands() -> None:
-    # Subcommands provided by apex_reward.training / apex_reward.integrations, each in the module
-    # that implements it (which defines add_<name>_arguments and run_<name>). Listed here rather
-    # than discovered so that `apex-reward --help` stays instant; a module that is not there yet
-    # (or not installed) simply does not add its command.
-    extra = {
-        "synth": (
-            "apex_reward.training.synthetic",
-            "generate a synthetic corpus of songs + manifest",
-        ),
-        "prepare": ("apex_reward.training.prepare", "filter, balance, score and split a manifest"),
-        "extract": (
-            "apex_reward.training.extract",
-            "extract MERT layer embeddings (distributed, resumable)",
-        ),
-        "train": ("apex_reward.training.trainer", "train APEX heads on extracted embeddings"),
-        "grid": (
-            "apex_reward.training.grid",
-            "run the 24-condition grid and write the paper's tables",
-        ),
-        "demo": (
-            "apex_reward.training.demo",
-            "offline end-to-end demo: synthetic corpus -> trained model -> scores",
-        ),
-        "arena": (
-            "apex_reward.training.arena",
-            "Music Arena preference evaluation and preference head",
-        ),
-        "pairs": (
-            "apex_reward.integrations.pairs",
-            "build DPO preference pairs from scored candidates",
-        ),
-        "serve": ("apex_reward.integrations.server", "HTTP reward server for RL workers"),
-    }
-    for name, (module, help) in extra.items():
-        try:
-            spec = importlib.util.find_spec(module)
-        except ModuleNotFoundError:
-            spec = None
-        if spec is not None and name not in COMMANDS:
-            COMMANDS[name] = (module, f"add_{name}_arguments", f"run_{name}", help)
+def load_commands() -> list[Command]:
+    """Import every command's module and return the :class:`Command` objects in order."""
+    commands = []
+    for target in COMMANDS:
+        module, _, attribute = target.partition(":")
+        commands.append(getattr(importlib.import_module(module), attribute))
+    return commands
 
 
 # ----------------------------------------------------------------------------------------------
 # shared helpers
 
 
-def default_device() -> str:
-    import torch
+def load_model(args: argparse.Namespace):
+    """Load the model named by the ``ModelOptions`` flags of a command (see :func:`load_model`)."""
+    from .dataclass_io import dataclass_from_args
+    from .loading import ModelOptions, load_model
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def load_model(path: str, device: str | None, encoder: str | None = None, dtype: str = "auto"):
-    """Load a checkpoint for a CLI command (eval mode, frozen, on ``device``, ``--dtype``)."""
-    from .model import ApexRewardModel
-
-    model = ApexRewardModel.from_pretrained(
-        path, device=device or default_device(), encoder_source=encoder
-    ).set_precision(dtype)
-    if model.untrained:
-        print(
-            f"warning: {path} is an UNTRAINED model (random heads): its scores show the pipeline "
-            "works, they say nothing about the music",
-            file=sys.stderr,
-        )
-    return model
+    return load_model(dataclass_from_args(ModelOptions, args))
 
 
 def _add_model_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory or hub id")
-    p.add_argument(
-        "--device", default=None, help="torch device (default: cuda if available, else cpu)"
-    )
-    p.add_argument(
-        "--encoder",
-        default=None,
-        metavar="ID_OR_PATH",
-        help="override where the MERT weights come from (hub id or local directory)",
-    )
-    p.add_argument("--dtype", **DTYPE_ARGUMENT)
+    from .dataclass_io import add_dataclass_arguments
+    from .loading import ModelOptions
 
-
-#: ``--dtype`` of every command that runs the encoder (one meaning everywhere: set_precision)
-DTYPE_ARGUMENT: dict = {
-    "default": "auto",
-    "choices": ["auto", "fp32", "fp16", "bf16"],
-    "help": "encoder precision: auto = the GPU fast path (fp16 weights, fast kernels) on CUDA "
-    "and exact float32 on CPU; fp32 = exact float32 (turns the fast path off); fp16/bf16 = the "
-    "fast path in that dtype (default: auto)",
-}
+    add_dataclass_arguments(p, ModelOptions, config_flag=False)
+    # the model is required by every command that takes these flags
+    for action in p._actions:
+        if action.dest == "model":
+            action.required = True
 
 
 # ----------------------------------------------------------------------------------------------
@@ -338,7 +291,7 @@ def write_results(rows: list[dict[str, Any]], names: Sequence[str], fmt: str, st
 
 def run_score(args: argparse.Namespace) -> int:
     output = _check_output_path(args.output) if args.output else None
-    model = load_model(args.model, args.device, args.encoder, args.dtype)
+    model = load_model(args)
     results = model.score(
         args.files, batch_size=args.batch_size, num_workers=args.num_workers, progress=True
     )
@@ -390,7 +343,7 @@ def run_compare(args: argparse.Namespace) -> int:
 
     from .audio import load_audio
 
-    model = load_model(args.model, args.device, args.encoder, args.dtype)
+    model = load_model(args)
     max_s = model.config.frontend.max_duration_s
     wa, sra = load_audio(args.a, max_duration_s=max_s)
     wb, srb = load_audio(args.b, max_duration_s=max_s)
@@ -426,13 +379,19 @@ def _split_output(out):
     return a, b
 
 
+INIT = Command("init", "write an untrained APEX model", add_init_arguments, run_init)
+SCORE = Command("score", "score audio files", add_score_arguments, run_score)
+COMPARE = Command(
+    "compare", "P(A > B) and its logit for two audio files", add_compare_arguments, run_compare
+)
+
+
 # ----------------------------------------------------------------------------------------------
 # entry point
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The argument parser; only ``command``'s module is imported to add its arguments."""
-    _extra_commands()
+    """The argument parser; only ``command``'s flags are added (the others show their help)."""
     parser = argparse.ArgumentParser(
         prog="apex-reward",
         description="APEX reward model: score music, build preference pairs, train, serve.",
@@ -442,12 +401,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         "-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)"
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module, add, run, help) in COMMANDS.items():
-        sp = sub.add_parser(name, help=help, description=help)
-        if name == command:
-            mod = importlib.import_module(module)
-            getattr(mod, add)(sp)
-            sp.set_defaults(_run=getattr(mod, run))
+    for cmd in load_commands():
+        sp = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        if cmd.name == command:
+            cmd.add_arguments(sp)
+            sp.set_defaults(_run=cmd.run)
     return parser
 
 

@@ -9,6 +9,11 @@ is a dataclass whose fields carry ``metadata={"help": ...}``. This module
 * generates ``argparse`` flags from the fields (:func:`add_dataclass_arguments`) and builds the
   dataclass from parsed flags layered over an optional ``--config file.yaml|json``
   (:func:`dataclass_from_args`): defaults < config file < explicit flags.
+
+A field whose type is a dataclass and whose metadata says ``"flatten": True`` (job configs embed
+:class:`~apex_reward.loading.ModelOptions` this way) contributes its own fields as top-level
+flags, and a config file may give them flat (``device: cpu``) or nested (``model: {device: cpu}``);
+a plain string stands for the inner field of the same name (``model: path/to/ckpt``).
 """
 
 from __future__ import annotations
@@ -146,6 +151,7 @@ def from_dict(cls: type[T], data: dict[str, Any], *, where: str | None = None) -
         raise ConfigError(f"{where}: expected an object, got {type(data).__name__}")
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    data = _gather_flattened(cls, data, hints, where)
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ConfigError(f"{where}: unknown field(s) {unknown}; expected some of {sorted(fields)}")
@@ -156,6 +162,47 @@ def from_dict(cls: type[T], data: dict[str, Any], *, where: str | None = None) -
         raise
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where}: {e}") from e
+
+
+def flattened_fields(cls: type) -> list[tuple[dataclasses.Field, type]]:
+    """The fields of dataclass ``cls`` marked ``flatten``, with their dataclass types."""
+    hints = get_type_hints(cls)
+    return [
+        (f, hints[f.name])
+        for f in dataclasses.fields(cls)
+        if f.init and f.metadata.get("flatten") and dataclasses.is_dataclass(hints[f.name])
+    ]
+
+
+def _gather_flattened(
+    cls: type, data: dict[str, Any], hints: dict[str, Any], where: str
+) -> dict[str, Any]:
+    """Move the flat keys of ``cls``'s flattened fields into their nested objects."""
+    flat = flattened_fields(cls)
+    if not flat:
+        return data
+    data = dict(data)
+    outer = {f.name for f in dataclasses.fields(cls)}
+    for f, inner_cls in flat:
+        inner_names = {g.name for g in dataclasses.fields(inner_cls) if g.init}
+        value = data.get(f.name)
+        if isinstance(value, inner_cls):
+            value = to_dict(value)
+        if value is None:
+            nested: dict[str, Any] = {}
+        elif isinstance(value, str) and f.name in inner_names:
+            nested = {f.name: value}
+        elif isinstance(value, dict):
+            nested = dict(value)
+        else:
+            raise ConfigError(
+                f"{where}.{f.name}: expected an object for {inner_cls.__name__}, got {value!r}"
+            )
+        for name in inner_names - outer:
+            if name in data:
+                nested[name] = data.pop(name)
+        data[f.name] = nested
+    return data
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
@@ -255,25 +302,38 @@ def add_dataclass_arguments(
             default=None,
             help="YAML or JSON file with any of these options (flags given here override it)",
         )
+    flat = {f.name: inner for f, inner in flattened_fields(cls)}
     for f in dataclasses.fields(cls):
         if not f.init or f.name in exclude or f.name.startswith("_"):
             continue
-        spec = _flag_spec(hints[f.name])
-        if spec is None:
+        if f.name in flat:
+            inner_hints = get_type_hints(flat[f.name])
+            for g in dataclasses.fields(flat[f.name]):
+                if g.init and g.name not in exclude:
+                    _add_flag(group, g, inner_hints[g.name], dest=f"{f.name}.{g.name}")
             continue
-        default = f.default
-        if default is dataclasses.MISSING and f.default_factory is not dataclasses.MISSING:
-            default = f.default_factory()
-        help_text = f.metadata.get("help", "")
-        if default is not dataclasses.MISSING and "(default" not in help_text:
-            shown = to_dict(default)
-            if shown is None:
-                help_text = f"{help_text} (default: unset)"
-            elif shown != "":  # an empty default is a required option's placeholder
-                text = json.dumps(shown) if not isinstance(shown, str) else shown
-                help_text = f"{help_text} (default: {text})"
-        flag = "--" + f.name.replace("_", "-")
-        group.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, help=help_text, **spec)
+        _add_flag(group, f, hints[f.name], dest=f.name)
+
+
+def _add_flag(group: Any, f: dataclasses.Field, tp: Any, dest: str) -> None:
+    spec = _flag_spec(tp)
+    if spec is None:
+        return
+    default = f.default
+    if default is dataclasses.MISSING and f.default_factory is not dataclasses.MISSING:
+        default = f.default_factory()
+    help_text = f.metadata.get("help", "")
+    if default is not dataclasses.MISSING and "(default" not in help_text:
+        shown = to_dict(default)
+        if shown is None:
+            help_text = f"{help_text} (default: unset)"
+        elif shown != "":  # an empty default is a required option's placeholder
+            text = json.dumps(shown) if not isinstance(shown, str) else shown
+            help_text = f"{help_text} (default: {text})"
+    if "metavar" in f.metadata and "action" not in spec:
+        spec = {**spec, "metavar": f.metadata["metavar"]}
+    flag = "--" + f.name.replace("_", "-")
+    group.add_argument(flag, dest=dest, default=argparse.SUPPRESS, help=help_text, **spec)
 
 
 def dataclass_from_args(cls: type[T], args: argparse.Namespace, **overrides: Any) -> T:
@@ -286,8 +346,14 @@ def dataclass_from_args(cls: type[T], args: argparse.Namespace, **overrides: Any
     if config_file:
         data.update(load_config_file(config_file))
     names = {f.name for f in dataclasses.fields(cls) if f.init}
+    flat = {f.name for f, _ in flattened_fields(cls)}
+    data = _gather_flattened(cls, data, get_type_hints(cls), str(config_file or cls.__name__))
     for name in names:
-        if name in vars(args):
+        if name in flat:
+            prefix = f"{name}."
+            given = {k[len(prefix) :]: v for k, v in vars(args).items() if k.startswith(prefix)}
+            data[name] = {**data.get(name, {}), **given}
+        elif name in vars(args):
             data[name] = getattr(args, name)
     data.update({k: v for k, v in overrides.items() if v is not None})
     return from_dict(cls, data, where=cls.__name__ if not config_file else str(config_file))

@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from apex_reward.cli import Command
 from apex_reward.errors import ApexError, ConfigError, require
 from apex_reward.files import atomic_path
 
@@ -742,3 +743,11 @@ def run_pairs(args: argparse.Namespace) -> int:
     if cfg.strict and (summary["bad_lines"] or summary["failed"]):
         return 1
     return 0
+
+
+COMMAND = Command(
+    "pairs",
+    "build DPO preference pairs from scored candidates",
+    add_pairs_arguments,
+    run_pairs,
+)

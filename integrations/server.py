@@ -58,6 +58,7 @@ import torch
 from apex_reward import errors as apex_errors
 from apex_reward._version import __version__
 from apex_reward.audio import as_waveform_list, decode_audio_bytes, load_audio
+from apex_reward.cli import Command
 from apex_reward.dataclass_io import add_dataclass_arguments, dataclass_from_args
 from apex_reward.errors import (
     ApexError,
@@ -1462,6 +1463,14 @@ def run_serve(args: argparse.Namespace) -> int:
     config = dataclass_from_args(ServeConfig, args)
     serve(config)
     return 0
+
+
+COMMAND = Command(
+    "serve",
+    "HTTP reward server for RL workers",
+    add_serve_arguments,
+    run_serve,
+)
 
 
 def config_fields() -> list[str]:

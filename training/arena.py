@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from apex_reward.checkpoint import split_digests
+from apex_reward.cli import Command
 from apex_reward.dataclass_io import add_dataclass_arguments, dataclass_from_args, to_dict
 from apex_reward.errors import ConfigError
 
@@ -683,3 +684,11 @@ def run_arena(args: argparse.Namespace) -> int:
         sys.stdout.write(f"preference model written to {summary['export']['checkpoint']}\n")
     sys.stdout.write(f"report: {out / 'report.md'}\n")
     return 0
+
+
+COMMAND = Command(
+    "arena",
+    "Music Arena preference evaluation and preference head",
+    add_arena_arguments,
+    run_arena,
+)

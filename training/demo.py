@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from apex_reward.cli import Command
 from apex_reward.config import AESTHETIC_TASKS, ALL_TASKS
 from apex_reward.dataclass_io import add_dataclass_arguments, dataclass_from_args
 
@@ -313,3 +314,11 @@ def run_demo(args: argparse.Namespace) -> int:
         "this shows the pipeline, not musical judgement.\n"
     )
     return 0
+
+
+COMMAND = Command(
+    "demo",
+    "offline end-to-end demo: synthetic corpus -> trained model -> scores",
+    add_demo_arguments,
+    run_demo,
+)

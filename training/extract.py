@@ -36,6 +36,7 @@ from typing import Any, Literal
 import torch
 
 from apex_reward.checkpoint import ENCODER_DIGEST_KEY
+from apex_reward.cli import Command
 from apex_reward.dataclass_io import add_dataclass_arguments, dataclass_from_args, to_dict
 from apex_reward.errors import ApexError, ConfigError, require
 from apex_reward.files import atomic_write_text
@@ -368,3 +369,11 @@ def run_extract(args: argparse.Namespace) -> int:
                 f"{summary['songs_failed']} songs could not be read; see {Path(config.out) / 'errors.jsonl'}\n"
             )
     return finish_distributed(code)
+
+
+COMMAND = Command(
+    "extract",
+    "extract MERT layer embeddings (distributed, resumable)",
+    add_extract_arguments,
+    run_extract,
+)

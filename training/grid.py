@@ -31,6 +31,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from apex_reward.cli import Command
 from apex_reward.config import AESTHETIC_TASKS, POPULARITY_TASKS
 from apex_reward.dataclass_io import add_dataclass_arguments, dataclass_from_args, to_dict
 from apex_reward.errors import ConfigError, require
@@ -358,3 +359,11 @@ def run_grid(args: argparse.Namespace) -> int:
             f"best on validation: {summary['best']}\n"
         )
     return finish_distributed(0)
+
+
+COMMAND = Command(
+    "grid",
+    "run the 24-condition grid and write the paper's tables",
+    add_grid_arguments,
+    run_grid,
+)

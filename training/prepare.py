@@ -38,6 +38,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from apex_reward.cli import Command
 from apex_reward.config import AESTHETIC_TASKS
 from apex_reward.dataclass_io import add_dataclass_arguments, dataclass_from_args, to_dict
 from apex_reward.errors import ApexError, ConfigError, require
@@ -474,3 +475,11 @@ def run_prepare(args: argparse.Namespace) -> int:
     c = report["counts"]
     sys.stderr.write(f"wrote {config.out}/prepared.parquet: {c['final']} songs {c['splits']}\n")
     return 0
+
+
+COMMAND = Command(
+    "prepare",
+    "filter, balance, score and split a manifest",
+    add_prepare_arguments,
+    run_prepare,
+)

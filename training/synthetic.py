@@ -32,6 +32,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from apex_reward.cli import Command
 from apex_reward.config import AESTHETIC_TASKS
 from apex_reward.dataclass_io import add_dataclass_arguments, dataclass_from_args, to_dict
 
@@ -437,6 +438,14 @@ def run_synth(args: argparse.Namespace) -> int:
     keys = ("manifest", "songs", "rows", "defects")
     sys.stdout.write(json.dumps({k: summary[k] for k in keys}, indent=2) + "\n")
     return 0
+
+
+COMMAND = Command(
+    "synth",
+    "generate a synthetic corpus of songs + manifest",
+    add_synth_arguments,
+    run_synth,
+)
 
 
 __all__ = [

@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from apex_reward.checkpoint import ENCODER_DIGEST_KEY
+from apex_reward.cli import Command
 from apex_reward.config import (
     AESTHETIC_TASKS,
     POPULARITY_TASKS,
@@ -933,6 +934,14 @@ def run_train(args: argparse.Namespace) -> int:
             f"stopped after epoch {result.history[-1]['epoch'] if result.history else '-'}; rerun to continue\n"
         )
     return finish_distributed(code)
+
+
+COMMAND = Command(
+    "train",
+    "train APEX heads on extracted embeddings",
+    add_train_arguments,
+    run_train,
+)
 
 
 def format_metrics(test: dict[str, dict[str, float]]) -> str:
