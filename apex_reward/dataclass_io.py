@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -32,6 +33,7 @@ T = TypeVar("T")
 
 __all__ = [
     "to_dict",
+    "finite_or_none",
     "from_dict",
     "load_config_file",
     "add_dataclass_arguments",
@@ -49,6 +51,23 @@ def to_dict(obj: Any) -> Any:
         return [to_dict(v) for v in obj]
     if isinstance(obj, Path):
         return str(obj)
+    return obj
+
+
+def finite_or_none(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float replaced by ``None`` (valid JSON: ``null``).
+
+    Recurses into dicts, lists and tuples (tuples become lists); numpy scalars become Python
+    numbers.
+    """
+    if hasattr(obj, "item") and getattr(obj, "shape", None) == ():  # numpy / torch scalars
+        obj = obj.item()
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
     return obj
 
 

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from apex_reward.cli import Command
+from apex_reward.dataclass_io import finite_or_none
 from apex_reward.errors import ApexError, ConfigError, require
 from apex_reward.files import atomic_path
 
@@ -593,17 +594,6 @@ def _replace_dir(new: Path, dst: Path) -> None:
             old.unlink(missing_ok=True)
 
 
-def _finite_or_none(obj: Any) -> Any:
-    """``obj`` with every NaN or infinite float replaced by ``None`` (valid JSON: ``null``)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite_or_none(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite_or_none(v) for v in obj]
-    return obj
-
-
 def run_pairs_job(cfg: PairsConfig, *, progress: bool = False) -> dict[str, Any]:
     """Run the pairs job; returns the summary also written to ``OUT/stats.json``.
 
@@ -666,7 +656,7 @@ def run_pairs_job(cfg: PairsConfig, *, progress: bool = False) -> dict[str, Any]
     score_rows, failed = [], []
     for g, vals in zip(groups, values):
         for j, a in enumerate(g.audio):
-            r = _finite_or_none(by_path[a].to_dict())
+            r = finite_or_none(by_path[a].to_dict())
             r.update({"line": g.line, "candidate": j, "value": vals[j]})
             score_rows.append(r)
             if "error" in r:

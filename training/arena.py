@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -35,7 +34,12 @@ import numpy as np
 
 from apex_reward.checkpoint import split_digests
 from apex_reward.cli import Command
-from apex_reward.dataclass_io import add_dataclass_arguments, dataclass_from_args, to_dict
+from apex_reward.dataclass_io import (
+    add_dataclass_arguments,
+    dataclass_from_args,
+    finite_or_none,
+    to_dict,
+)
 from apex_reward.errors import ConfigError
 
 from .arena_eval import CLASSIFIERS, DEFAULT_SVM_GRID
@@ -183,18 +187,6 @@ class ArenaConfig:
             raise ConfigError(f"calibration_bins: need at least 2, got {self.calibration_bins}")
         if not self.battles and not self.synthetic:
             raise ConfigError("battles: give a battles file/directory, or --synthetic for a demo")
-
-
-def _nan_to_none(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _nan_to_none(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_nan_to_none(v) for v in x]
-    if isinstance(x, np.generic):
-        return _nan_to_none(x.item())
-    return x
 
 
 def _load_model(cfg: ArenaConfig) -> ApexRewardModel:
@@ -455,7 +447,7 @@ def _run(
     plot_reliability(
         rel, out / "calibration.png", title="Logistic preference model: reliability (CV)"
     )
-    (out / "calibration.json").write_text(json.dumps(_nan_to_none(rel.to_dict()), indent=1))
+    (out / "calibration.json").write_text(json.dumps(finite_or_none(rel.to_dict()), indent=1))
     summary["calibration"] = {"ece": rel.ece, "brier": rel.brier, "log_loss": rel.log_loss}
 
     # 5. the head fitted on all battles ----------------------------------------------------------
@@ -483,7 +475,7 @@ def _run(
     except ImportError:  # pragma: no cover - sklearn is required above
         pass
     head_cfg, pipe = fit_preference_head(
-        data, seed=cfg.seed, swap_augment=cfg.swap_augment, fitted_on=_nan_to_none(provenance)
+        data, seed=cfg.seed, swap_augment=cfg.swap_augment, fitted_on=finite_or_none(provenance)
     )
     (out / "preference_head.json").write_text(json.dumps(to_dict(head_cfg), indent=1) + "\n")
     head = PreferenceHead(head_cfg)
@@ -558,7 +550,7 @@ def _run(
         summary["export"] = check
 
     summary["seconds"] = time.perf_counter() - t_start
-    summary = _nan_to_none(summary)
+    summary = finite_or_none(summary)
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     (out / "report.md").write_text(
         _report_markdown(
