@@ -8,13 +8,19 @@ Core API::
     results = model.score(["a.wav", "b.flac"])      # batched, inference mode
     logits = model.preference_logits(a, b, sample_rate=44100)
 
-Training (``apex_reward.training``) and integrations (``apex_reward.integrations``: TRL, PEFT,
-reward server) are sub-packages with their own optional dependencies; importing ``apex_reward``
-does not import them.
+    # a job's model, as the command line loads it (device, precision, untrained warning)
+    model = load_model(ModelOptions(model="path/to/checkpoint", device="cuda", dtype="fp32"))
+
+The model's specification is in the repository's ``docs/`` folder. Building blocks (the front end
+``apex_reward.audio``, the encoder ``apex_reward.encoder``, the heads ``apex_reward.heads``,
+popularity scores ``apex_reward.popularity``) are importable from their modules. Training
+(``apex_reward.training``) and integrations (``apex_reward.integrations``: TRL, PEFT, reward
+server) are sub-packages with their own optional dependencies; importing ``apex_reward`` does not
+import them.
 """
 
 from ._version import __version__
-from .audio import AudioFrontEnd, load_audio
+from .audio import load_audio
 from .config import (
     AESTHETIC_TASKS,
     ALL_TASKS,
@@ -25,8 +31,8 @@ from .config import (
     FrontendConfig,
     HeadConfig,
     PreferenceConfig,
+    list_presets,
 )
-from .encoder import MertEncoder
 from .errors import (
     ApexError,
     AudioDecodeError,
@@ -42,28 +48,24 @@ from .errors import (
     NonFiniteAudioError,
     UnsupportedSampleRateError,
 )
-from .heads import ApexHead
-from .model import ApexOutput, ApexRewardModel, SegmentFeatures
-from .popularity import PopularityReference, popularity_scores
+from .loading import ModelOptions, load_model
+from .model import ApexOutput, ApexRewardModel
 from .scoring import ScoreResult
 
 __all__ = [
     "__version__",
     "ApexRewardModel",
     "ApexOutput",
-    "SegmentFeatures",
     "ScoreResult",
+    "ModelOptions",
+    "load_model",
+    "load_audio",
+    "list_presets",
     "ApexConfig",
     "EncoderConfig",
     "FrontendConfig",
     "HeadConfig",
     "PreferenceConfig",
-    "ApexHead",
-    "MertEncoder",
-    "AudioFrontEnd",
-    "load_audio",
-    "PopularityReference",
-    "popularity_scores",
     "POPULARITY_TASKS",
     "AESTHETIC_TASKS",
     "ALL_TASKS",

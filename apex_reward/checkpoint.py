@@ -23,7 +23,7 @@ from .files import file_sha256, tensors_digest
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-_CHECKSUM_KEY = "weights_sha256"
+WEIGHTS_DIGEST_KEY = "weights_sha256"
 ENCODER_DIGEST_KEY = "encoder_sha256"
 
 __all__ = [
@@ -34,6 +34,8 @@ __all__ = [
     "state_mismatch",
     "CONFIG_NAME",
     "WEIGHTS_NAME",
+    "WEIGHTS_DIGEST_KEY",
+    "ENCODER_DIGEST_KEY",
 ]
 
 
@@ -57,7 +59,7 @@ def state_mismatch(expected: Mapping[str, Any], state: Mapping[str, Any]) -> str
 
 def split_digests(raw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """A ``config.json`` dict -> ``(ApexConfig fields, the digests save_checkpoint added)``."""
-    keys = (_CHECKSUM_KEY, ENCODER_DIGEST_KEY)
+    keys = (WEIGHTS_DIGEST_KEY, ENCODER_DIGEST_KEY)
     return (
         {k: v for k, v in raw.items() if k not in keys},
         {k: raw[k] for k in keys if k in raw},
@@ -79,7 +81,7 @@ def save_checkpoint(
     # bytes (and the checksum) of identical weights differ from one save to the next
     save_file(flat, str(weights_tmp), metadata={"format": "pt"})
     data = dict(config)
-    data[_CHECKSUM_KEY] = file_sha256(weights_tmp)
+    data[WEIGHTS_DIGEST_KEY] = file_sha256(weights_tmp)
     encoder = {k: v for k, v in flat.items() if k.startswith(("encoder.", "encoder_lora."))}
     if encoder:
         data[ENCODER_DIGEST_KEY] = tensors_digest(encoder)
@@ -154,7 +156,7 @@ def read_checkpoint(
     if not isinstance(config, dict):
         raise ConfigError(f"{cfg_path}: expected a JSON object")
     config, digests = split_digests(config)
-    expected = digests.get(_CHECKSUM_KEY)
+    expected = digests.get(WEIGHTS_DIGEST_KEY)
     if verify and expected is not None:
         actual = file_sha256(w_path)
         if actual != expected:

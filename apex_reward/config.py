@@ -119,6 +119,11 @@ ENCODER_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def list_presets() -> list[str]:
+    """Names of the encoder presets ``ApexConfig.from_preset`` and ``apex-reward init`` accept."""
+    return sorted(ENCODER_PRESETS)
+
+
 @dataclass
 class FrontendConfig:
     """Audio front end (APEX_SPEC §2.1). All steps run in torch and are differentiable."""
@@ -174,7 +179,8 @@ class LoraAdapterConfig:
 
     Recorded in ``config.json`` (``encoder.lora``) so that ``from_pretrained`` rebuilds the
     adapter; its weights are stored in ``model.safetensors`` under the ``encoder_lora.`` prefix.
-    Added and merged with :mod:`apex_reward.integrations.lora` (needs ``peft``).
+    Added and merged with :mod:`apex_reward.integrations.lora`, rebuilt on load by
+    :mod:`apex_reward.lora` (both need ``peft``).
     """
 
     r: int = field(default=8, metadata={"help": "LoRA rank"})

@@ -12,6 +12,7 @@ everywhere. Job configs embed the options as a field ``model: ModelOptions`` mar
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -72,10 +73,20 @@ class ModelOptions:
         if self.device is not None:
             self.device = str(self.device)
 
+    @classmethod
+    def coerce(cls, value: ModelOptions | str | os.PathLike) -> ModelOptions:
+        """``value`` as options: a checkpoint path or hub id stands for ``ModelOptions(model=...)``
+        (so a job config may be built as ``Config(model="ckpt", ...)``)."""
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, (str, os.PathLike)):
+            return cls(model=os.fspath(value))
+        raise ConfigError(f"model: expected a checkpoint path or ModelOptions, got {value!r}")
+
     def require_model(self) -> str:
         """The checkpoint path or hub id; a :class:`ConfigError` when none was given."""
         if not self.model:
-            raise ConfigError("no model given: pass --model DIR_OR_ID (a checkpoint directory)")
+            raise ConfigError("--model is required: a checkpoint directory or hub id")
         return self.model
 
 

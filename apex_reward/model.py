@@ -166,9 +166,9 @@ class ApexRewardModel(nn.Module):
             )
         encoder_state = self.encoder.model.state_dict()
         if cfg.encoder.lora is not None or hasattr(self.encoder.model, "peft_config"):
-            # LoRA hook (apex_reward.integrations.lora): base weights under their plain names,
+            # LoRA (apex_reward.lora): base weights under their plain names,
             # the adapter under its own prefix
-            from apex_reward.integrations.lora import split_lora_state_dict
+            from .lora import split_lora_state_dict
 
             encoder_state, adapter = split_lora_state_dict(self.encoder, cfg.encoder.lora)
             tensors.update({f"encoder_lora.{k}": v for k, v in adapter.items()})
@@ -251,7 +251,7 @@ class ApexRewardModel(nn.Module):
             encoder = MertEncoder.from_pretrained(config.encoder)
         if config.encoder.lora is not None:
             # LoRA hook: rebuild the adapter recorded in config.json (needs peft)
-            from apex_reward.integrations.lora import attach_lora
+            from .lora import attach_lora
 
             attach_lora(encoder, config.encoder.lora, groups["encoder_lora"], where=directory)
         elif groups["encoder_lora"]:
@@ -265,7 +265,7 @@ class ApexRewardModel(nn.Module):
         if freeze:
             model.requires_grad_(False)
         elif config.encoder.lora is not None:
-            from apex_reward.integrations.lora import lora_parameters
+            from .lora import lora_parameters
 
             for p in lora_parameters(model):
                 p.requires_grad_(True)
@@ -376,11 +376,6 @@ class ApexRewardModel(nn.Module):
     @property
     def untrained(self) -> bool:
         return self.config.untrained
-
-    def train(self, mode: bool = True) -> ApexRewardModel:
-        """As ``nn.Module.train``; the frozen encoder stays in eval mode."""
-        super().train(mode)
-        return self
 
     # ------------------------------------------------------------------------------------------
     # forward path

@@ -75,7 +75,8 @@ class _Item:
     error: BaseException | None = None
 
 
-def _describe(e: BaseException) -> tuple[str, str]:
+def describe_error(e: BaseException) -> tuple[str, str]:
+    """``(reason, error type name)`` of a per-item failure, as score records report it."""
     reason = getattr(e, "reason", None) or str(e) or type(e).__name__
     return reason, type(e).__name__
 
@@ -186,7 +187,7 @@ def _run_batch(
             for it in batch:
                 _run_batch(model, [it], batch_size, results, check)
             return
-        reason, kind = _describe(e)
+        reason, kind = describe_error(e)
         it = batch[0]
         results[it.index] = ScoreResult(it.name, error=reason, error_type=kind)
         return
@@ -268,7 +269,7 @@ def score_inputs(
         # decode a bounded number of files ahead of the encoder (long files are large in memory)
         for item in _decoded(model, entries, num_workers, window=max(2, 2 * num_workers)):
             if item.error is not None:
-                reason, kind = _describe(item.error)
+                reason, kind = describe_error(item.error)
                 results[item.index] = ScoreResult(item.name, error=reason, error_type=kind)
                 if bar is not None:
                     bar.update(1)

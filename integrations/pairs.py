@@ -42,6 +42,7 @@ from apex_reward.cli import Command
 from apex_reward.dataclass_io import finite_or_none
 from apex_reward.errors import ApexError, ConfigError, require
 from apex_reward.files import atomic_path
+from apex_reward.loading import ModelOptions, load_model
 
 if TYPE_CHECKING:
     import datasets
@@ -477,8 +478,9 @@ def read_candidates(path: str | Path) -> tuple[list[CandidateGroup], list[dict[s
 class PairsConfig:
     """Options of ``apex-reward pairs``: score candidate audio, build preference pairs."""
 
-    model: str | None = field(
-        default=None, metadata={"help": "APEX checkpoint directory or hub id (required)"}
+    model: ModelOptions = field(
+        default_factory=ModelOptions,
+        metadata={"flatten": True, "help": "the APEX checkpoint that scores the candidates"},
     )
     candidates: str | None = field(
         default=None,
@@ -518,12 +520,6 @@ class PairsConfig:
     )
     batch_size: int = field(default=8, metadata={"help": "30 s segments per encoder call"})
     num_workers: int = field(default=2, metadata={"help": "audio decoding threads"})
-    device: str | None = field(
-        default=None, metadata={"help": "torch device (default: cuda if available, else cpu)"}
-    )
-    encoder: str | None = field(
-        default=None, metadata={"help": "override where the MERT weights come from"}
-    )
     overwrite: bool = field(
         default=False, metadata={"help": "replace an existing dataset in --out"}
     )
@@ -533,7 +529,9 @@ class PairsConfig:
     )
 
     def __post_init__(self) -> None:
-        for name in ("model", "candidates", "out"):
+        self.model = ModelOptions.coerce(self.model)
+        self.model.require_model()
+        for name in ("candidates", "out"):
             if not getattr(self, name):
                 raise ConfigError(f"--{name} is required")
         if self.strategy not in STRATEGIES:
@@ -603,8 +601,6 @@ def run_pairs_job(cfg: PairsConfig, *, progress: bool = False) -> dict[str, Any]
     All four are written in full under temporary names first and then moved into place, so a
     failed run (``--overwrite`` included) leaves the previous outputs as they were.
     """
-    from apex_reward.model import ApexRewardModel
-
     from .trl_rewards import ApexRewardFunction, _spec_label
 
     require("datasets", "trl", "apex-reward pairs")
@@ -617,13 +613,7 @@ def run_pairs_job(cfg: PairsConfig, *, progress: bool = False) -> dict[str, Any]
     if not groups:
         raise ApexError(f"{cfg.candidates}: no valid lines ({len(bad_lines)} invalid)")
 
-    model = ApexRewardModel.from_pretrained(
-        cfg.model,  # type: ignore[arg-type]
-        device=cfg.device or ("cuda" if _cuda() else "cpu"),
-        encoder_source=cfg.encoder,
-    )
-    if model.untrained:
-        logger.warning("%s is an UNTRAINED model: its rankings say nothing about music", cfg.model)
+    model = load_model(cfg.model)
     spec: Any = cfg.weights if cfg.weights else cfg.score
     fn = ApexRewardFunction(
         model, score=spec, batch_size=cfg.batch_size, num_workers=cfg.num_workers
@@ -701,12 +691,6 @@ def run_pairs_job(cfg: PairsConfig, *, progress: bool = False) -> dict[str, Any]
     finally:
         shutil.rmtree(staged_dataset, ignore_errors=True)
     return summary
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def run_pairs(args: argparse.Namespace) -> int:

@@ -21,21 +21,24 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import json
 import logging
 import math
 import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 
+from apex_reward.checkpoint import CONFIG_NAME, WEIGHTS_DIGEST_KEY, split_digests
 from apex_reward.errors import ApexError, AudioDecodeError, ConfigError
-from apex_reward.scoring import ScoreResult
+from apex_reward.loading import ModelOptions, load_model
+from apex_reward.scoring import ScoreResult, describe_error
 
 if TYPE_CHECKING:
     from apex_reward.model import ApexRewardModel
@@ -72,55 +75,35 @@ _CACHE: dict[tuple, tuple[ApexRewardModel, threading.Lock]] = {}
 _CACHE_LOCK = threading.Lock()
 
 
-def _resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    if torch.cuda.is_available():
-        # under accelerate/torchrun each process has already selected its own GPU
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def _checkpoint_key(path: str | Path) -> tuple[str, str | None]:
     """``(resolved path, weights checksum)``: a checkpoint rewritten in place is a new model."""
     p = Path(path).expanduser()
     if not p.exists():
         return str(path), None
     try:
-        checksum = json.loads((p / "config.json").read_text()).get("weights_sha256")
+        _, digests = split_digests(json.loads((p / CONFIG_NAME).read_text()))
     except (OSError, ValueError, AttributeError):
-        checksum = None
-    return str(p.resolve()), checksum
+        return str(p.resolve()), None
+    return str(p.resolve()), digests.get(WEIGHTS_DIGEST_KEY)
 
 
-def load_cached_model(
-    path: str | Path,
-    *,
-    device: str | torch.device | None = None,
-    encoder_source: str | None = None,
-    encoder_dtype: str | None = None,
-) -> tuple[ApexRewardModel, threading.Lock]:
-    """The model at ``path`` on ``device``, loaded once per process and then reused.
+def load_cached_model(options: ModelOptions) -> tuple[ApexRewardModel, threading.Lock]:
+    """The model ``options`` names, loaded once per process (:func:`~apex_reward.load_model`)
+    and then reused.
 
-    Returns ``(model, lock)``: the model is frozen and in eval mode; hold ``lock`` while running
-    it from several threads (the async reward function does).
+    Without a device, a process uses its current CUDA device (under accelerate/torchrun each
+    process has already selected its own GPU), else the CPU. Returns ``(model, lock)``: the model
+    is frozen and in eval mode; hold ``lock`` while running it from several threads (the async
+    reward function does).
     """
-    dev = _resolve_device(device)
-    key = (os.getpid(), _checkpoint_key(path), str(dev), encoder_source, encoder_dtype)
+    if options.device is None and torch.cuda.is_available():
+        options = dataclasses.replace(options, device=f"cuda:{torch.cuda.current_device()}")
+    key = (os.getpid(), _checkpoint_key(options.require_model()), *astuple(options)[1:])
     with _CACHE_LOCK:
         hit = _CACHE.get(key)
         if hit is not None:
             return hit
-        from apex_reward.model import ApexRewardModel
-
-        model = ApexRewardModel.from_pretrained(path, device=dev, encoder_source=encoder_source)
-        if encoder_dtype is not None:
-            model.set_precision(encoder_dtype)
-        if model.untrained:
-            logger.warning(
-                "%s is an UNTRAINED APEX model (random heads): its rewards are arbitrary", path
-            )
-        _CACHE[key] = (model, threading.Lock())
+        _CACHE[key] = (load_model(options), threading.Lock())
         return _CACHE[key]
 
 
@@ -247,10 +230,6 @@ def _as_waveform(wav: Any, where: str) -> torch.Tensor:
     return wav.detach().to("cpu")
 
 
-def _describe(e: BaseException) -> tuple[str, str]:
-    return (getattr(e, "reason", None) or str(e) or type(e).__name__), type(e).__name__
-
-
 # ----------------------------------------------------------------------------------------------
 # the reward function
 
@@ -259,7 +238,8 @@ class ApexRewardFunction:
     """A TRL reward function: completions -> audio -> APEX score, one float (or None) each.
 
     Args:
-        model: checkpoint directory or hub id (picklable; loaded lazily once per process), or an
+        model: checkpoint directory or hub id, or :class:`~apex_reward.ModelOptions` (picklable;
+            loaded lazily once per process with :func:`~apex_reward.load_model`), or an
             in-memory :class:`~apex_reward.ApexRewardModel` (convenient in one process; such a
             function cannot be pickled).
         decoder: completion -> audio (see :data:`Decoder`). ``None``: completions already are
@@ -274,12 +254,11 @@ class ApexRewardFunction:
         sample_rate: Hz of bare waveforms returned by the decoder.
         name: the ``__name__`` TRL logs the reward under (default ``"apex_<score>"``).
         device: where the model runs (default: this process's current CUDA device, else CPU).
-        encoder_source: override where the MERT weights come from (see ``from_pretrained``).
-        encoder_dtype: ``"auto"``/``"fp32"``/``"fp16"``/``"bf16"``
-            (:meth:`ApexRewardModel.set_precision`); None keeps the model's default (the fast
-            path on CUDA).
-            (``device``, ``encoder_source`` and ``encoder_dtype`` apply to a checkpoint path; an
-            in-memory model is used as it is.)
+        encoder: override where the MERT weights come from (hub id or local directory).
+        dtype: ``"auto"`` (default: the fast path on CUDA, float32 on CPU), ``"fp32"``,
+            ``"fp16"`` or ``"bf16"`` (:meth:`ApexRewardModel.set_precision`).
+            (``device``, ``encoder`` and ``dtype`` are the :class:`~apex_reward.ModelOptions` of a
+            checkpoint path; with ``ModelOptions`` or an in-memory model, leave them unset.)
         batch_size: 30 s segments per encoder call.
         num_workers: threads decoding audio files ahead of the encoder.
         log_scores: report the batch mean of every score (and the failed fraction) through TRL's
@@ -294,7 +273,7 @@ class ApexRewardFunction:
 
     def __init__(
         self,
-        model: str | Path | ApexRewardModel,
+        model: str | Path | ModelOptions | ApexRewardModel,
         *,
         decoder: Decoder | None = None,
         decode_from: Literal["completions", "completion_ids"] = "completions",
@@ -303,8 +282,8 @@ class ApexRewardFunction:
         sample_rate: int | None = None,
         name: str | None = None,
         device: str | torch.device | None = None,
-        encoder_source: str | None = None,
-        encoder_dtype: str | None = None,
+        encoder: str | None = None,
+        dtype: str | None = None,
         batch_size: int = 8,
         num_workers: int = 0,
         log_scores: bool = True,
@@ -322,22 +301,36 @@ class ApexRewardFunction:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         self._model: ApexRewardModel | None = None
         self._lock: threading.Lock | None = None
+        overrides = {"device": device, "encoder": encoder, "dtype": dtype}
+        given = {k: v for k, v in overrides.items() if v is not None}
+        self.options: ModelOptions | None = None
         if isinstance(model, ApexRewardModel):
-            self.model_path: str | None = None
+            if given:
+                raise ConfigError(
+                    f"{sorted(given)} apply to a checkpoint path; an in-memory model is used as "
+                    "it is"
+                )
             self._model, self._lock = model, threading.Lock()
             names = model.score_names
         else:
-            self.model_path = str(model)
-            names = _read_score_names(model)
+            if isinstance(model, ModelOptions):
+                if given:
+                    raise ConfigError(f"{sorted(given)}: set them in the ModelOptions instead")
+                self.options = model
+            else:
+                self.options = ModelOptions(
+                    model=str(model),
+                    encoder=encoder,
+                    device=None if device is None else str(device),
+                    dtype=dtype or "auto",  # type: ignore[arg-type]
+                )
+            names = _read_score_names(self.options.require_model())
         self.score_names: tuple[str, ...] = tuple(names)
         self.score = _check_spec(score, self.score_names)
         self.decoder = decoder
         self.decode_from = decode_from
         self.batched_decoder = batched_decoder
         self.sample_rate = sample_rate
-        self.device = None if device is None else str(device)
-        self.encoder_source = encoder_source
-        self.encoder_dtype = encoder_dtype
         self.batch_size = int(batch_size)
         self.num_workers = int(num_workers)
         self.log_scores = log_scores
@@ -353,7 +346,7 @@ class ApexRewardFunction:
     # -- pickling: never the model ---------------------------------------------------------------
 
     def __getstate__(self) -> dict[str, Any]:
-        if self.model_path is None:
+        if self.options is None:
             raise TypeError(
                 f"{type(self).__name__} built from an in-memory model cannot be pickled; build it "
                 "from the checkpoint directory (model.save_pretrained(dir); "
@@ -382,7 +375,7 @@ class ApexRewardFunction:
         return new
 
     def __repr__(self) -> str:
-        where = self.model_path or "<in-memory model>"
+        where = self.options.model if self.options is not None else "<in-memory model>"
         return f"{type(self).__name__}({where!r}, score={_spec_label(self.score)!r})"
 
     # -- model -------------------------------------------------------------------------------
@@ -390,13 +383,8 @@ class ApexRewardFunction:
     def load(self) -> tuple[ApexRewardModel, threading.Lock]:
         """The model (loaded on first use in this process) and its lock."""
         if self._model is None:
-            assert self.model_path is not None
-            self._model, self._lock = load_cached_model(
-                self.model_path,
-                device=self.device,
-                encoder_source=self.encoder_source,
-                encoder_dtype=self.encoder_dtype,
-            )
+            assert self.options is not None
+            self._model, self._lock = load_cached_model(self.options)
         assert self._lock is not None
         return self._model, self._lock
 
@@ -460,7 +448,7 @@ class ApexRewardFunction:
         audio, where = [], []
         for i, d in enumerate(decoded):
             if isinstance(d, BaseException):
-                reason, kind = _describe(d)
+                reason, kind = describe_error(d)
                 logger.debug("completion %d could not be decoded: %s: %s", i, kind, reason)
                 results[i] = ScoreResult(f"completion[{i}]", error=reason, error_type=kind)
             else:

@@ -15,8 +15,9 @@ import soundfile as sf
 import torch
 from conftest import write_bad_files, write_good_files
 
-from apex_reward import ApexRewardModel, MertEncoder
+from apex_reward import ApexRewardModel
 from apex_reward.cli import main
+from apex_reward.encoder import MertEncoder
 
 
 def _run_cli(*args: str) -> subprocess.CompletedProcess:

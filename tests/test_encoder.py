@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from apex_reward import CheckpointError, EncoderConfig, MertEncoder
-from apex_reward.encoder import build_hubert
+from apex_reward import CheckpointError, EncoderConfig
+from apex_reward.encoder import MertEncoder, build_hubert
 
 
 def _official_layout_state_dict(model) -> dict[str, torch.Tensor]:

@@ -5,8 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from apex_reward import PopularityReference, popularity_scores
-from apex_reward.popularity import POPULARITY_EXPONENT, percentile_ranks, score_from_percentile
+from apex_reward.popularity import (
+    POPULARITY_EXPONENT,
+    PopularityReference,
+    percentile_ranks,
+    popularity_scores,
+    score_from_percentile,
+)
 
 
 def test_exponent_maps_80th_percentile_to_50():

@@ -27,6 +27,7 @@ import numpy as np
 from apex_reward.cli import Command
 from apex_reward.config import AESTHETIC_TASKS, ALL_TASKS
 from apex_reward.dataclass_io import add_dataclass_arguments, dataclass_from_args
+from apex_reward.loading import ModelOptions, load_model
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +158,7 @@ def run_demo_pipeline(config: DemoConfig, *, progress: bool = True) -> dict[str,
         torch.set_num_threads(threads)
     model_dir = result.checkpoint
     _stage(f"5/6 exported {model_dir}; scoring audio", t0)
-    model = ApexRewardModel.from_pretrained(model_dir)
+    model = load_model(ModelOptions(model=str(model_dir), device="cpu"))
     audio_dir = Path(config.audio_dir) if config.audio_dir else default_audio_dir()
     scored: list[dict[str, Any]]
     if audio_dir is not None:

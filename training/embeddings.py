@@ -2,7 +2,7 @@
 
 :class:`EmbeddingStore` opens an extraction directory (``index.parquet`` + fp16 shards) and gives
 
-* per-segment features for any songs, as :class:`apex_reward.SegmentFeatures` — what
+* per-segment features for any songs, as :class:`apex_reward.model.SegmentFeatures` — what
   ``ApexRewardModel.predict_from_features`` consumes, so cached embeddings score exactly like audio;
 * per-song features ``[songs, layers, hidden]``: the song's segment features averaged with the
   model's segment weighting. Because the layer aggregation is a 1x1 convolution (linear), averaging
