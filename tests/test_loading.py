@@ -1,0 +1,113 @@
+"""The one model loader: ModelOptions, load_model, device resolution, flattened option flags."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from apex_reward import ConfigError, ModelOptions, load_model
+from apex_reward.cli import main
+from apex_reward.dataclass_io import (
+    add_dataclass_arguments,
+    dataclass_from_args,
+    from_dict,
+    to_dict,
+)
+from apex_reward.loading import resolve_device
+
+
+@dataclass
+class _Job:
+    """A job config embedding the model options, as every command's config does."""
+
+    model: ModelOptions = field(
+        default_factory=ModelOptions, metadata={"flatten": True, "help": "the model"}
+    )
+    batch_size: int = field(default=8, metadata={"help": "segments per call"})
+
+
+def _parse(argv: list[str], config_file: str | None = None) -> _Job:
+    parser = argparse.ArgumentParser()
+    add_dataclass_arguments(parser, _Job)
+    args = parser.parse_args(argv + (["--config", config_file] if config_file else []))
+    return dataclass_from_args(_Job, args)
+
+
+def test_flattened_options_are_top_level_flags():
+    job = _parse(["--model", "ckpt", "--device", "cpu", "--dtype", "fp32", "--batch-size", "4"])
+    assert job.model == ModelOptions(model="ckpt", device="cpu", dtype="fp32")
+    assert job.batch_size == 4
+
+
+def test_flattened_options_in_config_files_flat_nested_or_a_path(tmp_path):
+    flat = tmp_path / "flat.json"
+    flat.write_text(json.dumps({"model": "ckpt", "device": "cpu", "encoder": "/m"}))
+    nested = tmp_path / "nested.json"
+    nested.write_text(json.dumps({"model": {"model": "ckpt", "device": "cpu", "encoder": "/m"}}))
+    expected = ModelOptions(model="ckpt", device="cpu", encoder="/m")
+    assert _parse([], str(flat)).model == expected
+    assert _parse([], str(nested)).model == expected
+    # a flag overrides the file field by field
+    assert _parse(["--dtype", "bf16"], str(flat)).model.dtype == "bf16"
+    assert _parse(["--dtype", "bf16"], str(flat)).model.encoder == "/m"
+    # to_dict -> from_dict round trip
+    job = _parse([], str(flat))
+    assert from_dict(_Job, to_dict(job)) == job
+
+
+def test_flattened_options_are_validated():
+    with pytest.raises(ConfigError, match="dtype"):
+        from_dict(_Job, {"model": "ckpt", "dtype": "int8"})
+    with pytest.raises(ConfigError, match="unknown field"):
+        from_dict(_Job, {"model": {"model": "ckpt", "colour": "red"}})
+    with pytest.raises(ConfigError, match="model"):
+        from_dict(_Job, {"model": 3})
+
+
+def test_coerce_and_require_model():
+    assert ModelOptions.coerce("ckpt") == ModelOptions(model="ckpt")
+    opts = ModelOptions(model="x", dtype="fp16")
+    assert ModelOptions.coerce(opts) is opts
+    with pytest.raises(ConfigError, match="--model is required"):
+        ModelOptions().require_model()
+
+
+def test_resolve_device():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ConfigError, match="not a torch device"):
+        resolve_device("gpu0")
+    with pytest.raises(ConfigError, match="unsupported device type"):
+        resolve_device("meta")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda_is_one_line(tiny_checkpoint, tmp_path, capsys):
+    with pytest.raises(ConfigError, match="use --device cpu"):
+        resolve_device("cuda")
+    wav = tmp_path / "a.wav"
+    import soundfile as sf
+
+    sf.write(wav, torch.zeros(24000).numpy() + 0.1, 24000)
+    code = main(["score", str(wav), "--model", str(tiny_checkpoint), "--device", "cuda"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.strip().count("\n") == 0, err  # one line, no traceback
+    assert "--device cuda" in err and "--device cpu" in err
+
+
+def test_load_model_device_dtype_and_one_untrained_warning(tiny_checkpoint, caplog):
+    with caplog.at_level(logging.WARNING, logger="apex_reward"):
+        model = load_model(ModelOptions(model=str(tiny_checkpoint), device="cpu", dtype="bf16"))
+    assert model.device.type == "cpu"
+    assert model.encoder_dtype == torch.bfloat16 and model.fast_path is True
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    untrained = [r for r in caplog.records if "UNTRAINED" in r.getMessage()]
+    assert len(untrained) == 1 and str(tiny_checkpoint) in untrained[0].getMessage()
+    exact = load_model(ModelOptions(model=str(tiny_checkpoint), device="cpu", dtype="fp32"))
+    assert exact.encoder_dtype == torch.float32 and exact.fast_path is False
