@@ -1,4 +1,4 @@
-"""Audio decoding and the differentiable front end (APEX_SPEC §2.1).
+"""Audio decoding and the differentiable front end (docs/model.md#front-end).
 
 * :func:`load_audio` decodes WAV/FLAC/Ogg Vorbis/Opus/MP3 (libsndfile via ``soundfile``) to a float32
   tensor ``[channels, samples]`` and its sample rate, raising typed errors that name the file.

@@ -52,7 +52,7 @@ def score_names(tasks: str) -> tuple[str, ...]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Encoder presets (APEX_SPEC §2.2). The dicts are HubertConfig keyword arguments.
+# Encoder presets (docs/model.md#presets). The dicts are HubertConfig keyword arguments.
 
 _MERT_BASE: dict[str, Any] = dict(
     conv_dim=[512] * 7,
@@ -99,7 +99,7 @@ ENCODER_PRESETS: dict[str, dict[str, Any]] = {
             tie_last_hidden_states=True,
         ),
     ),
-    # Randomly initialised, MERT-shaped, for tests and the offline demo (APEX_SPEC §7).
+    # Randomly initialised, MERT-shaped, for tests and the offline demo (no weights to download).
     # hidden_states has 3 entries (input of layer 1, output of layers 1 and 2).
     "tiny": dict(
         source=None,
@@ -126,7 +126,7 @@ def list_presets() -> list[str]:
 
 @dataclass
 class FrontendConfig:
-    """Audio front end (APEX_SPEC §2.1). All steps run in torch and are differentiable."""
+    """Audio front end (docs/model.md#front-end). All steps run in torch and are differentiable."""
 
     sample_rate: int = field(default=24000, metadata={"help": "encoder sample rate in Hz"})
     segment_seconds: float = field(
@@ -295,7 +295,7 @@ class EncoderConfig:
 
 @dataclass
 class HeadConfig:
-    """Aggregation, shared trunk and task heads (APEX_SPEC §2.4–2.7)."""
+    """Aggregation, shared trunk and task heads (docs/model.md#prediction-head)."""
 
     trunk_layers: Literal[2, 3] = field(default=2, metadata={"help": "shared trunk depth"})
     tasks: Literal["full", "popularity"] = field(
@@ -324,7 +324,7 @@ class HeadConfig:
 
 @dataclass
 class PreferenceHeadConfig:
-    """A fitted logistic preference model over pairwise features (APEX_SPEC §2.9, §5)."""
+    """A fitted logistic preference model over pairwise features (docs/model.md#preference-head)."""
 
     features: list[str] = field(metadata={"help": "feature names, in coefficient order"})
     coef: list[float] = field(metadata={"help": "logistic-regression coefficients"})
@@ -373,7 +373,7 @@ class PreferenceConfig:
 
 @dataclass
 class PopularityReferenceConfig:
-    """Reference distribution of raw counts (APEX_SPEC §3), stored as quantiles."""
+    """Reference distribution of raw counts (docs/popularity.md), stored as quantiles."""
 
     levels: list[float] = field(metadata={"help": "quantile levels in [0, 1], increasing"})
     streams: list[float] = field(metadata={"help": "stream-count quantiles at `levels`"})

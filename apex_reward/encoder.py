@@ -1,4 +1,4 @@
-"""The frozen MERT encoder (APEX_SPEC §2.2–2.3), built on stock ``transformers.HubertModel``.
+"""The frozen MERT encoder (docs/model.md#encoder), built on stock ``transformers.HubertModel``.
 
 MERT-v1 checkpoints load into ``HubertModel`` with a ``HubertConfig`` we build ourselves (no
 ``trust_remote_code``): the official MERT code subclasses HubertModel and is numerically identical

@@ -1,4 +1,4 @@
-"""Faster forwards for two submodules of the stock ``HubertModel`` (the GPU fast path, issue 8).
+"""Faster forwards for two submodules of the stock ``HubertModel`` (the GPU fast path, docs/model.md).
 
 Profiling MERT-v1-95M on an H100 (bf16, batch 32 x 30 s, BENCHMARKS.md) showed two convolutions
 taking two thirds of the encoder's time while holding a quarter of its FLOPs: cuDNN runs the

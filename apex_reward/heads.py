@@ -1,4 +1,4 @@
-"""The APEX prediction network on top of pooled MERT layer features (APEX_SPEC §2.4–2.8).
+"""The APEX prediction network on top of pooled MERT layer features (docs/model.md#prediction-head).
 
 ``ApexHead`` is everything that is trained: layer aggregation (``Conv1d(L -> 1, k=1)``), the shared
 trunk (``Linear -> BatchNorm1d -> GELU -> Dropout(0.3)`` x 2 or 3) and one head per task
@@ -45,7 +45,7 @@ def weighted_song_mean(
 
 
 def combine_scores(pred: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Add the combined scores (APEX_SPEC §2.8) to per-task predictions.
+    """Add the combined scores (docs/model.md#combined-scores) to per-task predictions.
 
     ``popularity`` = mean(streams, likes) in 0–100; ``songeval`` = mean of the five aesthetic
     scores in 1–5 (full task set only); ``overall`` = mean(popularity/100, (songeval-1)/4) in 0–1,

@@ -1,6 +1,6 @@
 """``ApexRewardModel``: waveform -> APEX scores, scalar reward and pairwise preference logits.
 
-One forward path (APEX_SPEC §2): front end -> frozen MERT -> pooled layers -> ``ApexHead`` ->
+One forward path (docs/model.md): front end -> frozen MERT -> pooled layers -> ``ApexHead`` ->
 combined scores -> reward. ``forward`` is differentiable with respect to the input waveform and
 never changes the gradient mode; :meth:`ApexRewardModel.score` is the batched, ``inference_mode``
 convenience for files and arrays.
@@ -508,7 +508,7 @@ class ApexRewardModel(nn.Module):
     ) -> torch.Tensor:
         """``logit P(A > B)`` from two outputs of the same batch size. ``[B]``.
 
-        With a fitted preference head (APEX_SPEC §5) it is the head's logistic model over the
+        With a fitted preference head (docs/model.md#preference-head) it is the head's logistic model over the
         pairwise features; otherwise Bradley–Terry on the reward,
         ``(r_A - r_B) / preference.temperature``. When ``systems_a``/``systems_b`` name the
         generators of A and B (one name or one per pair), the per-system offsets in

@@ -1,4 +1,4 @@
-"""The popularity score (APEX_SPEC §3).
+"""The popularity score (docs/popularity.md).
 
 For a count ``c`` (streams or likes): its percentile rank ``q`` in a reference set (ties share
 their average rank; ``q = average_rank / n`` in (0, 1]), then ``score = 100 * q**K`` with

@@ -1,4 +1,4 @@
-"""Pairwise preference features and the fitted, differentiable preference head (APEX_SPEC §2.9, §5).
+"""Pairwise preference features and the fitted, differentiable preference head (docs/model.md#preference).
 
 For each score dimension ``s`` present in both songs' outputs (up to 10: the seven predicted tasks
 plus popularity, songeval and overall) the features are ``s_diff = a - b``,

@@ -1,4 +1,4 @@
-"""Peak memory of `apex-reward score` on a 10-minute 48 kHz stereo file (issue 2, acceptance 8).
+"""Peak memory of `apex-reward score` on a 10-minute 48 kHz stereo file.
 
 Writes the file (PCM16 WAV, 115 MB), then runs `apex-reward score` on it in a fresh process per
 batch size and reports that process's peak RSS (ru_maxrss). Segments are encoded in batches of

@@ -1,4 +1,4 @@
-"""Audio decoding and the differentiable front end (APEX_SPEC §2.1)."""
+"""Audio decoding and the differentiable front end (docs/model.md#front-end)."""
 
 from __future__ import annotations
 

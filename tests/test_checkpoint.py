@@ -19,7 +19,7 @@ def _audio():
 
 
 def test_round_trip_gives_identical_outputs(tiny_model, tiny_checkpoint):
-    """Acceptance 5: save_pretrained -> from_pretrained gives identical outputs."""
+    """save_pretrained -> from_pretrained gives identical outputs."""
     loaded = ApexRewardModel.from_pretrained(tiny_checkpoint)
     with torch.inference_mode():
         a = tiny_model(_audio(), 44100)

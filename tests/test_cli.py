@@ -32,7 +32,7 @@ def _run_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_score_mix_of_good_and_bad_files(tmp_path, tiny_checkpoint):
-    """Acceptance 7: every good file scored, each bad one reported by name and reason, exit 1,
+    """Every good file scored, each bad one reported by name and reason, exit 1,
     no traceback."""
     good = write_good_files(tmp_path / "good")
     bad = write_bad_files(tmp_path / "bad")
@@ -217,7 +217,7 @@ def test_help_lists_commands():
 
 
 def test_long_file_is_encoded_in_bounded_batches(tmp_path, tiny_checkpoint, monkeypatch, capsys):
-    """Acceptance 8 (functional part): a 10-minute 48 kHz stereo file is scored with the encoder
+    """A 10-minute 48 kHz stereo file is scored with the encoder
     seeing at most --batch-size segments at a time. Peak RSS is measured by
     benchmarks/long_file_memory.py and recorded in BENCHMARKS.md."""
     sr, seconds = 48000, 600

@@ -1,4 +1,4 @@
-"""`apex-reward demo`, README command 1 (issue 4, acceptance 5). Its wall time is recorded in
+"""`apex-reward demo`, README command 1. Its wall time is recorded in
 BENCHMARKS.md (timed tests are not used)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The MERT encoder on stock HubertModel (APEX_SPEC §2.2–2.3)."""
+"""The MERT encoder on stock HubertModel (docs/model.md#encoder)."""
 
 from __future__ import annotations
 
@@ -114,7 +114,7 @@ def test_hub_snapshot_records_resolved_commit(tmp_path, monkeypatch):
 
 
 def test_released_presets_pin_their_hub_commit(tmp_path, monkeypatch):
-    """The MERT presets fetch a fixed commit unless told otherwise (APEX_SPEC §2: pin a
+    """The MERT presets fetch a fixed commit unless told otherwise (docs/model.md#weights-and-revisions: pin a
     revision); a checkpoint config without a revision gets the pin, another source does not."""
     import re
 

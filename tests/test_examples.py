@@ -1,6 +1,5 @@
-"""The TRL examples run end to end with small settings and improve what they optimise
-(issue 6, acceptance 2 and 4). Seeds are fixed; the thresholds leave room below the measured
-gains (see each test)."""
+"""The TRL examples run end to end with small settings and improve what they optimise.
+Seeds are fixed; the thresholds leave room below the measured gains (see each test)."""
 
 from __future__ import annotations
 

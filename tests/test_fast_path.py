@@ -1,4 +1,4 @@
-"""The GPU fast path (issue 8): its CPU-testable parts here, its GPU parity tests marked `gpu`."""
+"""The GPU fast path: its CPU-testable parts here, its GPU parity tests marked `gpu`."""
 
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ def segment_model():
 @pytest.mark.parametrize("channels", [1, 2])
 @pytest.mark.parametrize("rate", [16000, 22050, 24000, 44100, 48000])
 def test_gradient_reaches_waveform(tiny_model, segment_model, mode, channels, rate):
-    """Acceptance 3: finite, non-zero gradients w.r.t. the input waveform."""
+    """Finite, non-zero gradients w.r.t. the input waveform."""
     model = tiny_model if mode == "song" else segment_model
     assert model.config.head.mode == mode
     wav = torch.from_numpy(synth_music(1.5, rate, channels, seed=rate + channels))
@@ -46,7 +46,7 @@ def test_model_parameters_are_frozen_after_loading(tiny_checkpoint):
 
 @pytest.mark.parametrize("mode", ["song", "segment"])
 def test_batch_of_different_lengths_equals_single(tiny_model, segment_model, mode):
-    """Acceptance 4: 5 s, 31 s, 95 s batched == each alone (<= 1e-4), and deterministic."""
+    """Batching does not change a score: 5 s, 31 s, 95 s batched == each alone (<= 1e-4), and deterministic."""
     model = tiny_model if mode == "song" else segment_model
     songs = [torch.from_numpy(synth_music(s, 24000, seed=i)[0]) for i, s in enumerate([5, 31, 95])]
     with torch.inference_mode():
@@ -64,7 +64,7 @@ def test_batch_of_different_lengths_equals_single(tiny_model, segment_model, mod
 
 
 def test_outputs_inside_ranges_random_audio():
-    """Acceptance 6 (random audio, random weights incl. extreme heads)."""
+    """Scores stay in their ranges (random audio, random weights incl. extreme heads)."""
     for seed in range(3):
         model = make_tiny_model(seed=seed)
         # push the heads towards saturation too
@@ -78,7 +78,7 @@ def test_outputs_inside_ranges_random_audio():
 
 
 def test_outputs_inside_ranges_real_audio(tiny_model, shared_audio):
-    """Acceptance 6 (real clips)."""
+    """Scores stay in their ranges (real clips)."""
     results = tiny_model.score(shared_audio, batch_size=4)
     assert all(r.ok for r in results), [r.error for r in results if not r.ok]
     _assert_in_range({k: torch.tensor([r.scores[k] for r in results]) for k in results[0].scores})

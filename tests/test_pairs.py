@@ -1,4 +1,4 @@
-"""The preference-pair builder and ``apex-reward pairs`` (issue 6, acceptance 2 and 3)."""
+"""The preference-pair builder and ``apex-reward pairs``."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""LoRA adapters on the MERT encoder (issue 6, acceptance 5): only adapters train, they are saved
+"""LoRA adapters on the MERT encoder: only adapters train, they are saved
 with the checkpoint and rebuilt by ``from_pretrained``, and merging gives a plain checkpoint."""
 
 from __future__ import annotations

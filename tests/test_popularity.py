@@ -1,4 +1,4 @@
-"""The popularity score (APEX_SPEC §3)."""
+"""The popularity score (docs/popularity.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The TRL reward function and best-of-N (issue 6, acceptance 1 and 2).
+"""The TRL reward function and best-of-N.
 
 The reward function is checked against ``ApexRewardModel.score`` on the same audio, pickled, run
 with broken completions, called the way TRL calls it (``log_metric``, ``completion_ids``,

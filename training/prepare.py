@@ -1,4 +1,4 @@
-"""Corpus preparation (APEX_SPEC §3–§4): filters, platform balancing, popularity scores, split.
+"""Corpus preparation (docs/data.md#preparation): filters, platform balancing, popularity scores, split.
 
 ``apex-reward prepare --manifest songs.csv --out runs/prepared --snapshot-date 2024-11-01``
 
