@@ -60,3 +60,17 @@ def test_quick_start_command_one_is_the_demo():
 
     args = build_parser("demo").parse_args(["demo"])
     assert args._run.__name__ == "run_demo"
+
+
+def test_readme_model_options_example_runs(tmp_path, tiny_checkpoint):
+    readme = (REPO / "README.md").read_text()
+    code = next(
+        c for c in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "load_model(" in c
+    )
+    shutil.copytree(tiny_checkpoint, tmp_path / "runs" / "untrained-tiny")
+    code += "\nassert model.device.type == 'cpu' and model.fast_path is False\n"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "UNTRAINED" in proc.stderr  # the one warning, on stderr without any logging set-up
