@@ -102,6 +102,29 @@ def test_a_clip_error_carries_the_exception_its_status_and_message():
     assert ClipError("x", CheckpointError("gone")).type == "CheckpointError"
 
 
+def test_scoring_gives_each_failed_clip_a_typed_error(fast_model):
+    import asyncio
+
+    from apex_reward.integrations.serving.state import ServerState
+
+    state = ServerState(fast_model, ServeConfig(warmup=False))
+
+    async def score():
+        state.batcher.start()
+        try:
+            clips = [await state.decode("good.wav", _wav(1.2)), await state.decode("bad", b"x")]
+            return await state.score_clips(clips)
+        finally:
+            state.batcher.stop()
+            state.pool.shutdown(wait=False)
+
+    good, bad = asyncio.run(score())
+    assert isinstance(good, ScoreResult) and good.ok
+    assert isinstance(bad, ClipError) and isinstance(bad.error, AudioDecodeError)
+    assert (bad.name, bad.status, bad.type) == ("bad", 422, "AudioDecodeError")
+    assert bad.error.__traceback__ is None  # no frames (and upload bytes) kept alive
+
+
 def test_request_schemas_give_typed_errors_naming_the_field():
     assert validate(ClipRef, {"base64": "AAAA", "name": "n"}, "clip").name == "n"
     assert validate(ClipRef, {"path": "a.wav"}, "clip").path == "a.wav"

@@ -221,7 +221,7 @@ class ServerState:
         fe = self.model.config.frontend
         return {
             "apex_reward_version": __version__,
-            "model": cfg.model.model,
+            "model": cfg.model.model or None,
             "untrained": self.model.untrained,
             "score_names": list(self.model.score_names),
             "reward_weights": dict(self.model.config.reward_weights),
