@@ -53,7 +53,7 @@ COMMANDS: tuple[str, ...] = (
     "apex_reward.training.demo:COMMAND",
     "apex_reward.training.arena:COMMAND",
     "apex_reward.integrations.pairs:COMMAND",
-    "apex_reward.integrations.server:COMMAND",
+    "apex_reward.integrations.serving.command:COMMAND",
 )
 
 

@@ -42,6 +42,8 @@ class ScoreResult:
         error: what went wrong (None on success).
         error_type: the error's class name, e.g. ``"AudioDecodeError"``.
         duration_s: the audio's duration in seconds, when it was decoded.
+        exception: the exception that stopped it, when one did (not part of the record,
+            :meth:`to_dict`, equality or the repr; the reward server maps it to a status).
     """
 
     input: str
@@ -51,6 +53,7 @@ class ScoreResult:
     error_type: str | None = None
     duration_s: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    exception: BaseException | None = field(default=None, repr=False, compare=False)
 
     @property
     def ok(self) -> bool:
@@ -73,6 +76,12 @@ class _Item:
     wav: torch.Tensor | None = None
     sample_rate: int = 0
     error: BaseException | None = None
+
+
+def _bare(e: BaseException) -> BaseException:
+    """``e`` without its traceback: a result kept for long must not keep the frames (and the
+    audio tensors in them) of the call that failed."""
+    return e.with_traceback(None)
 
 
 def describe_error(e: BaseException) -> tuple[str, str]:
@@ -189,7 +198,7 @@ def _run_batch(
             return
         reason, kind = describe_error(e)
         it = batch[0]
-        results[it.index] = ScoreResult(it.name, error=reason, error_type=kind)
+        results[it.index] = ScoreResult(it.name, error=reason, error_type=kind, exception=_bare(e))
         return
     for it, rec in zip(batch, records):
         reward = rec.pop("reward")
@@ -270,7 +279,9 @@ def score_inputs(
         for item in _decoded(model, entries, num_workers, window=max(2, 2 * num_workers)):
             if item.error is not None:
                 reason, kind = describe_error(item.error)
-                results[item.index] = ScoreResult(item.name, error=reason, error_type=kind)
+                results[item.index] = ScoreResult(
+                    item.name, error=reason, error_type=kind, exception=_bare(item.error)
+                )
                 if bar is not None:
                     bar.update(1)
                 continue

@@ -156,7 +156,9 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from apex_reward.integrations.server import ServerProcess
+    # the test harness lives with the tests, not in the package
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from server_harness import ServerProcess
 
     n_clips = max(args.requests, 3 * max(args.concurrency), args.max_batch)
     clips = make_clips(min(n_clips, 256), args.clip_seconds, args.sample_rate, args.channels)

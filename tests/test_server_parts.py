@@ -17,23 +17,26 @@ import pytest
 import soundfile as sf
 import torch
 from conftest import REPO, synth_music
+from server_harness import ThreadServer
 
 from apex_reward.errors import ConfigError
+from apex_reward.loading import ModelOptions
 from apex_reward.scoring import score_waveforms
 
 httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("fastapi")
 
-from apex_reward.integrations import batcher as batcher_mod  # noqa: E402
-from apex_reward.integrations.batcher import DynamicBatcher, OverloadedError  # noqa: E402
-from apex_reward.integrations.client import ApexRewardClient  # noqa: E402
-from apex_reward.integrations.prometheus import MetricsRegistry  # noqa: E402
-from apex_reward.integrations.server import (  # noqa: E402
+from apex_reward.integrations.serving import (  # noqa: E402
+    ApexRewardClient,
+    DynamicBatcher,
+    OverloadedError,
     ServeConfig,
     create_app,
     find_audio_reference,
 )
+from apex_reward.integrations.serving import batcher as batcher_mod  # noqa: E402
+from apex_reward.integrations.serving.metrics import ServerMetrics  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -55,14 +58,16 @@ def _wav(seconds: float, sr: int = 24000, seed: int = 0, channels: int = 1) -> b
 
 
 def test_serve_config_rejects_bad_values_naming_the_flag():
+    m = ModelOptions("m")
     with pytest.raises(ConfigError, match="--max-batch"):
-        ServeConfig(model="m", max_batch=0)
+        ServeConfig(model=m, max_batch=0)
     with pytest.raises(ConfigError, match="--port"):
-        ServeConfig(model="m", port=70000)
+        ServeConfig(model=m, port=70000)
     with pytest.raises(ConfigError, match="--max-wait-ms"):
-        ServeConfig(model="m", max_wait_ms=-1)
+        ServeConfig(model=m, max_wait_ms=-1)
     cfg = ServeConfig()
     assert cfg.host == "127.0.0.1" and cfg.api_key_env is None and cfg.allow_dir is None
+    assert cfg.model == ModelOptions()  # the shared model options, embedded
 
 
 def test_serve_flags_come_from_the_dataclass_and_match_the_readme():
@@ -72,19 +77,21 @@ def test_serve_flags_come_from_the_dataclass_and_match_the_readme():
     parser = build_parser("serve")
     sub = next(a for a in parser._actions if a.dest == "command").choices["serve"]
     flags = {opt for a in sub._actions for opt in a.option_strings}
-    for name in ServeConfig.__dataclass_fields__:
+    for name in (*ServeConfig.__dataclass_fields__, *ModelOptions.__dataclass_fields__):
         assert "--" + name.replace("_", "-") in flags, name
     args = parser.parse_args(
         ["serve", "--model", "m", "--max-batch", "4", "--dtype", "bf16", "--no-warmup"]
+        + ["--revision", "v2"]
     )
     cfg = dataclass_from_args(ServeConfig, args)
-    assert (cfg.model, cfg.max_batch, cfg.dtype, cfg.warmup, cfg.port) == (
+    assert (cfg.model.model, cfg.max_batch, cfg.model.dtype, cfg.warmup, cfg.port) == (
         "m",
         4,
         "bf16",
         False,
         8000,
     )
+    assert cfg.model.revision == "v2" and cfg.model.device is None
     readme = (REPO / "README.md").read_text()
     section = readme.split("## Reward server", 1)[1].split("\n## ", 1)[0]
     usage = [line for line in section.splitlines() if line.startswith("apex-reward serve ")]
@@ -170,42 +177,40 @@ def test_batcher_groups_concurrent_clips_and_bounds_its_queue(fast_model, monkey
         busy.stop()
 
 
-def test_metrics_text_format():
-    reg = MetricsRegistry()
-    c = reg.counter("x_total", "things", ("kind",))
-    h = reg.histogram("y_seconds", "latency", (0.1, 1.0))
-    c.inc(kind='a"b')
-    c.inc(2, kind="c")
-    h.observe(0.05)
-    h.observe(5.0)
-    text = reg.render()
-    assert '# TYPE x_total counter\nx_total{kind="a\\"b"} 1\nx_total{kind="c"} 2\n' in text
-    assert 'y_seconds_bucket{le="0.1"} 1\ny_seconds_bucket{le="1"} 1\n' in text
-    assert 'y_seconds_bucket{le="+Inf"} 2\ny_seconds_sum 5.05\ny_seconds_count 2\n' in text
+def test_metrics_keep_their_names_labels_and_a_registry_per_app():
+    queue = [3]
+    one = ServerMetrics(queue_clips=lambda: queue[0], queue_audio_s=lambda: 1.5, ready=lambda: True)
+    two = ServerMetrics(queue_clips=lambda: 0, queue_audio_s=lambda: 0.0, ready=lambda: False)
+    one.count_error('a"b')
+    one.count_error("PathNotAllowed")
+    one.count_error("PathNotAllowed")
+    one.observe_request("/v1/score", 413, 0.02)
+    one.observe_request("/not/a/route", 404, 0.001)
+    one.on_batch(4, 0.3, 0.01)
+    text = one.render().decode()
+    assert "# TYPE apex_errors_total counter\n" in text
+    assert 'apex_errors_total{type="PathNotAllowed"} 2.0\n' in text
+    assert 'apex_errors_total{type="a\\"b"} 1.0\n' in text  # label values are escaped
+    assert 'apex_requests_total{endpoint="/v1/score",status="413"} 1.0\n' in text
+    assert 'apex_requests_total{endpoint="other",status="404"} 1.0\n' in text
+    assert 'apex_batch_size_bucket{le="2.0"} 0.0\napex_batch_size_bucket{le="4.0"} 1.0\n' in text
+    assert "apex_batch_size_sum 4.0\n" in text and "apex_batch_size_count 1.0\n" in text
+    assert 'apex_request_duration_seconds_count{endpoint="/v1/score"} 1.0\n' in text
+    assert "apex_queue_clips 3.0\n" in text and "apex_ready 1.0\n" in text
+    assert "apex_queue_audio_seconds 1.5\n" in text
+    queue[0] = 7  # gauges are read at each scrape
+    assert "apex_queue_clips 7.0\n" in one.render().decode()
+    for name in ("apex_clips_total", "apex_audio_seconds_total", "apex_inflight_requests"):
+        assert f"# TYPE {name}" in text, name
+    for name in ("apex_batch_duration_seconds", "apex_batch_wait_seconds"):
+        assert f"# TYPE {name} histogram" in text, name
+    # a second app in the same process has its own counts (no global registry)
+    other = two.render().decode()
+    assert "apex_errors_total{" not in other and "apex_ready 0.0\n" in other
 
 
 # ----------------------------------------------------------------------------------------------
 # an in-process app with the defaults: no key, no server-side paths
-
-
-class _ThreadServer:
-    def __init__(self, app) -> None:
-        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> str:
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
-            time.sleep(0.05)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        return f"http://127.0.0.1:{port}"
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
 
 
 def test_default_app_refuses_paths_limits_chunked_bodies_and_isolates_bad_clips(
@@ -213,7 +218,7 @@ def test_default_app_refuses_paths_limits_chunked_bodies_and_isolates_bad_clips(
 ):
     (tmp_path / "x.wav").write_bytes(_wav(1.5))
     app = create_app(fast_model, ServeConfig(max_body_mb=0.5, max_batch=8))
-    with _ThreadServer(app) as url, httpx.Client(base_url=url, timeout=60) as http:
+    with ThreadServer(app) as url, httpx.Client(base_url=url, timeout=60) as http:
         deadline = time.monotonic() + 60
         while http.get("/ready").status_code != 200:  # the lifespan warms the model up
             assert time.monotonic() < deadline
@@ -288,7 +293,7 @@ def test_client_pickles_without_connection_or_env_key(monkeypatch):
 
 def test_compare_logit_uses_the_fitted_preference_head(fast_model):
     from apex_reward.config import PreferenceHeadConfig
-    from apex_reward.integrations.server import preference_logit
+    from apex_reward.integrations.serving import preference_logit
     from apex_reward.preference import PreferenceHead, pairwise_feature_names
 
     names = pairwise_feature_names(fast_model.score_names)
@@ -325,7 +330,7 @@ def test_missing_serve_extra_is_named(fast_model, monkeypatch):
 def test_key_in_the_url_without_the_flag_gets_a_401_naming_the_flag(fast_model, monkeypatch):
     monkeypatch.setenv("APEX_TEST_KEY", "s3cret")
     app = create_app(fast_model, ServeConfig(api_key_env="APEX_TEST_KEY", warmup=False))
-    with _ThreadServer(app) as url, httpx.Client(base_url=url, timeout=60) as http:
+    with ThreadServer(app) as url, httpx.Client(base_url=url, timeout=60) as http:
         r = http.get("/v1/info?api_key=s3cret")
         assert r.status_code == 401
         assert "--allow-query-api-key" in r.json()["error"]["message"]

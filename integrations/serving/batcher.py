@@ -100,7 +100,6 @@ class DynamicBatcher:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self.batches_run = 0
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -221,7 +220,6 @@ class DynamicBatcher:
                 self._fail(j, e if isinstance(e, Exception) else RuntimeError(str(e)))
             return
         elapsed = time.perf_counter() - t0
-        self.batches_run += 1
         for j, r in zip(batch, results):
             self._deliver(j, r, None)
         if self.on_batch is not None:

@@ -2,7 +2,7 @@
 
 ::
 
-    from apex_reward.integrations.client import ApexRewardClient
+    from apex_reward.integrations.serving import ApexRewardClient
 
     client = ApexRewardClient("http://127.0.0.1:8000", api_key="...")   # or $APEX_REWARD_API_KEY
     results = client.score(["a.wav", (waveform, 44100)])   # list[ScoreResult], like model.score
@@ -27,7 +27,6 @@ dataloader or Ray workers; the API key is pickled only if it was passed explicit
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import random
@@ -35,14 +34,24 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from apex_reward.errors import ApexError, AudioShapeError, require
+from apex_reward.errors import ApexError, require
 from apex_reward.scoring import ScoreResult
+
+from .wire import (
+    AudioLike,
+    Comparison,
+    Part,
+    RemoteError,
+    b64_clip,
+    chunk_parts,
+    error_of,
+    is_pair,
+    make_part,
+    score_result,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -52,94 +61,6 @@ __all__ = ["ApexRewardClient", "Comparison", "RemoteError", "API_KEY_ENV"]
 API_KEY_ENV = "APEX_REWARD_API_KEY"
 
 _RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
-
-
-class RemoteError(ApexError):
-    """The server refused a request (4xx) or could not be reached after all retries.
-
-    Attributes:
-        status: HTTP status, or None when no answer came back.
-        type: the server's error type (e.g. ``"Unauthorized"``), or ``"Unavailable"``.
-        message: what went wrong.
-    """
-
-    def __init__(self, status: int | None, type: str, message: str) -> None:
-        self.status = status
-        self.type = type
-        self.message = message
-        prefix = f"HTTP {status} " if status is not None else ""
-        super().__init__(f"{prefix}{type}: {message}")
-
-
-@dataclass
-class Comparison:
-    """Result of :meth:`ApexRewardClient.compare`.
-
-    Attributes:
-        logit: ``logit P(a > b)``.
-        probability: ``P(a > b)`` in [0, 1].
-        reward_a, reward_b: the two rewards.
-        scores_a, scores_b: ``{score name: value}`` of each clip.
-        method: ``"preference_head"`` or ``"bradley_terry"``.
-    """
-
-    logit: float
-    probability: float
-    reward_a: float
-    reward_b: float
-    scores_a: dict[str, float]
-    scores_b: dict[str, float]
-    method: str
-
-
-# what the client accepts as one clip
-AudioLike = Any  # str | Path | np.ndarray | torch.Tensor | tuple[array, int]
-
-
-def _to_numpy(x: Any) -> np.ndarray:
-    if isinstance(x, np.ndarray):
-        return x
-    try:
-        import torch
-
-        if isinstance(x, torch.Tensor):
-            return x.detach().to("cpu", torch.float32).numpy()
-    except ImportError:  # pragma: no cover - torch is a core dependency
-        pass
-    raise AudioShapeError(
-        f"expected a path, an array/tensor or an (array, sample_rate) tuple, got {type(x).__name__}"
-    )
-
-
-def encode_wav(array: Any, sample_rate: int) -> bytes:
-    """``[T]`` or ``[C, T]`` samples -> the bytes of a 32-bit float WAV file (lossless)."""
-    import soundfile as sf
-
-    a = _to_numpy(array)
-    if a.dtype.kind in "iu":
-        a = a.astype(np.float32) / float(np.iinfo(a.dtype).max)
-    a = np.asarray(a, dtype=np.float32)
-    if a.ndim == 1:
-        a = a[None, :]
-    if a.ndim != 2:
-        raise AudioShapeError(f"expected [T] or [C, T], got shape {a.shape}")
-    if a.shape[0] > a.shape[1]:
-        raise AudioShapeError(
-            f"shape {a.shape} looks like [samples, channels]; pass [channels, samples]"
-        )
-    if not isinstance(sample_rate, (int, np.integer)) or sample_rate <= 0:
-        raise AudioShapeError(f"arrays need a positive integer sample_rate, got {sample_rate!r}")
-    buf = io.BytesIO()
-    sf.write(buf, a.T, int(sample_rate), format="WAV", subtype="FLOAT")
-    return buf.getvalue()
-
-
-@dataclass
-class _Part:
-    index: int
-    name: str
-    data: bytes | None = None  # upload
-    path: str | None = None  # server-side path
 
 
 class ApexRewardClient:
@@ -277,7 +198,7 @@ class ApexRewardClient:
                     if resp.headers.get("content-type", "").startswith("application/json"):
                         return resp.json()
                     return resp.text
-                kind, message = _error_of(resp)
+                kind, message = error_of(resp)
                 if resp.status_code not in _RETRY_STATUSES:
                     raise RemoteError(resp.status_code, kind, message)
                 last, status = f"{kind}: {message}", resp.status_code
@@ -320,58 +241,17 @@ class ApexRewardClient:
         except httpx.TransportError:
             return False
 
-    def wait_until_ready(self, timeout: float = 120.0, interval: float = 0.5) -> None:
-        """Poll ``/ready`` until it answers 200; raises :class:`RemoteError` after ``timeout`` s."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.ready():
-                return
-            time.sleep(interval)
-        raise RemoteError(None, "NotReady", f"{self.url} not ready after {timeout:g} s")
-
     def info(self) -> dict[str, Any]:
         """The server's model, score names and limits (``/v1/info``)."""
         return self.request("GET", "/v1/info")
 
-    def _part(self, index: int, item: AudioLike, sample_rate: int | None) -> _Part:
-        if isinstance(item, (str, Path)):
-            name = str(item)
-            if self.send_paths:
-                return _Part(index, name, path=name)
-            p = Path(item)
-            if not p.is_file():
-                from apex_reward.errors import AudioDecodeError
+    def _part(self, index: int, item: AudioLike, sample_rate: int | None) -> Part:
+        return make_part(index, item, sample_rate, send_paths=self.send_paths)
 
-                raise AudioDecodeError("file not found", name)
-            return _Part(index, name, data=p.read_bytes())
-        if _is_pair(item):
-            array, rate = item
-        else:
-            array, rate = item, sample_rate
-        if rate is None:
-            raise AudioShapeError("arrays need a sample_rate", f"array[{index}]")
-        return _Part(index, f"array[{index}]", data=encode_wav(array, rate))
+    def _chunks(self, parts: list[Part]) -> list[list[Part]]:
+        return chunk_parts(parts, self.max_clips_per_request, self.max_request_bytes)
 
-    def _chunks(self, parts: list[_Part]) -> list[list[_Part]]:
-        chunks: list[list[_Part]] = []
-        current: list[_Part] = []
-        size = 0
-        for part in parts:
-            n = len(part.data or b"") + 1024  # multipart overhead per part is small
-            if current and (
-                len(current) >= self.max_clips_per_request
-                or size + n > self.max_request_bytes
-                or (current[0].path is None) != (part.path is None)
-            ):
-                chunks.append(current)
-                current, size = [], 0
-            current.append(part)
-            size += n
-        if current:
-            chunks.append(current)
-        return chunks
-
-    def _send_chunk(self, chunk: list[_Part]) -> list[dict[str, Any]]:
+    def _send_chunk(self, chunk: list[Part]) -> list[dict[str, Any]]:
         if chunk[0].path is not None:
             body = {"clips": [{"path": p.path, "name": p.name} for p in chunk]}
             out = self.request("POST", "/v1/score/batch", json=body)
@@ -398,7 +278,7 @@ class ApexRewardClient:
         Raises:
             RemoteError: the server refused the request or could not be reached.
         """
-        single = isinstance(inputs, (str, Path)) or hasattr(inputs, "shape") or _is_pair(inputs)
+        single = isinstance(inputs, (str, Path)) or hasattr(inputs, "shape") or is_pair(inputs)
         items = [inputs] if single else list(inputs)
         rate = sample_rate if sample_rate is not None else self.sample_rate
         results: list[ScoreResult | None] = [None] * len(items)
@@ -419,7 +299,7 @@ class ApexRewardClient:
             answers = [self._send_chunk(c) for c in chunks]
         for chunk, rows in zip(chunks, answers):
             for part, row in zip(chunk, rows):
-                results[part.index] = _score_result(part.name, row)
+                results[part.index] = score_result(part.name, row)
         return [r for r in results if r is not None]
 
     def compare(
@@ -439,8 +319,8 @@ class ApexRewardClient:
         pa, pb = self._part(0, a, rate), self._part(1, b, rate)
         if pa.path is not None or pb.path is not None:
             body = {
-                "a": {"path": pa.path} if pa.path else _b64_clip(pa),
-                "b": {"path": pb.path} if pb.path else _b64_clip(pb),
+                "a": {"path": pa.path} if pa.path else b64_clip(pa),
+                "b": {"path": pb.path} if pb.path else b64_clip(pb),
                 "is_instrumental": bool(is_instrumental),
             }
             out = self.request("POST", "/v1/compare", json=body)
@@ -502,40 +382,3 @@ class ApexRewardClient:
         if callable(log_metric) and audio:
             log_metric(f"{self.__name__}/failed", sum(r is None for r in rewards) / len(audio))
         return rewards
-
-
-def _is_pair(x: Any) -> bool:
-    """Whether ``x`` is an ``(array, sample_rate)`` tuple."""
-    return (
-        isinstance(x, tuple)
-        and len(x) == 2
-        and hasattr(x[0], "shape")
-        and isinstance(x[1], (int, np.integer))
-        and not isinstance(x[1], bool)
-    )
-
-
-def _b64_clip(part: _Part) -> dict[str, str]:
-    import base64
-
-    return {"base64": base64.b64encode(part.data or b"").decode("ascii"), "name": part.name}
-
-
-def _error_of(resp: Any) -> tuple[str, str]:
-    try:
-        err = resp.json()["error"]
-        return str(err["type"]), str(err["message"])
-    except Exception:
-        return f"HTTP{resp.status_code}", resp.text[:500]
-
-
-def _score_result(name: str, row: dict[str, Any]) -> ScoreResult:
-    if "error" in row:
-        err = row["error"] or {}
-        return ScoreResult(name, error=str(err.get("message")), error_type=str(err.get("type")))
-    return ScoreResult(
-        name,
-        scores={k: float(v) for k, v in row["scores"].items()},
-        reward=float(row["reward"]),
-        duration_s=row.get("duration_s"),
-    )

@@ -1,0 +1,115 @@
+"""``apex-reward serve``: load the model, warm it up, and serve it with uvicorn until interrupted.
+
+The command's flags come from :class:`~apex_reward.integrations.serving.config.ServeConfig`; the
+model is loaded by :func:`apex_reward.loading.load_model` like every other command's. uvicorn
+comes with ``pip install 'apex-reward[serve]'`` and is imported only when serving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import time
+
+from apex_reward.cli import Command
+from apex_reward.dataclass_io import add_dataclass_arguments, dataclass_from_args
+from apex_reward.errors import require
+
+from .config import ServeConfig
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["serve", "limit_malloc_arenas", "add_serve_arguments", "run_serve", "COMMAND"]
+
+
+class _RedactApiKey(logging.Filter):
+    """Hide ``api_key=...`` query parameters in uvicorn's access log lines."""
+
+    _pattern = re.compile(r"(api_key=)[^&\s\"]*")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                self._pattern.sub(r"\1***", a) if isinstance(a, str) else a for a in record.args
+            )
+        return True
+
+
+def limit_malloc_arenas(n: int) -> bool:
+    """Cap glibc's malloc arenas at ``n`` (``mallopt(M_ARENA_MAX, n)``); False where unsupported.
+
+    glibc gives each thread that allocates its own arena (up to 8 per core); freed blocks of
+    varying sizes then fragment across many arenas and resident memory creeps up for a long time.
+    Same effect as ``MALLOC_ARENA_MAX=n`` in the environment; affects arenas created afterwards.
+    """
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if n <= 0 or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-8, int(n)))  # M_ARENA_MAX = -8
+    except (OSError, AttributeError):  # not glibc (e.g. musl)
+        return False
+
+
+def serve(config: ServeConfig) -> None:
+    """Load the model, warm it up, and serve until interrupted (blocking).
+
+    Raises:
+        MissingDependencyError: the ``serve`` extra is not installed.
+        ConfigError, CheckpointError: bad options or checkpoint.
+    """
+    import torch
+
+    from apex_reward.loading import load_model
+
+    from .app import create_app
+
+    uvicorn = require("uvicorn", "serve", "the reward server")
+    if config.malloc_arena_max:
+        limit_malloc_arenas(config.malloc_arena_max)  # before the server starts its threads
+    # read by oneDNN when it creates its first kernel, i.e. after this point
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(config.onednn_cache_capacity))
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    model = load_model(config.model)
+    app = create_app(model, config)
+    state = app.state.apex
+    if config.host not in ("127.0.0.1", "localhost", "::1") and not config.api_key_env:
+        logger.warning(
+            "serving on %s without an API key: anyone who can reach this port can use the model "
+            "(set --api-key-env)",
+            config.host,
+        )
+    if config.warmup:
+        t0 = time.perf_counter()
+        state.warmup()
+        logger.info("warm-up forward pass took %.2f s", time.perf_counter() - t0)
+    logging.getLogger("uvicorn.access").addFilter(_RedactApiKey())
+    uvicorn.run(
+        app,
+        host=config.host,
+        port=config.port,
+        log_level=config.log_level,
+        access_log=config.access_log,
+        timeout_graceful_shutdown=30,
+    )
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """``apex-reward serve`` flags, generated from :class:`ServeConfig`."""
+    add_dataclass_arguments(parser, ServeConfig)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Entry point of ``apex-reward serve``."""
+    serve(dataclass_from_args(ServeConfig, args))
+    return 0
+
+
+COMMAND = Command("serve", "HTTP reward server for RL workers", add_serve_arguments, run_serve)

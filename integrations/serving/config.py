@@ -1,0 +1,212 @@
+"""The options of ``apex-reward serve``: :class:`ServeConfig`.
+
+Each field is a ``--flag`` (``--config FILE.yaml`` too). The model to serve is the shared
+:class:`~apex_reward.loading.ModelOptions`, embedded as one ``flatten`` field, so the model flags
+are the same as every other command's: ``--model``, ``--encoder``, ``--revision``, ``--device``
+and ``--dtype``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from apex_reward.errors import ConfigError
+from apex_reward.loading import ModelOptions
+
+__all__ = ["ServeConfig", "STANDARD_SAMPLE_RATES"]
+
+#: Sample rates accepted by default. The windowed-sinc resampler's filter grows with the reduced
+#: ratio between the input rate and 24 kHz (44,101 Hz would need a 24000-phase filter of several
+#: GB), and each distinct rate caches one filter, so the server accepts a fixed list.
+STANDARD_SAMPLE_RATES: tuple[int, ...] = (
+    8000,
+    11025,
+    12000,
+    16000,
+    22050,
+    24000,
+    32000,
+    44100,
+    48000,
+    88200,
+    96000,
+    176400,
+    192000,
+)
+
+
+@dataclass
+class ServeConfig:
+    """Options of ``apex-reward serve`` (each field is a ``--flag``; ``--config FILE.yaml`` too)."""
+
+    model: ModelOptions = field(
+        default_factory=ModelOptions,
+        metadata={
+            "flatten": True,
+            "help": "the reward model to serve: --model (required), --encoder, --revision, "
+            "--device, --dtype (auto = the GPU fast path on CUDA, exact fp32 on CPU; fp16/bf16 "
+            "on CPU run slowly, with a warning)",
+        },
+    )
+    host: str = field(
+        default="127.0.0.1",
+        metadata={
+            "help": "interface to bind; 127.0.0.1 serves this machine only, 0.0.0.0 every "
+            "network (set --api-key-env then)"
+        },
+    )
+    port: int = field(default=8000, metadata={"help": "TCP port"})
+    threads: int | None = field(
+        default=None, metadata={"help": "torch CPU threads; null leaves torch's choice"}
+    )
+    max_batch: int = field(
+        default=16,
+        metadata={"help": "most clips per forward pass (also the encoder's segments per call)"},
+    )
+    max_wait_ms: float = field(
+        default=10.0,
+        metadata={
+            "help": "longest time the oldest queued clip waits for others to join its batch, ms"
+        },
+    )
+    max_queue: int = field(
+        default=1024,
+        metadata={"help": "most clips waiting for the model; beyond it requests get 503"},
+    )
+    max_queue_audio_s: float = field(
+        default=7200.0,
+        metadata={
+            "help": "most decoded audio waiting for the model, in channel-seconds (bounds memory); "
+            "beyond it requests get 503"
+        },
+    )
+    request_timeout_s: float = field(
+        default=300.0,
+        metadata={"help": "a request whose clips are not scored within this time gets 503"},
+    )
+    api_key_env: str | None = field(
+        default=None,
+        metadata={
+            "help": "name of an environment variable holding the API key; when set, requests "
+            "need 'Authorization: Bearer KEY' or 'X-API-Key: KEY' (else 401)"
+        },
+    )
+    allow_query_api_key: bool = field(
+        default=False,
+        metadata={
+            "help": "also accept the key as ?api_key=KEY in the URL (for clients that cannot send "
+            "headers, e.g. OpenRLHF's remote reward URL); it is redacted from access logs"
+        },
+    )
+    max_body_mb: float = field(
+        default=64.0, metadata={"help": "largest request body in MiB; larger ones get 413"}
+    )
+    max_clips_per_request: int = field(
+        default=256, metadata={"help": "most clips in one batch or /get_reward request"}
+    )
+    max_audio_s: float = field(
+        default=600.0,
+        metadata={
+            "help": "longest clip in seconds (checked from the header before decoding; also "
+            "capped by the model's own limit)"
+        },
+    )
+    max_channels: int = field(
+        default=8, metadata={"help": "most audio channels per clip (checked before decoding)"}
+    )
+    sample_rates: list[int] = field(
+        default_factory=lambda: list(STANDARD_SAMPLE_RATES),
+        metadata={"help": "accepted input sample rates in Hz; others get 422"},
+    )
+    allow_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "directory whose audio files requests may name by path (JSON 'path', "
+            "file:// references); off by default; paths never resolve outside it"
+        },
+    )
+    decode_workers: int = field(
+        default=4, metadata={"help": "clips decoded at once (bounds decode memory)"}
+    )
+    failure_reward: float = field(
+        default=0.0,
+        metadata={
+            "help": "reward /get_reward returns for a sample whose audio cannot be scored (its "
+            "'errors' entry and extra_logs.apex_ok = 0 say which)"
+        },
+    )
+    openrlhf_score: str = field(
+        default="overall",
+        metadata={
+            "help": "score /get_reward returns as 'scores' (OpenRLHF uses it for dynamic "
+            "filtering): a score name or 'reward'"
+        },
+    )
+    malloc_arena_max: int = field(
+        default=2,
+        metadata={
+            "help": "glibc only: most malloc arenas (0 = glibc's default of 8 per core); a low "
+            "cap keeps a long-running server's memory flat when threads free and reuse "
+            "buffers of varying size"
+        },
+    )
+    onednn_cache_capacity: int = field(
+        default=0,
+        metadata={
+            "help": "CPU only: oneDNN's kernel cache size (its default is 1024). A server sees a "
+            "new tensor shape with almost every batch, and each cached shape keeps memory, so "
+            "the default 0 keeps resident memory flat (kernels are rebuilt, ~0.2 ms each); an "
+            "ONEDNN_PRIMITIVE_CACHE_CAPACITY already in the environment wins"
+        },
+    )
+    warmup: bool = field(
+        default=True,
+        metadata={"help": "run one forward pass before accepting requests (/ready waits for it)"},
+    )
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = field(
+        default="info", metadata={"help": "uvicorn log level"}
+    )
+    access_log: bool = field(default=True, metadata={"help": "log one line per request"})
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, ModelOptions):
+            raise ConfigError(
+                f"serve: 'model' must be ModelOptions (flags --model, --encoder, ...), got "
+                f"{type(self.model).__name__}"
+            )
+
+        def positive(name: str, value: float) -> None:
+            if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
+                raise ConfigError(f"serve: --{name.replace('_', '-')} must be > 0, got {value!r}")
+
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"serve: --port must be in 0..65535, got {self.port}")
+        for name in (
+            "max_batch",
+            "max_queue",
+            "max_queue_audio_s",
+            "request_timeout_s",
+            "max_body_mb",
+            "max_clips_per_request",
+            "max_audio_s",
+            "max_channels",
+            "decode_workers",
+        ):
+            positive(name, getattr(self, name))
+        if not (self.max_wait_ms >= 0 and math.isfinite(self.max_wait_ms)):
+            raise ConfigError(f"serve: --max-wait-ms must be >= 0, got {self.max_wait_ms!r}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"serve: --threads must be >= 1, got {self.threads}")
+        if not self.sample_rates or any(r <= 0 for r in self.sample_rates):
+            raise ConfigError(
+                f"serve: --sample-rates must be positive integers, got {self.sample_rates!r}"
+            )
+        if not math.isfinite(self.failure_reward):
+            raise ConfigError(f"serve: --failure-reward must be finite, got {self.failure_reward}")
+
+    @property
+    def max_body_bytes(self) -> int:
+        """``--max-body-mb`` in bytes."""
+        return int(self.max_body_mb * 1024 * 1024)
