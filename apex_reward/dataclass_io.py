@@ -349,8 +349,9 @@ def _add_flag(group: Any, f: dataclasses.Field, tp: Any, dest: str) -> None:
         elif shown != "":  # an empty default is a required option's placeholder
             text = json.dumps(shown) if not isinstance(shown, str) else shown
             help_text = f"{help_text} (default: {text})"
-    if "metavar" in f.metadata and "action" not in spec:
-        spec = {**spec, "metavar": f.metadata["metavar"]}
+    if "action" not in spec and "choices" not in spec:
+        # a flattened field's dest is "outer.inner": name the value after the flag, not the path
+        spec = {**spec, "metavar": f.metadata.get("metavar", spec.get("metavar", f.name.upper()))}
     flag = "--" + f.name.replace("_", "-")
     group.add_argument(flag, dest=dest, default=argparse.SUPPRESS, help=help_text, **spec)
 
