@@ -111,3 +111,66 @@ def test_load_model_device_dtype_and_one_untrained_warning(tiny_checkpoint, capl
     assert len(untrained) == 1 and str(tiny_checkpoint) in untrained[0].getMessage()
     exact = load_model(ModelOptions(model=str(tiny_checkpoint), device="cpu", dtype="fp32"))
     assert exact.encoder_dtype == torch.float32 and exact.fast_path is False
+
+
+# ----------------------------------------------------------------------------------------------
+# every entry point loads through the one loader
+
+
+class _Loaded(BaseException):
+    """Stops a command right after its model is loaded (not an Exception: no handler eats it)."""
+
+
+@pytest.fixture
+def loads(monkeypatch):
+    """Records (device type, encoder dtype, fast path, name) of each model a job loads."""
+    import apex_reward.loading as loading
+
+    seen: list[tuple] = []
+    original = loading.warn_if_untrained
+
+    def record(model, name):
+        original(model, name)
+        seen.append((model.device.type, model.encoder_dtype, model.fast_path, name))
+        raise _Loaded
+
+    monkeypatch.setattr(loading, "warn_if_untrained", record)
+    return seen
+
+
+def _job_inputs(tmp_path, checkpoint) -> dict[str, list[str]]:
+    """The arguments (besides the model options) each command needs to reach its model."""
+    import soundfile as sf
+
+    from conftest import synth_music
+
+    wav = tmp_path / "a.wav"
+    sf.write(wav, synth_music(2.0, 24000)[0], 24000)
+    candidates = tmp_path / "candidates.jsonl"
+    candidates.write_text(json.dumps({"prompt": "p", "candidates": [str(wav), str(wav)]}) + "\n")
+    return {
+        "score": ["score", str(wav)],
+        "compare": ["compare", str(wav), str(wav)],
+        "pairs": ["pairs", "--candidates", str(candidates), "--out", str(tmp_path / "pairs")],
+        "serve": ["serve", "--no-warmup"],
+    }
+
+
+def test_every_command_loads_through_the_same_options(tiny_checkpoint, tmp_path, loads, caplog):
+    from apex_reward.integrations.trl_rewards import ApexRewardFunction
+
+    options = ["--model", str(tiny_checkpoint), "--device", "cpu", "--dtype", "bf16"]
+    jobs = _job_inputs(tmp_path, tiny_checkpoint)
+    with caplog.at_level(logging.WARNING, logger="apex_reward"):
+        for args in jobs.values():
+            with pytest.raises(_Loaded):
+                main(args + options)
+        with pytest.raises(_Loaded):
+            ApexRewardFunction(
+                ModelOptions(model=str(tiny_checkpoint), device="cpu", dtype="bf16")
+            ).load()
+    expected = ("cpu", torch.bfloat16, True, str(tiny_checkpoint))
+    assert loads == [expected] * (len(jobs) + 1)
+    untrained = [r for r in caplog.records if "UNTRAINED" in r.getMessage()]
+    assert len(untrained) == len(jobs) + 1  # the same one warning, once per job
+    assert len({r.getMessage() for r in untrained}) == 1
