@@ -141,7 +141,6 @@ def loads(monkeypatch):
 def _job_inputs(tmp_path, checkpoint) -> dict[str, list[str]]:
     """The arguments (besides the model options) each command needs to reach its model."""
     import soundfile as sf
-
     from conftest import synth_music
 
     wav = tmp_path / "a.wav"
