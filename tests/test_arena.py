@@ -18,9 +18,9 @@ from sklearn.metrics import roc_auc_score
 from apex_reward import ApexRewardModel
 from apex_reward.errors import CheckpointError, ConfigError
 from apex_reward.preference import PreferenceHead, pairwise_features
-from apex_reward.training.arena_cache import ScoreCache, model_fingerprint, score_audio_files
-from apex_reward.training.arena_data import ArenaDataError
-from apex_reward.training.arena_eval import (
+from apex_reward.training.arena.cache import ScoreCache, model_fingerprint, score_audio_files
+from apex_reward.training.arena.data import ArenaDataError
+from apex_reward.training.arena.evaluation import (
     CLASSIFIERS,
     build_preference_data,
     cross_validate,
@@ -31,12 +31,12 @@ from apex_reward.training.arena_eval import (
     rule_scores,
     write_metric_tables,
 )
-from apex_reward.training.arena_head import (
+from apex_reward.training.arena.head import (
     fit_preference_head,
     fit_system_offsets,
     write_preference_to_checkpoint,
 )
-from apex_reward.training.arena_synthetic import TruePreference, make_synthetic_arena
+from apex_reward.training.arena.synthetic import TruePreference, make_synthetic_arena
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

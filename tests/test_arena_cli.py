@@ -12,7 +12,7 @@ from conftest import REPO
 
 from apex_reward import ApexRewardModel
 from apex_reward.cli import build_parser, main
-from apex_reward.training.arena_synthetic import write_synthetic_arena
+from apex_reward.training.arena.synthetic import write_synthetic_arena
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -2,15 +2,15 @@
 
 APEX_SPEC §5 and the paper's §4.4 / Table 3, end to end:
 
-1. read battles (:mod:`.arena_data`) and apply the filters, counting what each removed;
-2. score every distinct audio content once (:mod:`.arena_cache`; cached across runs);
+1. read battles (:mod:`.data`) and apply the filters, counting what each removed;
+2. score every distinct audio content once (:mod:`.cache`; cached across runs);
 3. build the 31 pairwise features and cross-validate the five classifiers and the rule baseline
-   (:mod:`.arena_eval`), writing Table 3 (Markdown + CSV), the rule's feature-subset comparison,
+   (:mod:`.evaluation`), writing Table 3 (Markdown + CSV), the rule's feature-subset comparison,
    an ROC plot and out-of-fold predictions;
 4. calibration of the logistic model's out-of-fold probabilities (reliability diagram, ECE);
 5. optionally per-system offsets (anchor calibration) with their cross-validated effect;
 6. with ``--export-head`` / ``--export-system-offsets``, write them into the checkpoint's
-   ``config.json`` (:mod:`.arena_head`), verified against scikit-learn.
+   ``config.json`` (:mod:`.head`), verified against scikit-learn.
 
 Outputs in ``--out``: ``report.md`` (everything below in one page), ``results.md``/``.csv``,
 ``rule_subsets.md``/``.csv``, ``roc.png``, ``calibration.png``, ``calibration.json``,
@@ -21,10 +21,8 @@ Outputs in ``--out``: ``report.md`` (everything below in one page), ``results.md
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,23 +31,20 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from apex_reward.checkpoint import split_digests
-from apex_reward.cli import Command
 from apex_reward.dataclass_io import (
-    add_dataclass_arguments,
-    dataclass_from_args,
     finite_or_none,
     to_dict,
 )
 from apex_reward.errors import ConfigError
 
-from .arena_eval import CLASSIFIERS, DEFAULT_SVM_GRID
+from .evaluation import CLASSIFIERS, DEFAULT_SVM_GRID
 
 if TYPE_CHECKING:
     from apex_reward.model import ApexRewardModel
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ArenaConfig", "run_arena_evaluation", "add_arena_arguments", "run_arena"]
+__all__ = ["ArenaConfig", "run_arena_evaluation"]
 
 
 @dataclass
@@ -217,7 +212,7 @@ def _offsets_cv(
     """Cross-validated effect of per-system offsets on log loss and AUC."""
     from sklearn.metrics import roc_auc_score
 
-    from .arena_head import fit_system_offsets, system_offset_logits
+    from .head import fit_system_offsets, system_offset_logits
 
     with_off = np.zeros_like(base)
     for k in range(folds):
@@ -258,7 +253,7 @@ def run_arena_evaluation(
     """
     from apex_reward.errors import require
 
-    from .arena_cache import ScoreCache, default_cache_path
+    from .cache import ScoreCache, default_cache_path
 
     for module in ("sklearn", "pandas", "matplotlib"):
         require(module, "train", "apex-reward arena")
@@ -298,9 +293,9 @@ def _run(
     from apex_reward.config import ApexConfig
     from apex_reward.preference import PreferenceHead, pairwise_feature_names
 
-    from .arena_cache import model_fingerprint, score_audio_files
-    from .arena_data import ArenaDataError, BattleIssue, load_battles
-    from .arena_eval import (
+    from .cache import model_fingerprint, score_audio_files
+    from .data import ArenaDataError, BattleIssue, load_battles
+    from .evaluation import (
         RULE_SUBSETS,
         build_preference_data,
         cross_validate,
@@ -312,7 +307,7 @@ def _run(
         rule_scores,
         write_metric_tables,
     )
-    from .arena_head import (
+    from .head import (
         fit_preference_head,
         fit_system_offsets,
         write_preference_to_checkpoint,
@@ -337,7 +332,7 @@ def _run(
     # 1. battles ------------------------------------------------------------------------------
     battles_path = cfg.battles
     if cfg.synthetic:
-        from .arena_synthetic import write_synthetic_arena
+        from .synthetic import write_synthetic_arena
 
         syn = write_synthetic_arena(
             out / "synthetic_arena",
@@ -628,59 +623,3 @@ def _report_markdown(summary: dict[str, Any], battles_md: str, main_md: str, rul
     if "export" in summary:
         lines += ["## Export", "", f"Written to {summary['export']['checkpoint']}/config.json.", ""]
     return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------------
-# CLI
-
-
-def add_arena_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of ``apex-reward arena`` (generated from :class:`ArenaConfig`)."""
-    add_dataclass_arguments(parser, ArenaConfig)
-
-
-def run_arena(args: argparse.Namespace) -> int:
-    """``apex-reward arena``: run the evaluation; print the results table and where files went."""
-    cfg = dataclass_from_args(ArenaConfig, args)
-    summary = run_arena_evaluation(cfg)
-    out = Path(cfg.out)
-    b = summary["battles"]
-    s = summary["scoring"]
-    err = sys.stderr
-    err.write(
-        f"battles: {b['records']} records, {b['kept']} kept; removed: "
-        + ", ".join(f"{k} {v}" for k, v in b["removed"].items() if v)
-        + "\n"
-    )
-    report = json.loads((out / "battles_report.json").read_text())
-    if report["issues"]:
-        err.write(f"{len(report['issues'])} battle record issue(s):\n")
-        for i in report["issues"][:20]:
-            where = f"{i['source']}:{i['line']}" if i["line"] is not None else i["source"]
-            err.write(f"  {where}: {i['problem']}\n")
-        if len(report["issues"]) > 20:
-            err.write(f"  ... see {out / 'battles_report.json'}\n")
-    err.write(
-        f"audio: {s['files']} files, {s['contents']} distinct contents: {s['cache_hits']} cache "
-        f"hits, {s['scored']} scored, {s['failed']} failed\n"
-    )
-    sys.stdout.write((out / "results.md").read_text())
-    if "synthetic" in summary:
-        sys.stdout.write(
-            f"\nAUC of the hidden true function: {_num(summary['synthetic']['true_auc'])}\n"
-        )
-    sys.stdout.write(
-        f"\ncalibration (logistic, out-of-fold): ECE {summary['calibration']['ece']:.3f}\n"
-    )
-    if "export" in summary:
-        sys.stdout.write(f"preference model written to {summary['export']['checkpoint']}\n")
-    sys.stdout.write(f"report: {out / 'report.md'}\n")
-    return 0
-
-
-COMMAND = Command(
-    "arena",
-    "Music Arena preference evaluation and preference head",
-    add_arena_arguments,
-    run_arena,
-)

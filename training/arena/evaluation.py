@@ -31,7 +31,7 @@ import torch
 from apex_reward.config import AESTHETIC_TASKS, ALL_TASKS
 from apex_reward.preference import pairwise_feature_names, pairwise_features
 
-from .arena_data import ArenaDataError
+from .data import ArenaDataError
 
 logger = logging.getLogger(__name__)
 
