@@ -9,9 +9,11 @@ import sys
 from pathlib import Path
 
 from apex_reward.cli import Command
-from apex_reward.dataclass_io import add_dataclass_arguments, dataclass_from_args
+from apex_reward.dataclass_io import add_dataclass_arguments
 
-from .job import ArenaConfig, _num, run_arena_evaluation
+from ..flags import ENCODER_DTYPE, add_renamed_flags, config_from_args
+from .job import ArenaConfig, run_arena_evaluation
+from .report import format_number
 
 __all__ = ["add_arena_arguments", "run_arena", "COMMAND"]
 
@@ -19,11 +21,12 @@ __all__ = ["add_arena_arguments", "run_arena", "COMMAND"]
 def add_arena_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``apex-reward arena`` (generated from :class:`ArenaConfig`)."""
     add_dataclass_arguments(parser, ArenaConfig)
+    add_renamed_flags(parser, [ENCODER_DTYPE])
 
 
 def run_arena(args: argparse.Namespace) -> int:
     """``apex-reward arena``: run the evaluation; print the results table and where files went."""
-    cfg = dataclass_from_args(ArenaConfig, args)
+    cfg = config_from_args(ArenaConfig, args, [ENCODER_DTYPE])
     summary = run_arena_evaluation(cfg)
     out = Path(cfg.out)
     b = summary["battles"]
@@ -49,7 +52,7 @@ def run_arena(args: argparse.Namespace) -> int:
     sys.stdout.write((out / "results.md").read_text())
     if "synthetic" in summary:
         sys.stdout.write(
-            f"\nAUC of the hidden true function: {_num(summary['synthetic']['true_auc'])}\n"
+            f"\nAUC of the hidden true function: {format_number(summary['synthetic']['true_auc'])}\n"
         )
     sys.stdout.write(
         f"\ncalibration (logistic, out-of-fold): ECE {summary['calibration']['ece']:.3f}\n"

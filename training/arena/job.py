@@ -1,16 +1,26 @@
-"""``apex-reward arena``: Music Arena preference evaluation and the fitted preference head.
+"""``apex-reward arena`` as named steps: Music Arena preference evaluation and the fitted
+preference head.
 
-APEX_SPEC §5 and the paper's §4.4 / Table 3, end to end:
+The paper's out-of-distribution experiment (its Table 3) end to end, then the head it yields
+(see ``docs/arena.md``). :func:`run_arena_evaluation` runs the steps in order; each takes typed
+inputs and returns a typed result, so a test (or a notebook) can run them one at a time:
 
-1. read battles (:mod:`.data`) and apply the filters, counting what each removed;
-2. score every distinct audio content once (:mod:`.cache`; cached across runs);
-3. build the 31 pairwise features and cross-validate the five classifiers and the rule baseline
-   (:mod:`.evaluation`), writing Table 3 (Markdown + CSV), the rule's feature-subset comparison,
-   an ROC plot and out-of-fold predictions;
-4. calibration of the logistic model's out-of-fold probabilities (reliability diagram, ECE);
-5. optionally per-system offsets (anchor calibration) with their cross-validated effect;
-6. with ``--export-head`` / ``--export-system-offsets``, write them into the checkpoint's
-   ``config.json`` (:mod:`.head`), verified against scikit-learn.
+1. :func:`open_job` (load): check the options, load the model through
+   :func:`apex_reward.loading.load_model`, open the score cache;
+2. :func:`load_battle_set` (load): write the synthetic arena when asked, read the battles
+   (:mod:`.data`) and apply the filters, counting what each removed;
+3. :func:`score_battles` (score): score every distinct audio content once (:mod:`.cache`; cached
+   across runs), drop battles with unreadable audio, build the 31 pairwise features;
+4. :func:`evaluate_classifiers` (evaluate): cross-validate the five classifiers and the rule
+   baseline (:mod:`.evaluation`), write Table 3 (Markdown + CSV), the rule's feature-subset
+   comparison, an ROC plot, out-of-fold predictions, and the calibration of the logistic model's
+   out-of-fold probabilities (reliability diagram, ECE);
+5. :func:`fit_preference` (fit): the logistic head fitted on all battles (:mod:`.head`), checked
+   against scikit-learn, and per-system offsets (anchor calibration) with their cross-validated
+   effect;
+6. :func:`export_preference` (export): with ``--export-head`` / ``--export-system-offsets``,
+   write them into the checkpoint's ``config.json`` and check the written head;
+7. :func:`write_summary`: ``summary.json`` and ``report.md``.
 
 Outputs in ``--out``: ``report.md`` (everything below in one page), ``results.md``/``.csv``,
 ``rule_subsets.md``/``.csv``, ``roc.png``, ``calibration.png``, ``calibration.json``,
@@ -26,33 +36,87 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 
 from apex_reward.checkpoint import split_digests
-from apex_reward.dataclass_io import (
-    finite_or_none,
-    to_dict,
-)
-from apex_reward.errors import ConfigError
+from apex_reward.config import ApexConfig, PreferenceHeadConfig
+from apex_reward.dataclass_io import finite_or_none, to_dict
+from apex_reward.errors import CheckpointError, ConfigError, require
+from apex_reward.loading import ModelOptions, load_model
+from apex_reward.preference import PreferenceHead, pairwise_feature_names
 
-from .evaluation import CLASSIFIERS, DEFAULT_SVM_GRID
+from .cache import (
+    ScoreCache,
+    ScoringStats,
+    default_cache_path,
+    model_fingerprint,
+    score_audio_files,
+)
+from .data import ArenaDataError, Battle, BattleIssue, BattleLoadReport, load_battles
+from .evaluation import (
+    CLASSIFIERS,
+    DEFAULT_SVM_GRID,
+    RULE_SUBSETS,
+    CVResult,
+    MetricRow,
+    PreferenceData,
+    Reliability,
+    build_preference_data,
+    cross_validate,
+    evaluate,
+    metric_rows_to_markdown,
+    plot_reliability,
+    plot_roc,
+    reliability,
+    rule_scores,
+    write_metric_tables,
+)
+from .head import (
+    fit_preference_head,
+    fit_system_offsets,
+    system_offset_logits,
+    write_preference_to_checkpoint,
+)
+from .report import report_markdown
+from .synthetic import write_synthetic_arena
 
 if TYPE_CHECKING:
     from apex_reward.model import ApexRewardModel
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ArenaConfig", "run_arena_evaluation"]
+__all__ = [
+    "ArenaConfig",
+    "ArenaJob",
+    "BattleSet",
+    "ScoredBattles",
+    "Evaluation",
+    "FittedPreference",
+    "open_job",
+    "load_battle_set",
+    "score_battles",
+    "evaluate_classifiers",
+    "fit_preference",
+    "export_preference",
+    "write_summary",
+    "run_arena_evaluation",
+]
 
 
 @dataclass
 class ArenaConfig:
     """Options of ``apex-reward arena`` (every field is a ``--flag``; ``--config FILE`` too)."""
 
-    model: str = field(
-        metadata={"help": "required: APEX checkpoint directory (or hub id) that scores audio"}
+    model: ModelOptions = field(
+        default_factory=ModelOptions,
+        metadata={
+            "flatten": True,
+            "help": "required --model: the APEX checkpoint that scores audio; --device, --dtype "
+            "(auto = the GPU fast path on CUDA, fp32 = exact, fast path off), --encoder, --revision",
+        },
     )
     battles: str | None = field(
         default=None,
@@ -86,20 +150,6 @@ class ArenaConfig:
     last_days: float | None = field(
         default=None,
         metadata={"help": "keep battles within this many days of the newest one (paper: ~122)"},
-    )
-    device: str | None = field(
-        default=None, metadata={"help": "torch device (unset: cuda if available, else cpu)"}
-    )
-    encoder: str | None = field(
-        default=None,
-        metadata={"help": "override where the MERT weights come from (hub id or directory)"},
-    )
-    encoder_dtype: Literal["auto", "fp32", "bf16", "fp16"] = field(
-        default="auto",
-        metadata={
-            "help": "encoder precision while scoring: auto = the GPU fast path (fp16) on CUDA, "
-            "fp32 on CPU; fp32 = exact (fast path off)"
-        },
     )
     batch_size: int = field(default=8, metadata={"help": "30 s segments per encoder call"})
     num_workers: int = field(default=2, metadata={"help": "audio decoding threads"})
@@ -169,6 +219,7 @@ class ArenaConfig:
     progress: bool = field(default=True, metadata={"help": "progress bars on stderr"})
 
     def __post_init__(self) -> None:
+        self.model.require_model()
         unknown = [c for c in self.classifiers if c not in CLASSIFIERS]
         if unknown:
             raise ConfigError(
@@ -184,22 +235,6 @@ class ArenaConfig:
             raise ConfigError("battles: give a battles file/directory, or --synthetic for a demo")
 
 
-def _load_model(cfg: ArenaConfig) -> ApexRewardModel:
-    import torch
-
-    from apex_reward.model import ApexRewardModel
-
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = ApexRewardModel.from_pretrained(cfg.model, device=device, encoder_source=cfg.encoder)
-    if model.untrained:
-        logger.warning(
-            "%s is an UNTRAINED model: its scores (and any head fitted on them) say nothing "
-            "about the music",
-            cfg.model,
-        )
-    return model
-
-
 def _log_loss(y: np.ndarray, z: np.ndarray) -> float:
     # log(1 + exp(-z)) for y=1, log(1 + exp(z)) for y=0, computed stably
     s = np.where(y == 1, -z, z)
@@ -211,8 +246,6 @@ def _offsets_cv(
 ) -> dict[str, float]:
     """Cross-validated effect of per-system offsets on log loss and AUC."""
     from sklearn.metrics import roc_auc_score
-
-    from .head import fit_system_offsets, system_offset_logits
 
     with_off = np.zeros_like(base)
     for k in range(folds):
@@ -237,137 +270,211 @@ def _offsets_cv(
     }
 
 
-def run_arena_evaluation(
-    cfg: ArenaConfig, *, model: ApexRewardModel | None = None
-) -> dict[str, Any]:
-    """Run the whole evaluation (see the module docstring); returns the summary (also written to
-    ``OUT/summary.json``).
+# ----------------------------------------------------------------------------------------------
+# the steps' results
+
+
+@dataclass
+class ArenaJob:
+    """What every step needs: the options, the scoring model, the output directory, the cache.
+
+    Attributes:
+        cfg: the options.
+        model: the reward model that scores audio (on its device, at ``cfg.model.dtype``).
+        out: the output directory (created).
+        cache: the persistent score cache, or None with ``--no-use-cache``.
+        fingerprint: the model's fingerprint (:func:`.cache.model_fingerprint`).
+    """
+
+    cfg: ArenaConfig
+    model: ApexRewardModel
+    out: Path
+    cache: ScoreCache | None
+    fingerprint: str
+
+    def score_files(
+        self, paths: list[Path], *, progress: bool = False
+    ) -> tuple[dict[Path, Any], ScoringStats]:
+        """Scores of ``paths`` through the cache (:func:`.cache.score_audio_files`)."""
+        return score_audio_files(
+            self.model,
+            paths,
+            cache=self.cache,
+            fingerprint=self.fingerprint,
+            batch_size=self.cfg.batch_size,
+            num_workers=self.cfg.num_workers,
+            progress=progress,
+        )
+
+    def close(self) -> None:
+        """Close the score cache."""
+        if self.cache is not None:
+            self.cache.close()
+
+
+@dataclass
+class BattleSet:
+    """The battles kept by the filters (step 2).
+
+    Attributes:
+        source: the battles file or directory read.
+        battles: the kept A/B battles.
+        report: what each filter removed, and every bad record.
+        synthetic: ``{"battles", "true_auc"}`` of a ``--synthetic`` arena, else None.
+    """
+
+    source: str
+    battles: list[Battle]
+    report: BattleLoadReport
+    synthetic: dict[str, Any] | None = None
+
+
+@dataclass
+class ScoredBattles:
+    """The battles whose two clips were scored, as features (step 3).
+
+    Attributes:
+        data: features, labels and scores of the usable battles.
+        stats: what the scoring did (cache hits, scored, failed).
+        battles: the step-2 battle set; its report now counts unreadable audio too.
+    """
+
+    data: PreferenceData
+    stats: ScoringStats
+    battles: BattleSet
+
+
+@dataclass
+class Evaluation:
+    """Cross-validated classifiers and the calibration of the logistic model (step 4).
+
+    Attributes:
+        cv: out-of-fold scores, predictions and probabilities.
+        main_rows: Table 3 (the rule on all scores and every classifier).
+        rule_rows: the rule baseline by score subset.
+        calibration: reliability of the logistic model's out-of-fold probabilities.
+    """
+
+    cv: CVResult
+    main_rows: list[MetricRow]
+    rule_rows: list[MetricRow]
+    calibration: Reliability
+
+    @property
+    def logreg(self) -> MetricRow:
+        """The logistic model's row (the model of the preference head)."""
+        return next(r for r in self.main_rows if r.key == "logreg")
+
+
+@dataclass
+class FittedPreference:
+    """The preference head fitted on all battles, and the per-system offsets (step 5).
+
+    Attributes:
+        head: the head's config (features, coefficients, scaler, provenance).
+        sklearn_logits: ``[N]`` scikit-learn's decision function on the battles (the reference
+            the torch head and the exported head are checked against).
+        head_summary: features, swap augmentation, torch vs scikit-learn difference, order
+            inconsistency, intercept.
+        offsets: ``{system: offset}``, or None when the battles name fewer than 2 systems.
+        offsets_summary: base, L2, offsets, battles per system, cross-validated effect.
+    """
+
+    head: PreferenceHeadConfig
+    sklearn_logits: np.ndarray
+    head_summary: dict[str, Any]
+    offsets: dict[str, float] | None = None
+    offsets_summary: dict[str, Any] | None = None
+
+
+# ----------------------------------------------------------------------------------------------
+# the steps
+
+
+def open_job(cfg: ArenaConfig, *, model: ApexRewardModel | None = None) -> ArenaJob:
+    """Step 1: check the options, create ``cfg.out``, load the model and open the score cache.
 
     Args:
         cfg: the options.
-        model: an already loaded model (default: load ``cfg.model``).
+        model: an already loaded model (default: :func:`apex_reward.loading.load_model` of
+            ``cfg.model``); either way it runs at ``cfg.model.dtype``.
 
     Raises:
-        ArenaDataError: unreadable battles, or too few A/B battles left for the CV.
+        MissingDependencyError: the ``train`` extra is not installed.
         ConfigError, CheckpointError: invalid options or checkpoint.
     """
-    from apex_reward.errors import require
-
-    from .cache import ScoreCache, default_cache_path
-
     for module in ("sklearn", "pandas", "matplotlib"):
         require(module, "train", "apex-reward arena")
+    checkpoint = cfg.model.require_model()
     if (cfg.export_head or cfg.export_system_offsets) and cfg.export_to is None:
-        if not (Path(cfg.model).expanduser() / "config.json").is_file():
+        if not (Path(checkpoint).expanduser() / "config.json").is_file():
             raise ConfigError(
                 f"--export-head/--export-system-offsets update --model in place, but "
-                f"{cfg.model!r} is not a local checkpoint directory; pass --export-to DIR"
+                f"{checkpoint!r} is not a local checkpoint directory; pass --export-to DIR"
             )
-    t_start = time.perf_counter()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     if model is None:
-        model = _load_model(cfg)
-    model.set_precision(cfg.encoder_dtype)
-    summary: dict[str, Any] = {"config": to_dict(cfg), "untrained_model": model.untrained}
-    cache = None
-    if cfg.use_cache:
-        cache = ScoreCache(cfg.cache if cfg.cache else default_cache_path())
-    try:
-        return _run(cfg, model, cache, out, summary, t_start)
-    finally:
-        if cache is not None:
-            cache.close()
+        model = load_model(cfg.model)
+    else:
+        model.set_precision(cfg.model.dtype)
+    cache = ScoreCache(cfg.cache if cfg.cache else default_cache_path()) if cfg.use_cache else None
+    return ArenaJob(cfg, model, out, cache, model_fingerprint(model))
 
 
-def _run(
-    cfg: ArenaConfig,
-    model: ApexRewardModel,
-    cache: Any,
-    out: Path,
-    summary: dict[str, Any],
-    t_start: float,
-) -> dict[str, Any]:
-    import torch
+def load_battle_set(job: ArenaJob) -> BattleSet:
+    """Step 2: write the ``--synthetic`` arena when asked, then read and filter the battles.
 
-    from apex_reward.config import ApexConfig
-    from apex_reward.preference import PreferenceHead, pairwise_feature_names
-
-    from .cache import model_fingerprint, score_audio_files
-    from .data import ArenaDataError, BattleIssue, load_battles
-    from .evaluation import (
-        RULE_SUBSETS,
-        build_preference_data,
-        cross_validate,
-        evaluate,
-        metric_rows_to_markdown,
-        plot_reliability,
-        plot_roc,
-        reliability,
-        rule_scores,
-        write_metric_tables,
-    )
-    from .head import (
-        fit_preference_head,
-        fit_system_offsets,
-        write_preference_to_checkpoint,
-    )
-
-    fingerprint = model_fingerprint(model)
-
-    def scorer(paths: list[Path]) -> dict[str, np.ndarray]:
-        res, _ = score_audio_files(
-            model,
-            paths,
-            cache=cache,
-            fingerprint=fingerprint,
-            batch_size=cfg.batch_size,
-            num_workers=cfg.num_workers,
-        )
-        bad = [str(p) for p in paths if not res[p].ok]
-        if bad:
-            raise ArenaDataError(f"synthetic clips failed to score: {bad[:3]}")
-        return {k: np.array([res[p].scores[k] for p in paths]) for k in model.score_names}
-
-    # 1. battles ------------------------------------------------------------------------------
-    battles_path = cfg.battles
+    Raises:
+        ArenaDataError: unreadable battles, or synthetic clips that failed to score.
+    """
+    cfg = job.cfg
+    source, synthetic = cfg.battles, None
     if cfg.synthetic:
-        from .synthetic import write_synthetic_arena
-
         syn = write_synthetic_arena(
-            out / "synthetic_arena",
+            job.out / "synthetic_arena",
             n_songs=cfg.synthetic_songs,
             n_battles=cfg.synthetic_battles,
             seconds=cfg.synthetic_seconds,
             seed=cfg.seed,
-            score_fn=scorer,
+            score_fn=lambda paths: _synthetic_scores(job, paths),
         )
-        battles_path = str(syn.battles)
-        summary["synthetic"] = {"battles": battles_path, "true_auc": syn.true_auc}
-    assert battles_path is not None
+        source = str(syn.battles)
+        synthetic = {"battles": source, "true_auc": syn.true_auc}
+    if source is None:  # ArenaConfig asks for --battles or --synthetic
+        raise ConfigError("battles: give a battles file/directory, or --synthetic for a demo")
     battles, report = load_battles(
-        battles_path,
+        source,
         field_map=cfg.field_map,
         audio_root=cfg.audio_root,
         date_from=cfg.date_from,
         date_to=cfg.date_to,
         last_days=cfg.last_days,
     )
+    return BattleSet(source, battles, report, synthetic)
 
-    # 2. scores ---------------------------------------------------------------------------------
-    paths = [p for b in battles for p in (b.audio_a, b.audio_b) if p is not None]
-    scored, stats = score_audio_files(
-        model,
-        paths,
-        cache=cache,
-        fingerprint=fingerprint,
-        batch_size=cfg.batch_size,
-        num_workers=cfg.num_workers,
-        progress=cfg.progress,
-    )
-    summary["scoring"] = stats.to_dict()
+
+def _synthetic_scores(job: ArenaJob, paths: list[Path]) -> dict[str, np.ndarray]:
+    """The scores of the synthetic clips, ``{score name: [len(paths)]}`` (every clip must score)."""
+    res, _ = job.score_files(paths)
+    bad = [str(p) for p in paths if not res[p].ok]
+    if bad:
+        raise ArenaDataError(f"synthetic clips failed to score: {bad[:3]}")
+    return {k: np.array([res[p].scores[k] for p in paths]) for k in job.model.score_names}
+
+
+def score_battles(job: ArenaJob, battle_set: BattleSet) -> ScoredBattles:
+    """Step 3: score every distinct clip once, drop battles with unreadable audio (recorded in
+    the report, written to ``battles_report.json``), and build the pairwise features.
+
+    Raises:
+        ArenaDataError: no usable A/B battle left.
+    """
+    cfg, report = job.cfg, battle_set.report
+    paths = [p for b in battle_set.battles for p in (b.audio_a, b.audio_b) if p is not None]
+    scored, stats = job.score_files(paths, progress=cfg.progress)
     usable = []
-    for b in battles:
+    for b in battle_set.battles:
         bad = [(p, scored[p]) for p in (b.audio_a, b.audio_b) if not scored[p].ok]
         if bad:
             reason = "; ".join(f"{p}: {e.error_type}: {e.error}" for p, e in bad)
@@ -375,21 +482,16 @@ def _run(
             report.remove("audio_unreadable")
             continue
         usable.append(b)
-    (out / "battles_report.json").write_text(json.dumps(report.to_dict(), indent=1) + "\n")
-    summary["battles"] = {k: v for k, v in report.to_dict().items() if k != "issues"}
-    summary["battles"]["issues"] = len(report.issues)
+    report_path = job.out / "battles_report.json"
+    report_path.write_text(json.dumps(report.to_dict(), indent=1) + "\n")
     if not usable:
         raise ArenaDataError(
-            f"no usable A/B battles left in {battles_path} (see {out / 'battles_report.json'})"
+            f"no usable A/B battles left in {battle_set.source} (see {report_path})"
         )
-
-    # 3. features and cross-validation -------------------------------------------------------
-    names = [n for n in model.score_names]
-    sa = {k: [scored[b.audio_a].scores[k] for b in usable] for k in names}
-    sb = {k: [scored[b.audio_b].scores[k] for b in usable] for k in names}
+    names = list(job.model.score_names)
     data = build_preference_data(
-        sa,
-        sb,
+        {k: [scored[b.audio_a].scores[k] for b in usable] for k in names},
+        {k: [scored[b.audio_b].scores[k] for b in usable] for k in names},
         [b.is_instrumental for b in usable],
         [b.label for b in usable],
         names=pairwise_feature_names(names),
@@ -398,6 +500,18 @@ def _run(
         systems_a=[b.system_a for b in usable],
         systems_b=[b.system_b for b in usable],
     )
+    return ScoredBattles(data, stats, battle_set)
+
+
+def evaluate_classifiers(job: ArenaJob, scored: ScoredBattles) -> Evaluation:
+    """Step 4: cross-validate the classifiers and the rule baseline; write ``results.md``/``.csv``,
+    ``rule_subsets.md``/``.csv``, ``roc.png``, ``predictions.csv``, and the logistic model's
+    calibration (``calibration.png``, ``calibration.json``).
+
+    Raises:
+        ArenaDataError: too few battles of an outcome for the folds.
+    """
+    cfg, out, data = job.cfg, job.out, scored.data
     classifiers = list(dict.fromkeys(["logreg", *cfg.classifiers]))
     cv = cross_validate(
         data,
@@ -427,199 +541,229 @@ def _run(
     for name, s in cv.probabilities.items():
         frame[f"oof_prob_{name}"] = s
     frame.to_csv(out / "predictions.csv", index=False)
-    summary["results"] = [r.to_dict() for r in main_rows]
-    summary["rule_subsets"] = [r.to_dict() for r in rule_rows]
-    summary["cv"] = {
-        "folds": cfg.folds,
-        "seed": cfg.seed,
-        "seconds": cv.seconds,
-        "svm_best_params": cv.best_params.get("svm"),
-    }
-
-    # 4. calibration of the logistic model -------------------------------------------------------
-    prob = cv.probabilities["logreg"]
-    rel = reliability(prob, data.y, bins=cfg.calibration_bins)
+    rel = reliability(cv.probabilities["logreg"], data.y, bins=cfg.calibration_bins)
     plot_reliability(
         rel, out / "calibration.png", title="Logistic preference model: reliability (CV)"
     )
     (out / "calibration.json").write_text(json.dumps(finite_or_none(rel.to_dict()), indent=1))
-    summary["calibration"] = {"ece": rel.ece, "brier": rel.brier, "log_loss": rel.log_loss}
+    return Evaluation(cv, main_rows, rule_rows, rel)
 
-    # 5. the head fitted on all battles ----------------------------------------------------------
-    lr_row = next(r for r in main_rows if r.key == "logreg")
-    provenance = {
-        "battles": str(battles_path),
+
+def fit_preference(
+    job: ArenaJob, scored: ScoredBattles, evaluation: Evaluation
+) -> FittedPreference:
+    """Step 5: fit the logistic head on all battles (``preference_head.json``), check it against
+    scikit-learn in both battle orders, and fit per-system offsets with their cross-validated
+    effect (``system_offsets.json``) when the battles name at least 2 systems.
+
+    Raises:
+        ArenaDataError: ``--export-system-offsets`` with fewer than 2 systems.
+    """
+    cfg, data = job.cfg, scored.data
+    head_cfg, pipe = fit_preference_head(
+        data,
+        seed=cfg.seed,
+        swap_augment=cfg.swap_augment,
+        fitted_on=finite_or_none(_provenance(job, scored, evaluation)),
+    )
+    (job.out / "preference_head.json").write_text(json.dumps(to_dict(head_cfg), indent=1) + "\n")
+    ta, tb, inst = _score_tensors(data)
+    head = PreferenceHead(head_cfg)
+    with torch.no_grad():
+        torch_logit = head(ta, tb, is_instrumental=inst).numpy()
+        swapped = head(tb, ta, is_instrumental=inst).numpy()
+    sk_logit = pipe.decision_function(data.X)
+    p_ab, p_ba = 1 / (1 + np.exp(-torch_logit)), 1 / (1 + np.exp(-swapped))
+    fitted = FittedPreference(
+        head_cfg,
+        sk_logit,
+        {
+            "features": len(head_cfg.features),
+            "swap_augment": cfg.swap_augment,
+            "max_abs_diff_torch_vs_sklearn": float(np.max(np.abs(torch_logit - sk_logit))),
+            "order_inconsistency": float(np.mean(np.abs(p_ab + p_ba - 1.0))),
+            "intercept": head_cfg.intercept,
+        },
+    )
+    if len({s for s in (*data.systems_a, *data.systems_b) if s is not None}) < 2:
+        if cfg.export_system_offsets:
+            raise ArenaDataError("--export-system-offsets: the battles name fewer than 2 systems")
+        return fitted
+    base, base_name = _offset_base(job, data, evaluation)
+    fitted.offsets = fit_system_offsets(
+        base, data.systems_a, data.systems_b, data.y, l2=cfg.offset_l2
+    )
+    counts: dict[str, int] = {}
+    for s in (*data.systems_a, *data.systems_b):
+        if s is not None:
+            counts[s] = counts.get(s, 0) + 1
+    fitted.offsets_summary = {
+        "base": base_name,
+        "l2": cfg.offset_l2,
+        "offsets": fitted.offsets,
+        "battles_per_system": counts,
+        "cross_validated": _offsets_cv(base, data, evaluation.cv.fold_of, cfg.folds, cfg.offset_l2),
+    }
+    (job.out / "system_offsets.json").write_text(json.dumps(fitted.offsets_summary, indent=1))
+    return fitted
+
+
+def _provenance(job: ArenaJob, scored: ScoredBattles, evaluation: Evaluation) -> dict[str, Any]:
+    """What the exported head was fitted on (stored as its ``fitted_on``)."""
+    cfg, data, lr_row = job.cfg, scored.data, evaluation.logreg
+    return {
+        "battles": str(scored.battles.source),
         "num_battles": len(data),
         "num_instrumental": int(data.instrumental.sum()),
         "a_wins": int(data.y.sum()),
-        "date_window": report.date_window,
+        "date_window": scored.battles.report.date_window,
         "cv_folds": cfg.folds,
         "cv_seed": cfg.seed,
         "cv_auc": lr_row.auc,
         "cv_accuracy": lr_row.accuracy,
         "cv_auc_vocal": lr_row.auc_vocal,
         "cv_auc_instrumental": lr_row.auc_instrumental,
-        "cv_ece": rel.ece,
-        "score_model_fingerprint": stats.fingerprint,
+        "cv_ece": evaluation.calibration.ece,
+        "score_model_fingerprint": scored.stats.fingerprint,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "sklearn_version": require("sklearn", "train", "apex-reward arena").__version__,
     }
-    try:
-        import sklearn
 
-        provenance["sklearn_version"] = sklearn.__version__
-    except ImportError:  # pragma: no cover - sklearn is required above
-        pass
-    head_cfg, pipe = fit_preference_head(
-        data, seed=cfg.seed, swap_augment=cfg.swap_augment, fitted_on=finite_or_none(provenance)
-    )
-    (out / "preference_head.json").write_text(json.dumps(to_dict(head_cfg), indent=1) + "\n")
-    head = PreferenceHead(head_cfg)
+
+def _score_tensors(
+    data: PreferenceData,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
+    """The battles' scores of A and B and the instrumental flags as torch tensors."""
     ta = {k: torch.from_numpy(v) for k, v in data.scores_a.items()}
     tb = {k: torch.from_numpy(v) for k, v in data.scores_b.items()}
-    inst_t = torch.from_numpy(data.instrumental.astype(np.float64))
-    with torch.no_grad():
-        torch_logit = head(ta, tb, is_instrumental=inst_t).numpy()
-        swapped = head(tb, ta, is_instrumental=inst_t).numpy()
-    sk_logit = pipe.decision_function(data.X)
-    p_ab, p_ba = 1 / (1 + np.exp(-torch_logit)), 1 / (1 + np.exp(-swapped))
-    summary["head"] = {
-        "features": len(head_cfg.features),
-        "swap_augment": cfg.swap_augment,
-        "max_abs_diff_torch_vs_sklearn": float(np.max(np.abs(torch_logit - sk_logit))),
-        "order_inconsistency": float(np.mean(np.abs(p_ab + p_ba - 1.0))),
-        "intercept": head_cfg.intercept,
-    }
+    return ta, tb, torch.from_numpy(data.instrumental.astype(np.float64))
 
-    # 6. per-system offsets ------------------------------------------------------------------------
-    offsets = None
-    has_systems = len({s for s in (*data.systems_a, *data.systems_b) if s is not None}) >= 2
-    if has_systems:
-        if cfg.export_head:
-            base = cv.scores["logreg"]  # out-of-fold logits of the head being exported
-            base_name = "exported head (out-of-fold logits)"
-        elif model.preference_head is not None:
-            with torch.no_grad():
-                base = model.preference_head(ta, tb, is_instrumental=inst_t).double().numpy()
-            base_name = "the checkpoint's preference head"
-        else:
-            ra = model.reward_from_scores(ta).numpy()
-            rb = model.reward_from_scores(tb).numpy()
-            base = (ra - rb) / model.config.preference.temperature
-            base_name = "Bradley-Terry on the reward"
-        offsets = fit_system_offsets(base, data.systems_a, data.systems_b, data.y, l2=cfg.offset_l2)
-        counts: dict[str, int] = {}
-        for s in (*data.systems_a, *data.systems_b):
-            if s is not None:
-                counts[s] = counts.get(s, 0) + 1
-        summary["system_offsets"] = {
-            "base": base_name,
-            "l2": cfg.offset_l2,
-            "offsets": offsets,
-            "battles_per_system": counts,
-            "cross_validated": _offsets_cv(base, data, cv.fold_of, cfg.folds, cfg.offset_l2),
-        }
-        (out / "system_offsets.json").write_text(json.dumps(summary["system_offsets"], indent=1))
-    elif cfg.export_system_offsets:
-        raise ArenaDataError("--export-system-offsets: the battles name fewer than 2 systems")
 
-    # 7. export -----------------------------------------------------------------------------------
-    if cfg.export_head or cfg.export_system_offsets:
-        dst = write_preference_to_checkpoint(
-            cfg.model,
-            head=head_cfg if cfg.export_head else None,
-            system_offsets=offsets if cfg.export_system_offsets else None,
-            out=cfg.export_to,
+def _offset_base(
+    job: ArenaJob, data: PreferenceData, evaluation: Evaluation
+) -> tuple[np.ndarray, str]:
+    """The logits the system offsets are fitted on top of, and their description."""
+    model = job.model
+    if job.cfg.export_head:
+        return evaluation.cv.scores["logreg"], "exported head (out-of-fold logits)"
+    ta, tb, inst = _score_tensors(data)
+    if model.preference_head is not None:
+        with torch.no_grad():
+            base = model.preference_head(ta, tb, is_instrumental=inst).double().numpy()
+        return base, "the checkpoint's preference head"
+    ra = model.reward_from_scores(ta).numpy()
+    rb = model.reward_from_scores(tb).numpy()
+    return (ra - rb) / model.config.preference.temperature, "Bradley-Terry on the reward"
+
+
+def export_preference(
+    job: ArenaJob, scored: ScoredBattles, fitted: FittedPreference
+) -> dict[str, Any] | None:
+    """Step 6: with ``--export-head`` / ``--export-system-offsets``, write the head and/or the
+    offsets into the checkpoint (in place, or a copy in ``--export-to``), read the written
+    ``config.json`` back and check its head against scikit-learn.
+
+    Returns:
+        ``{"checkpoint", "max_abs_diff_vs_sklearn"?, "system_offsets"?}``, or None when nothing
+        was to be exported.
+    """
+    cfg = job.cfg
+    if not (cfg.export_head or cfg.export_system_offsets):
+        return None
+    dst = write_preference_to_checkpoint(
+        cfg.model.require_model(),
+        head=fitted.head if cfg.export_head else None,
+        system_offsets=fitted.offsets if cfg.export_system_offsets else None,
+        out=cfg.export_to,
+    )
+    raw, _ = split_digests(json.loads((dst / "config.json").read_text()))
+    written = ApexConfig.from_dict(raw)
+    check: dict[str, Any] = {"checkpoint": str(dst)}
+    if cfg.export_head:
+        if written.preference.head is None:
+            raise CheckpointError(f"{dst}/config.json: the exported preference head is missing")
+        ta, tb, inst = _score_tensors(scored.data)
+        with torch.no_grad():
+            reloaded = PreferenceHead(written.preference.head)(ta, tb, is_instrumental=inst)
+        check["max_abs_diff_vs_sklearn"] = float(
+            np.max(np.abs(reloaded.numpy() - fitted.sklearn_logits))
         )
-        raw, _ = split_digests(json.loads((dst / "config.json").read_text()))
-        written = ApexConfig.from_dict(raw)
-        check: dict[str, Any] = {"checkpoint": str(dst)}
-        if cfg.export_head:
-            assert written.preference.head is not None
-            with torch.no_grad():
-                reloaded = PreferenceHead(written.preference.head)(
-                    ta, tb, is_instrumental=inst_t
-                ).numpy()
-            check["max_abs_diff_vs_sklearn"] = float(np.max(np.abs(reloaded - sk_logit)))
-        if cfg.export_system_offsets:
-            check["system_offsets"] = len(written.preference.system_offsets)
-        summary["export"] = check
+    if cfg.export_system_offsets:
+        check["system_offsets"] = len(written.preference.system_offsets)
+    return check
 
-    summary["seconds"] = time.perf_counter() - t_start
+
+def write_summary(
+    job: ArenaJob,
+    scored: ScoredBattles,
+    evaluation: Evaluation,
+    fitted: FittedPreference,
+    export: dict[str, Any] | None,
+    *,
+    seconds: float,
+) -> dict[str, Any]:
+    """Step 7: every number of the run as ``summary.json`` (returned) and ``report.md``."""
+    cfg, cv = job.cfg, evaluation.cv
+    report = scored.battles.report
+    summary: dict[str, Any] = {"config": to_dict(cfg), "untrained_model": job.model.untrained}
+    if scored.battles.synthetic is not None:
+        summary["synthetic"] = scored.battles.synthetic
+    summary["scoring"] = scored.stats.to_dict()
+    summary["battles"] = {k: v for k, v in report.to_dict().items() if k != "issues"}
+    summary["battles"]["issues"] = len(report.issues)
+    summary["results"] = [r.to_dict() for r in evaluation.main_rows]
+    summary["rule_subsets"] = [r.to_dict() for r in evaluation.rule_rows]
+    summary["cv"] = {
+        "folds": cfg.folds,
+        "seed": cfg.seed,
+        "seconds": cv.seconds,
+        "svm_best_params": cv.best_params.get("svm"),
+    }
+    rel = evaluation.calibration
+    summary["calibration"] = {"ece": rel.ece, "brier": rel.brier, "log_loss": rel.log_loss}
+    summary["head"] = fitted.head_summary
+    if fitted.offsets_summary is not None:
+        summary["system_offsets"] = fitted.offsets_summary
+    if export is not None:
+        summary["export"] = export
+    summary["seconds"] = seconds
     summary = finite_or_none(summary)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    (out / "report.md").write_text(
-        _report_markdown(
+    (job.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (job.out / "report.md").write_text(
+        report_markdown(
             summary,
             report.to_markdown(),
-            metric_rows_to_markdown(main_rows),
-            metric_rows_to_markdown(rule_rows),
+            metric_rows_to_markdown(evaluation.main_rows),
+            metric_rows_to_markdown(evaluation.rule_rows),
         )
     )
     return summary
 
 
-def _num(x: Any) -> str:
-    return "n/a" if x is None else f"{x:.3f}"
+def run_arena_evaluation(
+    cfg: ArenaConfig, *, model: ApexRewardModel | None = None
+) -> dict[str, Any]:
+    """Run every step (see the module docstring); returns the summary (also written to
+    ``OUT/summary.json``).
 
+    Args:
+        cfg: the options.
+        model: an already loaded model (default: load ``cfg.model``).
 
-def _report_markdown(summary: dict[str, Any], battles_md: str, main_md: str, rules_md: str) -> str:
-    s = summary["scoring"]
-    lines = ["# Music Arena preference evaluation", ""]
-    if summary.get("untrained_model"):
-        lines += ["**The scoring model is UNTRAINED: these numbers say nothing about music.**", ""]
-    if "synthetic" in summary:
-        lines += [
-            f"Synthetic arena (hidden preference known): AUC of the true function on the A/B "
-            f"battles = {_num(summary['synthetic']['true_auc'])}.",
-            "",
-        ]
-    lines += ["## Battles", "", battles_md]
-    lines += [
-        "## Scoring",
-        "",
-        f"{s['files']} audio files, {s['contents']} distinct contents: {s['cache_hits']} from "
-        f"the cache, {s['scored']} scored now, {s['failed']} failed "
-        f"(cache: {s['cache_path'] or 'disabled'}; model fingerprint {s['fingerprint'][:12]}).",
-        "",
-        "## Results (Table 3)",
-        "",
-        main_md,
-        "![ROC](roc.png)",
-        "",
-        "## Rule baseline by score subset",
-        "",
-        rules_md,
-        "## Calibration of the logistic model",
-        "",
-        f"Out-of-fold probabilities: ECE {summary['calibration']['ece']:.3f}, Brier "
-        f"{summary['calibration']['brier']:.3f}, log loss {summary['calibration']['log_loss']:.3f}.",
-        "",
-        "![reliability](calibration.png)",
-        "",
-        "## Preference head (fitted on all battles)",
-        "",
-        f"{summary['head']['features']} features; torch vs scikit-learn max |Δlogit| "
-        f"{summary['head']['max_abs_diff_torch_vs_sklearn']:.2e}; mean |P(A>B) + P(B>A) - 1| "
-        f"{summary['head']['order_inconsistency']:.3f} (swap augmentation "
-        f"{'on' if summary['head']['swap_augment'] else 'off'}).",
-        "",
-    ]
-    so = summary.get("system_offsets")
-    if so:
-        cvr = so["cross_validated"]
-        lines += [
-            "## Per-system offsets",
-            "",
-            f"Base: {so['base']}; L2 {so['l2']}. Cross-validated log loss "
-            f"{cvr['log_loss_without']:.4f} → {cvr['log_loss_with']:.4f}, AUC "
-            f"{cvr['auc_without']:.3f} → {cvr['auc_with']:.3f}.",
-            "",
-            "| system | battles | offset |",
-            "|---|---:|---:|",
-        ]
-        for name, off in sorted(so["offsets"].items(), key=lambda kv: -kv[1]):
-            lines.append(f"| {name} | {so['battles_per_system'].get(name, 0)} | {off:+.3f} |")
-        lines.append("")
-    if "export" in summary:
-        lines += ["## Export", "", f"Written to {summary['export']['checkpoint']}/config.json.", ""]
-    return "\n".join(lines)
+    Raises:
+        ArenaDataError: unreadable battles, or too few A/B battles left for the CV.
+        ConfigError, CheckpointError: invalid options or checkpoint.
+    """
+    t_start = time.perf_counter()
+    job = open_job(cfg, model=model)
+    try:
+        battle_set = load_battle_set(job)
+        scored = score_battles(job, battle_set)
+        evaluation = evaluate_classifiers(job, scored)
+        fitted = fit_preference(job, scored, evaluation)
+        export = export_preference(job, scored, fitted)
+        return write_summary(
+            job, scored, evaluation, fitted, export, seconds=time.perf_counter() - t_start
+        )
+    finally:
+        job.close()
