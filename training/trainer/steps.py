@@ -71,7 +71,7 @@ from apex_reward.files import atomic_path, atomic_write_text
 from apex_reward.heads import ApexHead
 from apex_reward.popularity import percentile_ranks
 
-from .distributed import check_launch, finish_distributed
+from ..distributed import check_launch, finish_distributed
 
 logger = logging.getLogger(__name__)
 
@@ -841,7 +841,7 @@ def _atomic_json(path: Path, obj: Any) -> None:
 def load_training_data(config: TrainConfig) -> TrainingData:
     """Join ``config.embeddings`` with ``config.prepared`` for the configured tasks and mode."""
     pd = require("pandas", "train")
-    from .embeddings import EmbeddingStore
+    from ..embeddings import EmbeddingStore
 
     if not config.embeddings or not config.prepared:
         raise ConfigError("train: --embeddings and --prepared are required")
