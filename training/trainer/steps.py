@@ -1,463 +1,74 @@
-"""Multi-task training of the APEX heads on extracted embeddings (APEX_SPEC §4).
+"""Training as named steps: setup, resume, epochs, evaluate, export.
 
-``apex-reward train --embeddings runs/embeddings --prepared runs/prepared/prepared.parquet --model runs/apex-95m --out runs/train``
+:func:`train` runs them in order; each takes and returns typed values, so a test can run a
+setup, one epoch and an evaluation on its own:
 
-or, on four GPUs with fp16 DDP::
+1. :func:`setup`: the accelerator, the data, the module, the optimizer's parameter groups
+   (:func:`build_optimizer`) and the cosine schedule (:class:`TrainingRun`);
+2. :func:`resume`: continue from ``out/last`` or start fresh (:class:`TrainState`), then hand the
+   module and optimizer to accelerate;
+3. :func:`run_epoch` (one epoch: :func:`train_epoch` on every batch, :func:`validation_loss`,
+   early stopping with best-weights keeping) and :func:`train_epochs` (the loop: resumable
+   saves, logging, progress);
+4. :func:`evaluate_best`: the best epoch's weights, per-split metrics and the test predictions;
+5. :func:`~.export.export_run`: ``metrics.json``, ``history.json``,
+   ``test_predictions.parquet`` and the :class:`~apex_reward.ApexRewardModel` checkpoint
+   (:func:`~.export.export_checkpoint`).
 
-    accelerate launch --config_file training/configs/accelerate_4gpu_fp16.yaml -m apex_reward train --config training/configs/model_c.yaml ...
-
-* Data: per-song (song mode) or per-segment (segment mode) MERT layer features from
-  :class:`~apex_reward.training.embeddings.EmbeddingStore`, targets from ``prepared.parquet``
-  (streams/likes scores and, for the full task set, the five aesthetic labels).
-* The loss sees every target scaled to [0, 1] by its range (popularity /100, aesthetics
-  (x-1)/4; the heads' sigmoid outputs live there too), so "equal" weighting is meaningful. Loss
-  strategies: ``equal`` (sum of per-task MSE), ``manual`` (popularity weight above aesthetic,
-  default 1.0 vs 0.5), ``uncertainty`` (Kendall et al.: sum of 0.5 exp(-s_t) L_t + 0.5 s_t with
-  learned s_t = log sigma_t^2). Metrics are reported in native units.
-* AdamW + cosine annealing (per step), early stopping on the validation loss with best-checkpoint
-  keeping, seeded. The validation loss is the sum of unit-range per-task MSEs with the strategy's
-  fixed weights (equal for ``equal`` and ``uncertainty``, the manual weights for ``manual``): the
-  learned uncertainty weights are left out because they grow as training fits, which would make
-  the criterion favour early epochs. Batches: ``batch_size`` per process; every step the same global batch is cut
-  into one contiguous chunk per process, so a 4-process run sees the batches a 1-process run with
-  4x the batch size sees. Accelerate handles DDP and mixed precision (fp16 by default on GPU,
-  bf16 on request, fp32 on CPU).
-* Resumable without pickle: after each epoch the head, the optimizer state (flattened to
-  safetensors), the scheduler, the early-stopping state (JSON) and every process's RNG state are
-  saved under ``out/last``; rerunning the same command continues from there.
-* Output: ``metrics.json`` (per split and task: MSE, MAE, Pearson, Spearman), ``history.json``,
-  ``test_predictions.parquet``, and ``model/`` — an :class:`~apex_reward.ApexRewardModel`
-  checkpoint (trained head + the extraction model's front end and encoder + popularity reference
-  quantiles) that ``from_pretrained`` loads and scores audio with.
+The early-stopping state (:class:`~.state.TrainState`) and its saving live in :mod:`.state`.
 """
 
 from __future__ import annotations
 
-import argparse
-import copy
 import json
 import logging
-import math
 import shutil
-import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import numpy as np
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
-from apex_reward.checkpoint import ENCODER_DIGEST_KEY
-from apex_reward.cli import Command
-from apex_reward.config import (
-    AESTHETIC_TASKS,
-    POPULARITY_TASKS,
-    SCORE_RANGES,
-    TASK_SETS,
-    ApexConfig,
-    HeadConfig,
-    PopularityReferenceConfig,
-)
-from apex_reward.dataclass_io import (
-    add_dataclass_arguments,
-    dataclass_from_args,
-    from_dict,
-    to_dict,
-)
+from apex_reward.config import HeadConfig
+from apex_reward.dataclass_io import to_dict
 from apex_reward.errors import ConfigError, require
-from apex_reward.files import atomic_path, atomic_write_text
 from apex_reward.heads import ApexHead
-from apex_reward.popularity import percentile_ranks
 
-from ..distributed import check_launch, finish_distributed
+from ..distributed import accelerator_cpu, check_launch
+from .config import TrainConfig
+from .data import SplitData, TrainingData, load_training_data, unit_scale
+from .export import export_run
+from .objective import TrainModule, combine_losses, evaluate, init_log_vars, task_weights
+from .state import (
+    TrainState,
+    resume_key,
+    save_state,
+    save_tensors,
+    set_rng_state,
+    unflatten_optimizer,
+)
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "TrainConfig",
-    "SplitData",
-    "TrainingData",
     "TrainResult",
+    "TrainingRun",
+    "EpochStats",
+    "BestEvaluation",
+    "make_accelerator",
+    "build_optimizer",
+    "setup",
+    "resume",
+    "train_epoch",
+    "validation_loss",
+    "run_epoch",
+    "train_epochs",
+    "evaluate_best",
     "train",
-    "regression_metrics",
-    "export_checkpoint",
 ]
-
-#: target column in prepared.parquet for each task
-TARGET_COLUMNS: dict[str, str] = {
-    "streams": "streams_score",
-    "likes": "likes_score",
-    **{t: t for t in AESTHETIC_TASKS},
-}
-
-
-@dataclass
-class TrainConfig:
-    """Options of ``apex-reward train`` (one run of the §4 training)."""
-
-    embeddings: str = field(
-        default="", metadata={"help": "extraction directory (apex-reward extract --out)"}
-    )
-    prepared: str = field(
-        default="", metadata={"help": "prepared.parquet with targets and the split"}
-    )
-    model: str = field(
-        default="",
-        metadata={
-            "help": "the checkpoint the embeddings were extracted with: its front end and encoder go into the exported model"
-        },
-    )
-    out: str = field(default="runs/train", metadata={"help": "output directory"})
-    tasks: Literal["full", "popularity"] = field(
-        default="full", metadata={"help": "7 heads or streams+likes only"}
-    )
-    trunk_layers: Literal[2, 3] = field(default=2, metadata={"help": "shared trunk depth"})
-    mode: Literal["song", "segment"] = field(
-        default="song",
-        metadata={"help": "song: average segments first; segment: one sample per segment"},
-    )
-    loss: Literal["equal", "manual", "uncertainty"] = field(
-        default="uncertainty", metadata={"help": "loss strategy"}
-    )
-    popularity_weight: float = field(
-        default=1.0, metadata={"help": "manual strategy: weight of streams and likes"}
-    )
-    aesthetic_weight: float = field(
-        default=0.5, metadata={"help": "manual strategy: weight of each aesthetic task"}
-    )
-    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate"})
-    uncertainty_lr: float | None = field(
-        default=None,
-        metadata={
-            "help": "learning rate of the uncertainty parameters s_t (default: 10 x lr; they are "
-            "scalars that must travel several units in log space)"
-        },
-    )
-    weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay"})
-    epochs: int = field(default=100, metadata={"help": "maximum epochs (cosine schedule length)"})
-    batch_size: int = field(default=512, metadata={"help": "samples per process per step"})
-    patience: int = field(
-        default=10, metadata={"help": "early stopping: epochs without validation improvement"}
-    )
-    min_delta: float = field(
-        default=0.0, metadata={"help": "early stopping: smallest improvement that counts"}
-    )
-    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = field(
-        default="auto",
-        metadata={"help": "auto: fp16 on GPU, none on CPU (CPU fp16 is not supported)"},
-    )
-    seed: int = field(default=0, metadata={"help": "random seed"})
-    cpu: bool = field(default=False, metadata={"help": "train on CPU even if GPUs are present"})
-    log_with: Literal["auto", "tensorboard", "none"] = field(
-        default="auto", metadata={"help": "experiment tracker (auto: TensorBoard when installed)"}
-    )
-    resume: bool = field(default=True, metadata={"help": "continue from out/last when it exists"})
-    export: bool = field(
-        default=True, metadata={"help": "write the ApexRewardModel checkpoint to out/model"}
-    )
-    save_interval_s: float = field(
-        default=0.0,
-        metadata={
-            "help": "save the resumable state at most this often, seconds (0: every epoch; always at the end)"
-        },
-    )
-    max_epochs_this_run: int | None = field(
-        default=None,
-        metadata={"help": "stop (resumably) after this many epochs in this invocation"},
-    )
-
-    def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "patience"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ConfigError(f"lr: must be > 0, got {self.lr}")
-
-
-# ----------------------------------------------------------------------------------------------
-# data
-
-
-@dataclass
-class SplitData:
-    """One split, ready for training.
-
-    Attributes:
-        features: ``[M, L, H]`` per-sample layer features (fp16 or fp32, CPU); M = songs in song
-            mode, segments in segment mode.
-        targets: ``[M, T]`` float32 targets in native units (one row per sample).
-        song_index: ``[M]`` int64 song of each sample (index into ``song_ids``).
-        weights: ``[M]`` float32 weight of each sample in its song's average (segment mode).
-        song_ids: the songs, in index order.
-    """
-
-    features: torch.Tensor
-    targets: torch.Tensor
-    song_index: torch.Tensor
-    weights: torch.Tensor
-    song_ids: list[str]
-
-    def __len__(self) -> int:
-        return int(self.features.shape[0])
-
-    @property
-    def song_targets(self) -> torch.Tensor:
-        """``[S, T]`` native-unit targets per song."""
-        out = torch.empty(len(self.song_ids), self.targets.shape[1])
-        out[self.song_index] = self.targets
-        return out
-
-
-@dataclass
-class TrainingData:
-    """Train/val/test splits for one task set and input mode."""
-
-    tasks: tuple[str, ...]
-    mode: str
-    splits: dict[str, SplitData]
-
-    @property
-    def num_layers(self) -> int:
-        return int(self.splits["train"].features.shape[1])
-
-    @property
-    def hidden_size(self) -> int:
-        return int(self.splits["train"].features.shape[2])
-
-    @classmethod
-    def from_extraction(cls, store, prepared, tasks: str, mode: str) -> TrainingData:
-        """Join an :class:`EmbeddingStore` with ``prepared`` (DataFrame) on song id."""
-        names = TASK_SETS[tasks]
-        cols = [TARGET_COLUMNS[t] for t in names]
-        missing = [c for c in cols + ["split"] if c not in prepared.columns]
-        if missing:
-            raise ConfigError(
-                f"prepared data lacks column(s) {missing}"
-                + (" (aesthetic labels are needed for --tasks full)" if tasks == "full" else "")
-            )
-        extracted = set(store.song_ids)
-        df = prepared[prepared["id"].isin(extracted)]
-        dropped = len(prepared) - len(df)
-        if dropped:
-            logger.warning(
-                "%d prepared songs have no embeddings (unreadable at extraction); skipped", dropped
-            )
-        if df[cols].isna().any().any():
-            raise ConfigError("prepared data has missing target values")
-        splits = {}
-        for split in ("train", "val", "test"):
-            part = df[df["split"] == split]
-            if part.empty:
-                raise ConfigError(f"the {split} split is empty")
-            ids = part["id"].tolist()
-            y = torch.as_tensor(part[cols].to_numpy(dtype=np.float32, copy=True))
-            if mode == "song":
-                # float32: rounding the averaged song features to fp16 would make the trainer's
-                # predictions differ from the exported model's (which averages fp16 segments)
-                feats = store.songs(ids)
-                n = len(ids)
-                splits[split] = SplitData(feats, y, torch.arange(n), torch.ones(n), ids)
-            else:
-                seg = store.segments(ids)
-                splits[split] = SplitData(
-                    seg.layer_features.to(torch.float16),
-                    y[seg.song_index],
-                    seg.song_index,
-                    seg.weights,
-                    ids,
-                )
-        return cls(tuple(names), mode, splits)
-
-    @classmethod
-    def from_arrays(
-        cls,
-        features: dict[str, torch.Tensor],
-        targets: dict[str, torch.Tensor],
-        tasks: tuple[str, ...],
-    ) -> TrainingData:
-        """Song-mode data from in-memory tensors: ``features[split]`` ``[N, L, H]``,
-        ``targets[split]`` ``[N, T]`` in native units (tests, benchmarks)."""
-        splits = {}
-        for split in ("train", "val", "test"):
-            x, y = features[split], targets[split].float()
-            n = x.shape[0]
-            splits[split] = SplitData(
-                x, y, torch.arange(n), torch.ones(n), [f"{split}{i}" for i in range(n)]
-            )
-        return cls(tuple(tasks), "song", splits)
-
-
-def _unit_scale(tasks: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    lo = torch.tensor([SCORE_RANGES[t][0] for t in tasks])
-    hi = torch.tensor([SCORE_RANGES[t][1] for t in tasks])
-    return lo, hi - lo
-
-
-# ----------------------------------------------------------------------------------------------
-# model and loss
-
-
-class TrainModule(nn.Module):
-    """The head plus the uncertainty parameters; ``forward`` gives unit-range predictions."""
-
-    def __init__(self, head: ApexHead, num_tasks: int) -> None:
-        super().__init__()
-        self.head = head
-        self.log_vars = nn.Parameter(torch.zeros(num_tasks))
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """``[B, L, H]`` -> ``[B, T]`` predictions in [0, 1] (sigmoid of the head logits)."""
-        z = self.head.logits(self.head.embed(features))
-        return torch.sigmoid(torch.stack(list(z.values()), dim=1))
-
-
-@torch.no_grad()
-def _init_log_vars(
-    module: TrainModule, split: SplitData, lo: torch.Tensor, span: torch.Tensor, seed: int
-) -> None:
-    """Start each s_t at log(initial MSE of task t) on up to 4096 training samples.
-
-    With s_t = 0 the uncertainty weights start at 1 and Adam moves s_t by at most ~lr per step,
-    so reaching log sigma_t^2 (about -6 for a well-predicted task in unit range) takes thousands
-    of steps; starting from the initial loss puts every task on the same footing at step 0.
-    Every process computes the same value (same seed, same samples)."""
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(len(split), generator=g)[:4096]
-    was_training = module.training
-    module.eval()
-    pred = module(split.features[idx]).float()
-    module.train(was_training)
-    target = (split.targets[idx] - lo) / span
-    mse = ((pred - target) ** 2).mean(dim=0).clamp_min(1e-8)
-    module.log_vars.copy_(torch.log(mse))
-
-
-def _task_weights(config: TrainConfig, tasks: tuple[str, ...]) -> torch.Tensor:
-    if config.loss == "manual":
-        return torch.tensor(
-            [
-                config.popularity_weight if t in POPULARITY_TASKS else config.aesthetic_weight
-                for t in tasks
-            ]
-        )
-    return torch.ones(len(tasks))
-
-
-def combine_losses(
-    per_task: torch.Tensor, strategy: str, weights: torch.Tensor, log_vars: torch.Tensor
-) -> torch.Tensor:
-    """Total loss from per-task MSEs ``[T]`` (APEX_SPEC §4 strategies A, B, C)."""
-    if strategy == "uncertainty":
-        return (0.5 * torch.exp(-log_vars) * per_task + 0.5 * log_vars).sum()
-    return (weights.to(per_task.device) * per_task).sum()
-
-
-# ----------------------------------------------------------------------------------------------
-# metrics
-
-
-def regression_metrics(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
-    """MSE, MAE, Pearson and Spearman (average ranks for ties) of two ``[N]`` arrays."""
-    pred = np.asarray(pred, dtype=np.float64)
-    true = np.asarray(true, dtype=np.float64)
-    err = pred - true
-
-    def corr(a: np.ndarray, b: np.ndarray) -> float:
-        if a.std() == 0 or b.std() == 0:
-            return float("nan")
-        return float(np.corrcoef(a, b)[0, 1])
-
-    return {
-        "mse": float(np.mean(err**2)),
-        "mae": float(np.mean(np.abs(err))),
-        "pearson": corr(pred, true),
-        "spearman": corr(percentile_ranks(pred), percentile_ranks(true)),
-        "n": int(len(pred)),
-    }
-
-
-@torch.no_grad()
-def predict_songs(
-    module: TrainModule, split: SplitData, device: torch.device, batch: int = 4096
-) -> torch.Tensor:
-    """``[S, T]`` per-song predictions in unit range (segment mode: weighted mean of segments)."""
-    module.eval()
-    outs = []
-    for start in range(0, len(split), batch):
-        x = split.features[start : start + batch].to(device)
-        outs.append(module(x).float().cpu())
-    pred = torch.cat(outs)
-    if split.song_index.numel() == len(split.song_ids) and torch.equal(
-        split.song_index, torch.arange(len(split.song_ids))
-    ):
-        return pred
-    w = split.weights.float()[:, None]
-    num = torch.zeros(len(split.song_ids), pred.shape[1]).index_add_(0, split.song_index, pred * w)
-    den = torch.zeros(len(split.song_ids), 1).index_add_(0, split.song_index, w)
-    return num / den
-
-
-# ----------------------------------------------------------------------------------------------
-# pickle-free training state
-
-
-def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    tensors, meta = {}, {"param_groups": state["param_groups"], "state": {}}
-    for pid, st in state["state"].items():
-        meta["state"][str(pid)] = {}
-        for k, v in st.items():
-            if torch.is_tensor(v):
-                tensors[f"{pid}.{k}"] = v.detach().cpu().contiguous()
-                meta["state"][str(pid)][k] = "tensor"
-            else:
-                meta["state"][str(pid)][k] = v
-    return tensors, meta
-
-
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
-    state = {}
-    for pid, st in meta["state"].items():
-        state[int(pid)] = {
-            k: (tensors[f"{pid}.{k}"] if v == "tensor" else v) for k, v in st.items()
-        }
-    return {"state": state, "param_groups": meta["param_groups"]}
-
-
-def _rng_state() -> dict[str, torch.Tensor]:
-    out = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        out["cuda"] = torch.cuda.get_rng_state()
-    return out
-
-
-def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def _resume_key(config: TrainConfig) -> dict[str, Any]:
-    """Config fields that must match to continue a run."""
-    d = to_dict(config)
-    for k in (
-        "out",
-        "resume",
-        "export",
-        "max_epochs_this_run",
-        "epochs",
-        "patience",
-        "log_with",
-        "cpu",
-        "mixed_precision",
-    ):
-        d.pop(k, None)
-    return d
-
-
-# ----------------------------------------------------------------------------------------------
-# training
 
 
 @dataclass
@@ -473,9 +84,86 @@ class TrainResult:
     checkpoint: Path | None = None
 
 
-def _accelerator(config: TrainConfig, out: Path):
+@dataclass
+class TrainingRun:
+    """What the steps of one run share (built by :func:`setup`).
+
+    Attributes:
+        config: the options; data: the splits; out: the output directory.
+        accelerator: the ``accelerate.Accelerator`` (processes, device, mixed precision).
+        module: the module being trained, unwrapped (what is saved and exported).
+        optimizer: AdamW over the parameter groups of :func:`build_optimizer`.
+        scheduler: cosine annealing over ``epochs * steps_per_epoch`` steps.
+        steps_per_epoch: optimizer steps per epoch; global_batch: samples per step, all processes.
+        lo, span: ``[T]`` native range of each task (the loss sees ``(y - lo) / span``).
+        weights: ``[T]`` fixed task weights (:func:`~.objective.task_weights`).
+        model: the module as accelerate prepared it (DDP-wrapped with several processes); set by
+            :func:`resume`.
+    """
+
+    config: TrainConfig
+    data: TrainingData
+    out: Path
+    accelerator: Any
+    module: TrainModule
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    steps_per_epoch: int
+    global_batch: int
+    lo: torch.Tensor
+    span: torch.Tensor
+    weights: torch.Tensor
+    model: nn.Module | None = None
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return self.data.tasks
+
+
+@dataclass
+class EpochStats:
+    """One epoch of optimizer steps on this process: mean training loss, samples, seconds."""
+
+    train_loss: float
+    samples: int
+    seconds: float
+
+
+@dataclass
+class BestEvaluation:
+    """The best epoch's module evaluated: per split and task metrics in native units, the test
+    predictions (a DataFrame: id, ``pred_<task>``, ``true_<task>``) and the learned s_t."""
+
+    metrics: dict[str, dict[str, dict[str, float]]]
+    predictions: Any
+    log_vars: list[float]
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. setup
+
+
+def make_accelerator(config: TrainConfig, out: Path):
+    """The ``accelerate.Accelerator`` of a run: ``--device``, mixed precision, the tracker.
+
+    Raises:
+        ConfigError: a device this machine lacks, or TensorBoard asked for but not installed.
+    """
     accelerate = require("accelerate", "train", "apex-reward train")
-    cuda = torch.cuda.is_available() and not config.cpu
+    cpu = accelerator_cpu(config.device)
+    cuda = torch.cuda.is_available() and not cpu
     mp = config.mixed_precision
     if mp == "auto":
         mp = "fp16" if cuda else "no"
@@ -492,33 +180,18 @@ def _accelerator(config: TrainConfig, out: Path):
             if config.log_with == "tensorboard":
                 raise ConfigError("log_with=tensorboard but tensorboard is not installed") from None
     accelerator = accelerate.Accelerator(
-        cpu=config.cpu, mixed_precision=mp, log_with=log_with, project_dir=str(out / "logs")
+        cpu=cpu, mixed_precision=mp, log_with=log_with, project_dir=str(out / "logs")
     )
     check_launch(accelerator)
     return accelerator
 
 
-def train(
-    config: TrainConfig, data: TrainingData | None = None, *, progress: bool = True
-) -> TrainResult:
-    """Train one condition; see the module docstring. ``data`` overrides loading from
-    ``config.embeddings``/``config.prepared`` (tests)."""
-    from safetensors.torch import load_file
-
-    out = Path(config.out)
-    accelerator = _accelerator(config, out)
-    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
-    if data is None:
-        data = load_training_data(config)
-    tasks = data.tasks
-    torch.manual_seed(config.seed)
-    head_cfg = HeadConfig(trunk_layers=config.trunk_layers, tasks=config.tasks, mode=config.mode)
-    if head_cfg.task_names != tasks:
-        raise ConfigError(f"data has tasks {tasks} but the config asks for {head_cfg.task_names}")
-    module = TrainModule(ApexHead(data.hidden_size, data.num_layers, head_cfg), len(tasks))
+def build_optimizer(module: TrainModule, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with three parameter groups: weight matrices (weight decay), biases and norms (no
+    decay), and the uncertainty parameters s_t (no decay, ``uncertainty_lr`` or 10 x ``lr``)."""
     decay = [p for name, p in module.named_parameters() if name != "log_vars" and p.ndim >= 2]
     no_decay = [p for name, p in module.named_parameters() if name != "log_vars" and p.ndim < 2]
-    optimizer = torch.optim.AdamW(
+    return torch.optim.AdamW(
         [
             {"params": decay, "weight_decay": config.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
@@ -530,8 +203,29 @@ def train(
         ],
         lr=config.lr,
     )
-    train_split = data.splits["train"]
-    n = len(train_split)
+
+
+def setup(config: TrainConfig, data: TrainingData | None = None) -> TrainingRun:
+    """Step 1: the accelerator, the data (``data``, or ``config.embeddings`` joined with
+    ``config.prepared``), the seeded module, the optimizer and the schedule.
+
+    Raises:
+        ConfigError: the data's tasks differ from the config's, or too few training samples
+            for every process to get 2 per batch (BatchNorm).
+    """
+    out = Path(config.out)
+    accelerator = make_accelerator(config, out)
+    world = accelerator.num_processes
+    if data is None:
+        data = load_training_data(config)
+    tasks = data.tasks
+    torch.manual_seed(config.seed)
+    head_cfg = HeadConfig(trunk_layers=config.trunk_layers, tasks=config.tasks, mode=config.mode)
+    if head_cfg.task_names != tasks:
+        raise ConfigError(f"data has tasks {tasks} but the config asks for {head_cfg.task_names}")
+    module = TrainModule(ApexHead(data.hidden_size, data.num_layers, head_cfg), len(tasks))
+    optimizer = build_optimizer(module, config)
+    n = len(data.splits["train"])
     global_batch = config.batch_size * world
     steps_per_epoch = max(1, n // global_batch)
     per_rank = [len(c) for c in torch.arange(min(n, global_batch)).chunk(world)]
@@ -542,50 +236,77 @@ def train(
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
         optimizer, T_max=config.epochs * steps_per_epoch
     )
-    lo, span = _unit_scale(tasks)
-    task_w = _task_weights(config, tasks)
+    lo, span = unit_scale(tasks)
+    return TrainingRun(
+        config,
+        data,
+        out,
+        accelerator,
+        module,
+        optimizer,
+        scheduler,
+        steps_per_epoch,
+        global_batch,
+        lo,
+        span,
+        task_weights(config, tasks),
+    )
 
-    # resume
+
+# ----------------------------------------------------------------------------------------------
+# 2. resume
+
+
+def resume(run: TrainingRun) -> TrainState:
+    """Step 2: restore ``out/last`` (module, optimizer, scheduler, early stopping, this process's
+    RNG) when ``config.resume`` and it exists, else start fresh (removing ``out/last`` with
+    ``--no-resume``; uncertainty parameters started at the initial losses); then hand the module
+    and optimizer to accelerate (``run.model``) and start the tracker.
+
+    Raises:
+        ConfigError: ``out/last`` holds a run with a different configuration.
+    """
+    config, out, accelerator = run.config, run.out, run.accelerator
     last = out / "last"
-    start_epoch, best_val, bad_epochs, best_epoch, history = 0, math.inf, 0, -1, []
     state_path = last / "state.json"
+    state = TrainState()
     if config.resume and state_path.is_file():
-        state = json.loads(state_path.read_text())
-        if state["resume_key"] != _resume_key(config):
+        saved = json.loads(state_path.read_text())
+        if saved["resume_key"] != resume_key(config):
             raise ConfigError(
                 f"{out} holds a run with a different configuration; use another --out or --no-resume"
             )
-        module.load_state_dict(load_file(str(last / "module.safetensors")))
-        optimizer.load_state_dict(
-            _unflatten_optimizer(load_file(str(last / "optimizer.safetensors")), state["optimizer"])
+        run.module.load_state_dict(load_file(str(last / "module.safetensors")))
+        run.optimizer.load_state_dict(
+            unflatten_optimizer(load_file(str(last / "optimizer.safetensors")), saved["optimizer"])
         )
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, best_val, bad_epochs = (
-            state["epoch"] + 1,
-            state["best_val"],
-            state["bad_epochs"],
+        run.scheduler.load_state_dict(saved["scheduler"])
+        state = TrainState(
+            next_epoch=saved["epoch"] + 1,
+            best_val=saved["best_val"],
+            bad_epochs=saved["bad_epochs"],
+            best_epoch=saved["best_epoch"],
+            history=saved["history"],
         )
-        best_epoch, history = state["best_epoch"], state["history"]
-        rng_file = last / f"rng-rank{rank}-epoch{state['epoch']}.safetensors"
+        rng_file = last / f"rng-rank{run.rank}-epoch{saved['epoch']}.safetensors"
         if rng_file.is_file():
-            _set_rng_state(load_file(str(rng_file)))
+            set_rng_state(load_file(str(rng_file)))
         else:
             logger.warning(
                 "no RNG state for rank %d at epoch %d; dropout noise will differ",
-                rank,
-                state["epoch"],
+                run.rank,
+                saved["epoch"],
             )
         if accelerator.is_main_process:
-            logger.info("resuming %s at epoch %d", out, start_epoch)
+            logger.info("resuming %s at epoch %d", out, state.next_epoch)
     else:
         if config.resume is False and last.exists() and accelerator.is_main_process:
             shutil.rmtree(last)
         if config.loss == "uncertainty":
-            _init_log_vars(module, train_split, lo, span, config.seed)
-    finished = bad_epochs >= config.patience or start_epoch >= config.epochs
+            init_log_vars(run.module, run.data.splits["train"], run.lo, run.span, config.seed)
+    state.finished = state.bad_epochs >= config.patience or state.next_epoch >= config.epochs
 
-    model, optimizer = accelerator.prepare(module, optimizer)
-    raw = accelerator.unwrap_model(model)
+    run.model, run.optimizer = accelerator.prepare(run.module, run.optimizer)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         accelerator.init_trackers(
@@ -595,192 +316,149 @@ def train(
             },
         )
     accelerator.wait_for_everyone()
+    return state
 
-    def batch_loss(
-        x: torch.Tensor, y: torch.Tensor, mod: nn.Module, log_vars: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        pred = mod(x).float()
-        target = (y - lo.to(y.device)) / span.to(y.device)
-        per_task = ((pred - target) ** 2).mean(dim=0)
-        return combine_losses(per_task, config.loss, task_w, log_vars), per_task
 
-    @torch.no_grad()
-    def split_loss(split: SplitData) -> tuple[float, list[float]]:
-        raw.eval()
-        total, per = 0.0, torch.zeros(len(tasks))
-        for start in range(0, len(split), 8192):
-            x = split.features[start : start + 8192].to(device)
-            y = split.targets[start : start + 8192].to(device)
-            with accelerator.autocast():
-                pred = raw(x).float()
-            target = (y - lo.to(device)) / span.to(device)
-            per += ((pred - target) ** 2).sum(dim=0).cpu()
-        per /= len(split)
-        # The early-stopping criterion uses fixed task weights: with the uncertainty strategy the
-        # learned weights exp(-s_t) grow as training fits, which would inflate the validation loss
-        # and favour early epochs. Equal weights for "equal"/"uncertainty", the manual ones for "manual".
-        total = float((task_w * per).sum())
-        return total, per.tolist()
+# ----------------------------------------------------------------------------------------------
+# 3. epochs
 
-    def _save_state(
-        epoch: int, best_val: float, bad_epochs: int, best_epoch: int, finished: bool
-    ) -> None:
-        """Resumable state: every process's RNG first, then the main process's state file (the
-        commit point), then older RNG files are removed."""
-        last.mkdir(parents=True, exist_ok=True)
-        _save_tensors(last / f"rng-rank{rank}-epoch{epoch}.safetensors", _rng_state())
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
-            _save_tensors(last / "module.safetensors", raw.state_dict())
-            _save_tensors(last / "optimizer.safetensors", opt_tensors)
-            state = {
-                "epoch": epoch,
-                "best_val": best_val,
-                "bad_epochs": bad_epochs,
-                "best_epoch": best_epoch,
-                "history": history,
-                "scheduler": scheduler.state_dict(),
-                "optimizer": opt_meta,
-                "resume_key": _resume_key(config),
-                "finished": finished,
-            }
-            _atomic_json(state_path, state)
-            for old in last.glob("rng-rank*-epoch*.safetensors"):
-                if not old.name.endswith(f"-epoch{epoch}.safetensors"):
-                    old.unlink(missing_ok=True)
-        accelerator.wait_for_everyone()
 
+def _batch_loss(
+    run: TrainingRun, x: torch.Tensor, y: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The strategy's loss on one batch, and the ``[T]`` unit-range per-task MSEs."""
+    pred = run.model(x).float()
+    target = (y - run.lo.to(y.device)) / run.span.to(y.device)
+    per_task = ((pred - target) ** 2).mean(dim=0)
+    return combine_losses(per_task, run.config.loss, run.weights, run.module.log_vars), per_task
+
+
+def train_epoch(run: TrainingRun, epoch: int) -> EpochStats:
+    """Optimizer steps over one epoch: every step the same global batch (shuffled with a seed of
+    ``config.seed`` and ``epoch``) is cut into one contiguous chunk per process."""
+    train_split = run.data.splits["train"]
+    n, global_batch = len(train_split), run.global_batch
+    run.model.train()
+    g = torch.Generator().manual_seed(run.config.seed * 1_000_003 + epoch)
+    perm = torch.randperm(n, generator=g)
+    train_loss, seen = 0.0, 0
+    t_epoch = time.perf_counter()
+    for step in range(run.steps_per_epoch):
+        idx = perm[step * global_batch : (step + 1) * global_batch] if n >= global_batch else perm
+        mine = idx.chunk(run.world)[run.rank]
+        x = train_split.features[mine].to(run.device, non_blocking=True)
+        y = train_split.targets[mine].to(run.device, non_blocking=True)
+        with run.accelerator.autocast():
+            loss, _ = _batch_loss(run, x, y)
+        run.accelerator.backward(loss)
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        train_loss += float(loss.detach()) * len(mine)
+        seen += len(mine)
+    return EpochStats(train_loss / max(1, seen), seen, time.perf_counter() - t_epoch)
+
+
+@torch.no_grad()
+def validation_loss(run: TrainingRun, split: SplitData) -> tuple[float, list[float]]:
+    """The early-stopping criterion on ``split``: the sum of unit-range per-task MSEs with fixed
+    task weights, and the per-task MSEs.
+
+    The fixed weights are equal for ``equal``/``uncertainty`` and the manual ones for ``manual``:
+    with the uncertainty strategy the learned weights exp(-s_t) grow as training fits, which
+    would inflate the validation loss and favour early epochs.
+    """
+    module, device = run.module, run.device
+    module.eval()
+    per = torch.zeros(len(run.tasks))
+    for start in range(0, len(split), 8192):
+        x = split.features[start : start + 8192].to(device)
+        y = split.targets[start : start + 8192].to(device)
+        with run.accelerator.autocast():
+            pred = module(x).float()
+        target = (y - run.lo.to(device)) / run.span.to(device)
+        per += ((pred - target) ** 2).sum(dim=0).cpu()
+    per /= len(split)
+    return float((run.weights * per).sum()), per.tolist()
+
+
+def run_epoch(run: TrainingRun, state: TrainState) -> dict[str, Any]:
+    """Epoch ``state.next_epoch``: train, validate, update early stopping (saving the best
+    weights to ``out/best``). Returns the epoch's history record."""
+    epoch, tasks, raw = state.next_epoch, run.tasks, run.module
+    stats = train_epoch(run, epoch)
+    _sync_buffers(raw, run.world)  # BatchNorm statistics differ per process after local steps
+    val_loss, val_per_task = validation_loss(run, run.data.splits["val"])
+    if run.world > 1:  # every process must take the same early-stopping decision
+        val_loss = float(
+            run.accelerator.reduce(torch.tensor([val_loss], device=run.device), "mean")[0]
+        )
+    record = {
+        "epoch": epoch,
+        "train_loss": stats.train_loss,
+        "val_loss": val_loss,
+        "val_mse_unit": dict(zip(tasks, val_per_task)),
+        "lr": run.scheduler.get_last_lr()[0],
+        "epoch_seconds": stats.seconds,
+        "samples_per_s": stats.samples * run.world / max(stats.seconds, 1e-9),
+        "sigma2": dict(zip(tasks, torch.exp(raw.log_vars.detach().float()).cpu().tolist())),
+    }
+    if state.update(record, run.config) and run.accelerator.is_main_process:
+        save_tensors(run.out / "best" / "module.safetensors", raw.state_dict())
+    return record
+
+
+def train_epochs(run: TrainingRun, state: TrainState, *, progress: bool = True) -> float:
+    """Run epochs until early stopping, ``epochs``, or ``max_epochs_this_run`` in this call;
+    save the resumable state (at most every ``save_interval_s``, always at the end), log to the
+    tracker, show a progress bar. Returns the seconds it took."""
+    config, accelerator = run.config, run.accelerator
     last_save = time.perf_counter()
     bar = None
-    if progress and accelerator.is_main_process and not finished:
+    if progress and accelerator.is_main_process and not state.finished:
         from tqdm.auto import tqdm
 
         bar = tqdm(
             total=config.epochs,
-            initial=start_epoch,
+            initial=state.next_epoch,
             unit="epoch",
-            desc=f"training {out.name}",
+            desc=f"training {run.out.name}",
             dynamic_ncols=True,
         )
     epochs_run = 0
-    epoch = start_epoch - 1
     t0 = time.perf_counter()
-    while not finished:
-        epoch += 1
-        model.train()
-        g = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
-        perm = torch.randperm(n, generator=g)
-        train_loss, seen = 0.0, 0
-        t_epoch = time.perf_counter()
-        for step in range(steps_per_epoch):
-            idx = (
-                perm[step * global_batch : (step + 1) * global_batch] if n >= global_batch else perm
-            )
-            mine = idx.chunk(world)[rank]
-            x = train_split.features[mine].to(device, non_blocking=True)
-            y = train_split.targets[mine].to(device, non_blocking=True)
-            with accelerator.autocast():
-                loss, _ = batch_loss(x, y, model, raw.log_vars)
-            accelerator.backward(loss)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            train_loss += float(loss.detach()) * len(mine)
-            seen += len(mine)
-        epoch_seconds = time.perf_counter() - t_epoch
-        _sync_buffers(raw, world)  # BatchNorm statistics differ per process after local steps
-        val_loss, val_per_task = split_loss(data.splits["val"])
-        if world > 1:  # every process must take the same early-stopping decision
-            val_loss = float(accelerator.reduce(torch.tensor([val_loss], device=device), "mean")[0])
-        record = {
-            "epoch": epoch,
-            "train_loss": train_loss / max(1, seen),
-            "val_loss": val_loss,
-            "val_mse_unit": dict(zip(tasks, val_per_task)),
-            "lr": scheduler.get_last_lr()[0],
-            "epoch_seconds": epoch_seconds,
-            "samples_per_s": seen * world / max(epoch_seconds, 1e-9),
-            "sigma2": dict(zip(tasks, torch.exp(raw.log_vars.detach().float()).cpu().tolist())),
-        }
-        history.append(record)
-        improved = val_loss < best_val - config.min_delta
-        if improved:
-            best_val, best_epoch, bad_epochs = val_loss, epoch, 0
-            if accelerator.is_main_process:
-                _save_tensors(out / "best" / "module.safetensors", raw.state_dict())
-        else:
-            bad_epochs += 1
-        finished = bad_epochs >= config.patience or epoch + 1 >= config.epochs
+    while not state.finished:
+        record = run_epoch(run, state)
         epochs_run += 1
         stop_here = (
             config.max_epochs_this_run is not None and epochs_run >= config.max_epochs_this_run
         )
         now = time.perf_counter()
-        if finished or stop_here or now - last_save >= config.save_interval_s:
-            _save_state(epoch, best_val, bad_epochs, best_epoch, finished)
+        if state.finished or stop_here or now - last_save >= config.save_interval_s:
+            save_state(run, state)
             last_save = now
         if accelerator.is_main_process:
             accelerator.log(
                 {
                     "train/loss": record["train_loss"],
-                    "val/loss": val_loss,
+                    "val/loss": record["val_loss"],
                     "lr": record["lr"],
                     **{f"val/mse_unit/{t}": v for t, v in record["val_mse_unit"].items()},
                     **{f"sigma2/{t}": v for t, v in record["sigma2"].items()},
                 },
-                step=epoch,
+                step=record["epoch"],
             )
         if bar is not None:
             bar.update(1)
             bar.set_postfix_str(
-                f"train {record['train_loss']:.4f} val {val_loss:.4f} best@{best_epoch}"
+                f"train {record['train_loss']:.4f} val {record['val_loss']:.4f} "
+                f"best@{state.best_epoch}"
             )
-        if stop_here and not finished:
+        if stop_here and not state.finished:
             break
     if bar is not None:
         bar.close()
-    elapsed = time.perf_counter() - t0
-
-    params_in_sync = _params_in_sync(accelerator, raw)
-    result = TrainResult(
-        metrics={},
-        history=history,
-        best_epoch=best_epoch,
-        finished=finished,
-        log_vars=raw.log_vars.detach().float().cpu().tolist(),
-        out=out,
-    )
-    if finished:
-        best_file = out / "best" / "module.safetensors"
-        accelerator.wait_for_everyone()
-        raw.load_state_dict(load_file(str(best_file)))
-        result.log_vars = raw.log_vars.detach().float().cpu().tolist()
-        result.metrics, predictions = evaluate(raw, data, device)
-        if accelerator.is_main_process:
-            _atomic_json(
-                out / "metrics.json",
-                {
-                    "metrics": result.metrics,
-                    "best_epoch": best_epoch,
-                    "sigma2": dict(zip(tasks, np.exp(result.log_vars).tolist())),
-                    "train_seconds_this_run": elapsed,
-                    "world_size": world,
-                    "params_in_sync": params_in_sync,
-                    "config": to_dict(config),
-                },
-            )
-            _atomic_json(out / "history.json", history)
-            predictions.to_parquet(out / "test_predictions.parquet", index=False)
-            if config.export and config.model:
-                result.checkpoint = export_checkpoint(
-                    raw.head, config, out / "model", metrics=result.metrics, best_epoch=best_epoch
-                )
-        accelerator.wait_for_everyone()
-        if result.checkpoint is None and config.export and config.model:
-            result.checkpoint = out / "model"
-    accelerator.end_training()
-    return result
+    return time.perf_counter() - t0
 
 
 @torch.no_grad()
@@ -801,154 +479,45 @@ def _params_in_sync(accelerator, module: nn.Module) -> bool:
     return bool(torch.all(gathered == gathered[0]))
 
 
-def evaluate(module: TrainModule, data: TrainingData, device) -> tuple[dict[str, Any], Any]:
-    """Per-split, per-task metrics in native units, and the test predictions as a DataFrame."""
-    pd = require("pandas", "train")
-    lo, span = _unit_scale(data.tasks)
-    metrics: dict[str, Any] = {}
-    test_frame = None
-    for name, split in data.splits.items():
-        pred = predict_songs(module, split, device) * span + lo
-        true = split.song_targets
-        metrics[name] = {
-            t: regression_metrics(pred[:, j].numpy(), true[:, j].numpy())
-            for j, t in enumerate(data.tasks)
-        }
-        if name == "test":
-            test_frame = pd.DataFrame(
-                {
-                    "id": split.song_ids,
-                    **{f"pred_{t}": pred[:, j].numpy() for j, t in enumerate(data.tasks)},
-                    **{f"true_{t}": true[:, j].numpy() for j, t in enumerate(data.tasks)},
-                }
-            )
-    return metrics, test_frame
+# ----------------------------------------------------------------------------------------------
+# 4. evaluate (5. export: see .export)
 
 
-def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
-
-
-def _atomic_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(obj, indent=2, default=float) + "\n")
-
-
-def load_training_data(config: TrainConfig) -> TrainingData:
-    """Join ``config.embeddings`` with ``config.prepared`` for the configured tasks and mode."""
-    pd = require("pandas", "train")
-    from ..embeddings import EmbeddingStore
-
-    if not config.embeddings or not config.prepared:
-        raise ConfigError("train: --embeddings and --prepared are required")
-    store = EmbeddingStore(config.embeddings)
-    if config.model:
-        _check_extraction_matches(store, config.model)
-    prepared = pd.read_parquet(config.prepared)
-    return TrainingData.from_extraction(store, prepared, config.tasks, config.mode)
-
-
-def _check_extraction_matches(store, model_dir: str) -> None:
-    cfg = json.loads((Path(model_dir) / "config.json").read_text())
-    fp = store.fingerprint
-    enc = cfg["encoder"]
-    if (
-        fp["encoder"]["hubert"] != enc["hubert"]
-        or fp["encoder"]["layers"] != enc["layers"]
-        or fp["frontend"] != cfg["frontend"]
-    ):
-        raise ConfigError(
-            f"the embeddings in {store.dir} were not extracted with {model_dir} (front end or encoder differ)"
-        )
-    if fp.get("encoder_weights_sha256") not in (None, cfg.get(ENCODER_DIGEST_KEY)):
-        raise ConfigError(f"the embeddings in {store.dir} come from other weights than {model_dir}")
-
-
-def export_checkpoint(
-    head: ApexHead,
-    config: TrainConfig,
-    out: Path,
-    *,
-    metrics: dict[str, Any] | None = None,
-    best_epoch: int | None = None,
-) -> Path:
-    """Write a trained :class:`~apex_reward.ApexRewardModel` checkpoint: the trained ``head``, the
-    front end and encoder of ``config.model`` (its stored encoder weights are copied; a referenced
-    encoder stays referenced), and the popularity reference of ``config.prepared``."""
-    from apex_reward.checkpoint import read_checkpoint, save_checkpoint
-
-    raw, tensors, _ = read_checkpoint(config.model)
-    base = ApexConfig.from_dict(raw)
-    cfg = copy.deepcopy(base)
-    cfg.head = copy.deepcopy(head.config)
-    cfg.untrained = False
-    cfg.preference.head = None  # a preference head is fitted for specific heads (apex-reward arena)
-    ref_path = (
-        Path(config.prepared).parent / "popularity_reference.json" if config.prepared else None
-    )
-    if ref_path is not None and ref_path.is_file():
-        cfg.popularity_reference = from_dict(
-            PopularityReferenceConfig, json.loads(ref_path.read_text())
-        )
-    cfg.training = {
-        "config": to_dict(config),
-        "best_epoch": best_epoch,
-        "test_metrics": (metrics or {}).get("test"),
-        "base_checkpoint": str(config.model),
-    }
-    out_tensors = {k: v for k, v in tensors.items() if k.startswith("encoder.")}
-    out_tensors.update(
-        {f"head.{k}": v.detach().float().cpu() for k, v in head.state_dict().items()}
-    )
-    if cfg.encoder.source is None and not any(k.startswith("encoder.") for k in out_tensors):
-        raise ConfigError(f"{config.model} neither references nor stores its encoder weights")
-    save_checkpoint(out, cfg.to_dict(), out_tensors)
-    return out
+def evaluate_best(run: TrainingRun) -> BestEvaluation:
+    """Step 4: load the best epoch's weights (``out/best``) into the module and evaluate it on
+    every split."""
+    run.accelerator.wait_for_everyone()
+    run.module.load_state_dict(load_file(str(run.out / "best" / "module.safetensors")))
+    metrics, predictions = evaluate(run.module, run.data, run.device)
+    return BestEvaluation(metrics, predictions, run.module.log_vars.detach().float().cpu().tolist())
 
 
 # ----------------------------------------------------------------------------------------------
-# CLI
 
 
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    add_dataclass_arguments(parser, TrainConfig)
-
-
-def run_train(args: argparse.Namespace) -> int:
-    config = dataclass_from_args(TrainConfig, args)
-    result = train(config)
-    code = 0
-    if result.finished and result.metrics:
-        import accelerate.state
-
-        if accelerate.state.PartialState().is_main_process:
-            sys.stdout.write(format_metrics(result.metrics["test"]) + "\n")
-            if result.checkpoint:
-                sys.stderr.write(f"exported {result.checkpoint} (best epoch {result.best_epoch})\n")
-    elif not result.finished:
-        sys.stderr.write(
-            f"stopped after epoch {result.history[-1]['epoch'] if result.history else '-'}; rerun to continue\n"
+def train(
+    config: TrainConfig, data: TrainingData | None = None, *, progress: bool = True
+) -> TrainResult:
+    """Train one condition: :func:`setup`, :func:`resume`, :func:`train_epochs`, then (once
+    finished) :func:`evaluate_best` and :func:`export_run`. ``data`` overrides loading from
+    ``config.embeddings``/``config.prepared`` (tests)."""
+    run = setup(config, data)
+    state = resume(run)
+    seconds = train_epochs(run, state, progress=progress)
+    params_in_sync = _params_in_sync(run.accelerator, run.module)
+    result = TrainResult(
+        metrics={},
+        history=state.history,
+        best_epoch=state.best_epoch,
+        finished=state.finished,
+        log_vars=run.module.log_vars.detach().float().cpu().tolist(),
+        out=run.out,
+    )
+    if state.finished:
+        best = evaluate_best(run)
+        result.metrics, result.log_vars = best.metrics, best.log_vars
+        result.checkpoint = export_run(
+            run, state, best, seconds=seconds, params_in_sync=params_in_sync
         )
-    return finish_distributed(code)
-
-
-COMMAND = Command(
-    "train",
-    "train APEX heads on extracted embeddings",
-    add_train_arguments,
-    run_train,
-)
-
-
-def format_metrics(test: dict[str, dict[str, float]]) -> str:
-    """A Markdown table of per-task test metrics."""
-    lines = ["| task | MSE | MAE | Pearson | Spearman |", "|---|---|---|---|---|"]
-    for t, m in test.items():
-        lines.append(
-            f"| {t} | {m['mse']:.4g} | {m['mae']:.4g} | {m['pearson']:.3f} | {m['spearman']:.3f} |"
-        )
-    return "\n".join(lines)
+    run.accelerator.end_training()
+    return result
