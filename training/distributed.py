@@ -41,6 +41,13 @@ def check_launch(accelerator) -> None:
         )
 
 
+#: Help of the ``--device`` flag of the jobs that run under accelerate (``train``, ``grid``).
+DEVICE_HELP = (
+    "cpu: run on the CPU even if GPUs are present (gloo between processes); cuda: on the GPUs "
+    "(unset: accelerate's choice, a GPU when there is one)"
+)
+
+
 def accelerator_cpu(device: str | None) -> bool:
     """``accelerate.Accelerator(cpu=...)`` for a job's ``--device``.
 

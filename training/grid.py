@@ -36,7 +36,7 @@ from apex_reward.config import AESTHETIC_TASKS, POPULARITY_TASKS
 from apex_reward.dataclass_io import add_dataclass_arguments, to_dict
 from apex_reward.errors import ConfigError, require
 
-from .distributed import accelerator_cpu, finish_distributed
+from .distributed import DEVICE_HELP, accelerator_cpu, finish_distributed
 from .flags import CPU, add_renamed_flags, config_from_args
 from .trainer import TrainConfig, TrainingData, load_training_data, train
 
@@ -95,13 +95,7 @@ class GridConfig:
         default="auto", metadata={"help": "mixed precision"}
     )
     seed: int = field(default=0, metadata={"help": "random seed (the same for every condition)"})
-    device: str | None = field(
-        default=None,
-        metadata={
-            "help": "cpu: train on the CPU even if GPUs are present; cuda: on the GPUs (unset: "
-            "accelerate's choice, a GPU when there is one)"
-        },
-    )
+    device: str | None = field(default=None, metadata={"help": DEVICE_HELP})
     log_with: Literal["auto", "tensorboard", "none"] = field(
         default="auto", metadata={"help": "experiment tracker"}
     )

@@ -7,6 +7,8 @@ from typing import Literal
 
 from apex_reward.errors import ConfigError
 
+from ..distributed import DEVICE_HELP
+
 __all__ = ["TrainConfig"]
 
 
@@ -66,13 +68,7 @@ class TrainConfig:
         metadata={"help": "auto: fp16 on GPU, none on CPU (CPU fp16 is not supported)"},
     )
     seed: int = field(default=0, metadata={"help": "random seed"})
-    device: str | None = field(
-        default=None,
-        metadata={
-            "help": "cpu: train on the CPU even if GPUs are present (gloo between processes); "
-            "cuda: on the GPUs (unset: accelerate's choice, a GPU when there is one)"
-        },
-    )
+    device: str | None = field(default=None, metadata={"help": DEVICE_HELP})
     log_with: Literal["auto", "tensorboard", "none"] = field(
         default="auto", metadata={"help": "experiment tracker (auto: TensorBoard when installed)"}
     )

@@ -493,6 +493,7 @@ def evaluate_best(run: TrainingRun) -> BestEvaluation:
 
 
 # ----------------------------------------------------------------------------------------------
+# the whole run
 
 
 def train(
