@@ -6,8 +6,9 @@
   metrics tables, ROC and reliability plots;
 * :mod:`.head`: the fitted preference head, per-system offsets, writing them into a checkpoint;
 * :mod:`.synthetic`: a synthetic arena whose hidden preference is known (tests, demo);
-* :mod:`.job`: the evaluation as named steps (:class:`ArenaConfig`,
-  :func:`run_arena_evaluation`);
+* :mod:`.config`: the options (:class:`ArenaConfig`);
+* :mod:`.job`: the evaluation as named steps (:func:`run_arena_evaluation`);
+* :mod:`.report`: ``report.md``;
 * :mod:`.command`: the ``apex-reward arena`` command line.
 
 See ``docs/arena.md``.
@@ -15,6 +16,7 @@ See ``docs/arena.md``.
 
 from __future__ import annotations
 
-from .job import ArenaConfig, run_arena_evaluation
+from .config import ArenaConfig
+from .job import run_arena_evaluation
 
 __all__ = ["ArenaConfig", "run_arena_evaluation"]

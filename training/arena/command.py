@@ -12,7 +12,8 @@ from apex_reward.cli import Command
 from apex_reward.dataclass_io import add_dataclass_arguments
 
 from ..flags import ENCODER_DTYPE, add_renamed_flags, config_from_args
-from .job import ArenaConfig, run_arena_evaluation
+from .config import ArenaConfig
+from .job import run_arena_evaluation
 from .report import format_number
 
 __all__ = ["add_arena_arguments", "run_arena", "COMMAND"]
