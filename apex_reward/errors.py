@@ -78,3 +78,31 @@ def require(module: str, extra: str, feature: str | None = None):
         raise MissingDependencyError(
             f"{what} needs the optional dependency {module!r}: pip install 'apex-reward[{extra}]'"
         ) from e
+
+
+#: The error classes above by name: the ``error_type`` strings that score results, the score
+#: cache and the server carry, mapped back to their classes without looking names up in a module.
+ERROR_TYPES: dict[str, type[ApexError]] = {
+    cls.__name__: cls
+    for cls in (
+        ApexError,
+        AudioError,
+        AudioDecodeError,
+        EmptyAudioError,
+        NonFiniteAudioError,
+        AudioTooShortError,
+        AudioTooLongError,
+        AudioShapeError,
+        AudioRangeError,
+        UnsupportedSampleRateError,
+        ConfigError,
+        CheckpointError,
+        MissingDependencyError,
+    )
+}
+
+
+def error_class(error_type: str | None) -> type[ApexError] | None:
+    """The class named by an ``error_type`` string (see :data:`ERROR_TYPES`), or None for any
+    other name (a built-in exception such as ``RuntimeError``, or nothing)."""
+    return ERROR_TYPES.get(error_type or "")

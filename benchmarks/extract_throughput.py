@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 
 from apex_reward import ApexConfig, ApexRewardModel
+from apex_reward.loading import ModelOptions
 from apex_reward.training.extract import ExtractConfig, run_extraction
 
 AUDIO = (".wav", ".flac", ".ogg", ".opus", ".mp3")
@@ -39,7 +40,9 @@ def main(argv=None) -> int:
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader decode workers")
     p.add_argument("--batch-size", type=int, default=16, help="segments per encoder call")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--cpu", action="store_true", help="force CPU")
+    p.add_argument(
+        "--device", default=None, help="cpu forces the CPU (default: accelerate's choice)"
+    )
     p.add_argument(
         "--target-hours", type=float, default=10_000.0, help="corpus size for the implied time"
     )
@@ -64,12 +67,10 @@ def main(argv=None) -> int:
         model.save_pretrained(tmp / "model")
         cfg = ExtractConfig(
             manifest=str(tmp / "manifest.csv"),
-            model=str(tmp / "model"),
+            model=ModelOptions(model=str(tmp / "model"), device=args.device, dtype=args.dtype),
             out=str(tmp / "emb"),
             batch_size=args.batch_size,
             num_workers=args.num_workers,
-            dtype=args.dtype,
-            cpu=args.cpu,
             shard_size=64,
         )
         summary = run_extraction(cfg, progress=False)
@@ -90,7 +91,9 @@ def main(argv=None) -> int:
         "batch_size": args.batch_size,
         "dtype": summary["dtype"],
         "device": summary["device"],
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() and not args.cpu else None,
+        "gpu": torch.cuda.get_device_name()
+        if torch.cuda.is_available() and args.device != "cpu"
+        else None,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "machine": platform.machine(),

@@ -57,7 +57,7 @@ def main(argv=None) -> int:
             export=False,
             log_with="none",
             mixed_precision=args.mixed_precision,
-            cpu=args.device == "cpu",
+            device=args.device,
             save_interval_s=1e9,
         )
         result = train(cfg, data, progress=False)

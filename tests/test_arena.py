@@ -8,6 +8,7 @@ import hashlib
 import json
 import shutil
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,9 +19,9 @@ from sklearn.metrics import roc_auc_score
 from apex_reward import ApexRewardModel
 from apex_reward.errors import CheckpointError, ConfigError
 from apex_reward.preference import PreferenceHead, pairwise_features
-from apex_reward.training.arena_cache import ScoreCache, model_fingerprint, score_audio_files
-from apex_reward.training.arena_data import ArenaDataError
-from apex_reward.training.arena_eval import (
+from apex_reward.training.arena.cache import ScoreCache, model_fingerprint, score_audio_files
+from apex_reward.training.arena.data import ArenaDataError
+from apex_reward.training.arena.evaluation import (
     CLASSIFIERS,
     build_preference_data,
     cross_validate,
@@ -31,12 +32,12 @@ from apex_reward.training.arena_eval import (
     rule_scores,
     write_metric_tables,
 )
-from apex_reward.training.arena_head import (
+from apex_reward.training.arena.head import (
     fit_preference_head,
     fit_system_offsets,
     write_preference_to_checkpoint,
 )
-from apex_reward.training.arena_synthetic import TruePreference, make_synthetic_arena
+from apex_reward.training.arena.synthetic import TruePreference, make_synthetic_arena
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -47,7 +48,7 @@ def big_arena():
 
 
 def test_logistic_cv_auc_matches_the_true_function(big_arena, tmp_path):
-    """Acceptance 1: LR CV AUC within 0.03 of the true function's; rule > 0.5; the
+    """LR CV AUC within 0.03 of the true function's; rule > 0.5; the
     vocal/instrumental split covers every battle exactly once."""
     data = big_arena.to_preference_data()
     assert data.X.shape == (3000, 31)
@@ -84,7 +85,7 @@ def test_logistic_cv_auc_matches_the_true_function(big_arena, tmp_path):
 
 
 def test_every_classifier_runs_under_10_fold_cv_and_is_tabulated(tmp_path):
-    """Acceptance 2."""
+    """Every classifier of Table 3 runs under 10-fold CV, beats chance, and is tabulated."""
     arena = make_synthetic_arena(160, seed=3)
     data = arena.to_preference_data()
     cv = cross_validate(data, list(CLASSIFIERS), folds=10, seed=0, svm_grid={"C": [0.1, 1.0]})
@@ -127,7 +128,7 @@ def test_reliability_and_ece(big_arena, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# the fitted head inside the model (acceptance 3)
+# the fitted head inside the model
 
 
 @pytest.fixture(scope="module")
@@ -352,7 +353,7 @@ def test_export_refuses_bad_targets_without_touching_the_checkpoint(
 
 
 # ------------------------------------------------------------------------------------------------
-# the score cache (acceptance 4)
+# the score cache: each audio content scored once, across runs
 
 
 def test_score_cache_scores_each_content_once(tiny_model, tmp_path, monkeypatch):
@@ -403,6 +404,51 @@ def test_score_cache_scores_each_content_once(tiny_model, tmp_path, monkeypatch)
     assert (st3.cache_hits, st3.scored) == (0, 2)
     assert res3[files[0]].scores != res1[files[0]].scores
     assert model_fingerprint(tiny_model) == fp  # deterministic
+
+
+def test_score_cache_keeps_audio_failures_and_retries_others(tiny_model, tmp_path, monkeypatch):
+    """An AudioError is a property of the bytes (cached by its type name); any other failure
+    (out of memory, a bug) is retried next run. Every error class in apex_reward.errors maps back
+    from its name."""
+    import inspect
+    from types import SimpleNamespace
+
+    from apex_reward import errors
+
+    classes = {
+        n for n, c in vars(errors).items() if inspect.isclass(c) and issubclass(c, errors.ApexError)
+    }
+    assert set(errors.ERROR_TYPES) == classes
+    assert errors.error_class("AudioTooShortError") is errors.AudioTooShortError
+    assert errors.error_class("RuntimeError") is None and errors.error_class(None) is None
+
+    paths = [tmp_path / f"clip{i}.wav" for i in range(3)]
+    for i, p in enumerate(paths):
+        p.write_bytes(bytes([i]) * 100)
+    outcomes = {
+        paths[0].name: ("AudioTooShortError", "0.1 s is shorter than 1 s"),
+        paths[1].name: ("RuntimeError", "CUDA out of memory"),
+        paths[2].name: ("ConfigError", "not an audio property"),
+    }
+
+    def fake_score(self, inputs, **kw):
+        return [
+            SimpleNamespace(
+                ok=False,
+                scores={},
+                error=outcomes[Path(p).name][1],
+                error_type=outcomes[Path(p).name][0],
+                duration_s=None,
+            )
+            for p in inputs
+        ]
+
+    monkeypatch.setattr(ApexRewardModel, "score", fake_score)
+    with ScoreCache(tmp_path / "cache.sqlite") as cache:
+        res, stats = score_audio_files(tiny_model, paths, cache=cache, fingerprint="fp")
+        assert stats.failed == 3 and len(cache) == 1
+        cached = cache.get_many("fp", [res[p].sha256 for p in paths])
+    assert [c.error_type for c in cached.values()] == ["AudioTooShortError"]
 
 
 def test_build_preference_data_checks_lengths():

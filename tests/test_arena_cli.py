@@ -1,4 +1,5 @@
-"""``apex-reward arena`` end to end on a synthetic audio arena (acceptance 4 and 5)."""
+"""``apex-reward arena`` end to end on a synthetic audio arena: bad records reported with their
+lines, Table 3 and the exported head, and a re-run that scores nothing (the score cache)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from conftest import REPO
 
 from apex_reward import ApexRewardModel
 from apex_reward.cli import build_parser, main
-from apex_reward.training.arena_synthetic import write_synthetic_arena
+from apex_reward.training.arena.synthetic import write_synthetic_arena
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -113,7 +114,7 @@ def test_arena_cli_end_to_end_with_bad_records_then_cached_rerun(
         logit = model.preference_logits(a, b, 24000, systems_a="synth-alpha")
     assert torch.isfinite(logit).all()
 
-    # acceptance 4: the re-run scores no audio (same cache; the checkpoint now has a head, which
+    # the re-run scores no audio (same cache; the checkpoint now has a head, which
     # does not change the scores or the model fingerprint)
     assert main([*argv[:-3], "--classifiers", "logreg", "--no-progress"]) == 0
     rerun = json.loads((out / "summary.json").read_text())["scoring"]

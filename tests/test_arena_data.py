@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from apex_reward.training.arena_data import ArenaDataError, load_battles, parse_datetime
+from apex_reward.training.arena.data import ArenaDataError, load_battles, parse_datetime
 
 
 def _touch_audio(root: Path, *names: str) -> None:

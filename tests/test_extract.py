@@ -1,4 +1,5 @@
-"""Distributed, resumable embedding extraction (issue 3, acceptance 2–4)."""
+"""Distributed, resumable embedding extraction: 4 processes match 1, a killed run resumes to the
+same embeddings, and cached embeddings score like the audio."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from conftest import accelerate_launch
 
 from apex_reward import ApexRewardModel, ConfigError, load_audio
 from apex_reward.cli import main
+from apex_reward.loading import ModelOptions
 from apex_reward.training.embeddings import EmbeddingStore
 from apex_reward.training.extract import ExtractConfig, read_songs, run_extraction
 from apex_reward.training.synthetic import SynthConfig, generate_corpus
@@ -76,7 +78,8 @@ def _extract_cmd(manifest, model_dir, out, *extra):
         "4",
         "--batch-size",
         "4",
-        "--cpu",
+        "--device",
+        "cpu",
         *extra,
     ]
 
@@ -92,12 +95,11 @@ def reference(songs, model_dir, tmp_path_factory):
         summary = run_extraction(
             ExtractConfig(
                 manifest=str(manifest),
-                model=str(model_dir),
+                model=ModelOptions(model=str(model_dir), device="cpu"),
                 out=str(out),
                 shard_size=4,
                 batch_size=4,
                 num_workers=1,
-                cpu=True,
             ),
             progress=False,
         )
@@ -136,7 +138,7 @@ def test_index_lists_every_readable_song_once(songs, reference):
 
 
 def test_cached_embeddings_score_like_audio(songs, reference, model_dir):
-    """Acceptance 4: heads on cached embeddings == ApexRewardModel on the audio (song mode)."""
+    """Heads on cached embeddings == ApexRewardModel on the audio (song mode)."""
     _, manifest = songs
     out, _ = reference
     store = EmbeddingStore(out)
@@ -158,7 +160,7 @@ def test_cached_embeddings_score_like_audio(songs, reference, model_dir):
 
 
 def test_four_process_extraction_matches_single_process(songs, model_dir, reference, tmp_path):
-    """Acceptance 2: accelerate launch --multi_gpu --num_processes 4 on CPU (gloo)."""
+    """accelerate launch --multi_gpu --num_processes 4 on CPU (gloo)."""
     manifest, _ = songs
     ref_out, _ = reference
     out = tmp_path / "emb4"
@@ -180,7 +182,7 @@ def test_four_process_extraction_matches_single_process(songs, model_dir, refere
 
 
 def test_kill_and_resume(songs, model_dir, reference, tmp_path):
-    """Acceptance 3: SIGKILL part-way, rerun, same index and embeddings as an uninterrupted run."""
+    """SIGKILL part-way, rerun, same index and embeddings as an uninterrupted run."""
     manifest, _ = songs
     ref_out, _ = reference
     out = tmp_path / "emb"
@@ -226,10 +228,9 @@ def test_refuses_to_mix_embeddings_from_another_model(songs, reference, tmp_path
         run_extraction(
             ExtractConfig(
                 manifest=str(manifest),
-                model=str(other),
+                model=ModelOptions(model=str(other), device="cpu"),
                 out=str(ref_out),
                 shard_size=4,
-                cpu=True,
                 num_workers=0,
             ),
             progress=False,

@@ -1,4 +1,4 @@
-"""The 24-condition grid (issue 4, acceptance 3)."""
+"""The 24-condition grid: the paper's condition names, tables, plots, best model, and resuming."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def test_grid_runs_all_conditions_and_resumes(tmp_path):
         out=str(tmp_path / "grid"),
         epochs=2,
         batch_size=128,
-        cpu=True,
+        device="cpu",
         log_with="none",
     )
     first = ["A-song-full", "C-song-full", "F-segment-popularity"]

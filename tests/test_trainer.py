@@ -1,4 +1,5 @@
-"""Multi-task training (issue 4, acceptance 1, 2, 4) and its resumable state."""
+"""Multi-task training: recovery of a known function, DDP against one process, the exported
+checkpoint, the steps one at a time, and the resumable state."""
 
 from __future__ import annotations
 
@@ -18,6 +19,14 @@ from apex_reward.config import ALL_TASKS, SCORE_RANGES
 from apex_reward.training.embeddings import EmbeddingStore
 from apex_reward.training.synthetic import synthetic_embedding_corpus
 from apex_reward.training.trainer import TrainConfig, TrainingData, combine_losses, train
+from apex_reward.training.trainer.export import export_run
+from apex_reward.training.trainer.steps import (
+    evaluate_best,
+    resume,
+    run_epoch,
+    setup,
+    validation_loss,
+)
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
@@ -54,7 +63,7 @@ def _function_data(n_train: int, seed: int = 1):
 
 
 def test_training_recovers_a_known_function_and_its_noise(tmp_path):
-    """Acceptance 1: test Pearson within 0.05 of the noise ceiling for every task; with uncertainty
+    """Test Pearson within 0.05 of the noise ceiling for every task; with uncertainty
     weighting each learned exp(s_t) within a factor 2 of the task's noise variance (unit range)."""
     data, noise_var, ceiling = _function_data(6000)
     cfg = TrainConfig(
@@ -75,6 +84,54 @@ def test_training_recovers_a_known_function_and_its_noise(tmp_path):
         assert 0.5 <= ratio <= 2.0, (task, sigma2[j], noise_var[j].item())
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["params_in_sync"] is True and set(metrics["metrics"]) == {"train", "val", "test"}
+
+
+def test_training_steps_one_at_a_time(tmp_path):
+    """setup -> resume -> one epoch -> evaluate -> export, each step called on its own."""
+    data, _, _ = _function_data(512, seed=4)
+    cfg = TrainConfig(
+        out=str(tmp_path / "run"),
+        epochs=3,
+        patience=2,
+        batch_size=128,
+        lr=3e-3,
+        log_with="none",
+        export=False,
+        device="cpu",
+    )
+    run = setup(cfg, data)
+    assert (run.steps_per_epoch, run.global_batch, run.world) == (4, 128, 1)
+    # optimizer groups: weight matrices decay, biases/norms do not, s_t has its own rate
+    groups = run.optimizer.param_groups
+    assert [g["weight_decay"] for g in groups] == [cfg.weight_decay, 0.0, 0.0]
+    assert groups[2]["lr"] == 10 * cfg.lr and groups[2]["params"] == [run.module.log_vars]
+    assert all(p.ndim >= 2 for p in groups[0]["params"]) and groups[1]["params"]
+    state = resume(run)  # nothing saved yet: a fresh start
+    assert (state.next_epoch, state.best_epoch, state.history, state.finished) == (0, -1, [], False)
+    assert run.model is not None and (run.module.log_vars < 0).all()  # s_t = log(initial MSE)
+
+    before = [p.detach().clone() for p in run.module.parameters()]
+    record = run_epoch(run, state)
+    assert record["epoch"] == 0 and np.isfinite(record["train_loss"])
+    assert any(not torch.equal(a, b) for a, b in zip(before, run.module.parameters()))
+    assert (state.next_epoch, state.best_epoch, state.bad_epochs) == (1, 0, 0)
+    assert state.history == [record] and not state.finished
+    assert state.best_val == record["val_loss"] and (tmp_path / "run" / "best").is_dir()
+    # the validation criterion is reproducible from the step itself
+    val, per_task = validation_loss(run, data.splits["val"])
+    assert val == pytest.approx(record["val_loss"]) and len(per_task) == len(ALL_TASKS)
+
+    best = evaluate_best(run)
+    assert set(best.metrics) == {"train", "val", "test"}
+    assert set(best.metrics["test"]) == set(ALL_TASKS)
+    assert best.metrics["test"]["streams"]["n"] == len(data.splits["test"]) == len(best.predictions)
+    assert {"id", "pred_streams", "true_clarity"} <= set(best.predictions.columns)
+    checkpoint = export_run(run, state, best, seconds=1.0, params_in_sync=True)
+    assert checkpoint is None  # export=False: results only
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["best_epoch"] == 0 and metrics["config"]["device"] == "cpu"
+    assert json.loads((tmp_path / "run" / "history.json").read_text())[0]["epoch"] == 0
+    run.accelerator.end_training()
 
 
 def test_loss_strategies():
@@ -132,7 +189,7 @@ def base_model(tmp_path_factory):
 
 
 def test_ddp_four_processes_match_one_process(store, base_model, tmp_path):
-    """Acceptance 2: accelerate launch --multi_gpu --num_processes 4 (CPU, gloo) vs 1 process with
+    """accelerate launch --multi_gpu --num_processes 4 (CPU, gloo) vs 1 process with
     the same global batch: parameters stay in sync, test Pearson within 0.02."""
     common = [
         "--embeddings",
@@ -141,7 +198,8 @@ def test_ddp_four_processes_match_one_process(store, base_model, tmp_path):
         store["prepared"],
         "--model",
         str(base_model),
-        "--cpu",
+        "--device",
+        "cpu",
         "--epochs",
         "40",
         "--patience",
@@ -196,7 +254,7 @@ def test_ddp_four_processes_match_one_process(store, base_model, tmp_path):
 
 
 def test_exported_checkpoint_matches_trainer_and_scores_audio(store, base_model, tmp_path):
-    """Acceptance 4: the export loads with from_pretrained, scores audio through `apex-reward
+    """The export loads with from_pretrained, scores audio through `apex-reward
     score`, and its predictions on the test split equal the trainer's."""
     out = tmp_path / "run"
     cfg = TrainConfig(
@@ -207,7 +265,7 @@ def test_exported_checkpoint_matches_trainer_and_scores_audio(store, base_model,
         epochs=8,
         batch_size=256,
         log_with="none",
-        cpu=True,
+        device="cpu",
     )
     result = train(cfg, progress=False)
     model = ApexRewardModel.from_pretrained(result.checkpoint)
@@ -255,7 +313,7 @@ def test_segment_mode_and_popularity_only(store, tmp_path):
             batch_size=512,
             log_with="none",
             export=False,
-            cpu=True,
+            device="cpu",
         )
         result = train(cfg, progress=False)
         assert set(result.metrics["test"]) == (

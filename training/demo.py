@@ -79,6 +79,7 @@ def run_demo_pipeline(config: DemoConfig, *, progress: bool = True) -> dict[str,
     import torch
 
     from apex_reward import ApexConfig, ApexRewardModel
+    from apex_reward.loading import ModelOptions
 
     from .extract import ExtractConfig, run_extraction
     from .prepare import PrepareConfig, prepare_corpus
@@ -121,11 +122,10 @@ def run_demo_pipeline(config: DemoConfig, *, progress: bool = True) -> dict[str,
     ext = run_extraction(
         ExtractConfig(
             manifest=str(out / "prepared" / "prepared.parquet"),
-            model=str(out / "base_model"),
+            model=ModelOptions(model=str(out / "base_model"), device="cpu"),
             out=str(out / "embeddings"),
             num_workers=min(config.workers, 2),
             batch_size=8,
-            cpu=True,
         ),
         progress=progress,
     )
@@ -147,7 +147,7 @@ def run_demo_pipeline(config: DemoConfig, *, progress: bool = True) -> dict[str,
                 batch_size=512,
                 lr=1e-3,
                 seed=config.seed,
-                cpu=True,
+                device="cpu",
                 log_with="none",
                 resume=False,
                 save_interval_s=30.0,

@@ -36,6 +36,42 @@ def check_launch(accelerator) -> None:
     if launched > accelerator.num_processes:
         raise ConfigError(
             f"accelerate launched {launched} processes but they did not form a group "
-            f"(each runs alone on {accelerator.device}): on a machine without GPUs pass --cpu to "
-            "the job (gloo group on the CPU), or launch one process"
+            f"(each runs alone on {accelerator.device}): on a machine without GPUs pass --device "
+            "cpu to the job (gloo group on the CPU), or launch one process"
         )
+
+
+#: Help of the ``--device`` flag of the jobs that run under accelerate (``train``, ``grid``).
+DEVICE_HELP = (
+    "cpu: run on the CPU even if GPUs are present (gloo between processes); cuda: on the GPUs "
+    "(unset: accelerate's choice, a GPU when there is one)"
+)
+
+
+def accelerator_cpu(device: str | None) -> bool:
+    """``accelerate.Accelerator(cpu=...)`` for a job's ``--device``.
+
+    * unset: accelerate's choice (under ``accelerate launch`` each process its own GPU, else
+      the GPU when there is one, else the CPU);
+    * ``cpu``: the CPU even where GPUs are present (gloo between processes);
+    * ``cuda`` (or ``mps``): checked to exist (:func:`apex_reward.loading.resolve_device`);
+      which GPU a process gets is accelerate's choice.
+
+    Raises:
+        ConfigError: a device this machine lacks, or a GPU index (accelerate assigns the GPUs:
+            choose them with ``CUDA_VISIBLE_DEVICES``).
+    """
+    from apex_reward.errors import ConfigError
+    from apex_reward.loading import resolve_device
+
+    if device is None or device == "":
+        return False
+    dev = resolve_device(device)
+    if dev.type == "cpu":
+        return True
+    if dev.index is not None:
+        raise ConfigError(
+            f"--device {device}: accelerate gives each process its GPU; pass --device {dev.type} "
+            "and choose the GPUs with CUDA_VISIBLE_DEVICES"
+        )
+    return False

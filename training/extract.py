@@ -1,4 +1,4 @@
-"""Distributed, resumable extraction of MERT layer embeddings (APEX_SPEC §4).
+"""Distributed, resumable extraction of MERT layer embeddings (see ``docs/training.md``).
 
 ``accelerate launch [--multi_gpu --num_processes N] -m apex_reward extract --manifest M --model DIR --out OUT``
 (or plain ``apex-reward extract ...`` for one process).
@@ -24,6 +24,7 @@ with a different model refuses to mix embeddings.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
@@ -31,18 +32,20 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from apex_reward.checkpoint import ENCODER_DIGEST_KEY
 from apex_reward.cli import Command
-from apex_reward.dataclass_io import add_dataclass_arguments, dataclass_from_args, to_dict
+from apex_reward.dataclass_io import add_dataclass_arguments, to_dict
 from apex_reward.errors import ApexError, ConfigError, require
 from apex_reward.files import atomic_write_text
+from apex_reward.loading import ModelOptions, load_model
 
-from .distributed import check_launch, finish_distributed
+from .distributed import accelerator_cpu, check_launch, finish_distributed
 from .embeddings import ShardWriter, shard_complete, write_index
+from .flags import CPU, add_renamed_flags, config_from_args
 
 logger = logging.getLogger(__name__)
 
@@ -59,14 +62,16 @@ class ExtractConfig:
             "help": "songs to extract: prepared.parquet or any manifest with id and audio_path"
         },
     )
-    model: str = field(
-        default="",
-        metadata={"help": "checkpoint whose front end and encoder define the embeddings"},
+    model: ModelOptions = field(
+        default_factory=ModelOptions,
+        metadata={
+            "flatten": True,
+            "help": "the checkpoint whose front end and encoder define the embeddings (--model), "
+            "where it runs (--device: cpu = the CPU even where GPUs are present, gloo between "
+            "processes; unset = accelerate's choice) and its precision (--dtype)",
+        },
     )
     out: str = field(default="runs/embeddings", metadata={"help": "output directory"})
-    encoder: str | None = field(
-        default=None, metadata={"help": "override the encoder weights source (hub id or local dir)"}
-    )
     columns: str | None = field(
         default=None, metadata={"help": "column mapping schema=source,... for id and audio_path"}
     )
@@ -76,17 +81,6 @@ class ExtractConfig:
     )
     shard_size: int = field(
         default=256, metadata={"help": "songs per shard (the unit of resumption)"}
-    )
-    dtype: Literal["auto", "fp32", "bf16", "fp16"] = field(
-        default="auto",
-        metadata={
-            "help": "encoder precision: auto = the GPU fast path (fp16) on CUDA, fp32 on CPU; "
-            "fp32 = exact (fast path off); fp16/bf16 = the fast path in that dtype"
-        },
-    )
-    cpu: bool = field(
-        default=False,
-        metadata={"help": "run on CPU even if GPUs are present (gloo for multi-process)"},
     )
     limit: int | None = field(
         default=None, metadata={"help": "extract only the first N songs (by id)"}
@@ -194,12 +188,10 @@ def run_extraction(config: ExtractConfig, *, progress: bool = True) -> dict[str,
 
     Returns the summary on the main process (None on others).
     """
-    from apex_reward.model import ApexRewardModel
-
-    if not config.manifest or not config.model:
+    if not config.manifest or not config.model.model:
         raise ConfigError("extract: --manifest and --model are required")
     accelerate = require("accelerate", "train", "apex-reward extract")
-    accelerator = accelerate.Accelerator(cpu=config.cpu)
+    accelerator = accelerate.Accelerator(cpu=accelerator_cpu(config.model.device))
     check_launch(accelerator)
     rank, world = accelerator.process_index, accelerator.num_processes
     device = accelerator.device
@@ -208,15 +200,14 @@ def run_extraction(config: ExtractConfig, *, progress: bool = True) -> dict[str,
     songs = read_songs(config.manifest, config.columns, config.limit)
     n_shards = (len(songs) + config.shard_size - 1) // config.shard_size
 
-    model = ApexRewardModel.from_pretrained(config.model, encoder_source=config.encoder)
-    model.to(device)
-    model.set_precision(config.dtype)
+    # the device accelerate gave this process (each process of a launch its own GPU)
+    model = load_model(dataclasses.replace(config.model, device=str(device)))
     dtype = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[
         model.encoder_dtype
     ]
     checkpoint_cfg = (
-        json.loads((Path(config.model) / "config.json").read_text())
-        if Path(config.model).is_dir()
+        json.loads((Path(config.model.model) / "config.json").read_text())
+        if Path(config.model.model).is_dir()
         else {}
     )
     fingerprint = _fingerprint(model, config, checkpoint_cfg.get(ENCODER_DIGEST_KEY))
@@ -355,11 +346,14 @@ def _extract_items(
 
 
 def add_extract_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``apex-reward extract`` (generated from :class:`ExtractConfig`)."""
     add_dataclass_arguments(parser, ExtractConfig)
+    add_renamed_flags(parser, [CPU])
 
 
 def run_extract(args: argparse.Namespace) -> int:
-    config = dataclass_from_args(ExtractConfig, args)
+    """``apex-reward extract``: extract, then print the summary (main process)."""
+    config = config_from_args(ExtractConfig, args, [CPU])
     summary = run_extraction(config)
     code = 0
     if summary is not None:

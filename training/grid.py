@@ -1,4 +1,4 @@
-"""The paper's 24-condition grid (APEX_SPEC §4): 3 loss strategies x {2, 3} shared layers x
+"""The paper's 24-condition grid (see ``docs/training.md``): 3 loss strategies x {2, 3} shared layers x
 {song, segment} mode x {popularity-only, full} tasks.
 
 ``apex-reward grid --embeddings E --prepared P --model BASE --out runs/grid [--epochs N]``
@@ -33,10 +33,11 @@ import numpy as np
 
 from apex_reward.cli import Command
 from apex_reward.config import AESTHETIC_TASKS, POPULARITY_TASKS
-from apex_reward.dataclass_io import add_dataclass_arguments, dataclass_from_args, to_dict
+from apex_reward.dataclass_io import add_dataclass_arguments, to_dict
 from apex_reward.errors import ConfigError, require
 
-from .distributed import finish_distributed
+from .distributed import DEVICE_HELP, accelerator_cpu, finish_distributed
+from .flags import CPU, add_renamed_flags, config_from_args
 from .trainer import TrainConfig, TrainingData, load_training_data, train
 
 logger = logging.getLogger(__name__)
@@ -94,7 +95,7 @@ class GridConfig:
         default="auto", metadata={"help": "mixed precision"}
     )
     seed: int = field(default=0, metadata={"help": "random seed (the same for every condition)"})
-    cpu: bool = field(default=False, metadata={"help": "train on CPU"})
+    device: str | None = field(default=None, metadata={"help": DEVICE_HELP})
     log_with: Literal["auto", "tensorboard", "none"] = field(
         default="auto", metadata={"help": "experiment tracker"}
     )
@@ -149,7 +150,13 @@ def run_grid_experiment(
     progress: bool = True,
     data: dict[tuple[str, str], TrainingData] | None = None,
 ) -> dict[str, Any]:
-    """Run (or resume) every condition, then write the tables, plots and best model."""
+    """Run (or resume) every condition, then write the tables, plots and best model.
+
+    Raises:
+        ConfigError: invalid options, e.g. a ``device`` this machine lacks (checked before any
+            data is loaded).
+    """
+    accelerator_cpu(config.device)
     out = Path(config.out)
     cache: dict[tuple[str, str], TrainingData] = dict(data or {})
     ran, skipped = [], []
@@ -177,7 +184,7 @@ def run_grid_experiment(
             patience=config.patience,
             mixed_precision=config.mixed_precision,
             seed=config.seed,
-            cpu=config.cpu,
+            device=config.device,
             log_with=config.log_with,
             resume=True,
             export=bool(config.model),
@@ -343,11 +350,13 @@ def _plot_pred_vs_true(pred_path: Path, path: Path, name: str) -> None:
 
 
 def add_grid_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``apex-reward grid`` (generated from :class:`GridConfig`)."""
     add_dataclass_arguments(parser, GridConfig)
+    add_renamed_flags(parser, [CPU])
 
 
 def run_grid(args: argparse.Namespace) -> int:
-    config = dataclass_from_args(GridConfig, args)
+    config = config_from_args(GridConfig, args, [CPU])
     summary = run_grid_experiment(config)
     import accelerate.state
 

@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from apex_reward import errors as apex_errors
 from apex_reward.dataclass_io import to_dict
+from apex_reward.errors import AudioError, error_class
 from apex_reward.files import file_sha256, update_with_tensor
 
 if TYPE_CHECKING:
@@ -187,8 +187,9 @@ class ScoringStats:
 
 
 def _cacheable(error_type: str | None) -> bool:
-    cls = getattr(apex_errors, error_type or "", None)
-    return isinstance(cls, type) and issubclass(cls, apex_errors.AudioError)
+    """Whether a failure is a property of the audio bytes (an ``AudioError``), worth caching."""
+    cls = error_class(error_type)
+    return cls is not None and issubclass(cls, AudioError)
 
 
 def score_audio_files(

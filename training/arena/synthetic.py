@@ -32,7 +32,7 @@ import torch
 from apex_reward.config import AESTHETIC_TASKS, ALL_TASKS
 from apex_reward.heads import combine_scores
 
-from .arena_eval import PreferenceData, build_preference_data
+from .evaluation import PreferenceData, build_preference_data
 
 if TYPE_CHECKING:
     from apex_reward.model import ApexRewardModel

@@ -1,4 +1,4 @@
-"""Preference prediction from APEX scores (APEX_SPEC §5, the paper's §4.4 / Table 3).
+"""Preference prediction from APEX scores (the paper's §4.4 / Table 3; see ``docs/arena.md``).
 
 * :func:`build_preference_data`: the pairwise features of every battle — for each score
   dimension ``diff``, ``ratio`` and ``diff x is_instrumental``, plus ``is_instrumental`` (31 for a
@@ -31,7 +31,7 @@ import torch
 from apex_reward.config import AESTHETIC_TASKS, ALL_TASKS
 from apex_reward.preference import pairwise_feature_names, pairwise_features
 
-from .arena_data import ArenaDataError
+from .data import ArenaDataError
 
 logger = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ from apex_reward.dataclass_io import from_dict, to_dict
 from apex_reward.errors import CheckpointError, ConfigError
 from apex_reward.files import atomic_path
 
-from .arena_eval import PreferenceData, head_pipeline
+from .evaluation import PreferenceData, head_pipeline
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,7 @@
-"""Music Arena battles: reading exports, field mapping, the §5 filters, and a report of each.
+"""Music Arena battles: reading exports, field mapping, the evaluation's filters, and a report of
+each (see ``docs/arena.md``).
 
-Formats (APEX_SPEC §5; the Hugging Face dataset ``music-arena/music-arena-dataset``):
+Formats (those of the Hugging Face dataset ``music-arena/music-arena-dataset``, and flat ones):
 
 * **the dataset directory** as released: ``battle_data/<period>/<battle>.json``, one JSON object
   per battle, and ``audio_files/<period>/<file>`` with the audio. Every ``*.json`` / ``*.jsonl``
@@ -546,7 +547,7 @@ def load_battles(
     date_to: str | datetime | None = None,
     last_days: float | None = None,
 ) -> tuple[list[Battle], BattleLoadReport]:
-    """Read battles, apply the §5 filters, and report what each removed.
+    """Read battles, apply the filters (:data:`FILTERS`, in order), and report what each removed.
 
     Args:
         path: the dataset directory, a ``.json``/``.jsonl``/``.parquet``/``.csv``/``.tsv`` file.

@@ -1,0 +1,95 @@
+"""Options of ``apex-reward train``: :class:`TrainConfig` (every field is a ``--flag``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from apex_reward.errors import ConfigError
+
+from ..distributed import DEVICE_HELP
+
+__all__ = ["TrainConfig"]
+
+
+@dataclass
+class TrainConfig:
+    """Options of ``apex-reward train`` (one run of the paper's multi-task training)."""
+
+    embeddings: str = field(
+        default="", metadata={"help": "extraction directory (apex-reward extract --out)"}
+    )
+    prepared: str = field(
+        default="", metadata={"help": "prepared.parquet with targets and the split"}
+    )
+    model: str = field(
+        default="",
+        metadata={
+            "help": "the checkpoint the embeddings were extracted with: its front end and encoder go into the exported model"
+        },
+    )
+    out: str = field(default="runs/train", metadata={"help": "output directory"})
+    tasks: Literal["full", "popularity"] = field(
+        default="full", metadata={"help": "7 heads or streams+likes only"}
+    )
+    trunk_layers: Literal[2, 3] = field(default=2, metadata={"help": "shared trunk depth"})
+    mode: Literal["song", "segment"] = field(
+        default="song",
+        metadata={"help": "song: average segments first; segment: one sample per segment"},
+    )
+    loss: Literal["equal", "manual", "uncertainty"] = field(
+        default="uncertainty", metadata={"help": "loss strategy"}
+    )
+    popularity_weight: float = field(
+        default=1.0, metadata={"help": "manual strategy: weight of streams and likes"}
+    )
+    aesthetic_weight: float = field(
+        default=0.5, metadata={"help": "manual strategy: weight of each aesthetic task"}
+    )
+    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate"})
+    uncertainty_lr: float | None = field(
+        default=None,
+        metadata={
+            "help": "learning rate of the uncertainty parameters s_t (default: 10 x lr; they are "
+            "scalars that must travel several units in log space)"
+        },
+    )
+    weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay"})
+    epochs: int = field(default=100, metadata={"help": "maximum epochs (cosine schedule length)"})
+    batch_size: int = field(default=512, metadata={"help": "samples per process per step"})
+    patience: int = field(
+        default=10, metadata={"help": "early stopping: epochs without validation improvement"}
+    )
+    min_delta: float = field(
+        default=0.0, metadata={"help": "early stopping: smallest improvement that counts"}
+    )
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = field(
+        default="auto",
+        metadata={"help": "auto: fp16 on GPU, none on CPU (CPU fp16 is not supported)"},
+    )
+    seed: int = field(default=0, metadata={"help": "random seed"})
+    device: str | None = field(default=None, metadata={"help": DEVICE_HELP})
+    log_with: Literal["auto", "tensorboard", "none"] = field(
+        default="auto", metadata={"help": "experiment tracker (auto: TensorBoard when installed)"}
+    )
+    resume: bool = field(default=True, metadata={"help": "continue from out/last when it exists"})
+    export: bool = field(
+        default=True, metadata={"help": "write the ApexRewardModel checkpoint to out/model"}
+    )
+    save_interval_s: float = field(
+        default=0.0,
+        metadata={
+            "help": "save the resumable state at most this often, seconds (0: every epoch; always at the end)"
+        },
+    )
+    max_epochs_this_run: int | None = field(
+        default=None,
+        metadata={"help": "stop (resumably) after this many epochs in this invocation"},
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "patience"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConfigError(f"lr: must be > 0, got {self.lr}")

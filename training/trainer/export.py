@@ -1,0 +1,106 @@
+"""Step 5 of training: write the run's results and the trained reward-model checkpoint."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from apex_reward.checkpoint import read_checkpoint, save_checkpoint
+from apex_reward.config import ApexConfig, PopularityReferenceConfig
+from apex_reward.dataclass_io import from_dict, to_dict
+from apex_reward.errors import ConfigError
+from apex_reward.heads import ApexHead
+
+from .config import TrainConfig
+from .state import TrainState, atomic_json
+
+if TYPE_CHECKING:
+    from .steps import BestEvaluation, TrainingRun
+
+__all__ = ["export_run", "export_checkpoint"]
+
+
+def export_run(
+    run: TrainingRun,
+    state: TrainState,
+    best: BestEvaluation,
+    *,
+    seconds: float,
+    params_in_sync: bool,
+) -> Path | None:
+    """Step 5 (main process writes): ``metrics.json``, ``history.json``,
+    ``test_predictions.parquet`` and, with ``export`` and ``model``, the checkpoint in
+    ``out/model``. Returns the checkpoint's path (on every process), or None."""
+    config, accelerator, out = run.config, run.accelerator, run.out
+    checkpoint = None
+    if accelerator.is_main_process:
+        atomic_json(
+            out / "metrics.json",
+            {
+                "metrics": best.metrics,
+                "best_epoch": state.best_epoch,
+                "sigma2": dict(zip(run.tasks, np.exp(best.log_vars).tolist())),
+                "train_seconds_this_run": seconds,
+                "world_size": run.world,
+                "params_in_sync": params_in_sync,
+                "config": to_dict(config),
+            },
+        )
+        atomic_json(out / "history.json", state.history)
+        best.predictions.to_parquet(out / "test_predictions.parquet", index=False)
+        if config.export and config.model:
+            checkpoint = export_checkpoint(
+                run.module.head,
+                config,
+                out / "model",
+                metrics=best.metrics,
+                best_epoch=state.best_epoch,
+            )
+    accelerator.wait_for_everyone()
+    if checkpoint is None and config.export and config.model:
+        checkpoint = out / "model"
+    return checkpoint
+
+
+def export_checkpoint(
+    head: ApexHead,
+    config: TrainConfig,
+    out: Path,
+    *,
+    metrics: dict[str, Any] | None = None,
+    best_epoch: int | None = None,
+) -> Path:
+    """Write a trained :class:`~apex_reward.ApexRewardModel` checkpoint: the trained ``head``, the
+    front end and encoder of ``config.model`` (its stored encoder weights are copied; a referenced
+    encoder stays referenced), and the popularity reference of ``config.prepared``."""
+    raw, tensors, _ = read_checkpoint(config.model)
+    base = ApexConfig.from_dict(raw)
+    cfg = copy.deepcopy(base)
+    cfg.head = copy.deepcopy(head.config)
+    cfg.untrained = False
+    cfg.preference.head = None  # a preference head is fitted for specific heads (apex-reward arena)
+    ref_path = (
+        Path(config.prepared).parent / "popularity_reference.json" if config.prepared else None
+    )
+    if ref_path is not None and ref_path.is_file():
+        cfg.popularity_reference = from_dict(
+            PopularityReferenceConfig, json.loads(ref_path.read_text())
+        )
+    cfg.training = {
+        "config": to_dict(config),
+        "best_epoch": best_epoch,
+        "test_metrics": (metrics or {}).get("test"),
+        "base_checkpoint": str(config.model),
+    }
+    out_tensors = {k: v for k, v in tensors.items() if k.startswith("encoder.")}
+    out_tensors.update(
+        {f"head.{k}": v.detach().float().cpu() for k, v in head.state_dict().items()}
+    )
+    if cfg.encoder.source is None and not any(k.startswith("encoder.") for k in out_tensors):
+        raise ConfigError(f"{config.model} neither references nor stores its encoder weights")
+    save_checkpoint(out, cfg.to_dict(), out_tensors)
+    return out
