@@ -48,7 +48,7 @@ COMMANDS: tuple[str, ...] = (
     "apex_reward.training.synthetic:COMMAND",
     "apex_reward.training.prepare:COMMAND",
     "apex_reward.training.extract:COMMAND",
-    "apex_reward.training.trainer:COMMAND",
+    "apex_reward.training.trainer.command:COMMAND",
     "apex_reward.training.grid:COMMAND",
     "apex_reward.training.demo:COMMAND",
     "apex_reward.training.arena.command:COMMAND",
@@ -70,7 +70,7 @@ def load_commands() -> list[Command]:
 # shared helpers
 
 
-def load_model(args: argparse.Namespace):
+def model_from_args(args: argparse.Namespace):
     """Load the model named by the ``ModelOptions`` flags of a command (see :func:`load_model`)."""
     from .dataclass_io import dataclass_from_args
     from .loading import ModelOptions, load_model
@@ -291,7 +291,7 @@ def write_results(rows: list[dict[str, Any]], names: Sequence[str], fmt: str, st
 
 def run_score(args: argparse.Namespace) -> int:
     output = _check_output_path(args.output) if args.output else None
-    model = load_model(args)
+    model = model_from_args(args)
     results = model.score(
         args.files, batch_size=args.batch_size, num_workers=args.num_workers, progress=True
     )
@@ -343,7 +343,7 @@ def run_compare(args: argparse.Namespace) -> int:
 
     from .audio import load_audio
 
-    model = load_model(args)
+    model = model_from_args(args)
     max_s = model.config.frontend.max_duration_s
     wa, sra = load_audio(args.a, max_duration_s=max_s)
     wb, srb = load_audio(args.b, max_duration_s=max_s)

@@ -123,9 +123,13 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
-def warn_if_untrained(model: ApexRewardModel, name: str) -> None:
-    """Log the one warning every job gives for a model whose heads were never trained."""
-    if model.untrained:
+def warn_if_untrained(model: ApexRewardModel, name: str, *, heads: bool = True) -> None:
+    """Log the one warning every job gives for a model whose heads were never trained.
+
+    ``heads=False`` is for jobs that run only the front end and encoder (embedding extraction),
+    for which an untrained checkpoint is the normal input: nothing is logged.
+    """
+    if model.untrained and heads:
         logger.warning(
             "%s is an UNTRAINED model (random heads): its scores show the pipeline works, they "
             "say nothing about the music",
@@ -133,11 +137,14 @@ def warn_if_untrained(model: ApexRewardModel, name: str) -> None:
         )
 
 
-def load_model(options: ModelOptions, *, freeze: bool = True) -> ApexRewardModel:
+def load_model(
+    options: ModelOptions, *, freeze: bool = True, heads: bool = True
+) -> ApexRewardModel:
     """Load the checkpoint ``options`` names for a job: on its device, at its precision.
 
     The model comes back in eval mode, frozen unless ``freeze=False`` (gradients still reach the
-    input waveform either way). An untrained checkpoint is loaded with one logged warning.
+    input waveform either way). An untrained checkpoint is loaded with one logged warning, unless
+    ``heads=False`` says the job uses only the front end and encoder (embedding extraction).
 
     Raises:
         ConfigError: no model given, a bad ``device`` or ``dtype``, invalid ``config.json``.
@@ -154,5 +161,5 @@ def load_model(options: ModelOptions, *, freeze: bool = True) -> ApexRewardModel
         device=device,
         freeze=freeze,
     ).set_precision(options.dtype)
-    warn_if_untrained(model, path)
+    warn_if_untrained(model, path, heads=heads)
     return model

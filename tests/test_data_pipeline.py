@@ -1,4 +1,4 @@
-"""Manifests, the synthetic corpus, and `apex-reward prepare` (issue 3, acceptance 1)."""
+"""Manifests, the synthetic corpus, and `apex-reward prepare`."""
 
 from __future__ import annotations
 

@@ -129,9 +129,9 @@ def loads(monkeypatch):
     seen: list[tuple] = []
     original = loading.warn_if_untrained
 
-    def record(model, name):
-        original(model, name)
-        seen.append((model.device.type, model.encoder_dtype, model.fast_path, name))
+    def record(model, name, *, heads=True):
+        original(model, name, heads=heads)
+        seen.append((model.device.type, model.encoder_dtype, model.fast_path, name, heads))
         raise _Loaded
 
     monkeypatch.setattr(loading, "warn_if_untrained", record)
@@ -147,11 +147,16 @@ def _job_inputs(tmp_path, checkpoint) -> dict[str, list[str]]:
     sf.write(wav, synth_music(2.0, 24000)[0], 24000)
     candidates = tmp_path / "candidates.jsonl"
     candidates.write_text(json.dumps({"prompt": "p", "candidates": [str(wav), str(wav)]}) + "\n")
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(f"id,audio_path\nsong-1,{wav}\n")
+    (tmp_path / "battles").mkdir()
     return {
         "score": ["score", str(wav)],
         "compare": ["compare", str(wav), str(wav)],
         "pairs": ["pairs", "--candidates", str(candidates), "--out", str(tmp_path / "pairs")],
         "serve": ["serve", "--no-warmup"],
+        "arena": ["arena", "--battles", str(tmp_path / "battles"), "--out", str(tmp_path / "a")],
+        "extract": ["extract", "--manifest", str(manifest), "--out", str(tmp_path / "emb")],
     }
 
 
@@ -168,8 +173,10 @@ def test_every_command_loads_through_the_same_options(tiny_checkpoint, tmp_path,
             ApexRewardFunction(
                 ModelOptions(model=str(tiny_checkpoint), device="cpu", dtype="bf16")
             ).load()
-    expected = ("cpu", torch.bfloat16, True, str(tiny_checkpoint))
-    assert loads == [expected] * (len(jobs) + 1)
+    loaded = ("cpu", torch.bfloat16, True, str(tiny_checkpoint))
+    # extraction runs only the encoder: an untrained base checkpoint is its normal input
+    expected = [(*loaded, name != "extract") for name in jobs] + [(*loaded, True)]
+    assert loads == expected
     untrained = [r for r in caplog.records if "UNTRAINED" in r.getMessage()]
-    assert len(untrained) == len(jobs) + 1  # the same one warning, once per job
+    assert len(untrained) == len(jobs)  # the same one warning, once per job that scores
     assert len({r.getMessage() for r in untrained}) == 1

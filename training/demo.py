@@ -79,7 +79,6 @@ def run_demo_pipeline(config: DemoConfig, *, progress: bool = True) -> dict[str,
     import torch
 
     from apex_reward import ApexConfig, ApexRewardModel
-    from apex_reward.loading import ModelOptions
 
     from .extract import ExtractConfig, run_extraction
     from .prepare import PrepareConfig, prepare_corpus

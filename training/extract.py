@@ -201,7 +201,8 @@ def run_extraction(config: ExtractConfig, *, progress: bool = True) -> dict[str,
     n_shards = (len(songs) + config.shard_size - 1) // config.shard_size
 
     # the device accelerate gave this process (each process of a launch its own GPU)
-    model = load_model(dataclasses.replace(config.model, device=str(device)))
+    # extraction runs only the front end and encoder: an untrained base checkpoint is normal
+    model = load_model(dataclasses.replace(config.model, device=str(device)), heads=False)
     dtype = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[
         model.encoder_dtype
     ]
