@@ -10,7 +10,6 @@ from conftest import synth_music, write_bad_files, write_good_files
 
 from apex_reward import (
     AudioDecodeError,
-    AudioFrontEnd,
     AudioRangeError,
     AudioShapeError,
     AudioTooLongError,
@@ -21,6 +20,7 @@ from apex_reward import (
     UnsupportedSampleRateError,
     load_audio,
 )
+from apex_reward.audio import AudioFrontEnd
 
 
 def test_load_audio_formats(tmp_path):
