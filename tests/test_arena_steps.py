@@ -168,6 +168,6 @@ def test_config_file_gives_the_model_flat_or_nested(text, tiny_checkpoint, tmp_p
 
 
 def test_arena_needs_a_model():
-    with pytest.raises(ConfigError, match="no model given: pass --model"):
+    with pytest.raises(ConfigError, match="--model is required"):
         ArenaConfig(synthetic=True)
     assert ArenaConfig(model=ModelOptions(model="x"), synthetic=True).model.dtype == "auto"
