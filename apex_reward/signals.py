@@ -362,13 +362,13 @@ def _tonal_dominance(x: np.ndarray, sr: int) -> float:
     view = np.lib.stride_tricks.sliding_window_view(x, n)[:: n // 2]
     total = np.zeros(n // 2 + 1)
     for f0 in range(0, view.shape[0], 256):
-        spec = np.fft.rfft((view[f0 : f0 + 256] - 0.0) * window, axis=-1)
+        spec = np.fft.rfft(view[f0 : f0 + 256] * window, axis=-1)
         total += (spec.real**2 + spec.imag**2).sum(axis=0)
     freqs = np.fft.rfftfreq(n, 1.0 / sr)
     band = (freqs >= _TONAL_BAND[0]) & (freqs <= _TONAL_BAND[1])
     p = np.where(band, total, 0.0)
     energy = p.sum()
-    if energy <= 1e-12 * max(1.0, float(total.sum())) or energy == 0:
+    if energy == 0 or energy <= 1e-10 * float(total.sum()):  # silence; DC (outside the band)
         return 0.0
     k = int(np.argmax(p))
     half = max(1, int(round(_TONAL_HALF_WIDTH_HZ / (sr / n))))
