@@ -3,9 +3,12 @@
 * :func:`load_audio` decodes WAV/FLAC/Ogg Vorbis/Opus/MP3 (libsndfile via ``soundfile``) to a float32
   tensor ``[channels, samples]`` and its sample rate, raising typed errors that name the file.
 * :class:`AudioFrontEnd` turns waveforms at any rate and channel count into normalised fixed-length
-  segments for the encoder: downmix (channel mean) -> resample to 24 kHz -> cut into 30 s segments,
-  zero-padding only the last -> per-segment normalisation over the unpadded samples. Every step is
-  a torch op, so gradients flow from the segments back to the input waveform.
+  segments for the encoder: downmix (channel mean) -> resample to 24 kHz -> (optionally) trim
+  leading/trailing digital silence -> cut into 30 s segments, zero-padding only the last ->
+  per-segment normalisation over the unpadded samples. Every step is a torch op, so gradients flow
+  from the segments back to the input waveform. :meth:`AudioFrontEnd.segment_weights` gives each
+  segment's weight in its song's average (duration or uniform; near-silent segments 0 when
+  ``silent_segment_db`` is set).
 """
 
 from __future__ import annotations
@@ -261,12 +264,16 @@ class Segments:
         valid: ``[N]`` int64 number of unpadded samples in each segment.
         song_index: ``[N]`` int64 index of the song each segment belongs to.
         num_songs: number of songs B.
+        level_db: ``[N]`` float32 RMS level of each segment's unpadded samples with the mean
+            removed, before normalisation, in dBFS (digital silence and pure DC: -200); no
+            gradient. None for segments built by hand.
     """
 
     audio: torch.Tensor
     valid: torch.Tensor
     song_index: torch.Tensor
     num_songs: int
+    level_db: torch.Tensor | None = None
 
     @property
     def durations(self) -> torch.Tensor:
@@ -341,7 +348,14 @@ class AudioFrontEnd(torch.nn.Module):
         return wav.mean(dim=0) if wav.ndim == 2 else wav
 
     def resample(self, wav: torch.Tensor, sample_rate: int) -> torch.Tensor:
-        """Resample ``[..., T]`` from ``sample_rate`` to the encoder rate (differentiable)."""
+        """Resample ``[..., T]`` from ``sample_rate`` to the encoder rate (differentiable).
+
+        With ``trim_silence``, a mono song ``[T]`` is first :meth:`trim`-med at its own rate (so
+        that a padded song resamples to exactly the same samples as the unpadded one); batches
+        ``[B, T]`` are resampled as they are (trim each song first).
+        """
+        if self.config.trim_silence and wav.ndim == 1:
+            wav = self.trim(wav, sample_rate)
         target = self.config.sample_rate
         if sample_rate == target:
             return wav
@@ -388,12 +402,37 @@ class AudioFrontEnd(torch.nn.Module):
         out_len = (rs.new_sr * length) // rs.old_sr
         return y[..., :out_len]
 
+    def trim(self, x: torch.Tensor, sample_rate: int) -> torch.Tensor:
+        """Leading and trailing digital silence removed from a mono song ``[T]`` at
+        ``sample_rate`` Hz (a slice of ``x``: differentiable, the trimmed samples get zero
+        gradient).
+
+        A sample is silent when ``|x| <= 10 ** (trim_threshold_db / 20)``. The kept stretch is
+        extended (centred, within the song) to at least ``min_duration_s``, so trimming never
+        makes a song shorter than the front end accepts; a song that is silent throughout is
+        returned whole (it still gets a score, and the signal checks flag it).
+        """
+        n = x.shape[-1]
+        loud = x.detach().abs() > 10.0 ** (self.config.trim_threshold_db / 20.0)
+        if n == 0 or not bool(loud.any()):
+            return x
+        start = int(loud.to(torch.uint8).argmax())
+        stop = n - int(loud.flip(0).to(torch.uint8).argmax())
+        keep = min(n, int(round(self.config.min_duration_s * sample_rate)))
+        if stop - start < keep:
+            centre = (start + stop) // 2
+            start = min(max(0, centre - keep // 2), n - keep)
+            stop = start + keep
+        if start == 0 and stop == n:
+            return x
+        return x[start:stop]
+
     def segment(self, songs: Sequence[torch.Tensor]) -> Segments:
         """Cut mono songs at the encoder rate (``[T_b]`` each) into ``[N, S]`` segments.
 
         Songs are cut into ``ceil(T / S)`` non-overlapping segments; only the last segment of a
         song is zero-padded. Normalisation (if configured) uses the unpadded samples only and
-        leaves the padding at zero.
+        leaves the padding at zero. (Silence trimming happens before, in :meth:`resample`.)
         """
         S = self.config.segment_samples
         pieces, valid, index = [], [], []
@@ -410,16 +449,41 @@ class AudioFrontEnd(torch.nn.Module):
         audio = torch.cat(pieces, dim=0)
         valid_t = torch.tensor(valid, dtype=torch.int64, device=device)
         index_t = torch.tensor(index, dtype=torch.int64, device=device)
+        level_db = self.segment_levels_db(audio, valid_t)
         if self.config.normalize:
-            audio = self.normalize(audio, valid_t)
-        return Segments(audio=audio, valid=valid_t, song_index=index_t, num_songs=len(songs))
+            audio = self.normalize(audio, valid_t, floor=self.config.normalize_floor)
+        if self.config.gradient_gate_db is not None:
+            audio = gate_gradient(audio, level_db, self.config.gradient_gate_db)
+        return Segments(
+            audio=audio,
+            valid=valid_t,
+            song_index=index_t,
+            num_songs=len(songs),
+            level_db=level_db,
+        )
 
     @staticmethod
-    def normalize(audio: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """``(x - mean) / sqrt(var + 1e-7)`` per row of ``[N, S]`` over its first ``valid`` samples.
+    def segment_levels_db(audio: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """RMS level in dBFS (mean removed) of each row of ``[N, S]`` over its first ``valid``
+        samples; ``[N]`` float32, no gradient, -200 for digital silence or pure DC."""
+        with torch.no_grad():
+            x = audio.detach().to(torch.float64)
+            S = x.shape[-1]
+            mask = (torch.arange(S, device=x.device)[None, :] < valid[:, None]).to(x.dtype)
+            n = valid.to(x.dtype).clamp_min(1)
+            mean = (x * mask).sum(dim=-1) / n
+            var = (((x - mean[:, None]) * mask) ** 2).sum(dim=-1) / n
+            return (10.0 * torch.log10(var + 1e-20)).to(torch.float32)
 
-        Matches ``Wav2Vec2FeatureExtractor(do_normalize=True)`` (population variance); padded
-        samples stay exactly zero.
+    @staticmethod
+    def normalize(audio: torch.Tensor, valid: torch.Tensor, floor: float = 1e-7) -> torch.Tensor:
+        """``(x - mean) / sqrt(var + floor)`` per row of ``[N, S]`` over its first ``valid``
+        samples.
+
+        With the default ``floor`` (1e-7) this matches ``Wav2Vec2FeatureExtractor(do_normalize=
+        True)`` (population variance); padded samples stay exactly zero. The waveform gradient is
+        at most about ``1 / sqrt(floor)`` times that of the normalised segment, so a larger
+        floor bounds it on (near-)silent input.
         """
         S = audio.shape[-1]
         mask = (torch.arange(S, device=audio.device)[None, :] < valid[:, None]).to(audio.dtype)
@@ -427,7 +491,36 @@ class AudioFrontEnd(torch.nn.Module):
         mean = (audio * mask).sum(dim=-1, keepdim=True) / n
         centred = (audio - mean) * mask
         var = (centred * centred).sum(dim=-1, keepdim=True) / n
-        return centred / torch.sqrt(var + 1e-7)
+        return centred / torch.sqrt(var + floor)
+
+    def segment_weights(self, segments: Segments) -> torch.Tensor:
+        """``[N]`` float32 weight of each segment in its song's average.
+
+        ``segment_weighting="duration"``: the unpadded sample count; ``"uniform"``: 1. With
+        ``silent_segment_db`` set, segments whose ``level_db`` is below it get weight 0, except
+        in a song whose segments are all below it (its weights stay as they were, so the song
+        still has a score). Extraction must record these weights (or ``level_db``) per segment
+        for cached embeddings to score like audio.
+        """
+        if self.config.segment_weighting == "uniform":
+            w = torch.ones_like(segments.valid, dtype=torch.float32)
+        else:
+            w = segments.valid.to(torch.float32)
+        limit = self.config.silent_segment_db
+        if limit is None:
+            return w
+        if segments.level_db is None:
+            raise AudioShapeError(
+                "frontend.silent_segment_db is set but the segments carry no level_db "
+                "(build them with AudioFrontEnd.segment)",
+                "segments",
+            )
+        loud = (segments.level_db >= limit).to(torch.float32)
+        loud_per_song = torch.zeros(
+            segments.num_songs, dtype=torch.float32, device=w.device
+        ).index_add_(0, segments.song_index, loud)
+        keep_all = loud_per_song[segments.song_index] == 0
+        return torch.where(keep_all, w, w * loud)
 
     def forward(
         self,
@@ -444,7 +537,11 @@ class AudioFrontEnd(torch.nn.Module):
         """
         songs = as_waveform_list(waveforms)
         rates = per_song_rates(sample_rate, len(songs))
-        batched = isinstance(waveforms, (torch.Tensor, np.ndarray)) and len(set(rates)) == 1
+        batched = (
+            isinstance(waveforms, (torch.Tensor, np.ndarray))
+            and len(set(rates)) == 1
+            and not self.config.trim_silence  # trimmed songs differ in length
+        )
         prepared: list[torch.Tensor] = []
         for i, (wav, sr) in enumerate(zip(songs, rates)):
             if check:
@@ -457,6 +554,29 @@ class AudioFrontEnd(torch.nn.Module):
         else:
             mono = [self.resample(w, sr) for w, sr in zip(prepared, rates)]
         return self.segment(mono)
+
+
+#: Width of the gradient gate's ramp (dB): full gradient this far above ``gradient_gate_db``.
+GATE_RAMP_DB = 10.0
+
+
+def gate_gradient(audio: torch.Tensor, level_db: torch.Tensor, gate_db: float) -> torch.Tensor:
+    """``audio`` ``[N, S]`` unchanged in value; its gradient scaled per row by
+    ``clamp((level_db - gate_db) / GATE_RAMP_DB, 0, 1)``.
+
+    Rows at or below ``gate_db`` pass exactly zero gradient (``torch.where``, so even a non-finite
+    upstream gradient, as the encoder gives on all-zero input, becomes 0, not NaN). The forward
+    value is exactly ``audio``: ``audio.detach() + g * (audio - audio.detach())`` adds an exact 0.
+
+    Why a gate and not only a variance floor: the encoder's first GroupNorm re-normalises its
+    input, so the model stays scale-invariant far below the front end's normaliser and its
+    waveform gradient grows like 1 / level whatever the floor (docs/model.md#silence-and-level).
+    """
+    if not audio.requires_grad:
+        return audio
+    g = ((level_db.to(audio.dtype) - gate_db) / GATE_RAMP_DB).clamp(0.0, 1.0)[:, None]
+    fixed = audio.detach()
+    return torch.where(g > 0, fixed + g * (audio - fixed), fixed)
 
 
 #: Largest numerator/denominator of the resampling ratio. julius builds a filter bank of

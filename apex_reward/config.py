@@ -10,6 +10,7 @@ model, the popularity reference quantiles, and whether the model was trained at 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -154,8 +155,67 @@ class FrontendConfig:
             "help": "how a song's segments are averaged: by their unpadded duration, or equally"
         },
     )
+    # The three fields below default to the original behaviour (checkpoints written before they
+    # existed score exactly as before); ApexConfig.from_preset turns them on for new models.
+    trim_silence: bool = field(
+        default=False,
+        metadata={
+            "help": "trim leading and trailing digital silence (|x| <= trim_threshold_db, at the "
+            "input rate, before resampling) so that padding a song does not move its score"
+        },
+    )
+    trim_threshold_db: float = field(
+        default=-140.0,
+        metadata={
+            "help": "level in dBFS at or below which a sample counts as digital silence for "
+            "trim_silence (-140 dBFS = 1e-7: exact zeros and float residue below 24-bit "
+            "resolution; a higher level would trim the fade-in of quiet songs)"
+        },
+    )
+    silent_segment_db: float | None = field(
+        default=None,
+        metadata={
+            "help": "a segment whose RMS level (dBFS, mean removed) is below this gets weight 0 "
+            "in its song's average, unless all of the song's segments are; None = off"
+        },
+    )
+    normalize_floor: float = field(
+        default=1e-7,
+        metadata={
+            "help": "the per-segment normaliser is (x - mean) / sqrt(var + normalize_floor); a "
+            "larger floor bounds the waveform gradient of near-silent input"
+        },
+    )
+
+    gradient_gate_db: float | None = field(
+        default=None,
+        metadata={
+            "help": "segments whose RMS level (dBFS, mean removed) is at or below this pass no "
+            "gradient to the waveform; the gradient fades in linearly over the next 10 dB. The "
+            "scores are unchanged. Bounds the gradient of (near-)silent input; None = off"
+        },
+    )
 
     def __post_init__(self) -> None:
+        if self.gradient_gate_db is not None and not math.isfinite(self.gradient_gate_db):
+            raise ConfigError(
+                f"frontend.gradient_gate_db: must be finite or None, got {self.gradient_gate_db!r}"
+            )
+        if not (math.isfinite(self.normalize_floor) and self.normalize_floor > 0):
+            raise ConfigError(
+                f"frontend.normalize_floor: must be a finite number > 0, got "
+                f"{self.normalize_floor!r}"
+            )
+        if not (math.isfinite(self.trim_threshold_db) and self.trim_threshold_db < 0):
+            raise ConfigError(
+                f"frontend.trim_threshold_db: must be a finite level below 0 dBFS, got "
+                f"{self.trim_threshold_db!r}"
+            )
+        if self.silent_segment_db is not None and not math.isfinite(self.silent_segment_db):
+            raise ConfigError(
+                f"frontend.silent_segment_db: must be finite or None, got "
+                f"{self.silent_segment_db!r}"
+            )
         if self.sample_rate <= 0 or self.segment_seconds <= 0:
             raise ConfigError(
                 f"frontend: sample_rate and segment_seconds must be positive, got "
@@ -171,6 +231,17 @@ class FrontendConfig:
     def segment_samples(self) -> int:
         """Samples per segment at the encoder rate (720,000 for 30 s at 24 kHz)."""
         return int(round(self.segment_seconds * self.sample_rate))
+
+
+#: Front-end settings of new models (``ApexConfig.from_preset``); the ``FrontendConfig`` defaults
+#: keep the original behaviour for checkpoints written before these fields existed
+#: (docs/model.md#silence-and-level).
+NEW_FRONTEND: dict[str, Any] = dict(
+    trim_silence=True,
+    trim_threshold_db=-140.0,
+    silent_segment_db=-70.0,
+    gradient_gate_db=-75.0,
+)
 
 
 @dataclass
@@ -389,6 +460,77 @@ class PopularityReferenceConfig:
 
 
 @dataclass
+class GuardConfig:
+    """Reward guards: thresholds of the signal checks (:mod:`apex_reward.signals`) and what to do
+    with a flagged clip (docs/model.md#signal-checks). A threshold of None disables its flag.
+
+    Thresholds were chosen from measurements (``benchmarks/signal_thresholds.py``): no real clip
+    and at most 2 % of clean synthetic songs flagged, every static probe (silence, near-silence,
+    noise, sines, square, DC, loops) flagged by at least one check.
+    """
+
+    policy: Literal["off", "flag", "penalize"] = field(
+        default="flag",
+        metadata={
+            "help": "off: no checks; flag: report flags next to the scores; penalize: also "
+            "replace a flagged clip's reward by `floor`"
+        },
+    )
+    floor: float | None = field(
+        default=None,
+        metadata={
+            "help": "reward given to a flagged clip under policy=penalize; None = the bottom "
+            "of the reward's range"
+        },
+    )
+    min_loudness_lufs: float | None = field(
+        default=-50.0,
+        metadata={"help": "too_quiet: integrated loudness (BS.1770) below this, LUFS"},
+    )
+    max_silent_fraction: float | None = field(
+        default=0.5,
+        metadata={"help": "mostly_silent: more than this fraction of 50 ms frames below -60 dBFS"},
+    )
+    max_dc_offset: float | None = field(
+        default=0.02,
+        metadata={"help": "dc_offset: |mean sample| above this (full scale = 1)"},
+    )
+    max_clipped_fraction: float | None = field(
+        default=0.01,
+        metadata={
+            "help": "clipped: more than this fraction of samples in flat runs (>= 3 samples) at "
+            "the clip's peak"
+        },
+    )
+    max_spectral_flatness: float | None = field(
+        default=0.2,
+        metadata={
+            "help": "noise_like: median spectral flatness (0 tonal .. ~0.56 white) above this"
+        },
+    )
+    max_tonal_dominance: float | None = field(
+        default=0.7,
+        metadata={
+            "help": "held_tone: more than this share of the long-term power within ±6 Hz of "
+            "one spectral peak"
+        },
+    )
+    max_repetition: float | None = field(
+        default=0.9,
+        metadata={
+            "help": "looped: spectrogram correlation with itself shifted by 1-4 s above this "
+            "(exact-copy loops)"
+        },
+    )
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name != "policy" and v is not None and not math.isfinite(v):
+                raise ConfigError(f"guard.{f.name}: must be finite or None, got {v!r}")
+
+
+@dataclass
 class ApexConfig:
     """Complete configuration of an :class:`~apex_reward.ApexRewardModel` checkpoint."""
 
@@ -401,6 +543,10 @@ class ApexConfig:
     )
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
     popularity_reference: PopularityReferenceConfig | None = None
+    guard: GuardConfig = field(
+        default_factory=GuardConfig,
+        metadata={"help": "reward guards: signal-check thresholds and policy"},
+    )
     untrained: bool = field(
         default=True, metadata={"help": "True until the heads have been trained"}
     )
@@ -451,6 +597,7 @@ class ApexConfig:
     ) -> ApexConfig:
         """An untrained config for an encoder preset; ``head`` overrides :class:`HeadConfig`."""
         return cls(
+            frontend=FrontendConfig(**NEW_FRONTEND),
             encoder=EncoderConfig.from_preset(preset, source=encoder_source, revision=revision),
             head=HeadConfig(**head),
         )

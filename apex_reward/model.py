@@ -381,9 +381,7 @@ class ApexRewardModel(nn.Module):
     # forward path
 
     def _segment_weights(self, segments: Segments) -> torch.Tensor:
-        if self.config.frontend.segment_weighting == "uniform":
-            return torch.ones_like(segments.valid, dtype=torch.float32)
-        return segments.valid.to(torch.float32)
+        return self.frontend.segment_weights(segments)
 
     def iter_encoded_chunks(
         self, segments: Segments, segment_batch_size: int | None = None
