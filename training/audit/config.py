@@ -76,6 +76,7 @@ class AuditConfig:
     progress: bool = field(default=True, metadata={"help": "progress bars on stderr"})
 
     def __post_init__(self) -> None:
+        self.model = ModelOptions.coerce(self.model)
         self.model.require_model()
         if self.steps < 0:
             raise ConfigError(f"steps: must be >= 0, got {self.steps}")
