@@ -79,6 +79,18 @@ def model_from_args(args: argparse.Namespace):
     return load_model(dataclass_from_args(ModelOptions, args))
 
 
+def add_guard_argument(p: argparse.ArgumentParser, default: str) -> None:
+    """``--guard off|flag|penalize`` (see :mod:`apex_reward.guard`) with this command's default."""
+    p.add_argument(
+        "--guard",
+        choices=("off", "flag", "penalize"),
+        default=default,
+        help="reward guards: off = no signal checks; flag = report signals and flags next to "
+        "the scores; penalize = also give a flagged clip the floor reward "
+        f"(default: {default})",
+    )
+
+
 def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     from .dataclass_io import add_dataclass_arguments
     from .loading import ModelOptions
@@ -223,6 +235,7 @@ def add_score_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--output", "-o", default=None, metavar="FILE", help="write results here instead of stdout"
     )
+    add_guard_argument(p, "flag")
 
 
 def _format_table(rows: list[dict[str, Any]], names: Sequence[str]) -> str:
@@ -238,7 +251,7 @@ def _format_table(rows: list[dict[str, Any]], names: Sequence[str]) -> str:
         "songeval": "seval",
         "overall": "overall",
     }
-    header = ["file"] + [short.get(n, n) for n in names] + ["reward"]
+    header = ["file"] + [short.get(n, n) for n in names] + ["reward", "flags"]
     table = []
     for r in rows:
         name = Path(r["path"]).name if not r["path"].startswith("array[") else r["path"]
@@ -249,7 +262,7 @@ def _format_table(rows: list[dict[str, Any]], names: Sequence[str]) -> str:
             table.append(
                 [name]
                 + [f"{s[n]:.2f}" if n != "overall" else f"{s[n]:.3f}" for n in names]
-                + [f"{r['reward']:.4f}"]
+                + [f"{r['reward']:.4f}", ",".join(r.get("flags") or []) or "-"]
             )
     ok_rows = [header] + [t for t in table if len(t) == len(header)]
     widths = [max(len(row[i]) for row in ok_rows) for i in range(len(header))]
@@ -280,12 +293,14 @@ def write_results(rows: list[dict[str, Any]], names: Sequence[str], fmt: str, st
         import csv
 
         w = csv.writer(stream)
-        w.writerow(["path", *names, "reward", "error"])
+        w.writerow(["path", *names, "reward", "flags", "error"])
         for r in rows:
             if "error" in r:
-                w.writerow([r["path"], *[""] * len(names), "", f"{r['error_type']}: {r['error']}"])
+                err = f"{r['error_type']}: {r['error']}"
+                w.writerow([r["path"], *[""] * len(names), "", "", err])
             else:
-                w.writerow([r["path"], *[r["scores"][n] for n in names], r["reward"], ""])
+                flags = ";".join(r.get("flags") or [])
+                w.writerow([r["path"], *[r["scores"][n] for n in names], r["reward"], flags, ""])
     else:
         stream.write(_format_table(rows, names) + "\n")
 
@@ -294,7 +309,11 @@ def run_score(args: argparse.Namespace) -> int:
     output = _check_output_path(args.output) if args.output else None
     model = model_from_args(args)
     results = model.score(
-        args.files, batch_size=args.batch_size, num_workers=args.num_workers, progress=True
+        args.files,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        progress=True,
+        guard=args.guard,
     )
     rows = []
     for r in results:
@@ -337,6 +356,7 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="mark the pair as instrumental (used by a fitted preference head)",
     )
+    add_guard_argument(p, "flag")
 
 
 def run_compare(args: argparse.Namespace) -> int:
@@ -351,7 +371,7 @@ def run_compare(args: argparse.Namespace) -> int:
     for path, wav, sr in ((args.a, wa, sra), (args.b, wb, srb)):
         model.frontend.check(wav, sr, path)  # errors name the file, not waveforms[i]
     with torch.inference_mode():
-        out = model([wa, wb], [sra, srb])
+        out = model([wa, wb], [sra, srb], guard=args.guard)
         a_out, b_out = _split_output(out)
         logit = model.preference_logits_from_outputs(
             a_out, b_out, is_instrumental=1.0 if args.instrumental else 0.0
@@ -366,6 +386,8 @@ def run_compare(args: argparse.Namespace) -> int:
         "reward_b": float(out.reward[1]),
         "method": "preference_head" if model.preference_head is not None else "bradley_terry",
     }
+    if out.flags is not None:
+        result["flags_a"], result["flags_b"] = out.flags
     if model.untrained:
         result["untrained"] = True
     print(json.dumps(result))

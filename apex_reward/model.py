@@ -18,11 +18,13 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .audio import AudioFrontEnd, Segments, WaveformInput
+from . import guard as guard_policy
+from .audio import AudioFrontEnd, Segments, WaveformInput, as_waveform_list, per_song_rates
 from .checkpoint import read_checkpoint, save_checkpoint, state_mismatch
 from .config import ApexConfig
 from .encoder import MertEncoder
 from .errors import CheckpointError, ConfigError
+from .guard import GuardPolicy
 from .heads import ApexHead, combine_scores, weighted_song_mean
 
 logger = logging.getLogger(__name__)
@@ -62,12 +64,18 @@ class ApexOutput:
         embeddings: ``[B, H]`` song embeddings (aggregated layers, averaged over segments), when
             requested with ``return_embeddings=True``.
         features: the per-segment :class:`SegmentFeatures`, when requested.
+        signals: ``{name: [B]}`` float64 signal checks of each input waveform
+            (:mod:`apex_reward.signals`); None under the guard policy ``off``.
+        flags: per song, the names of the flags its signals raised (``[]`` when none); None
+            under ``off``. Under ``penalize`` a flagged song's ``reward`` is the floor.
     """
 
     scores: dict[str, torch.Tensor]
     reward: torch.Tensor
     embeddings: torch.Tensor | None = None
     features: SegmentFeatures | None = None
+    signals: dict[str, torch.Tensor] | None = None
+    flags: list[list[str]] | None = None
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.reward if name == "reward" else self.scores[name]
@@ -469,6 +477,7 @@ class ApexRewardModel(nn.Module):
         return_embeddings: bool = False,
         segment_batch_size: int | None = None,
         check: bool = True,
+        guard: GuardPolicy | None = None,
     ) -> ApexOutput:
         """Score waveforms; differentiable with respect to them.
 
@@ -479,18 +488,36 @@ class ApexRewardModel(nn.Module):
             return_embeddings: also return song embeddings ``[B, H]`` and per-segment features.
             segment_batch_size: segments per encoder call.
             check: validate each song with ``frontend.check`` (``False``: the caller already did).
+            guard: the guard policy, ``"off"``, ``"flag"`` or ``"penalize"``
+                (:mod:`apex_reward.guard`); None: the checkpoint's ``config.guard.policy``.
 
         Returns:
-            :class:`ApexOutput` with ``scores`` (each ``[B]``) and ``reward`` ``[B]``.
+            :class:`ApexOutput` with ``scores`` (each ``[B]``) and ``reward`` ``[B]``, and the
+            ``signals`` and ``flags`` of each song unless the policy is ``off``.
 
         Raises:
             AudioError subclasses for empty, non-finite, too-short or too-long input, and
             AudioShapeError for tensors of the wrong shape.
         """
+        policy = guard_policy.resolve_policy(self.config, guard)
+        if policy != "off":  # the same list of songs the encoder sees, measured as given
+            waveforms = as_waveform_list(waveforms)
         features = self.encode(
             waveforms, sample_rate, segment_batch_size=segment_batch_size, check=check
         )
-        return self.predict_from_features(features, return_embeddings=return_embeddings)
+        out = self.predict_from_features(features, return_embeddings=return_embeddings)
+        if policy == "off":
+            return out
+        rates = per_song_rates(sample_rate, len(waveforms), "sample_rate")
+        signals, flags = guard_policy.check(waveforms, rates, self.config.guard)
+        out.signals = {
+            name: torch.tensor([s[name] for s in signals], dtype=torch.float64)
+            for name in signals[0]
+        }
+        out.flags = flags
+        floor = guard_policy.reward_floor(self.config)
+        out.reward = guard_policy.apply_policy(out.reward, flags, policy, floor)
+        return out
 
     # ------------------------------------------------------------------------------------------
     # pairwise preference
@@ -549,8 +576,6 @@ class ApexRewardModel(nn.Module):
         (generator names) add the per-system offsets, see
         :meth:`preference_logits_from_outputs`.
         """
-        from .audio import as_waveform_list, per_song_rates
-
         la, lb = as_waveform_list(a), as_waveform_list(b)
         if len(la) != len(lb):
             raise ConfigError(f"preference_logits: {len(la)} songs in a but {len(lb)} in b")
@@ -578,6 +603,7 @@ class ApexRewardModel(nn.Module):
         batch_size: int = 8,
         num_workers: int = 2,
         progress: bool = False,
+        guard: GuardPolicy | None = None,
     ) -> list:
         """Score files and/or arrays in batches under ``inference_mode``.
 
@@ -588,10 +614,12 @@ class ApexRewardModel(nn.Module):
             batch_size: 30 s segments per encoder call; songs are grouped to fill it.
             num_workers: threads decoding files ahead of the encoder.
             progress: show a tqdm progress bar on stderr.
+            guard: the guard policy (:mod:`apex_reward.guard`); None: the checkpoint's.
 
         Returns:
-            One :class:`~apex_reward.scoring.ScoreResult` per input, in input order: scores and
-            reward, or the error that input raised (other inputs are still scored).
+            One :class:`~apex_reward.scoring.ScoreResult` per input, in input order: scores,
+            reward, signals and flags, or the error that input raised (other inputs are still
+            scored).
         """
         from .scoring import score_inputs
 
@@ -602,6 +630,7 @@ class ApexRewardModel(nn.Module):
             batch_size=batch_size,
             num_workers=num_workers,
             progress=progress,
+            guard=guard,
         )
 
 

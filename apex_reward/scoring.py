@@ -42,6 +42,10 @@ class ScoreResult:
         error: what went wrong (None on success).
         error_type: the error's class name, e.g. ``"AudioDecodeError"``.
         duration_s: the audio's duration in seconds, when it was decoded.
+        signals: ``{name: value}`` signal checks of the input (:mod:`apex_reward.signals`), or
+            None under the guard policy ``off`` (and on error).
+        flags: the flags the signals raised (``[]`` when none), or None as ``signals``. Under
+            ``penalize`` a flagged input's ``reward`` is the floor.
         exception: the exception that stopped it, when one did (not part of the record,
             :meth:`to_dict`, equality or the repr; the reward server maps it to a status).
     """
@@ -52,6 +56,8 @@ class ScoreResult:
     error: str | None = None
     error_type: str | None = None
     duration_s: float | None = None
+    signals: dict[str, float] | None = None
+    flags: list[str] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     exception: BaseException | None = field(default=None, repr=False, compare=False)
 
@@ -60,9 +66,12 @@ class ScoreResult:
         return self.error is None
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able record: ``{"path", "scores", "reward"}`` or ``{"path", "error", "error_type"}``."""
+        """JSON-able record: ``{"path", "scores", "reward"}`` (with ``"signals"`` and ``"flags"``
+        unless the guard was off) or ``{"path", "error", "error_type"}``."""
         if self.ok:
             d: dict[str, Any] = {"path": self.input, "scores": self.scores, "reward": self.reward}
+            if self.signals is not None:
+                d["signals"], d["flags"] = self.signals, self.flags
         else:
             d = {"path": self.input, "error": self.error, "error_type": self.error_type}
         d.update(self.extra)
@@ -179,6 +188,7 @@ def _run_batch(
     batch_size: int,
     results: list[ScoreResult | None],
     check: bool,
+    guard: str | None,
 ) -> None:
     try:
         with torch.inference_mode():
@@ -187,6 +197,7 @@ def _run_batch(
                 [it.sample_rate for it in batch],
                 segment_batch_size=batch_size,
                 check=check,
+                guard=guard,
             )
         records = out.to_records()
     except Exception as e:
@@ -194,13 +205,13 @@ def _run_batch(
             # isolate the failing song: score the batch members one by one
             logger.debug("batch failed (%s); retrying items one by one", e)
             for it in batch:
-                _run_batch(model, [it], batch_size, results, check)
+                _run_batch(model, [it], batch_size, results, check, guard)
             return
         reason, kind = describe_error(e)
         it = batch[0]
         results[it.index] = ScoreResult(it.name, error=reason, error_type=kind, exception=_bare(e))
         return
-    for it, rec in zip(batch, records):
+    for i, (it, rec) in enumerate(zip(batch, records)):
         reward = rec.pop("reward")
         if not all(math.isfinite(v) for v in (reward, *rec.values())):
             # never hand NaN to a caller as a score (an RL loop would train on it)
@@ -215,6 +226,10 @@ def _run_batch(
             scores=rec,
             reward=reward,
             duration_s=it.wav.shape[-1] / it.sample_rate,
+            signals=None
+            if out.signals is None
+            else {k: float(v[i]) for k, v in out.signals.items()},
+            flags=None if out.flags is None else list(out.flags[i]),
         )
 
 
@@ -224,6 +239,7 @@ def score_waveforms(
     *,
     segment_batch_size: int = 8,
     checked: bool = False,
+    guard: str | None = None,
 ) -> list[ScoreResult]:
     """Score already decoded and validated waveforms in one forward pass (the reward server's batch).
 
@@ -232,6 +248,7 @@ def score_waveforms(
         segment_batch_size: encoder segments per encoder call.
         checked: every item already passed ``model.frontend.check`` (the server checks in its
             decode threads): skip that full pass over the samples here.
+        guard: the guard policy (:mod:`apex_reward.guard`); None: the checkpoint's.
 
     Returns:
         One :class:`ScoreResult` per item, in order. If the batched forward raises, the items are
@@ -240,7 +257,7 @@ def score_waveforms(
     batch = [_Item(i, name, wav, int(sr)) for i, (name, wav, sr) in enumerate(items)]
     results: list[ScoreResult | None] = [None] * len(batch)
     if batch:
-        _run_batch(model, batch, max(1, int(segment_batch_size)), results, not checked)
+        _run_batch(model, batch, max(1, int(segment_batch_size)), results, not checked, guard)
     return [r for r in results if r is not None]
 
 
@@ -252,6 +269,7 @@ def score_inputs(
     batch_size: int = 8,
     num_workers: int = 2,
     progress: bool = False,
+    guard: str | None = None,
 ) -> list[ScoreResult]:
     """See :meth:`apex_reward.ApexRewardModel.score`."""
     if batch_size < 1:
@@ -269,7 +287,7 @@ def score_inputs(
     def flush() -> None:
         nonlocal batch, segs
         if batch:
-            _run_batch(model, batch, batch_size, results, False)  # _load checked each item
+            _run_batch(model, batch, batch_size, results, False, guard)  # _load checked each item
             if bar is not None:
                 bar.update(len(batch))
         batch, segs = [], 0

@@ -518,6 +518,14 @@ class PairsConfig:
     margin_scale: float = field(
         default=1.0, metadata={"help": "margin column = margin_scale * (score difference)"}
     )
+    guard: Literal["off", "flag", "penalize"] = field(
+        default="penalize",
+        metadata={
+            "help": "reward guards: penalize = a candidate flagged by the signal checks "
+            "(silence, noise, held tone, loop, DC, clipping) ranks at the bottom of the score's "
+            "range; flag = report flags in scores.jsonl only; off = no checks"
+        },
+    )
     batch_size: int = field(default=8, metadata={"help": "30 s segments per encoder call"})
     num_workers: int = field(default=2, metadata={"help": "audio decoding threads"})
     overwrite: bool = field(
@@ -616,11 +624,19 @@ def run_pairs_job(cfg: PairsConfig, *, progress: bool = False) -> dict[str, Any]
     model = load_model(cfg.model)
     spec: Any = cfg.weights if cfg.weights else cfg.score
     fn = ApexRewardFunction(
-        model, score=spec, batch_size=cfg.batch_size, num_workers=cfg.num_workers
+        model,
+        score=spec,
+        batch_size=cfg.batch_size,
+        num_workers=cfg.num_workers,
+        guard=cfg.guard,
     )
     unique = sorted({a for g in groups for a in g.audio})
     results = model.score(
-        unique, batch_size=cfg.batch_size, num_workers=cfg.num_workers, progress=progress
+        unique,
+        batch_size=cfg.batch_size,
+        num_workers=cfg.num_workers,
+        progress=progress,
+        guard=cfg.guard,
     )
     by_path = dict(zip(unique, results))
     values = [[fn.values([by_path[a]])[0] for a in g.audio] for g in groups]

@@ -36,11 +36,14 @@ import numpy as np
 import torch
 
 from apex_reward.checkpoint import CONFIG_NAME, WEIGHTS_DIGEST_KEY, split_digests
+from apex_reward.config import SCORE_RANGES
 from apex_reward.errors import ApexError, AudioDecodeError, ConfigError
+from apex_reward.guard import POLICIES, reward_floor
 from apex_reward.loading import ModelOptions, load_model
 from apex_reward.scoring import ScoreResult, describe_error
 
 if TYPE_CHECKING:
+    from apex_reward.config import ApexConfig
     from apex_reward.model import ApexRewardModel
 
 logger = logging.getLogger(__name__)
@@ -53,6 +56,7 @@ __all__ = [
     "clear_model_cache",
     "load_cached_model",
     "score_value",
+    "spec_floor",
 ]
 
 #: Which number a reward function returns: ``"reward"`` (the checkpoint's configured reward), any
@@ -174,6 +178,23 @@ def score_value(result: ScoreResult | None, spec: ScoreSpec = "reward") -> float
     return value if math.isfinite(value) else None
 
 
+def spec_floor(spec: ScoreSpec, config: ApexConfig) -> float:
+    """The lowest value ``spec`` can select: what a flagged completion gets under the guard
+    policy ``penalize``. For ``"reward"`` the checkpoint's floor
+    (:func:`apex_reward.guard.reward_floor`); for a score, the bottom of its range; for weights,
+    the weighted sum of those (the top of the range for a negative weight)."""
+
+    def low(name: str, w: float) -> float:
+        if name == "reward":
+            return reward_floor(config)
+        lo, hi = SCORE_RANGES[name]
+        return lo if w >= 0 else hi
+
+    if isinstance(spec, str):
+        return low(spec, 1.0)
+    return sum(w * low(name, w) for name, w in spec.items())
+
+
 def _spec_label(spec: ScoreSpec) -> str:
     if isinstance(spec, str):
         return spec
@@ -261,6 +282,10 @@ class ApexRewardFunction:
             checkpoint path; with ``ModelOptions`` or an in-memory model, leave them unset.)
         batch_size: 30 s segments per encoder call.
         num_workers: threads decoding audio files ahead of the encoder.
+        guard: the guard policy (:mod:`apex_reward.guard`): ``"penalize"`` (default) gives a
+            completion whose audio the signal checks flag (silence, noise, a held tone, a loop,
+            DC, clipping) the lowest value ``score`` can take (:func:`spec_floor`); ``"flag"``
+            only reports flags; ``"off"`` skips the checks.
         log_scores: report the batch mean of every score (and the failed fraction) through TRL's
             ``log_metric`` hook, as ``<name>/<score>``.
         failure_value: what a completion that cannot be decoded or scored gets. ``None`` (the
@@ -286,6 +311,7 @@ class ApexRewardFunction:
         dtype: str | None = None,
         batch_size: int = 8,
         num_workers: int = 0,
+        guard: Literal["off", "flag", "penalize"] = "penalize",
         log_scores: bool = True,
         failure_value: float | None = None,
     ) -> None:
@@ -334,6 +360,9 @@ class ApexRewardFunction:
         self.batch_size = int(batch_size)
         self.num_workers = int(num_workers)
         self.log_scores = log_scores
+        if guard not in POLICIES:
+            raise ConfigError(f"guard must be one of {', '.join(POLICIES)}, got {guard!r}")
+        self.guard = guard
         if failure_value is not None and not math.isfinite(failure_value):
             raise ConfigError(
                 f"failure_value must be None or a finite number, got {failure_value!r}"
@@ -458,7 +487,10 @@ class ApexRewardFunction:
             model, lock = self.load()
             with lock:
                 scored = model.score(
-                    audio, batch_size=self.batch_size, num_workers=self.num_workers
+                    audio,
+                    batch_size=self.batch_size,
+                    num_workers=self.num_workers,
+                    guard=self.guard,
                 )
             for i, a, r in zip(where, audio, scored):
                 if not isinstance(a, str):  # name in-memory audio by its completion, not "array[k]"
@@ -467,8 +499,16 @@ class ApexRewardFunction:
         return [r for r in results if r is not None]
 
     def values(self, results: Sequence[ScoreResult]) -> list[float | None]:
-        """The selected score of each result (``None`` for failures)."""
-        return [score_value(r, self.score) for r in results]
+        """The selected score of each result (``None`` for failures; the floor
+        :func:`spec_floor` for a flagged one under the guard policy ``penalize``)."""
+        values = [score_value(r, self.score) for r in results]
+        if self.guard == "penalize" and any(r.flags for r in results if r is not None):
+            floor = spec_floor(self.score, self.model.config)
+            values = [
+                floor if v is not None and r is not None and r.flags else v
+                for v, r in zip(values, results)
+            ]
+        return values
 
     def _log(self, results: Sequence[ScoreResult], log_metric: Any) -> None:
         if not (self.log_scores and callable(log_metric) and results):
@@ -477,6 +517,11 @@ class ApexRewardFunction:
         log_metric(f"{self.__name__}/failed", 1.0 - len(ok) / len(results))
         if not ok:
             return
+        if self.guard != "off":  # the fraction flagged, and how often each flag fired
+            log_metric(f"{self.__name__}/flagged", float(np.mean([bool(r.flags) for r in ok])))
+            for flag in sorted({f for r in ok for f in (r.flags or [])}):
+                rate = float(np.mean([flag in (r.flags or []) for r in ok]))
+                log_metric(f"{self.__name__}/flag_{flag}", rate)
         for name in self.score_names:
             log_metric(f"{self.__name__}/{name}", float(np.mean([r.scores[name] for r in ok])))
         log_metric(f"{self.__name__}/reward", float(np.mean([r.reward for r in ok])))

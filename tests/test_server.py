@@ -86,10 +86,11 @@ def clips():
 
 @pytest.fixture(scope="module")
 def reference(served_model, clips):
-    """In-process ``model.score`` of every clip (decoded exactly as the server decodes it)."""
+    """In-process ``model.score`` of every clip (decoded exactly as the server decodes it), under
+    the server's default guard policy (``penalize``)."""
     _, model = served_model
     decoded = [decode_audio_bytes(c["data"], name=c["name"]) for c in clips]
-    results = model.score(decoded, batch_size=16, num_workers=0)
+    results = model.score(decoded, batch_size=16, num_workers=0, guard="penalize")
     assert all(r.ok for r in results)
     return results
 
@@ -551,7 +552,7 @@ def test_client_as_trl_reward_function_matches_in_process(server, served_model, 
         log_metric=lambda name, value: logged.__setitem__(name, value),
     )
     arrays = [_decode_completion(c) for c in completions[:7]]
-    expected = [r.reward for r in model.score(arrays, num_workers=0)]
+    expected = [r.reward for r in model.score(arrays, num_workers=0, guard="penalize")]
     assert len(rewards) == 8 and rewards[7] is None  # the decoder failed on the last one
     assert all(abs(a - b) <= 1e-5 for a, b in zip(rewards[:7], expected)), (rewards, expected)
     assert logged == {"apex_remote_reward/failed": 1 / 8}
@@ -563,7 +564,7 @@ def test_client_as_trl_reward_function_matches_in_process(server, served_model, 
     plain = ApexRewardClient(server.url, api_key=KEY, sample_rate=24000)
     short = synth_music(0.3, 24000, seed=5)[0]
     got = plain(["p"] * 3, [str(path), arrays[0][0][0], short])
-    want = model.score([str(path), (arrays[0][0][0], 24000)], num_workers=0)
+    want = model.score([str(path), (arrays[0][0][0], 24000)], num_workers=0, guard="penalize")
     assert abs(got[0] - want[0].reward) <= 1e-5 and abs(got[1] - want[1].reward) <= 1e-5
     assert got[2] is None
     res = plain.score([str(path), short])

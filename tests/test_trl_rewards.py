@@ -70,8 +70,18 @@ def test_values_equal_model_score_on_the_same_audio(fast_checkpoint):
     results = fn.score_completions(completions)
     values = fn(prompts=["p"] * 3, completions=completions)
     audio = [(synth_music(s, SR, seed=k)[0], SR) for k, s in ((1, 1.5), (2, 2.5), (3, 1.5))]
-    expected = ApexRewardModel.from_pretrained(fast_checkpoint).score(audio)
-    assert values == [r.scores["clarity"] for r in expected]
+    # the reward function guards by default (penalize): a flagged completion gets the bottom of
+    # the score's range; the others equal the model's own scores under the same policy
+    expected = ApexRewardModel.from_pretrained(fast_checkpoint).score(audio, guard="penalize")
+    assert [r.flags for r in expected] == [[], [], ["held_tone"]]  # "song 3": one partial
+    assert values == [1.0 if r.flags else r.scores["clarity"] for r in expected]
+    assert [r.flags for r in results] == [r.flags for r in expected]
+    unguarded = ApexRewardFunction(
+        fast_checkpoint, decoder=SeedDecoder(), score="clarity", guard="off"
+    )
+    assert unguarded(prompts=["p"] * 3, completions=completions) == [
+        r.scores["clarity"] for r in expected
+    ]
     assert [r.scores for r in results] == [r.scores for r in expected]
     assert [r.reward for r in results] == [r.reward for r in expected]
     # the default is the checkpoint's reward; weights combine named scores and "reward"
@@ -83,7 +93,9 @@ def test_values_equal_model_score_on_the_same_audio(fast_checkpoint):
     )
     assert weighted.__name__ == "apex_weighted"
     for v, r in zip(weighted.values(results), expected):
-        assert v == pytest.approx(2.0 * r.scores["overall"] - 0.5 * r.scores["musicality"])
+        # a flagged clip gets the lowest value the weights can give: 2 * 0 - 0.5 * 5
+        want = -2.5 if r.flags else 2.0 * r.scores["overall"] - 0.5 * r.scores["musicality"]
+        assert v == pytest.approx(want)
 
 
 def test_one_value_per_completion_and_none_for_undecodable(fast_checkpoint):
@@ -194,7 +206,12 @@ def test_log_metric_and_trl_keyword_arguments(fast_checkpoint):
         some_dataset_column=["x", "y", "z"],
     )
     results = fn.score_completions(completions)
-    assert set(logged) == {f"apex/{n}" for n in (*fn.score_names, "reward", "failed")}
+    assert set(logged) >= {f"apex/{n}" for n in (*fn.score_names, "reward", "failed", "flagged")}
+    assert all(
+        k.startswith("apex/flag_")
+        for k in set(logged)
+        - {f"apex/{n}" for n in (*fn.score_names, "reward", "failed", "flagged")}
+    )
     assert logged["apex/failed"] == [pytest.approx(1 / 3)]
     assert logged["apex/clarity"] == [
         pytest.approx((results[0].scores["clarity"] + results[1].scores["clarity"]) / 2)

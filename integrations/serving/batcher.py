@@ -84,6 +84,7 @@ class DynamicBatcher:
         max_queue: int = 512,
         segment_batch_size: int | None = None,
         on_batch: Any = None,
+        guard: str | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -95,6 +96,7 @@ class DynamicBatcher:
         self.max_queue = int(max_queue)
         self.segment_batch_size = int(segment_batch_size or max_batch)
         self.on_batch = on_batch
+        self.guard = guard
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._pending = 0
         self._lock = threading.Lock()
@@ -213,6 +215,7 @@ class DynamicBatcher:
                 [(j.name, j.wav, j.sample_rate) for j in batch],
                 segment_batch_size=self.segment_batch_size,
                 checked=True,  # submit() takes validated clips: no second pass on this thread
+                guard=self.guard,
             )
         except BaseException as e:  # never let the worker die: fail this batch, keep serving
             logger.exception("batch of %d clips failed unexpectedly", len(batch))

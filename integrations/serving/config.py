@@ -130,6 +130,14 @@ class ServeConfig:
     decode_workers: int = field(
         default=4, metadata={"help": "clips decoded at once (bounds decode memory)"}
     )
+    guard: Literal["off", "flag", "penalize"] = field(
+        default="penalize",
+        metadata={
+            "help": "reward guards: penalize = a clip flagged by the signal checks (silence, "
+            "noise, held tone, loop, DC, clipping) gets the floor reward; flag = report flags "
+            "only; off = no checks. Responses carry 'signals' and 'flags' unless off"
+        },
+    )
     failure_reward: float = field(
         default=0.0,
         metadata={

@@ -89,6 +89,7 @@ class ServerState:
             max_wait_s=config.max_wait_ms / 1000.0,
             max_queue=config.max_queue,
             segment_batch_size=config.max_batch,
+            guard=config.guard,
         )
         self.metrics = ServerMetrics(
             queue_clips=lambda: self.batcher.pending,
@@ -212,8 +213,12 @@ class ServerState:
     # -- answers ---------------------------------------------------------------------------------
 
     def result_json(self, r: ScoreResult, name: str) -> dict[str, Any]:
-        """The JSON of one scored clip: ``{"name", "scores", "reward", "duration_s"}``."""
-        return {"name": name, "scores": r.scores, "reward": r.reward, "duration_s": r.duration_s}
+        """The JSON of one scored clip: ``{"name", "scores", "reward", "duration_s"}``, and its
+        ``"signals"`` and ``"flags"`` unless the server's guard is ``off``."""
+        out = {"name": name, "scores": r.scores, "reward": r.reward, "duration_s": r.duration_s}
+        if r.signals is not None:
+            out["signals"], out["flags"] = r.signals, r.flags
+        return out
 
     def info(self, auth_required: bool) -> dict[str, Any]:
         """``GET /v1/info``: the model, its limits and the server's options."""

@@ -208,4 +208,8 @@ def score_result(name: str, row: dict[str, Any]) -> ScoreResult:
         scores={k: float(v) for k, v in row["scores"].items()},
         reward=float(row["reward"]),
         duration_s=row.get("duration_s"),
+        signals=None
+        if row.get("signals") is None
+        else {k: float(v) for k, v in row["signals"].items()},
+        flags=None if row.get("flags") is None else [str(f) for f in row["flags"]],
     )

@@ -116,6 +116,7 @@ def reply(state: ServerState, results: list[ScoreResult | ClipError]) -> dict[st
     rewards: list[float] = []
     scores: list[float] = []
     ok: list[float] = []
+    flagged: list[float] = []
     per_score: dict[str, list[float]] = {s: [] for s in names}
     errors: list[dict[str, str] | None] = []
     for res in results:
@@ -125,6 +126,7 @@ def reply(state: ServerState, results: list[ScoreResult | ClipError]) -> dict[st
             rewards.append(reward)
             scores.append(reward if key == "reward" else float(values[key]))
             ok.append(1.0)
+            flagged.append(1.0 if res.flags else 0.0)
             for s in names:
                 per_score[s].append(float(values[s]))
             errors.append(None)
@@ -132,8 +134,13 @@ def reply(state: ServerState, results: list[ScoreResult | ClipError]) -> dict[st
             rewards.append(config.failure_reward)
             scores.append(config.failure_reward)
             ok.append(0.0)
+            flagged.append(0.0)
             for s in names:
                 per_score[s].append(0.0)
             errors.append(res.to_json())
-    extra_logs = {"apex_ok": ok, **{f"apex_{s}": v for s, v in per_score.items()}}
+    extra_logs = {
+        "apex_ok": ok,
+        "apex_flagged": flagged,
+        **{f"apex_{s}": v for s, v in per_score.items()},
+    }
     return {"rewards": rewards, "scores": scores, "extra_logs": extra_logs, "errors": errors}
