@@ -15,9 +15,9 @@ from conftest import synth_music
 
 from apex_reward.cli import main
 from apex_reward.errors import ConfigError
+from apex_reward.guard import reward_floor
 from apex_reward.training.audit import AuditConfig, run_audit
 from apex_reward.training.audit.attack import run_attack
-from apex_reward.training.audit.guarded import reward_floor
 from apex_reward.training.audit.job import open_audit
 from apex_reward.training.audit.report import percentile_of, snr_ladder
 
@@ -174,7 +174,7 @@ def test_attack_under_penalize_gets_the_floor_and_no_gradient(tiny_model):
     (run,) = run_attack(
         tiny_model, {"white_noise": noise}, 24000, policy="penalize", target=0.0, steps=3
     )
-    floor = reward_floor(tiny_model)
+    floor = reward_floor(tiny_model.config)
     assert all(p.flagged and "noise_like" in p.checks for p in run.trajectory)
     assert all(p.reward == pytest.approx(floor) for p in run.trajectory)
     # no gradient ever reached the waveform: its raw reward never moved

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .config import GuardPolicy
+from apex_reward.guard import GuardPolicy
+
 from .guarded import guarded_forward
 
 if TYPE_CHECKING:

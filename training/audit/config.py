@@ -8,14 +8,12 @@ The model is given with the shared :class:`~apex_reward.loading.ModelOptions` (`
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
 from apex_reward.errors import ConfigError
+from apex_reward.guard import GuardPolicy
 from apex_reward.loading import ModelOptions
 
-__all__ = ["AuditConfig", "GuardPolicy"]
-
-GuardPolicy = Literal["off", "flag", "penalize"]
+__all__ = ["AuditConfig"]
 
 
 @dataclass

@@ -5,25 +5,26 @@ comes from this function, so the audit sees the reward exactly as a trainer woul
 audited guard policy. It returns both the raw reward (the model's, before any guard) and the
 reward under the policy, plus what the signal checks raise (with the checkpoint's thresholds,
 whatever the policy: under ``off`` they are reported as "would flag").
+
+The guard is the model's own (``model(..., guard=...)``, :mod:`apex_reward.guard`): the audit
+runs the model under ``penalize`` when that is the audited policy (so the floor and its zero
+gradient are the model's), and under ``flag`` otherwise (the checks run, the reward is raw).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
-from apex_reward.signals import guard_flags, measure_signals
-
-from .config import GuardPolicy
+from apex_reward.guard import GuardPolicy
 
 if TYPE_CHECKING:
     from apex_reward.model import ApexRewardModel
 
-__all__ = ["GuardedBatch", "guarded_forward", "reward_floor"]
+__all__ = ["GuardedBatch", "guarded_forward"]
 
 
 @dataclass
@@ -34,7 +35,7 @@ class GuardedBatch:
         raw_reward: ``[B]`` the model's reward before the guard (differentiable when the call
             was).
         reward: ``[B]`` the reward under the policy: under ``penalize`` a flagged clip gets
-            :func:`reward_floor` with zero gradient; otherwise ``raw_reward``.
+            :func:`apex_reward.guard.reward_floor` with zero gradient; otherwise ``raw_reward``.
         checks: per clip, the flags the signal checks raise with the checkpoint's thresholds
             (also under ``off``: what the guard *would* flag).
         flags: per clip, the flags under the policy (``[]`` for every clip under ``off``).
@@ -46,21 +47,6 @@ class GuardedBatch:
     checks: list[list[str]]
     flags: list[list[str]]
     signals: list[dict[str, float]]
-
-
-def reward_floor(model: ApexRewardModel) -> float:
-    """The reward a flagged clip gets under ``penalize``: ``config.guard.floor``, else the bottom
-    of the reward's range (``sum_k w_k * low_k``, ``high_k`` for negative weights)."""
-    from apex_reward.config import SCORE_RANGES
-
-    floor = model.config.guard.floor
-    if floor is not None:
-        return float(floor)
-    total = 0.0
-    for name, w in model.config.reward_weights.items():
-        low, high = SCORE_RANGES[name]
-        total += w * (low if w >= 0 else high)
-    return total
 
 
 def guarded_forward(
@@ -82,15 +68,11 @@ def guarded_forward(
     Returns:
         :class:`GuardedBatch`.
     """
-    out = model(list(waveforms), sample_rate)
-    checking = dataclasses.replace(model.config.guard, policy="flag")
-    signals = [measure_signals(w, sample_rate) for w in waveforms]
-    checks = [guard_flags(s, checking) for s in signals]
+    out = model(list(waveforms), sample_rate, guard="penalize" if policy == "penalize" else "flag")
+    assert out.flags is not None and out.signals is not None  # the policy is not "off"
+    raw = model.reward_from_scores(out.scores)  # scores stay as predicted under every policy
+    reward = out.reward if policy == "penalize" else raw
+    checks = [list(f) for f in out.flags]
     flags = [list(c) if policy != "off" else [] for c in checks]
-    raw = out.reward
-    reward = raw
-    if policy == "penalize" and any(flags):
-        flagged = torch.tensor([bool(f) for f in flags], device=raw.device)
-        floor = torch.full_like(raw, reward_floor(model))
-        reward = torch.where(flagged, floor, raw)  # the floor carries no gradient
+    signals = [{name: float(v[i]) for name, v in out.signals.items()} for i in range(len(checks))]
     return GuardedBatch(raw, reward, checks, flags, signals)

@@ -37,11 +37,12 @@ import torch
 from apex_reward.dataclass_io import finite_or_none, to_dict
 from apex_reward.errors import require
 from apex_reward.files import atomic_write_text
+from apex_reward.guard import GuardPolicy, reward_floor
 from apex_reward.loading import load_model
 
 from .attack import AttackRun, run_attack
-from .config import AuditConfig, GuardPolicy
-from .guarded import GuardedBatch, guarded_forward, reward_floor
+from .config import AuditConfig
+from .guarded import GuardedBatch, guarded_forward
 from .probes import (
     PROBE_RATE,
     SNR_LADDER_DB,
@@ -427,7 +428,7 @@ def write_report(
         "policy": job.policy,
         "policy_source": job.policy_source,
         "guard": to_dict(dataclasses.replace(job.model.config.guard, policy=job.policy)),
-        "floor": reward_floor(job.model),
+        "floor": reward_floor(job.model.config),
         "reward_weights": dict(job.model.config.reward_weights),
         "config": to_dict(cfg),
         "reference": {
