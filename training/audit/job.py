@@ -69,6 +69,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+#: A transform "raises" the reward of its clean clip when the raw reward rises by more than this
+#: (float32 rounding alone moves it by ~1e-7).
+RISE_TOLERANCE = 1e-4
+
 __all__ = [
     "AuditJob",
     "ClipScore",
@@ -472,7 +476,9 @@ def write_report(
             "transforms_above_clean": [
                 p.probe.name
                 for p in probes
-                if p.delta_vs_clean is not None and not p.probe.counts and p.delta_vs_clean > 0
+                if p.delta_vs_clean is not None
+                and not p.probe.counts
+                and p.delta_vs_clean > RISE_TOLERANCE
             ],
         },
     }

@@ -117,12 +117,26 @@ def summary_paragraph(summary: dict[str, Any]) -> str:
             f"{sum(snr['monotone_per_clip'].values())}/{len(snr['monotone_per_clip'])} clips, "
             f"on average {'yes' if snr['monotone_mean'] else 'NO'}."
         )
-    for run in summary["attack"]["runs"]:
+    raised = [p for p in summary["probes"] if p["name"] in set(v["transforms_above_clean"])]
+    if raised:
+        top = max(raised, key=lambda p: p["delta_vs_clean"])
         parts.append(
-            f"Attack from {run['start']}: beats the best reference ({_f(run['target'])}) after "
-            f"{_steps(run['steps_to_beat'])} of {summary['attack']['steps']} steps "
-            f"(unflagged: {_steps(run['steps_to_beat_unflagged'])}), final reward "
-            f"{_f(run['final_reward'])}."
+            f"{len(raised)} transforms of reference clips score above the clean clip (largest: "
+            f"{top['name']}, {top['delta_vs_clean']:+.4f})."
+        )
+    for run in summary["attack"]["runs"]:
+        steps = summary["attack"]["steps"]
+        beat = run["steps_to_beat"]
+        when = (
+            f"never beats the best reference ({_f(run['target'])}) in {steps} steps"
+            if beat is None
+            else f"beats the best reference ({_f(run['target'])}) after {beat} of {steps} steps "
+            f"(with no check raised: {_steps(run['steps_to_beat_unflagged'])})"
+        )
+        parts.append(
+            f"Attack from {run['start']}: {when}; final reward {_f(run['final_reward'])}"
+            + (f" ({', '.join(run['final_checks'])})" if run["final_checks"] else "")
+            + "."
         )
     if summary.get("untrained"):
         parts.append("The model is UNTRAINED: its rewards say nothing about music.")
@@ -202,6 +216,13 @@ def report_markdown(summary: dict[str, Any]) -> str:
             f"{_f(p['delta_vs_clean'], 4) if p['delta_vs_clean'] is not None else ''} | "
             f"{_flags_cell(p['checks'], p['flagged'], policy)} | {verdict} |"
         )
+    raised = v["transforms_above_clean"]
+    lines += [
+        "",
+        "Transforms that raise the raw reward of their clean clip (by more than 1e-4): "
+        + (", ".join(f"`{n}`" for n in raised) if raised else "none")
+        + ". A degradation (noise, low-pass, quantisation, clipping) should not raise it.",
+    ]
     lines += ["", "![probes](probes.png)", "", "## Ladders", "", "### SNR (white noise)", ""]
     snr = summary["ladders"]["snr"]
     if snr["per_clip"]:
