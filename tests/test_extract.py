@@ -270,3 +270,40 @@ def test_limit_below_one_is_an_error(songs, model_dir, tmp_path, capsys, limit):
     every = read_songs(str(manifest))
     assert read_songs(str(manifest), limit=1) == every[:1]
     assert read_songs(str(manifest), limit=len(every) + 5) == every
+
+
+def test_silent_segments_weigh_zero_in_the_store_as_in_the_model(model_dir, tmp_path):
+    """Extraction records the front end's segment weights: a near-silent 5 s segment inside a
+    song weighs 0 in both the store and the live model, and they score alike."""
+    import numpy as np
+    import soundfile as sf
+    from conftest import synth_music
+
+    sr = 24000
+    music = synth_music(12.0, sr, seed=3)[0]
+    quiet = 10 ** (-85 / 20) * np.random.default_rng(0).standard_normal(5 * sr)
+    song = np.concatenate([music[: 5 * sr], quiet, music[5 * sr :]]).astype(np.float32)
+    sf.write(tmp_path / "gap.wav", song, sr)
+    sf.write(tmp_path / "plain.wav", music, sr)
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("id,audio_path\ngap,gap.wav\nplain,plain.wav\n")
+    run_extraction(
+        ExtractConfig(
+            manifest=str(manifest),
+            model=ModelOptions(model=str(model_dir), device="cpu"),
+            out=str(tmp_path / "emb"),
+            num_workers=0,
+        ),
+        progress=False,
+    )
+    store = EmbeddingStore(tmp_path / "emb")
+    model = ApexRewardModel.from_pretrained(model_dir)
+    assert model.config.frontend.silent_segment_db is not None  # the level-aware front end
+    seg = store.segments(["gap", "plain"])
+    assert seg.weights[1] == 0 and (seg.weights[seg.song_index == 1] > 0).all()
+    with torch.inference_mode():
+        live = model([torch.from_numpy(song), torch.from_numpy(music)], sr, guard="off").scores
+        cached = model.predict_from_features(seg).scores
+    for name in live:
+        scale = 100.0 if name in ("streams", "likes", "popularity") else 5.0
+        assert torch.allclose(cached[name], live[name], atol=1e-3 * scale), name

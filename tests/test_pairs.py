@@ -298,7 +298,7 @@ def test_pairs_cli_end_to_end(fast_checkpoint, tmp_path, capsys):
     f = _write_candidates(tmp_path)
     out = tmp_path / "out"
     argv = ["pairs", "--model", str(fast_checkpoint), "--candidates", str(f), "--out", str(out)]
-    assert main(argv + ["--strategy", "all_pairs", "--score", "overall"]) == 0
+    assert main(argv + ["--strategy", "all_pairs", "--score", "overall", "--dtype", "fp32"]) == 0
     err = capsys.readouterr().err
     assert "line 3: invalid JSON" in err and "broken.wav" in err
     ds = load_from_disk(str(out / "dataset"))
@@ -312,6 +312,7 @@ def test_pairs_cli_end_to_end(fast_checkpoint, tmp_path, capsys):
     assert [b["line"] for b in stats["bad_lines"]] == [3, 4, 6]
     assert stats["failed_candidates"] == 1 and stats["failed"][0]["line"] == 5
     assert stats["options"]["strategy"] == "all_pairs" and stats["untrained_model"] is True
+    assert stats["options"]["model"]["dtype"] == "fp32"  # the shared model options
     assert len(scores) == 3 + 3 + 2
     # scores are the model's own, and every pair is consistent with them
     model = ApexRewardModel.from_pretrained(fast_checkpoint)

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -95,8 +96,9 @@ class EmbeddingStore:
         """Per-segment features of ``ids`` (all songs if None) in that order.
 
         Returns :class:`SegmentFeatures` with ``layer_features`` ``[N, L, H]`` float32 (stored as
-        fp16), ``song_index`` ``[N]``, ``weights`` ``[N]`` (segment duration in samples at the
-        encoder rate, or 1 for uniform weighting) and ``durations_s`` ``[B]``.
+        fp16), ``song_index`` ``[N]``, ``weights`` ``[N]`` (the front end's segment weights as
+        recorded at extraction; for older stores the segment duration in samples at the encoder
+        rate, or 1 for uniform weighting) and ``durations_s`` ``[B]``.
         """
         table = self.segment_table(ids)
         song_ids = list(dict.fromkeys(table["id"])) if ids is None else list(ids)
@@ -108,9 +110,13 @@ class EmbeddingStore:
                 torch.as_tensor(group["row"].to_numpy(copy=True))
             ].float()
         sr = self.fingerprint["frontend"]["sample_rate"]
-        if self.segment_weighting == "uniform":
+        recorded = table["weight"].to_numpy() if "weight" in table else None
+        if recorded is not None and len(recorded) and not np.isnan(recorded).any():
+            # the front end's own weights, recorded at extraction (silent segments weigh 0)
+            weights = torch.as_tensor(recorded, dtype=torch.float32).clone()
+        elif self.segment_weighting == "uniform":
             weights = torch.ones(len(table))
-        else:  # the model weighs by unpadded samples
+        else:  # stores written before weights were recorded: the model weighs by unpadded samples
             weights = torch.as_tensor(
                 np.round(table["duration_s"].to_numpy() * sr), dtype=torch.float32
             ).clone()
@@ -131,11 +137,16 @@ class EmbeddingStore:
         weighting: Literal["model", "uniform", "duration"] = "model",
     ) -> torch.Tensor:
         """Per-song features ``[B, L, H]`` float32: each song's segment features averaged
-        (``weighting="model"`` uses the extraction's front-end setting)."""
+        (``weighting="model"``: the front end's weights as extraction recorded them;
+        ``"uniform"``: equal; ``"duration"``: by unpadded samples)."""
         seg = self.segments(ids)
         w = seg.weights
-        if weighting == "uniform" or (weighting == "model" and self.segment_weighting == "uniform"):
+        if weighting == "uniform":
             w = torch.ones_like(w)
+        elif weighting == "duration":
+            sr = self.fingerprint["frontend"]["sample_rate"]
+            durations = self.segment_table(ids)["duration_s"].to_numpy()
+            w = torch.as_tensor(np.round(durations * sr), dtype=torch.float32)
         from apex_reward.heads import weighted_song_mean
 
         return weighted_song_mean(seg.layer_features, seg.song_index, w, seg.num_songs)
@@ -179,19 +190,29 @@ class ShardWriter:
         self.rows = 0
 
     def add_song(
-        self, sid: str, path: str, feats: torch.Tensor, valid_s: list[float], duration_s: float
+        self,
+        sid: str,
+        path: str,
+        feats: torch.Tensor,
+        valid_s: list[float],
+        duration_s: float,
+        weights: list[float] | None = None,
     ) -> None:
+        """Add one song: ``feats`` ``[segments, L, H]``, each segment's unpadded seconds, the
+        song's duration, and each segment's weight in the song's average as the front end gives
+        it (:meth:`~apex_reward.audio.AudioFrontEnd.segment_weights`; None: by duration)."""
         self.chunks.append(feats.to(torch.float16).cpu())
-        self.songs.append(
-            {
-                "id": sid,
-                "path": path,
-                "row": self.rows,
-                "segments": len(valid_s),
-                "segment_duration_s": valid_s,
-                "duration_s": duration_s,
-            }
-        )
+        song = {
+            "id": sid,
+            "path": path,
+            "row": self.rows,
+            "segments": len(valid_s),
+            "segment_duration_s": valid_s,
+            "duration_s": duration_s,
+        }
+        if weights is not None:
+            song["segment_weight"] = [float(w) for w in weights]
+        self.songs.append(song)
         self.rows += len(valid_s)
 
     def add_error(self, item: dict[str, Any]) -> None:
@@ -234,8 +255,9 @@ def write_index(out: Path, n_shards: int, n_songs: int) -> dict[str, Any]:
             missing.append(k)
             continue
         for s in rec["songs"]:
-            for j, d in enumerate(s["segment_duration_s"]):
-                rows.append((s["id"], j, d, s["duration_s"], shard_name(k), s["row"] + j))
+            weights = s.get("segment_weight") or [math.nan] * len(s["segment_duration_s"])
+            for j, (d, w) in enumerate(zip(s["segment_duration_s"], weights)):
+                rows.append((s["id"], j, d, s["duration_s"], shard_name(k), s["row"] + j, w))
         errors.extend(rec["errors"])
     if missing:
         raise ApexError(
@@ -243,7 +265,7 @@ def write_index(out: Path, n_shards: int, n_songs: int) -> dict[str, Any]:
             "rerun the same command to finish them"
         )
     index = pd.DataFrame(
-        rows, columns=["id", "segment", "duration_s", "song_duration_s", "shard", "row"]
+        rows, columns=["id", "segment", "duration_s", "song_duration_s", "shard", "row", "weight"]
     )
     with atomic_path(out / "index.parquet") as tmp:
         index.to_parquet(tmp, index=False)

@@ -298,11 +298,19 @@ def _extract_items(
         with torch.inference_mode():
             segs = model.frontend.segment([p["audio"].to(device) for p in pending])
             feats = torch.cat(list(model.iter_encoded_chunks(segs, config.batch_size))).float()
+            weights = model.frontend.segment_weights(segs).tolist()
         start = 0
         for p in pending:
             n = p["n_segments"]
             valid_s = (segs.valid[start : start + n].float() / sr).tolist()
-            writer.add_song(p["id"], p["path"], feats[start : start + n], valid_s, p["duration_s"])
+            writer.add_song(
+                p["id"],
+                p["path"],
+                feats[start : start + n],
+                valid_s,
+                p["duration_s"],
+                weights=weights[start : start + n],
+            )
             start += n
         pending, pending_segments = [], 0
 
