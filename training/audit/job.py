@@ -44,6 +44,7 @@ from .attack import AttackRun, run_attack
 from .config import AuditConfig
 from .guarded import GuardedBatch, guarded_forward
 from .probes import (
+    NOISE_RMS,
     PROBE_RATE,
     SNR_LADDER_DB,
     Clip,
@@ -373,9 +374,7 @@ def attack(job: AuditJob, reference: ReferenceSet) -> AttackResult:
     clip = reference.clips[reference.median_clip()]
     start = to_probe_rate(clip)[: int(round(cfg.attack_seconds * PROBE_RATE))]
     rng = np.random.default_rng(cfg.seed + 2)
-    noise = torch.from_numpy(
-        (10.0 ** (-15.0 / 20.0) * rng.standard_normal(start.shape[0])).astype(np.float32)
-    )
+    noise = torch.from_numpy((NOISE_RMS * rng.standard_normal(start.shape[0])).astype(np.float32))
     runs = run_attack(
         job.model,
         {"white_noise": noise, f"reference:{clip.name}": start},

@@ -27,6 +27,7 @@ from apex_reward.errors import ApexError, ConfigError
 __all__ = [
     "AUDIO_SUFFIXES",
     "GAIN_LADDER_DB",
+    "NOISE_RMS",
     "PROBE_RATE",
     "SNR_LADDER_DB",
     "Clip",
@@ -51,7 +52,8 @@ GAIN_LADDER_DB: tuple[float, ...] = (-40.0, -30.0, -20.0, -10.0, -6.0, 0.0, 6.0)
 SNR_LADDER_DB: tuple[float, ...] = (30.0, 20.0, 10.0, 0.0)
 #: Low-pass cutoffs (Hz).
 LOWPASS_HZ: tuple[float, ...] = (4000.0, 2000.0)
-_NOISE_RMS = 10.0 ** (-15.0 / 20.0)  # -15 dBFS
+#: RMS of the noise probes and of the attack's noise start (-15 dBFS).
+NOISE_RMS = 10.0 ** (-15.0 / 20.0)
 _NEAR_SILENCE_RMS = 10.0 ** (-80.0 / 20.0)  # -80 dBFS
 
 
@@ -227,8 +229,8 @@ def signal_probes(seconds: float, *, seed: int) -> list[Probe]:
     waves: dict[str, np.ndarray] = {
         "digital_silence": np.zeros(n),
         "near_silence_-80dBFS": _NEAR_SILENCE_RMS * rng.standard_normal(n),
-        "white_noise_-15dBFS": _NOISE_RMS * rng.standard_normal(n),
-        "pink_noise_-15dBFS": _NOISE_RMS * _pink_noise(n, rng),
+        "white_noise_-15dBFS": NOISE_RMS * rng.standard_normal(n),
+        "pink_noise_-15dBFS": NOISE_RMS * _pink_noise(n, rng),
     }
     for hz in (220, 440, 1000):
         waves[f"sine_{hz}hz"] = 0.5 * np.sin(2 * np.pi * hz * t)
