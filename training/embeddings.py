@@ -113,7 +113,7 @@ class EmbeddingStore:
         recorded = table["weight"].to_numpy() if "weight" in table else None
         if recorded is not None and len(recorded) and not np.isnan(recorded).any():
             # the front end's own weights, recorded at extraction (silent segments weigh 0)
-            weights = torch.as_tensor(recorded, dtype=torch.float32).clone()
+            weights = torch.tensor(recorded, dtype=torch.float32)
         elif self.segment_weighting == "uniform":
             weights = torch.ones(len(table))
         else:  # stores written before weights were recorded: the model weighs by unpadded samples
