@@ -286,7 +286,8 @@ class ApexRewardFunction:
             completion whose audio the signal checks flag (silence, noise, a held tone, a loop,
             DC, clipping) the lowest value ``score`` can take (:func:`spec_floor`); ``"flag"``
             only reports flags; ``"off"`` skips the checks.
-        log_scores: report the batch mean of every score (and the failed fraction) through TRL's
+        log_scores: report the batch mean of every score and signal, the failed and flagged
+            fractions and each flag's rate through TRL's
             ``log_metric`` hook, as ``<name>/<score>``.
         failure_value: what a completion that cannot be decoded or scored gets. ``None`` (the
             default) tells TRL the reward does not apply: GRPO/RLOO give it zero advantage, so
@@ -517,11 +518,15 @@ class ApexRewardFunction:
         log_metric(f"{self.__name__}/failed", 1.0 - len(ok) / len(results))
         if not ok:
             return
-        if self.guard != "off":  # the fraction flagged, and how often each flag fired
+        if self.guard != "off":  # the fraction flagged, each flag's rate, each signal's mean
             log_metric(f"{self.__name__}/flagged", float(np.mean([bool(r.flags) for r in ok])))
             for flag in sorted({f for r in ok for f in (r.flags or [])}):
                 rate = float(np.mean([flag in (r.flags or []) for r in ok]))
                 log_metric(f"{self.__name__}/flag_{flag}", rate)
+            measured = [r.signals for r in ok if r.signals]
+            for signal in measured[0] if measured else ():
+                mean = float(np.mean([s[signal] for s in measured]))
+                log_metric(f"{self.__name__}/signal_{signal}", mean)
         for name in self.score_names:
             log_metric(f"{self.__name__}/{name}", float(np.mean([r.scores[name] for r in ok])))
         log_metric(f"{self.__name__}/reward", float(np.mean([r.reward for r in ok])))

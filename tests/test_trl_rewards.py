@@ -206,12 +206,17 @@ def test_log_metric_and_trl_keyword_arguments(fast_checkpoint):
         some_dataset_column=["x", "y", "z"],
     )
     results = fn.score_completions(completions)
-    assert set(logged) >= {f"apex/{n}" for n in (*fn.score_names, "reward", "failed", "flagged")}
-    assert all(
-        k.startswith("apex/flag_")
-        for k in set(logged)
-        - {f"apex/{n}" for n in (*fn.score_names, "reward", "failed", "flagged")}
-    )
+    from apex_reward.signals import SIGNAL_NAMES
+
+    always = {f"apex/{n}" for n in (*fn.score_names, "reward", "failed", "flagged")}
+    always |= {f"apex/signal_{s}" for s in SIGNAL_NAMES}
+    assert set(logged) >= always
+    assert all(k.startswith("apex/flag_") for k in set(logged) - always)  # flags that fired
+    assert logged["apex/signal_loudness_lufs"] == [
+        pytest.approx(
+            (results[0].signals["loudness_lufs"] + results[1].signals["loudness_lufs"]) / 2
+        )
+    ]
     assert logged["apex/failed"] == [pytest.approx(1 / 3)]
     assert logged["apex/clarity"] == [
         pytest.approx((results[0].scores["clarity"] + results[1].scores["clarity"]) / 2)
