@@ -19,7 +19,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from apex_reward import ApexConfig, ApexRewardModel  # noqa: E402
+from apex_reward import ApexConfig, ApexRewardModel, FrontendConfig  # noqa: E402
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -117,6 +117,14 @@ def make_tiny_model(seed: int = 0, **head) -> ApexRewardModel:
         model.head.train()
         model.head.predict(emb)
     return model.eval()
+
+
+def fast_model(seed: int = 0) -> ApexRewardModel:
+    """Tiny random model with 2 s segments (each clip costs one 2 s encoder segment)."""
+    torch.manual_seed(seed)
+    cfg = ApexConfig.from_preset("tiny")
+    cfg.frontend = FrontendConfig(segment_seconds=2.0, min_duration_s=0.5)
+    return ApexRewardModel.from_config(cfg, encoder="random")
 
 
 @pytest.fixture(scope="session")

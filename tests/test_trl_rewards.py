@@ -14,9 +14,9 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from conftest import synth_music
+from conftest import fast_model, synth_music
 
-from apex_reward import ApexConfig, ApexRewardModel, FrontendConfig
+from apex_reward import ApexRewardModel
 from apex_reward.errors import ConfigError
 from apex_reward.integrations.trl_rewards import (
     ApexRewardFunction,
@@ -47,14 +47,6 @@ class SeedDecoder:
             wav = wav.copy()
             wav[100] = np.nan
         return wav, SR
-
-
-def fast_model(seed: int = 0) -> ApexRewardModel:
-    """Tiny random model with 2 s segments (each clip costs one 2 s encoder segment)."""
-    torch.manual_seed(seed)
-    cfg = ApexConfig.from_preset("tiny")
-    cfg.frontend = FrontendConfig(segment_seconds=2.0, min_duration_s=0.5)
-    return ApexRewardModel.from_config(cfg, encoder="random")
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,451 @@
+"""APEX as an in-process reward function for verl and verl-omni.
+
+verl loads a custom reward function from ``reward.custom_reward_function`` (``path``, ``name``,
+``reward_kwargs``; older releases read a top-level ``custom_reward_function``), binds
+``reward_kwargs`` to it, and calls it once per sample with keyword arguments only:
+
+* verl-omni's audio reward manager: ``compute_score(data_source=..., solution_audio=(waveform,
+  sample_rate), ground_truth=..., extra_info=...)``, where ``waveform`` is float32 ``[T]``, or
+  ``solution_audio=None`` when the rollout produced no audio;
+* plain verl: ``compute_score(data_source=..., solution_str=..., ground_truth=...,
+  extra_info=...)``; the text is turned into audio by a ``decoder="module:function"`` named in
+  ``reward_kwargs``.
+
+Both managers check ``inspect.iscoroutinefunction``: a coroutine function is awaited on their
+event loop, a plain one runs in an executor thread. :func:`compute_score` is the plain one (one
+forward pass per sample); :func:`compute_score_async` submits each sample to a per-process
+:class:`~apex_reward.integrations.serving.batcher.DynamicBatcher`, so samples the manager scores
+concurrently share model batches.
+
+Both return ``{"score": float, **extras}``, every value a finite float: ``apex_<name>`` per score
+of the checkpoint, ``apex_reward`` (the checkpoint's configured reward), ``apex_flagged`` (1.0
+when a signal check fired), ``apex_failed`` (0.0), and under a guard other than ``off`` one
+``apex_signal_<name>`` per signal (:data:`apex_reward.signals.SIGNAL_NAMES`). The key set depends
+only on the checkpoint and the guard, so verl can stack extras across samples.
+
+Failures fail closed, as verl-omni's own scorers do: input that cannot be scored (no audio,
+empty, non-finite, a bad sample rate, too short, a decoder error) raises a typed
+:class:`~apex_reward.errors.AudioError` (a ``ValueError``) before the model runs, and a model
+failure or a non-finite value raises :class:`~apex_reward.errors.ApexError`. Nothing is ever
+turned into a silent 0. To keep training through such samples instead, set a finite
+``failure_value`` in ``reward_kwargs``: the sample then gets ``score=failure_value``,
+``apex_failed=1.0`` and 0.0 for every other extra (filter on ``apex_failed`` when reading them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import math
+import threading
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from apex_reward.audio import load_audio
+from apex_reward.errors import (
+    ApexError,
+    AudioDecodeError,
+    AudioError,
+    AudioShapeError,
+    ConfigError,
+    error_class,
+)
+from apex_reward.guard import POLICIES
+from apex_reward.loading import ModelOptions
+from apex_reward.scoring import ScoreResult
+from apex_reward.signals import SIGNAL_NAMES
+
+from .serving.batcher import DynamicBatcher
+from .trl_rewards import _as_audio, _check_spec, load_cached_model, score_value, spec_floor
+
+if TYPE_CHECKING:
+    from apex_reward.model import ApexRewardModel
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CountingBatcher",
+    "batcher_for",
+    "close_batchers",
+    "compute_score",
+    "compute_score_async",
+]
+
+#: Keyword arguments verl itself may add to a reward call (verl-omni, with a reward router);
+#: accepted and not used.
+_VERL_KWARGS = frozenset({"reward_router_address", "reward_model_tokenizer", "model_name"})
+
+_WHERE = "solution_audio"
+
+
+# ----------------------------------------------------------------------------------------------
+# settings from reward_kwargs
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """What ``reward_kwargs`` ask for (hashable: it keys the per-process batchers)."""
+
+    options: tuple[str, str | None, str | None, str]  # model, encoder, device, dtype
+    score: Any = "reward"
+    guard: str = "penalize"
+    decoder: str | None = None
+    sample_rate: int | None = None
+    failure_value: float | None = None
+    max_batch: int = 16
+    max_wait_s: float = 0.01
+
+    def model_options(self) -> ModelOptions:
+        model, encoder, device, dtype = self.options
+        return ModelOptions(model=model, encoder=encoder, device=device, dtype=dtype)  # type: ignore[arg-type]
+
+
+def _settings(
+    *,
+    model: Any = None,
+    score: str | Mapping[str, float] = "reward",
+    guard: str = "penalize",
+    device: str | None = None,
+    dtype: str = "auto",
+    encoder: str | None = None,
+    decoder: str | None = None,
+    sample_rate: int | None = None,
+    failure_value: float | None = None,
+    max_batch: int = 16,
+    max_wait_s: float = 0.01,
+    **unknown: Any,
+) -> _Settings:
+    if model is None or model == "":
+        raise ConfigError(
+            "reward_kwargs.model is required: the APEX checkpoint directory or hub id"
+        )
+    extra = tuple(sorted(k for k in unknown if k not in _VERL_KWARGS))
+    if extra:
+        warnings.warn(
+            f"apex_reward verl reward: ignoring unknown reward_kwargs {list(extra)}",
+            stacklevel=3,
+        )
+    if guard not in POLICIES:
+        raise ConfigError(f"guard: expected one of {', '.join(POLICIES)}, got {guard!r}")
+    if decoder is not None and (not isinstance(decoder, str) or ":" not in decoder):
+        raise ConfigError(f"decoder: expected 'module:function', got {decoder!r}")
+    if failure_value is not None and (
+        isinstance(failure_value, bool)
+        or not isinstance(failure_value, (int, float))
+        or not math.isfinite(failure_value)
+    ):
+        raise ConfigError(f"failure_value must be a finite number, got {failure_value!r}")
+    if isinstance(score, Mapping):  # OmegaConf DictConfig -> a hashable, plain form
+        score = tuple(sorted((str(k), float(v)) for k, v in score.items()))
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+        raise ConfigError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+    return _Settings(
+        options=(str(model), encoder, None if device is None else str(device), str(dtype)),
+        score=score,
+        guard=guard,
+        decoder=decoder,
+        sample_rate=sample_rate,
+        failure_value=None if failure_value is None else float(failure_value),
+        max_batch=max_batch,
+        max_wait_s=float(max_wait_s),
+    )
+
+
+def _spec(settings: _Settings, model: ApexRewardModel) -> str | dict[str, float]:
+    score = settings.score
+    return _check_spec(dict(score) if isinstance(score, tuple) else score, model.score_names)
+
+
+@lru_cache(maxsize=32)
+def _import_decoder(target: str) -> Callable[[Any], Any]:
+    """``"package.module:function"`` -> the function."""
+    module_name, _, attr = target.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"decoder {target!r}: cannot import it ({e})") from e
+    if not callable(fn):
+        raise ConfigError(f"decoder {target!r} is not callable")
+    return fn
+
+
+# ----------------------------------------------------------------------------------------------
+# the sample -> a validated waveform
+
+
+def _waveform(obj: Any) -> torch.Tensor:
+    if isinstance(obj, np.ndarray):
+        if not np.issubdtype(obj.dtype, np.number):
+            raise AudioShapeError(f"waveform dtype {obj.dtype} is not numeric", _WHERE)
+        obj = torch.from_numpy(np.ascontiguousarray(obj, dtype=np.float32))
+    elif isinstance(obj, (list, tuple)):
+        obj = torch.as_tensor(np.asarray(obj, dtype=np.float32))
+    if not isinstance(obj, torch.Tensor):
+        raise AudioShapeError(
+            f"waveform must be an array or tensor, got {type(obj).__name__}", _WHERE
+        )
+    if obj.ndim not in (1, 2):
+        raise AudioShapeError(
+            f"waveform must be [T] or [C, T], got shape {tuple(obj.shape)}", _WHERE
+        )
+    return obj.detach().to("cpu", torch.float32)
+
+
+def _solution(
+    settings: _Settings, solution_audio: Any, solution_str: Any
+) -> tuple[torch.Tensor, int]:
+    """The sample's ``(waveform, sample_rate)``, not yet checked by the front end."""
+    if solution_audio is None and solution_str is not None:
+        if settings.decoder is None:
+            raise ConfigError(
+                "got solution_str (plain verl) but no decoder: set reward_kwargs.decoder to a "
+                "'module:function' that turns the response text into audio"
+            )
+        try:
+            decoded = _import_decoder(settings.decoder)(solution_str)
+        except ApexError:
+            raise
+        except Exception as e:
+            raise AudioDecodeError(f"the decoder raised {type(e).__name__}: {e}", _WHERE) from e
+        solution_audio = _as_audio(decoded, settings.sample_rate, _WHERE)
+        if isinstance(solution_audio, str):
+            return load_audio(Path(solution_audio))
+    if solution_audio is None:
+        raise AudioDecodeError("no audio: the rollout produced none for this sample", _WHERE)
+    if not (isinstance(solution_audio, (tuple, list)) and len(solution_audio) == 2):
+        raise AudioShapeError(
+            f"expected solution_audio=(waveform, sample_rate), got {type(solution_audio).__name__}",
+            _WHERE,
+        )
+    wav, sr = solution_audio
+    return _waveform(wav), sr
+
+
+# ----------------------------------------------------------------------------------------------
+# a result -> verl's dict
+
+
+def _raise_failure(result: ScoreResult) -> None:
+    exc = result.exception
+    if isinstance(exc, ApexError):
+        raise exc
+    cls = error_class(result.error_type)
+    message = f"{result.error_type}: {result.error}"
+    if cls is not None and issubclass(cls, AudioError):
+        raise cls(result.error or message, _WHERE)  # type: ignore[call-arg]
+    raise ApexError(f"{_WHERE}: scoring failed: {message}") from exc
+
+
+def _to_dict(result: ScoreResult, settings: _Settings, model: ApexRewardModel) -> dict[str, float]:
+    if not result.ok or result.scores is None:
+        _raise_failure(result)
+    spec = _spec(settings, model)
+    flagged = bool(result.flags)
+    if settings.guard == "penalize" and flagged:
+        value: float | None = spec_floor(spec, model.config)
+    else:
+        value = score_value(result, spec)
+    if value is None or not math.isfinite(value):
+        raise ApexError(f"{_WHERE}: the model returned a non-finite score {value!r}")
+    out = {"score": float(value)}
+    for name in model.score_names:
+        out[f"apex_{name}"] = float(result.scores[name])
+    out["apex_reward"] = float(result.reward) if result.reward is not None else math.nan
+    out["apex_flagged"] = float(flagged)
+    out["apex_failed"] = 0.0
+    if settings.guard != "off":
+        signals = result.signals or {}
+        for name in SIGNAL_NAMES:
+            out[f"apex_signal_{name}"] = float(signals.get(name, 0.0))
+    bad = [k for k, v in out.items() if not math.isfinite(v)]
+    if bad:
+        raise ApexError(f"{_WHERE}: non-finite values for {bad}")
+    return out
+
+
+def _failure(
+    error: ApexError, settings: _Settings, model: ApexRewardModel | None
+) -> dict[str, float]:
+    """The dict for a sample that could not be scored, under ``failure_value``."""
+    assert settings.failure_value is not None
+    logger.debug("sample not scored (failure_value %g): %r", settings.failure_value, error)
+    out = {"score": settings.failure_value}
+    names = model.score_names if model is not None else ()
+    for name in names:
+        out[f"apex_{name}"] = 0.0
+    out["apex_reward"] = 0.0
+    out["apex_flagged"] = 0.0
+    out["apex_failed"] = 1.0
+    if settings.guard != "off":
+        for name in SIGNAL_NAMES:
+            out[f"apex_signal_{name}"] = 0.0
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# the sync reward function
+
+
+def compute_score(
+    data_source: Any = None,
+    solution_audio: tuple[Any, int] | None = None,
+    solution_str: str | None = None,
+    ground_truth: Any = None,
+    extra_info: Mapping[str, Any] | None = None,
+    **reward_kwargs: Any,
+) -> dict[str, float]:
+    """Score one verl sample with APEX (synchronous; verl runs it in an executor thread).
+
+    Args:
+        data_source, ground_truth, extra_info: passed by verl; not used (APEX scores the audio
+            alone).
+        solution_audio: ``(waveform, sample_rate)`` from verl-omni's audio reward manager;
+            ``waveform`` float ``[T]`` or ``[C, T]`` (array or tensor).
+        solution_str: the response text from plain verl, turned into audio by ``decoder``.
+        **reward_kwargs: from the config's ``reward_kwargs``: ``model`` (checkpoint directory or
+            hub id, required), ``score`` (``"reward"``, a score name or ``{name: weight}``),
+            ``guard`` (``"penalize"``, ``"flag"`` or ``"off"``), ``device``, ``dtype``,
+            ``encoder``, ``decoder`` (``"module:function"``: text -> ``(waveform, rate)``, a
+            waveform with ``sample_rate``, or an audio file path), ``sample_rate``,
+            ``failure_value``.
+
+    Returns:
+        ``{"score": float, **extras}`` (see the module docstring).
+
+    Raises:
+        AudioError: the sample cannot be scored (no audio, empty, NaN/inf, a bad rate, ...).
+        ApexError: the model failed on it or returned a non-finite value.
+        ConfigError: bad ``reward_kwargs``.
+    """
+    settings = _settings(**reward_kwargs)
+    model, lock = load_cached_model(settings.model_options())
+    try:
+        wav, sr = _solution(settings, solution_audio, solution_str)
+        model.frontend.check(wav, sr, _WHERE)
+        with lock:
+            [result] = model.score([(wav, int(sr))], num_workers=0, guard=settings.guard)
+        return _to_dict(result, settings, model)
+    except ApexError as e:
+        if settings.failure_value is None or isinstance(e, ConfigError):
+            raise
+        return _failure(e, settings, model)
+
+
+# ----------------------------------------------------------------------------------------------
+# the async reward function: concurrent samples share model batches
+
+
+class CountingBatcher(DynamicBatcher):
+    """A :class:`DynamicBatcher` that holds the model's lock while it runs a batch (so sync and
+    async calls on one cached model never run it at once) and counts what it ran.
+
+    Attributes:
+        batches: forward passes run so far.
+        clips: clips scored so far.
+    """
+
+    def __init__(self, model: ApexRewardModel, lock: threading.Lock, **kwargs: Any) -> None:
+        super().__init__(model, **kwargs)
+        self.model_lock = lock
+        self.batches = 0
+        self.clips = 0
+
+    def _process(self, batch: list) -> None:
+        with self.model_lock:
+            # counted before the results are delivered, so an awaiting caller sees them
+            self.batches += 1
+            self.clips += len(batch)
+            super()._process(batch)
+
+
+_BATCHERS: dict[_Settings, CountingBatcher] = {}
+_BATCHERS_LOCK = threading.Lock()
+
+
+def _batcher_key(settings: _Settings) -> _Settings:
+    # only what the forward pass depends on: score selection, decoder and failure handling
+    # happen per call
+    return _Settings(
+        options=settings.options,
+        guard=settings.guard,
+        max_batch=settings.max_batch,
+        max_wait_s=settings.max_wait_s,
+    )
+
+
+def _get_batcher(settings: _Settings) -> tuple[CountingBatcher, ApexRewardModel]:
+    key = _batcher_key(settings)
+    with _BATCHERS_LOCK:
+        batcher = _BATCHERS.get(key)
+        if batcher is None or not batcher.alive:
+            model, lock = load_cached_model(settings.model_options())
+            batcher = CountingBatcher(
+                model,
+                lock,
+                max_batch=settings.max_batch,
+                max_wait_s=settings.max_wait_s,
+                guard=settings.guard,
+            )
+            batcher.start()
+            _BATCHERS[key] = batcher
+        return batcher, batcher.model
+
+
+def batcher_for(**reward_kwargs: Any) -> CountingBatcher:
+    """The batcher :func:`compute_score_async` uses in this process for these ``reward_kwargs``
+    (started, and its model loaded, on first use); its ``batches``/``clips`` counters tell how
+    well concurrent samples were coalesced."""
+    return _get_batcher(_settings(**reward_kwargs))[0]
+
+
+def close_batchers() -> None:
+    """Stop every batcher this process started for :func:`compute_score_async`."""
+    with _BATCHERS_LOCK:
+        batchers = list(_BATCHERS.values())
+        _BATCHERS.clear()
+    for b in batchers:
+        b.stop()
+
+
+async def compute_score_async(
+    data_source: Any = None,
+    solution_audio: tuple[Any, int] | None = None,
+    solution_str: str | None = None,
+    ground_truth: Any = None,
+    extra_info: Mapping[str, Any] | None = None,
+    **reward_kwargs: Any,
+) -> dict[str, float]:
+    """:func:`compute_score` as a coroutine function: verl awaits it on its event loop, and
+    samples scored concurrently are coalesced into model batches of up to ``max_batch``
+    (``reward_kwargs``, default 16), waiting at most ``max_wait_s`` (default 0.01) for
+    company. Same arguments, result and errors as :func:`compute_score`.
+
+    The first call in a process loads the model in a worker thread; a ``decoder`` also runs in
+    one, so neither blocks the event loop.
+    """
+    settings = _settings(**reward_kwargs)
+    key = _batcher_key(settings)
+    batcher = _BATCHERS.get(key)
+    if batcher is None or not batcher.alive:
+        batcher, model = await asyncio.to_thread(_get_batcher, settings)
+    model = batcher.model
+    try:
+        if solution_audio is None and solution_str is not None:
+            wav, sr = await asyncio.to_thread(_solution, settings, solution_audio, solution_str)
+        else:
+            wav, sr = _solution(settings, solution_audio, solution_str)
+        model.frontend.check(wav, sr, _WHERE)
+        result = await batcher.score(_WHERE, wav, int(sr))
+        return _to_dict(result, settings, model)
+    except ApexError as e:
+        if settings.failure_value is None or isinstance(e, ConfigError):
+            raise
+        return _failure(e, settings, model)
