@@ -589,13 +589,36 @@ class ApexRewardFunction:
         return self.compute(prompts, completions, **kwargs)
 
 
+async def _async_call_signature(
+    prompts: Sequence[Any] | None, completions: Sequence[Any], **kwargs: Any
+) -> list[float | None]:
+    """The call signature of :class:`AsyncApexRewardFunction` instances (never called: its code
+    object is what ``inspect`` reads; see the class)."""
+    raise NotImplementedError
+
+
 class AsyncApexRewardFunction(ApexRewardFunction):
     """:class:`ApexRewardFunction` with ``async def __call__``.
 
     TRL runs async reward functions concurrently on an event loop (e.g. next to an LLM judge or a
     remote verifier). Scoring runs in a worker thread (``asyncio.to_thread``), so the event loop
     stays free; calls on one model are serialised by its lock.
+
+    ``inspect.iscoroutinefunction(fn)`` is ``True`` for an instance ``fn``. Some TRL versions
+    decide whether to await a reward function with exactly that check on the object, which for
+    a plain callable instance is ``False`` (it looks at functions, not at ``__call__``); such a
+    trainer would call the function synchronously and get a coroutine instead of rewards. The
+    class therefore carries the attributes by which ``inspect`` recognises a function-like object
+    (``__code__`` of an ``async def`` with the call's signature, ``__defaults__``,
+    ``__kwdefaults__``; ``__name__`` is per instance). Classes are never function-like to
+    ``inspect``, so the class itself is not reported as a coroutine function, and nothing of this
+    is in an instance's state (pickling is unchanged). ``inspect.signature(fn)`` gives
+    ``(prompts, completions, **kwargs)``.
     """
+
+    __code__ = _async_call_signature.__code__
+    __defaults__ = None
+    __kwdefaults__ = None
 
     async def __call__(  # type: ignore[override]
         self, prompts: Sequence[Any] | None, completions: Sequence[Any], **kwargs: Any

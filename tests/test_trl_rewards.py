@@ -249,11 +249,20 @@ def test_decode_from_completion_ids_and_batched_decoder(fast_checkpoint):
 
 
 def test_async_variant(fast_checkpoint):
+    import copy
+    import inspect
+
     from trl.trainer.utils import is_async_callable
 
     sync = ApexRewardFunction(fast_checkpoint, decoder=SeedDecoder())
     afn = AsyncApexRewardFunction(fast_checkpoint, decoder=SeedDecoder())
     assert is_async_callable(afn) and not is_async_callable(sync)
+    # the plain stdlib check some TRL versions use on the reward function object itself
+    for fn in (afn, pickle.loads(pickle.dumps(afn)), copy.deepcopy(afn), copy.copy(afn)):
+        assert inspect.iscoroutinefunction(fn) and asyncio.iscoroutinefunction(fn)
+    assert not inspect.iscoroutinefunction(sync)
+    assert not inspect.iscoroutinefunction(AsyncApexRewardFunction)  # the class is not
+    assert list(inspect.signature(afn).parameters) == ["prompts", "completions", "kwargs"]
     completions = ["song 1", "bad", "song 2"]
 
     async def both():
@@ -309,10 +318,21 @@ def test_best_of_n(fast_checkpoint):
     assert again[0].index == i
 
 
-def test_grpo_trainer_runs_with_the_async_reward_function(fast_checkpoint, tmp_path):
+@pytest.mark.parametrize("detection", ["trl", "iscoroutinefunction"])
+def test_grpo_trainer_runs_with_the_async_reward_function(
+    fast_checkpoint, tmp_path, monkeypatch, detection
+):
     """TRL's GRPOTrainer (CPU, GPT-2 from a config, local tokenizer) calls the reward function
-    through its async event loop, with log_metric; two optimiser steps."""
+    through its async event loop, with log_metric; two optimiser steps. ``iscoroutinefunction``:
+    the trainer decides what to await with ``inspect.iscoroutinefunction(reward_func)`` alone,
+    as some TRL versions do (a plain async callable instance would be called synchronously)."""
+    import inspect
     import sys
+
+    if detection == "iscoroutinefunction":
+        import trl.trainer.grpo_trainer as grpo_trainer
+
+        monkeypatch.setattr(grpo_trainer, "is_async_callable", inspect.iscoroutinefunction)
 
     from conftest import REPO
 
