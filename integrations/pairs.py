@@ -16,11 +16,16 @@ tie_tolerance``.
 
 :func:`build_preference_pairs` returns a ``datasets.Dataset`` with the columns ``prompt``,
 ``chosen``, ``rejected``, ``score_chosen``, ``score_rejected`` and ``margin`` — what TRL's
-``DPOTrainer`` (text prompt/chosen/rejected) and ``RewardTrainer`` (which also reads ``margin``)
-accept. ``chosen``/``rejected`` hold whatever the candidates are: text, token ids, or audio paths.
+``DPOTrainer`` and ``RewardTrainer`` (which also reads ``margin``) accept. Those trainers tokenise
+``prompt``/``chosen``/``rejected`` themselves and read only text or conversational messages, so
+token-id candidates (and prompts) are decoded to text with the ``tokenizer=`` given (the
+policy's own tokenizer), and refused with a :class:`~apex_reward.errors.ConfigError` without one.
+Pairs of bare audio (paths or arrays: what a trainer of text models would take for text and
+train on nothing) are refused unless ``allow_audio_paths=True`` says the caller trains on audio.
 
 The ``apex-reward pairs`` command does the whole job from a JSONL file of prompts and candidate
-audio files (format in :func:`read_candidates`).
+audio files (format in :func:`read_candidates`); it needs each candidate's ``completion`` (or
+``--allow-audio-paths``), and ``--tokenizer`` for completions given as token ids.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from apex_reward.loading import ModelOptions, load_model
 
 if TYPE_CHECKING:
     import datasets
+    from transformers import PreTrainedTokenizerBase
 
     from apex_reward.model import ApexRewardModel
 
@@ -251,6 +257,58 @@ def _pair_records(
     return records, stats
 
 
+def _is_token_ids(value: Any) -> bool:
+    """A non-empty list/tuple of integers (not bools): token ids."""
+    import numpy as np
+
+    if isinstance(value, np.ndarray):
+        return value.ndim == 1 and value.size > 0 and np.issubdtype(value.dtype, np.integer)
+    return (
+        isinstance(value, (list, tuple))
+        and len(value) > 0
+        and all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in value)
+    )
+
+
+def _decode_token_ids(
+    records: list[dict[str, Any]],
+    tokenizer: PreTrainedTokenizerBase | None,
+    remedy: str = "pass tokenizer= (the policy's tokenizer) to decode them to text",
+) -> None:
+    """Replace token-id ``prompt``/``chosen``/``rejected`` values by their text, in place.
+
+    TRL's ``DPOTrainer``/``RewardTrainer`` tokenise these columns themselves (``prompt +
+    chosen``, an EOS appended to text) and fail on lists of ids; special tokens (an EOS the
+    generator emitted, padding) are dropped, since the trainers add their own.
+
+    Raises:
+        ConfigError: token ids and no ``tokenizer`` (the message ends with ``remedy``); a
+            column mixing token ids with other values.
+    """
+    columns = [
+        c for c in ("prompt", "chosen", "rejected") if any(_is_token_ids(r[c]) for r in records)
+    ]
+    if not columns:
+        return
+    for c in columns:
+        if not all(_is_token_ids(r[c]) for r in records):
+            raise ConfigError(
+                f"cannot build a dataset from these pairs: {c} mixes token ids with other values; "
+                "prompts and candidates must each have one type across all rows"
+            )
+    if tokenizer is None:
+        raise ConfigError(
+            f"{'/'.join(columns)} would hold token ids, which TRL's DPOTrainer and RewardTrainer "
+            "cannot read (they tokenise text or conversational messages themselves): "
+            f"{remedy}, or give text completions"
+        )
+    for r in records:
+        for c in columns:
+            if _is_token_ids(r[c]):
+                ids = [int(t) for t in r[c]]
+                r[c] = tokenizer.decode(ids, skip_special_tokens=True)
+
+
 def _to_dataset(records: list[dict[str, Any]], columns: Sequence[str]) -> datasets.Dataset:
     datasets = require("datasets", "trl", "preference pairs")
     if not records:
@@ -275,22 +333,30 @@ def build_preference_pairs(
     tie_tolerance: float = 1e-6,
     max_pairs_per_prompt: int | None = None,
     margin_scale: float = 1.0,
+    tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> tuple[datasets.Dataset, PairStats]:
     """Preference pairs from scored candidates.
 
     Args:
-        prompts: one prompt per group (text, or conversational messages).
-        candidates: ``[prompt][candidate]``: what goes in ``chosen``/``rejected`` (text, token
-            ids or audio paths; one type throughout).
+        prompts: one prompt per group (text, conversational messages, or token ids).
+        candidates: ``[prompt][candidate]``: what goes in ``chosen``/``rejected`` (text,
+            conversational messages or token ids; one type throughout). Audio paths are passed
+            through as they are (strings), for a trainer that reads audio.
         values: ``[prompt][candidate]`` scores (higher is better), ``None`` where scoring failed.
         strategy, min_margin, top_k, tie_tolerance, max_pairs_per_prompt: see
             :func:`select_pairs`.
         margin_scale: the ``margin`` column is ``margin_scale * (score_chosen - score_rejected)``
             (TRL's ``RewardTrainer`` subtracts it inside its loss, in reward-logit units).
+        tokenizer: decodes token-id prompts and candidates to text
+            (``tokenizer.decode(ids, skip_special_tokens=True)``), which is what TRL's
+            ``DPOTrainer`` and ``RewardTrainer`` read. Required when there are token ids.
 
     Returns:
         ``(dataset, stats)``: a ``datasets.Dataset`` with the columns ``prompt``, ``chosen``,
         ``rejected``, ``score_chosen``, ``score_rejected``, ``margin``, and :class:`PairStats`.
+
+    Raises:
+        ConfigError: token ids without ``tokenizer``; candidates of more than one type.
     """
     records, stats = _pair_records(
         prompts,
@@ -303,6 +369,7 @@ def build_preference_pairs(
         max_pairs_per_prompt=max_pairs_per_prompt,
         margin_scale=margin_scale,
     )
+    _decode_token_ids(records, tokenizer)
     return _to_dataset(records, PAIR_COLUMNS), stats
 
 
@@ -317,15 +384,29 @@ def score_and_build_pairs(
     tie_tolerance: float = 1e-6,
     max_pairs_per_prompt: int | None = None,
     margin_scale: float = 1.0,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    allow_audio_paths: bool = False,
     **reward_kwargs: Any,
 ) -> tuple[datasets.Dataset, PairStats]:
     """Score every candidate with an APEX reward function, then :func:`build_preference_pairs`.
 
-    ``candidates[p]`` are completions the reward function can turn into audio (with its decoder)
-    or audio paths; they also fill ``chosen``/``rejected``. ``reward`` is an
+    ``candidates[p]`` are completions the reward function turns into audio with its decoder
+    (text, messages, or token ids with ``decode_from="completion_ids"``); they also fill
+    ``chosen``/``rejected``. ``reward`` is an
     :class:`~apex_reward.integrations.trl_rewards.ApexRewardFunction`, or a model/checkpoint
     with ``reward_kwargs`` (``decoder=``, ``score=``, ...) to build one. All candidates are scored
     in one batched pass.
+
+    Args:
+        tokenizer: decodes token-id candidates (and prompts) to the text TRL's trainers read;
+            required when the candidates are token ids.
+        allow_audio_paths: a reward function without a decoder scores the candidates as audio
+            (paths or arrays), so ``chosen``/``rejected`` would hold audio, not text for a
+            language model: refused unless this is ``True`` (you train on audio yourself).
+
+    Raises:
+        ConfigError: audio candidates without ``allow_audio_paths``; token ids without
+            ``tokenizer``.
     """
     from .trl_rewards import ApexRewardFunction
 
@@ -334,6 +415,13 @@ def score_and_build_pairs(
         if isinstance(reward, ApexRewardFunction)
         else ApexRewardFunction(reward, **reward_kwargs)
     )
+    if fn.decoder is None and not allow_audio_paths:
+        raise ConfigError(
+            "the reward function has no decoder, so the candidates are scored as audio and "
+            "chosen/rejected would hold audio (paths or arrays), which TRL's DPOTrainer and "
+            "RewardTrainer would read as text and train on nothing: give completions and a "
+            "decoder=, or pass allow_audio_paths=True if you train on the audio yourself"
+        )
     flat = [c for group in candidates for c in group]
     ids = flat if fn.decode_from == "completion_ids" else None
     flat_values = fn.values(fn.score_completions(flat, completion_ids=ids)) if flat else []
@@ -351,6 +439,7 @@ def score_and_build_pairs(
         tie_tolerance=tie_tolerance,
         max_pairs_per_prompt=max_pairs_per_prompt,
         margin_scale=margin_scale,
+        tokenizer=tokenizer,
     )
 
 
@@ -535,6 +624,20 @@ class PairsConfig:
         default=False,
         metadata={"help": "exit with status 1 if any line is invalid or any candidate fails"},
     )
+    tokenizer: str | None = field(
+        default=None,
+        metadata={
+            "help": "tokenizer (directory or hub id) that decodes completions given as token "
+            "ids to the text TRL's DPOTrainer/RewardTrainer read (required for token ids)"
+        },
+    )
+    allow_audio_paths: bool = field(
+        default=False,
+        metadata={
+            "help": "allow lines without completions: chosen/rejected then hold audio paths, "
+            "which only a trainer that reads audio can use (refused otherwise)"
+        },
+    )
 
     def __post_init__(self) -> None:
         self.model = ModelOptions.coerce(self.model)
@@ -620,6 +723,26 @@ def run_pairs_job(cfg: PairsConfig, *, progress: bool = False) -> dict[str, Any]
         logger.warning("%s line %d skipped: %s", cfg.candidates, b["line"], b["error"])
     if not groups:
         raise ApexError(f"{cfg.candidates}: no valid lines ({len(bad_lines)} invalid)")
+    bare = [g.line for g in groups if g.completions == g.audio]
+    if bare and not cfg.allow_audio_paths:
+        shown = ", ".join(map(str, bare[:10])) + (", ..." if len(bare) > 10 else "")
+        raise ConfigError(
+            f"{cfg.candidates}: {len(bare)} line(s) give candidates without a 'completion' "
+            f"(lines {shown}): chosen/rejected would be audio paths, which TRL's DPOTrainer and "
+            "RewardTrainer read as text and train on nothing. Give each candidate's "
+            "completion, or pass --allow-audio-paths if you train on the audio yourself"
+        )
+    tokenizer = None
+    if any(_is_token_ids(v) for g in groups for v in (g.prompt, *g.completions)):
+        if not cfg.tokenizer:
+            raise ConfigError(
+                f"{cfg.candidates}: completions (or prompts) given as token ids need --tokenizer "
+                "(the policy's tokenizer) to become the text TRL's DPOTrainer and RewardTrainer "
+                "read; or give text completions"
+            )
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer)
 
     model = load_model(cfg.model)
     spec: Any = cfg.weights if cfg.weights else cfg.score
@@ -655,6 +778,7 @@ def run_pairs_job(cfg: PairsConfig, *, progress: bool = False) -> dict[str, Any]
         margin_scale=cfg.margin_scale,
         extra=[{"audio": g.audio} for g in groups] if with_completions else None,
     )
+    _decode_token_ids(records, tokenizer, "pass --tokenizer (the policy's tokenizer)")
     dataset = _to_dataset(records, PAIR_COLUMNS)
 
     # one `failed` entry per candidate counted in stats.failed_candidates: those that could not

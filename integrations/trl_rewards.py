@@ -6,8 +6,9 @@ expects one ``float`` (or ``None`` for "not applicable") per completion. An APEX
 audio, so :class:`ApexRewardFunction` turns each completion into audio first, with a decoder the
 user supplies (token ids or text -> ``(waveform, sample_rate)``, e.g. a neural codec or a
 synthesiser), or uses the completion as audio directly (a file path, an array, or an
-``(array, sample_rate)`` tuple). Completions that cannot be decoded or scored get ``None``; TRL
-leaves them out of the reward sum.
+``(array, sample_rate)`` tuple). Completions that cannot be decoded or scored get ``None`` (or
+``failure_value``). What TRL makes of ``None`` depends on the other reward functions: see
+``failure_value`` in :class:`ApexRewardFunction`.
 
 The function is picklable (TRL's own convention for reward functions, needed by multi-process
 launchers): it holds the checkpoint *path*, device and options, never the model. Each process
@@ -290,9 +291,25 @@ class ApexRewardFunction:
             fractions and each flag's rate through TRL's
             ``log_metric`` hook, as ``<name>/<score>``.
         failure_value: what a completion that cannot be decoded or scored gets. ``None`` (the
-            default) tells TRL the reward does not apply: GRPO/RLOO give it zero advantage, so
-            the policy is not steered away from broken outputs. A number (e.g. the bottom of
-            the score's range) penalises them instead.
+            default) or a number (e.g. the bottom of the score's range, to penalise it).
+            What TRL's GRPO and RLOO trainers (as of TRL 1.16) do with ``None``: they turn it
+            into NaN and sum the weighted rewards of all reward functions with ``nansum``.
+
+            * With APEX as the only reward function (or when every reward function returns
+              ``None`` for that completion), the completion is left out of its group's
+              baseline and gets advantage 0: the policy is not steered either way.
+            * Next to other reward functions that score the completion (a format reward, a
+              length penalty, ...), APEX's ``None`` counts as **0**: the completion's reward
+              is the sum of the other functions' rewards only, and it takes part in the
+              baseline. With APEX values above 0 (the usual case) that is a penalty, often the
+              group's largest; with a score that can be negative (negative weights) it can be
+              a bonus. Under GRPO's ``multi_objective_aggregation="normalize_then_sum"`` it
+              counts as the group's mean APEX value instead.
+
+            With several reward functions, set ``failure_value`` explicitly (e.g. the bottom
+            of the score's range) so the penalty is a choice, not an accident of ``nansum``; or
+            make the other functions return ``None`` for the same completions when they should
+            get no signal at all.
 
     Calling it: ``func(prompts, completions, **kwargs) -> list[float | None]``.
     """
@@ -572,13 +589,36 @@ class ApexRewardFunction:
         return self.compute(prompts, completions, **kwargs)
 
 
+async def _async_call_signature(
+    prompts: Sequence[Any] | None, completions: Sequence[Any], **kwargs: Any
+) -> list[float | None]:
+    """The call signature of :class:`AsyncApexRewardFunction` instances (never called: its code
+    object is what ``inspect`` reads; see the class)."""
+    raise NotImplementedError
+
+
 class AsyncApexRewardFunction(ApexRewardFunction):
     """:class:`ApexRewardFunction` with ``async def __call__``.
 
     TRL runs async reward functions concurrently on an event loop (e.g. next to an LLM judge or a
     remote verifier). Scoring runs in a worker thread (``asyncio.to_thread``), so the event loop
     stays free; calls on one model are serialised by its lock.
+
+    ``inspect.iscoroutinefunction(fn)`` is ``True`` for an instance ``fn``. Some TRL versions
+    decide whether to await a reward function with exactly that check on the object, which for
+    a plain callable instance is ``False`` (it looks at functions, not at ``__call__``); such a
+    trainer would call the function synchronously and get a coroutine instead of rewards. The
+    class therefore carries the attributes by which ``inspect`` recognises a function-like object
+    (``__code__`` of an ``async def`` with the call's signature, ``__defaults__``,
+    ``__kwdefaults__``; ``__name__`` is per instance). Classes are never function-like to
+    ``inspect``, so the class itself is not reported as a coroutine function, and nothing of this
+    is in an instance's state (pickling is unchanged). ``inspect.signature(fn)`` gives
+    ``(prompts, completions, **kwargs)``.
     """
+
+    __code__ = _async_call_signature.__code__
+    __defaults__ = None
+    __kwdefaults__ = None
 
     async def __call__(  # type: ignore[override]
         self, prompts: Sequence[Any] | None, completions: Sequence[Any], **kwargs: Any

@@ -127,22 +127,33 @@ def test_ties_and_failures_are_excluded_and_counted():
     assert st.pairs == 1
 
 
+class _DigitTokenizer:
+    """Token ids -> their digits joined by spaces (what a tokenizer's ``decode`` does)."""
+
+    def decode(self, ids, skip_special_tokens=False):
+        return " ".join(str(i) for i in ids)
+
+
 def test_cap_margin_scale_and_types():
     ds, stats = build_preference_pairs(
         ["p"],
-        [[[1, 2], [3], [4, 5, 6], [7]]],  # token ids
+        [[[1, 2], [3], [4, 5, 6], [7]]],  # token ids, decoded to text for TRL's trainers
         [[0.1, 0.4, 0.9, 0.2]],
         strategy="all_pairs",
         max_pairs_per_prompt=2,
         margin_scale=10.0,
+        tokenizer=_DigitTokenizer(),
     )
     assert stats.pairs == 2 and stats.capped == 4
-    assert ds["chosen"] == [[4, 5, 6], [4, 5, 6]] and ds["rejected"] == [[1, 2], [7]]
+    assert ds["chosen"] == ["4 5 6", "4 5 6"] and ds["rejected"] == ["1 2", "7"]
     assert ds["margin"] == pytest.approx([8.0, 7.0])  # largest first, scaled
     empty, st = build_preference_pairs(["p"], [["a", "b"]], [[None, 0.3]])
     assert len(empty) == 0 and empty.column_names == list(PAIR_COLUMNS)
     with pytest.raises(ConfigError, match="one type"):
         build_preference_pairs(["p", "q"], [["a", "b"], [[1], [2]]], [[1.0, 0.0], [1.0, 0.0]])
+    # token ids and no tokenizer: TRL's trainers would fail on them ('list' has no 'endswith')
+    with pytest.raises(ConfigError, match=r"chosen/rejected would hold token ids.*tokenizer="):
+        build_preference_pairs(["p"], [[[1, 2], [3]]], [[1.0, 0.0]])
     with pytest.raises(ConfigError, match="strategy"):
         select_pairs([1.0, 0.0], strategy="random")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="min_margin"):
@@ -237,6 +248,166 @@ def test_reward_trainer_trains_on_the_pairs_and_reads_margin(fast_checkpoint, tm
     assert loss_with > loss_without
 
 
+class _IdsDecoder:
+    """Token ids of the note LM -> audio (what a codec-token model's decoder does)."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.notes = _note_lm().NoteDecoder()
+
+    def __call__(self, ids):
+        return self.notes(self.tokenizer.decode(ids, skip_special_tokens=True))
+
+
+def test_dpo_and_reward_trainers_train_on_pairs_of_token_id_candidates(fast_checkpoint, tmp_path):
+    """Token-id candidates (a codec-token generator's completion_ids) used to land in
+    chosen/rejected as lists, and DPOTrainer/RewardTrainer failed on them ('list' object has no
+    attribute 'endswith'). With the policy's tokenizer they are decoded to text; both trainers
+    train on the pairs and DPO's loss moves."""
+    import copy
+
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+    from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer
+
+    note_lm = _note_lm()
+    tok = note_lm.build_tokenizer()
+    phrases = [" ".join(p) for p in note_lm.random_phrases(16, seed=3)]
+    ids = [tok(p, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for p in phrases]
+    groups = [ids[i : i + 4] for i in range(0, 16, 4)]
+    prompts = ["<calm>", "<dark>", "<dance>", "<bright>"]
+    kwargs = dict(strategy="top_k", top_k=2, decoder=_IdsDecoder(tok), decode_from="completion_ids")
+    with pytest.raises(ConfigError, match="tokenizer="):
+        score_and_build_pairs(fast_checkpoint, prompts, groups, **kwargs)
+    ds, stats = score_and_build_pairs(fast_checkpoint, prompts, groups, tokenizer=tok, **kwargs)
+    assert stats.pairs == len(ds) >= 8
+    assert all(isinstance(c, str) for c in list(ds["chosen"]) + list(ds["rejected"]))
+    assert set(list(ds["chosen"]) + list(ds["rejected"])) <= set(
+        phrases
+    )  # the phrases, EOS dropped
+
+    torch.manual_seed(0)
+    policy = note_lm.build_policy(tok, seed=0, n_layer=1)
+    trainer = DPOTrainer(
+        model=policy,
+        ref_model=copy.deepcopy(policy).eval(),
+        args=DPOConfig(
+            output_dir=str(tmp_path / "dpo"),
+            per_device_train_batch_size=len(ds),
+            max_steps=4,
+            learning_rate=5e-3,
+            max_length=32,
+            logging_steps=1,
+            save_strategy="no",
+            report_to="none",
+            use_cpu=True,
+            bf16=False,
+            seed=0,
+            lr_scheduler_type="constant",
+            disable_tqdm=True,
+        ),
+        train_dataset=ds,
+        processing_class=tok,
+    )
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 4
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-3)  # policy == reference at step 1
+    assert losses[-1] < losses[0] - 0.01
+
+    model = GPT2ForSequenceClassification(
+        GPT2Config(
+            vocab_size=len(tok),
+            n_positions=32,
+            n_embd=16,
+            n_layer=1,
+            n_head=2,
+            num_labels=1,
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.eos_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+    )
+    rm = RewardTrainer(
+        model=model,
+        args=RewardConfig(
+            output_dir=str(tmp_path / "rm"),
+            per_device_train_batch_size=4,
+            max_steps=2,
+            logging_steps=1,
+            save_strategy="no",
+            report_to="none",
+            use_cpu=True,
+            bf16=False,
+            disable_tqdm=True,
+        ),
+        train_dataset=ds,
+        processing_class=tok,
+    )
+    rm.train()
+    assert rm.state.global_step == 2
+
+
+def test_audio_candidates_need_allow_audio_paths(fast_checkpoint, tmp_path):
+    """Without a decoder the candidates are audio, and so would chosen/rejected be: a text
+    trainer reads the paths as text and trains on nothing. Refused unless asked for."""
+    import soundfile as sf
+
+    paths = []
+    for i in range(3):
+        paths.append(str(tmp_path / f"c{i}.wav"))
+        sf.write(paths[-1], synth_music(1.0 + 0.25 * i, 16000, seed=i).T, 16000)
+    with pytest.raises(ConfigError, match="allow_audio_paths=True"):
+        score_and_build_pairs(fast_checkpoint, ["p"], [paths], tie_tolerance=0.0)
+    ds, stats = score_and_build_pairs(
+        fast_checkpoint, ["p"], [paths], tie_tolerance=0.0, allow_audio_paths=True
+    )
+    assert stats.pairs == len(ds) == 1 and {ds["chosen"][0], ds["rejected"][0]} <= set(paths)
+
+
+def test_pairs_cli_refuses_bare_paths_and_decodes_token_ids(fast_checkpoint, tmp_path, capsys):
+    import soundfile as sf
+    from datasets import load_from_disk
+
+    note_lm = _note_lm()
+    tok = note_lm.build_tokenizer()
+    tok.save_pretrained(tmp_path / "tok")
+    for i in range(4):
+        sf.write(tmp_path / f"c{i}.wav", synth_music(1.0 + 0.25 * i, 16000, seed=i).T, 16000)
+    bare = tmp_path / "bare.jsonl"
+    bare.write_text(json.dumps({"prompt": "p", "candidates": ["c0.wav", "c1.wav"]}) + "\n")
+    phrases = ["C4 E4 G4 C5", "D4 D4 D4 D4"]
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in phrases]
+    with_ids = tmp_path / "ids.jsonl"
+    with_ids.write_text(
+        json.dumps(
+            {
+                "prompt": "<calm>",
+                "candidates": [
+                    {"audio": "c2.wav", "completion": ids[0]},
+                    {"audio": "c3.wav", "completion": ids[1]},
+                ],
+            }
+        )
+        + "\n"
+    )
+
+    def argv(f, out):
+        base = ["pairs", "--model", str(fast_checkpoint), "--candidates", str(f)]
+        return [*base, "--out", str(tmp_path / out), "--tie-tolerance", "0"]
+
+    assert main(argv(bare, "a")) == 1
+    err = capsys.readouterr().err
+    assert "without a 'completion'" in err and "--allow-audio-paths" in err
+    assert not (tmp_path / "a").exists()
+    assert main(argv(bare, "a") + ["--allow-audio-paths"]) == 0
+
+    assert main(argv(with_ids, "b")) == 1
+    assert "--tokenizer" in capsys.readouterr().err
+    assert main(argv(with_ids, "b") + ["--tokenizer", str(tmp_path / "tok")]) == 0
+    ds = load_from_disk(str(tmp_path / "b" / "dataset"))
+    assert {ds["chosen"][0], ds["rejected"][0]} == set(phrases)
+
+
 # ----------------------------------------------------------------------------------------------
 # the candidates file and `apex-reward pairs`
 
@@ -298,6 +469,7 @@ def test_pairs_cli_end_to_end(fast_checkpoint, tmp_path, capsys):
     f = _write_candidates(tmp_path)
     out = tmp_path / "out"
     argv = ["pairs", "--model", str(fast_checkpoint), "--candidates", str(f), "--out", str(out)]
+    argv.append("--allow-audio-paths")  # lines 1 and 7 give bare audio paths
     assert main(argv + ["--strategy", "all_pairs", "--score", "overall", "--dtype", "fp32"]) == 0
     err = capsys.readouterr().err
     assert "line 3: invalid JSON" in err and "broken.wav" in err
@@ -363,6 +535,7 @@ def test_out_of_range_candidate_is_listed_as_a_failed_candidate(fast_checkpoint,
     )
     out = tmp_path / "out"
     argv = ["pairs", "--model", str(fast_checkpoint), "--candidates", str(f), "--out", str(out)]
+    argv.append("--allow-audio-paths")
     assert main(argv + ["--strategy", "all_pairs", "--tie-tolerance", "0", "--strict"]) == 1
     assert f"line 1: {huge}: AudioRangeError" in capsys.readouterr().err
     stats = json.loads((out / "stats.json").read_text())
@@ -405,7 +578,10 @@ def test_overwrite_keeps_the_old_outputs_when_writing_the_new_ones_fails(
     outputs = ["dataset", "pairs.jsonl", "scores.jsonl", "stats.json"]
 
     def argv(f):
-        return ["pairs", "--model", str(fast_checkpoint), "--candidates", str(f), "--out", str(out)]
+        return [
+            *("pairs", "--model", str(fast_checkpoint), "--candidates", str(f), "--out", str(out)),
+            "--allow-audio-paths",
+        ]
 
     assert main(argv(old_f) + ["--tie-tolerance", "0"]) == 0
     assert sorted(p.name for p in out.iterdir()) == outputs

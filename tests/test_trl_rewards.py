@@ -241,11 +241,20 @@ def test_decode_from_completion_ids_and_batched_decoder(fast_checkpoint):
 
 
 def test_async_variant(fast_checkpoint):
+    import copy
+    import inspect
+
     from trl.trainer.utils import is_async_callable
 
     sync = ApexRewardFunction(fast_checkpoint, decoder=SeedDecoder())
     afn = AsyncApexRewardFunction(fast_checkpoint, decoder=SeedDecoder())
     assert is_async_callable(afn) and not is_async_callable(sync)
+    # the plain stdlib check some TRL versions use on the reward function object itself
+    for fn in (afn, pickle.loads(pickle.dumps(afn)), copy.deepcopy(afn), copy.copy(afn)):
+        assert inspect.iscoroutinefunction(fn) and asyncio.iscoroutinefunction(fn)
+    assert not inspect.iscoroutinefunction(sync)
+    assert not inspect.iscoroutinefunction(AsyncApexRewardFunction)  # the class is not
+    assert list(inspect.signature(afn).parameters) == ["prompts", "completions", "kwargs"]
     completions = ["song 1", "bad", "song 2"]
 
     async def both():
@@ -301,10 +310,21 @@ def test_best_of_n(fast_checkpoint):
     assert again[0].index == i
 
 
-def test_grpo_trainer_runs_with_the_async_reward_function(fast_checkpoint, tmp_path):
+@pytest.mark.parametrize("detection", ["trl", "iscoroutinefunction"])
+def test_grpo_trainer_runs_with_the_async_reward_function(
+    fast_checkpoint, tmp_path, monkeypatch, detection
+):
     """TRL's GRPOTrainer (CPU, GPT-2 from a config, local tokenizer) calls the reward function
-    through its async event loop, with log_metric; two optimiser steps."""
+    through its async event loop, with log_metric; two optimiser steps. ``iscoroutinefunction``:
+    the trainer decides what to await with ``inspect.iscoroutinefunction(reward_func)`` alone,
+    as some TRL versions do (a plain async callable instance would be called synchronously)."""
+    import inspect
     import sys
+
+    if detection == "iscoroutinefunction":
+        import trl.trainer.grpo_trainer as grpo_trainer
+
+        monkeypatch.setattr(grpo_trainer, "is_async_callable", inspect.iscoroutinefunction)
 
     from conftest import REPO
 
@@ -346,3 +366,99 @@ def test_grpo_trainer_runs_with_the_async_reward_function(fast_checkpoint, tmp_p
     assert len(logs) == 2
     assert all("apex_overall/clarity" in h and "apex_overall/failed" in h for h in logs)
     assert any(not torch.equal(a, b) for a, b in zip(before, policy.parameters()))
+
+
+class _FailAt:
+    """Batched decoder: the note decoder, but ``None`` (not audio) at fixed batch positions."""
+
+    def __init__(self, positions: set[int]) -> None:
+        import sys
+
+        from conftest import REPO
+
+        sys.path.insert(0, str(REPO / "examples"))
+        import note_lm
+
+        self.positions = positions
+        self.decode = note_lm.NoteDecoder()
+
+    def __call__(self, items: list) -> list:
+        return [None if i in self.positions else self.decode(c) for i, c in enumerate(items)]
+
+
+def test_none_in_grpo_with_a_second_reward_function(fast_checkpoint, tmp_path):
+    """What TRL's GRPOTrainer makes of ``None`` next to another reward function (the documented
+    behaviour): the rewards of all functions are summed with ``nansum``, so a ``None`` from APEX
+    counts as 0 whenever another function scored the completion (here it is then the group's
+    worst, with a negative advantage); only a completion that *every* function left ``None``
+    is left out of the group baseline and gets advantage 0.
+
+    One real optimiser step (two prompts x four generations); the advantages TRL computed are
+    checked against that rule, recomputed from the per-function rewards TRL logged."""
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "examples"))
+    import note_lm
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    def format_reward(prompts, completions, **kwargs):
+        # a constant "format" reward; None for the last completion of the batch only
+        return [None if i == len(completions) - 1 else 1.0 for i in range(len(completions))]
+
+    apex = ApexRewardFunction(
+        fast_checkpoint,
+        decoder=_FailAt({1, 6, 7}),
+        batched_decoder=True,
+        score="overall",
+        guard="off",
+        name="apex_overall",
+    )
+    tokenizer = note_lm.build_tokenizer()
+    trainer = GRPOTrainer(
+        model=note_lm.build_policy(tokenizer, seed=0, n_layer=1),
+        reward_funcs=[apex, format_reward],
+        args=GRPOConfig(
+            output_dir=str(tmp_path),
+            per_device_train_batch_size=8,
+            num_generations=4,
+            max_completion_length=8,
+            max_steps=1,
+            save_strategy="no",
+            report_to="none",
+            use_cpu=True,
+            bf16=False,
+            seed=0,
+            disable_tqdm=True,
+        ),
+        train_dataset=Dataset.from_dict({"prompt": ["<calm>", "<dark>"]}),
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    per_func = np.array(
+        [list(trainer._logs["rewards"][n]) for n in ("apex_overall", "format_reward")]
+    ).T  # [8 completions, 2 functions], NaN where a function returned None
+    advantages = np.array(list(trainer._logs["advantages"]))
+    assert per_func.shape == (8, 2) and advantages.shape == (8,)
+    assert set(np.flatnonzero(np.isnan(per_func[:, 0]))) >= {1, 6, 7}
+    assert list(np.flatnonzero(np.isnan(per_func[:, 1]))) == [7]
+
+    # the documented rule: nansum over functions (None counts as 0), rows that every function
+    # left None are out of the baseline, advantage = (r - group mean) / (group std + 1e-4)
+    total = np.nansum(per_func, axis=1)
+    total[np.isnan(per_func).all(axis=1)] = np.nan
+    expected = np.zeros(8)
+    for g in (slice(0, 4), slice(4, 8)):
+        r = total[g]
+        expected[g] = (r - np.nanmean(r)) / (np.nanstd(r, ddof=1) + 1e-4)
+    expected = np.nan_to_num(expected, nan=0.0)
+    np.testing.assert_allclose(advantages, expected, rtol=1e-4, atol=1e-5)
+
+    # APEX None + format 1.0: the completion's reward is 1.0 (APEX counted as 0), below every
+    # scored sibling (1.0 + overall), so it is pushed down, not left alone
+    assert total[1] == 1.0 and advantages[1] < -0.5 and advantages[1] == advantages[:4].min()
+    assert total[6] == 1.0 and advantages[6] < 0
+    # every function None: advantage exactly 0, and not part of its group's baseline
+    assert advantages[7] == 0.0
