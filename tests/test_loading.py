@@ -153,7 +153,14 @@ def _job_inputs(tmp_path, checkpoint) -> dict[str, list[str]]:
     return {
         "score": ["score", str(wav)],
         "compare": ["compare", str(wav), str(wav)],
-        "pairs": ["pairs", "--candidates", str(candidates), "--out", str(tmp_path / "pairs")],
+        "pairs": [
+            "pairs",
+            "--candidates",
+            str(candidates),
+            "--out",
+            str(tmp_path / "pairs"),
+            "--allow-audio-paths",  # the candidates are the audio itself
+        ],
         "serve": ["serve", "--no-warmup"],
         "arena": ["arena", "--battles", str(tmp_path / "battles"), "--out", str(tmp_path / "a")],
         "extract": ["extract", "--manifest", str(manifest), "--out", str(tmp_path / "emb")],
