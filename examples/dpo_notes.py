@@ -165,23 +165,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 4. a reward model on the same pairs, with TRL's margin-aware Bradley-Terry loss
     if args.reward_model_steps > 0:
-        from transformers import GPT2Config, GPT2ForSequenceClassification
         from trl import RewardConfig, RewardTrainer
 
-        torch.manual_seed(args.seed)
-        rm = GPT2ForSequenceClassification(
-            GPT2Config(
-                vocab_size=len(tokenizer),
-                n_positions=32,
-                n_embd=32,
-                n_layer=1,
-                n_head=2,
-                num_labels=1,
-                pad_token_id=tokenizer.pad_token_id,
-                bos_token_id=tokenizer.eos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-        )
+        rm = note_lm.build_reward_model(tokenizer, seed=args.seed, n_embd=32)
         rm_trainer = RewardTrainer(
             model=rm,
             args=RewardConfig(

@@ -111,6 +111,25 @@ def build_policy(tokenizer, seed: int = 0, n_embd: int = 32, n_layer: int = 2):
     return model
 
 
+def build_reward_model(tokenizer, seed: int = 0, n_embd: int = 32):
+    """A tiny one-layer GPT-2 sequence scorer (one output) for TRL's RewardTrainer."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=32,
+        n_embd=n_embd,
+        n_layer=1,
+        n_head=2,
+        num_labels=1,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return GPT2ForSequenceClassification(config)
+
+
 def random_phrases(n: int, length: int = 8, seed: int = 0) -> list[list[str]]:
     rng = np.random.default_rng(seed)
     vocab = [*NOTES, REST]

@@ -187,7 +187,6 @@ def _note_lm():
 
 def test_reward_trainer_trains_on_the_pairs_and_reads_margin(fast_checkpoint, tmp_path):
     """TRL's RewardTrainer accepts the builder's dataset and feeds its margin to the loss."""
-    from transformers import GPT2Config, GPT2ForSequenceClassification
     from trl import RewardConfig, RewardTrainer
 
     note_lm = _note_lm()
@@ -206,20 +205,7 @@ def test_reward_trainer_trains_on_the_pairs_and_reads_margin(fast_checkpoint, tm
     assert stats.pairs == len(ds) >= 8
     assert all(m > 0 for m in ds["margin"])
     tok = note_lm.build_tokenizer()
-    torch.manual_seed(0)
-    model = GPT2ForSequenceClassification(
-        GPT2Config(
-            vocab_size=len(tok),
-            n_positions=32,
-            n_embd=16,
-            n_layer=1,
-            n_head=2,
-            num_labels=1,
-            pad_token_id=tok.pad_token_id,
-            bos_token_id=tok.eos_token_id,
-            eos_token_id=tok.eos_token_id,
-        )
-    )
+    model = note_lm.build_reward_model(tok, seed=0, n_embd=16)
     trainer = RewardTrainer(
         model=model,
         args=RewardConfig(
@@ -266,7 +252,6 @@ def test_dpo_and_reward_trainers_train_on_pairs_of_token_id_candidates(fast_chec
     train on the pairs and DPO's loss moves."""
     import copy
 
-    from transformers import GPT2Config, GPT2ForSequenceClassification
     from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer
 
     note_lm = _note_lm()
@@ -314,19 +299,7 @@ def test_dpo_and_reward_trainers_train_on_pairs_of_token_id_candidates(fast_chec
     assert losses[0] == pytest.approx(math.log(2), abs=1e-3)  # policy == reference at step 1
     assert losses[-1] < losses[0] - 0.01
 
-    model = GPT2ForSequenceClassification(
-        GPT2Config(
-            vocab_size=len(tok),
-            n_positions=32,
-            n_embd=16,
-            n_layer=1,
-            n_head=2,
-            num_labels=1,
-            pad_token_id=tok.pad_token_id,
-            bos_token_id=tok.eos_token_id,
-            eos_token_id=tok.eos_token_id,
-        )
-    )
+    model = note_lm.build_reward_model(tok, seed=0, n_embd=16)
     rm = RewardTrainer(
         model=model,
         args=RewardConfig(

@@ -310,6 +310,26 @@ def test_best_of_n(fast_checkpoint):
     assert again[0].index == i
 
 
+def _grpo_args(tmp_path, **overrides):
+    """GRPOConfig for a CPU smoke run of the tiny note policy (4 generations of 8 tokens)."""
+    from trl import GRPOConfig
+
+    return GRPOConfig(
+        **{
+            "output_dir": str(tmp_path),
+            "num_generations": 4,
+            "max_completion_length": 8,
+            "save_strategy": "no",
+            "report_to": "none",
+            "use_cpu": True,
+            "bf16": False,
+            "seed": 0,
+            "disable_tqdm": True,
+            **overrides,
+        }
+    )
+
+
 @pytest.mark.parametrize("detection", ["trl", "iscoroutinefunction"])
 def test_grpo_trainer_runs_with_the_async_reward_function(
     fast_checkpoint, tmp_path, monkeypatch, detection
@@ -331,7 +351,7 @@ def test_grpo_trainer_runs_with_the_async_reward_function(
     sys.path.insert(0, str(REPO / "examples"))
     import note_lm
     from datasets import Dataset
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOTrainer
 
     tokenizer = note_lm.build_tokenizer()
     policy = note_lm.build_policy(tokenizer, seed=0, n_layer=1)
@@ -343,20 +363,7 @@ def test_grpo_trainer_runs_with_the_async_reward_function(
     trainer = GRPOTrainer(
         model=policy,
         reward_funcs=[reward],
-        args=GRPOConfig(
-            output_dir=str(tmp_path),
-            per_device_train_batch_size=4,
-            num_generations=4,
-            max_completion_length=8,
-            max_steps=2,
-            logging_steps=1,
-            save_strategy="no",
-            report_to="none",
-            use_cpu=True,
-            bf16=False,
-            seed=0,
-            disable_tqdm=True,
-        ),
+        args=_grpo_args(tmp_path, per_device_train_batch_size=4, max_steps=2, logging_steps=1),
         train_dataset=Dataset.from_dict({"prompt": ["<calm>", "<dark>"] * 2}),
         processing_class=tokenizer,
     )
@@ -402,7 +409,7 @@ def test_none_in_grpo_with_a_second_reward_function(fast_checkpoint, tmp_path):
     sys.path.insert(0, str(REPO / "examples"))
     import note_lm
     from datasets import Dataset
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOTrainer
 
     def format_reward(prompts, completions, **kwargs):
         # a constant "format" reward; None for the last completion of the batch only
@@ -420,19 +427,7 @@ def test_none_in_grpo_with_a_second_reward_function(fast_checkpoint, tmp_path):
     trainer = GRPOTrainer(
         model=note_lm.build_policy(tokenizer, seed=0, n_layer=1),
         reward_funcs=[apex, format_reward],
-        args=GRPOConfig(
-            output_dir=str(tmp_path),
-            per_device_train_batch_size=8,
-            num_generations=4,
-            max_completion_length=8,
-            max_steps=1,
-            save_strategy="no",
-            report_to="none",
-            use_cpu=True,
-            bf16=False,
-            seed=0,
-            disable_tqdm=True,
-        ),
+        args=_grpo_args(tmp_path, per_device_train_batch_size=8, max_steps=1),
         train_dataset=Dataset.from_dict({"prompt": ["<calm>", "<dark>"]}),
         processing_class=tokenizer,
     )
