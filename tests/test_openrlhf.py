@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import importlib.util
 import io
 import json
+import runpy
 import sys
 from pathlib import Path
 
@@ -201,6 +203,12 @@ def test_shipped_file_scores_note_responses_in_process(env, checkpoint, referenc
     infos = first + asyncio.run(via_function(reward_func, queries[1:], [PROMPT] * 7, [None] * 7))
     check_rewards(infos, reference)
     check_means_not_lowered(infos, reference)
+    # the file is the package's, and running it names its path (for --reward.remote_url)
+    assert reward_func is apex_openrlhf.reward_func and REWARD_FILE.suffix == ".py"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        runpy.run_path(str(REWARD_FILE), run_name="__main__")
+    assert printed.getvalue().strip() == str(REWARD_FILE)
     # what OpenRLHF's own example returns: float tensors [n]
     out = reward_func([queries[0]], [PROMPT], [None])
     assert out["rewards"].dtype == torch.float32 and out["rewards"].shape == (1,)

@@ -24,7 +24,7 @@ from apex_reward.errors import ConfigError
 from apex_reward.scoring import ScoreResult
 
 from ..decoders import import_decoder
-from ..openrlhf import FailureLog, RewardLogs
+from ..reward_logs import FailureLog, RewardLogs
 from .batcher import DynamicBatcher, OverloadedError
 from .config import ServeConfig
 from .decoding import ClipDecoder, Source

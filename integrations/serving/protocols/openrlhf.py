@@ -11,7 +11,7 @@ prompt: words, or codec tokens spelled as text) into audio with that function
 
 The reply has one entry per query: ``rewards``, ``scores`` (the ``--openrlhf-score`` score),
 ``extra_logs`` (``apex_ok``, ``apex_flagged`` and ``apex_<score>`` per sample) and ``errors``
-(null, or the problem); it is built by :class:`~apex_reward.integrations.openrlhf.RewardLogs`.
+(null, or the problem); it is built by :class:`~apex_reward.integrations.reward_logs.RewardLogs`.
 A sample without scoreable audio gets ``--failure-reward``, ``apex_ok = 0``, its error, and the
 mean of scored samples in its score logs (so failures do not drag logged means down); it is
 counted and written to ``--failure-log``. One bad rollout never fails the batch.
@@ -30,7 +30,7 @@ from apex_reward.errors import AudioShapeError
 from apex_reward.scoring import ScoreResult
 
 from ...decoders import decode_response
-from ...openrlhf import response_text
+from ...reward_logs import response_text
 from ..errors import ClipError, NoAudioReference, RequestError, TooManyClips
 from ..state import Clip
 
