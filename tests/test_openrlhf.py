@@ -273,6 +273,15 @@ def test_configuration_from_the_environment(tmp_path):
         config_from_env({"APEX_OPENRLHF_URL": "http://x", "APEX_OPENRLHF_DECODER": "m:f"})
     with pytest.raises(ConfigError, match="module:function"):
         config_from_env({"APEX_OPENRLHF_MODEL": "x", "APEX_OPENRLHF_DECODER": "nocolon"})
+    # the server's --decoder is checked when the options are built, and imported at start-up
+    from apex_reward.integrations.decoders import import_decoder
+    from apex_reward.integrations.serving import ServeConfig
+
+    with pytest.raises(ConfigError, match="--decoder: expected 'module:function'"):
+        ServeConfig(decoder="nocolon")
+    with pytest.raises(ConfigError, match="cannot import"):
+        import_decoder("no_such_module_here:decode")
+    assert import_decoder("note_lm:decode_notes") is decode_notes
     # before any sample was scored, a failure is logged at the middle of each score's range
     logs = RewardLogs(["clarity", "overall"])
     reply = logs.reply([{"type": "E", "message": "m"}], score_key="overall", failure_reward=0.0)
