@@ -48,6 +48,7 @@ COMMANDS: tuple[str, ...] = (
     "apex_reward.training.synthetic:COMMAND",
     "apex_reward.training.prepare:COMMAND",
     "apex_reward.training.extract:COMMAND",
+    "apex_reward.training.label:COMMAND",
     "apex_reward.training.trainer.command:COMMAND",
     "apex_reward.training.grid:COMMAND",
     "apex_reward.training.demo:COMMAND",
