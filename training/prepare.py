@@ -45,6 +45,7 @@ from apex_reward.errors import ApexError, ConfigError, require
 from apex_reward.files import atomic_path, file_sha256
 from apex_reward.popularity import PopularityReference, popularity_scores
 
+from .hub_data import ingest_hub_manifest, is_hub_uri
 from .manifest import REQUIRED_COLUMNS, load_manifest
 
 logger = logging.getLogger(__name__)
@@ -65,7 +66,13 @@ __all__ = [
 class PrepareConfig:
     """Options of ``apex-reward prepare``."""
 
-    manifest: str = field(default="", metadata={"help": "manifest file (CSV, Parquet or JSONL)"})
+    manifest: str = field(
+        default="",
+        metadata={
+            "help": "manifest file (CSV, Parquet or JSONL), or a Hub dataset hf://owner/name[@rev] "
+            "(see docs/data.md#hub-datasets)"
+        },
+    )
     out: str = field(default="runs/prepared", metadata={"help": "output directory"})
     columns: str | None = field(
         default=None,
@@ -243,9 +250,11 @@ def prepare_corpus(config: PrepareConfig, *, progress: bool = False) -> dict[str
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(config.seed)
-    df, mreport = load_manifest(
-        config.manifest, column_map=config.columns, audio_root=config.audio_root
-    )
+    manifest, column_map, source = config.manifest, config.columns, None
+    if is_hub_uri(manifest):  # a Hub dataset: stream it into a manifest + audio files first
+        ingested = ingest_hub_manifest(manifest, out / "hub", columns=config.columns)
+        manifest, column_map, source = str(ingested.manifest), None, ingested.provenance()
+    df, mreport = load_manifest(manifest, column_map=column_map, audio_root=config.audio_root)
     removed: list[dict[str, Any]] = [
         {"id": None, "row": row, "filter": "invalid_row", "reason": reason}
         for row, reason in mreport.invalid
@@ -347,6 +356,7 @@ def prepare_corpus(config: PrepareConfig, *, progress: bool = False) -> dict[str
     prepared = df[columns + extra]
     report = {
         "config": to_dict(config),
+        "source": source,
         "manifest": mreport.to_dict(),
         "counts": counts,
         "distributions": _distributions(prepared),
