@@ -54,7 +54,7 @@ def _wav_bytes(seconds: float, freq: float, sr: int = 16000) -> bytes:
     return buf.getvalue()
 
 
-def _udio_rows(n: int, streams_column: str = "play_count") -> pd.DataFrame:
+def _udio_rows(n: int, streams_column: str = "play_count", freq0: float = 220) -> pd.DataFrame:
     rng = np.random.default_rng(0)
     return pd.DataFrame(
         {
@@ -63,7 +63,7 @@ def _udio_rows(n: int, streams_column: str = "play_count") -> pd.DataFrame:
             "like_count": rng.integers(0, 300, n),
             "created_at": [f"2025-0{1 + i % 6}-1{i % 9}T12:00:00Z" for i in range(n)],
             "audio": [
-                {"bytes": _wav_bytes(1.2 + 0.1 * (i % 4), 220 + 40 * i), "path": f"udio-{i}.wav"}
+                {"bytes": _wav_bytes(1.2 + 0.1 * (i % 4), freq0 + 40 * i), "path": f"udio-{i}.wav"}
                 for i in range(n)
             ],
             "lyrics": ["la la"] * n,
@@ -84,25 +84,39 @@ def test_prepare_reads_a_hub_song_dataset_and_records_its_commit(hub_cache, tmp_
     rows = _udio_rows(24)
     rows.iloc[:12].to_parquet(snap / "data" / "train-00000-of-00002.parquet", index=False)
     rows.iloc[12:].to_parquet(snap / "data" / "train-00001-of-00002.parquet", index=False)
+    suno = _snapshot(hub_cache, "sleeping-ai/suno-307K", commit="f" * 40)
+    suno_rows = _udio_rows(10, freq0=2000).rename(columns={"like_count": "upvote_count"})
+    suno_rows["id"] = suno_rows["id"].str.replace("udio", "suno")
+    suno_rows.to_parquet(suno / "suno.parquet", index=False)
 
     out = tmp_path / "prepared"
     report = prepare_corpus(
-        PrepareConfig(manifest="hf://sleeping-ai/Udio-126K", out=str(out), min_duration_s=1.0)
+        PrepareConfig(
+            manifest="hf://sleeping-ai/Udio-126K",
+            add_manifests=["hf://sleeping-ai/suno-307K@" + "f" * 40],
+            out=str(out),
+            min_duration_s=1.0,
+        )
     )
-    source = report["source"]
+    source, suno_source = report["sources"]
+    assert suno_source["commit"] == "f" * 40 and suno_source["revision_requested"] == "f" * 40
     assert source["commit"] == COMMIT and source["repo_id"] == "sleeping-ai/Udio-126K"
     assert source["mapping_version"] == HUB_DATASETS["sleeping-ai/udio-126k"].mapping_version
     assert "streams" in source["unverified_fields"] and source["rows"] == 24
-    manifest = pd.read_parquet(out / "hub" / "manifest.parquet")
+    manifest = pd.read_parquet(out / "hub" / "sleeping-ai--Udio-126K" / "manifest.parquet")
     assert sorted(manifest["id"]) == sorted(rows["id"])
     assert (manifest["platform"] == "udio").all()
     assert manifest.set_index("id").loc["udio-005", "streams"] == rows.loc[5, "play_count"]
-    audio = out / "hub" / "audio" / "udio-005.wav"
+    audio = out / "hub" / "sleeping-ai--Udio-126K" / "audio" / "udio-005.wav"
     assert audio.read_bytes() == rows.loc[5, "audio"]["bytes"]
     prepared = pd.read_parquet(out / "prepared.parquet")
-    assert report["counts"]["rows_read"] == 24 and len(prepared) > 0
-    assert set(prepared["id"]) <= set(rows["id"])
-    assert json.loads((out / "hub" / "source.json").read_text())["commit"] == COMMIT
+    assert report["counts"]["rows_read"] == 34 and len(prepared) > 0
+    counts = prepared["platform"].value_counts()  # balanced across the two datasets
+    assert set(counts.index) == {"udio", "suno"} and counts["udio"] == counts["suno"]
+    assert (
+        json.loads((out / "hub" / "sleeping-ai--Udio-126K" / "source.json").read_text())["commit"]
+        == COMMIT
+    )
 
 
 def test_a_schema_change_names_the_field_and_the_fix(hub_cache, tmp_path):
