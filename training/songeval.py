@@ -23,6 +23,7 @@ their own licence (see docs/data.md#licences). Labels made with them inherit tho
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -311,3 +312,49 @@ def feature_model(
     for p in m.parameters():
         p.requires_grad_(False)
     return m
+
+
+def write_random_release(
+    root: str | Path, config: SongEvalHeadConfig, *, seed: int = 0, scale: float = 0.05
+) -> Path:
+    """Write a random-weight SongEval release (``config.yaml`` + ``ckpt/model.safetensors``).
+
+    The layout and key names of SongEval's repository, for tests and the synthetic recipe: its
+    labels mean nothing. ``scale`` is the weights' standard deviation (small keeps the labels
+    away from the ends of [1, 5]). Returns ``root``.
+    """
+    from safetensors.torch import save_file
+
+    root = Path(root)
+    (root / "ckpt").mkdir(parents=True, exist_ok=True)
+    (root / "config.yaml").write_text(
+        "generator:\n  _target_: model.Generator\n"
+        + "".join(f"  {k}: {v}\n" for k, v in dataclasses.asdict(config).items())
+    )
+    g = torch.Generator().manual_seed(seed)
+    state = {
+        k: torch.randn(v.shape, generator=g) * scale
+        for k, v in SongEvalHead(config).state_dict().items()
+    }
+    save_file(state, str(root / "ckpt" / "model.safetensors"))
+    return root
+
+
+def _main(argv: list[str] | None = None) -> int:
+    """``python -m apex_reward.training.songeval --write-random DIR``: a random release."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=write_random_release.__doc__.splitlines()[0])
+    p.add_argument("--write-random", metavar="DIR", required=True)
+    p.add_argument("--in-features", type=int, default=32)
+    p.add_argument("--ffd-hidden-size", type=int, default=48)
+    p.add_argument("--attn-layer-num", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    cfg = SongEvalHeadConfig(a.in_features, a.ffd_hidden_size, 5, a.attn_layer_num)
+    write_random_release(a.write_random, cfg, seed=a.seed)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())
