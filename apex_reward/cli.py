@@ -48,11 +48,13 @@ COMMANDS: tuple[str, ...] = (
     "apex_reward.training.synthetic:COMMAND",
     "apex_reward.training.prepare:COMMAND",
     "apex_reward.training.extract:COMMAND",
+    "apex_reward.training.label:COMMAND",
     "apex_reward.training.trainer.command:COMMAND",
     "apex_reward.training.grid:COMMAND",
     "apex_reward.training.demo:COMMAND",
     "apex_reward.training.arena.command:COMMAND",
     "apex_reward.training.audit.command:COMMAND",
+    "apex_reward.training.recipe:COMMAND",
     "apex_reward.integrations.pairs:COMMAND",
     "apex_reward.integrations.serving.command:COMMAND",
 )
