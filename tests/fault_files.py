@@ -25,9 +25,11 @@ def tone(seconds: float = 3.0, sr: int = 44100, freq: float = 440.0) -> np.ndarr
     return (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
 
 
-def write_tone(path: Path, seconds: float = 3.0, sr: int = 44100, **kw) -> Path:
+def write_tone(
+    path: Path, seconds: float = 3.0, sr: int = 44100, freq: float = 440.0, **kw
+) -> Path:
     """``tone`` written with soundfile (format from the suffix, or ``format=``/``subtype=``)."""
-    sf.write(str(path), tone(seconds, sr), sr, **kw)
+    sf.write(str(path), tone(seconds, sr, freq), sr, **kw)
     return path
 
 
