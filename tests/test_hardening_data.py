@@ -77,7 +77,7 @@ def extraction(tmp_path_factory):
     pd.DataFrame(rows).to_csv(root / "manifest.csv", index=False)
     fast_model().save_pretrained(root / "model")
 
-    def run(out):
+    def run(out, progress=False):
         cfg = ExtractConfig(
             manifest=str(root / "manifest.csv"),
             model=ModelOptions(model=str(root / "model"), device="cpu"),
@@ -86,7 +86,7 @@ def extraction(tmp_path_factory):
             batch_size=4,
             num_workers=0,
         )
-        return run_extraction(cfg, progress=False)
+        return run_extraction(cfg, progress=progress)
 
     first = root / "first"
     summary = run(first)
@@ -94,15 +94,17 @@ def extraction(tmp_path_factory):
     return first, run
 
 
-def test_unreadable_shard_records_are_redone(extraction, tmp_path):
+def test_unreadable_shard_records_are_redone(extraction, tmp_path, capsys):
     first, run = extraction
     out = tmp_path / "again"
     shutil.copytree(first, out)
     records = [b"[]", b'{"sha256": 1, "songs": [], "errors": []}', b"\xff\xfe{not utf-8"]
     for k, record in enumerate(records):
         (out / "shards" / f"shard-{k:06d}.json").write_bytes(record)
-    summary = run(out)
+    summary = run(out, progress=True)
     assert summary["songs_extracted"] == 6 and summary["shards_skipped_on_resume"] == 0
+    bar = capsys.readouterr().err
+    assert "audio-h/h" in bar and "songs/s" not in bar  # one songs rate: tqdm's own
     for k in range(3):
         rec = json.loads((out / "shards" / f"shard-{k:06d}.json").read_text())
         assert [s["id"] for s in rec["songs"]] == [f"s{2 * k}", f"s{2 * k + 1}"]
