@@ -15,6 +15,8 @@ from typing import Literal
 from apex_reward.errors import ConfigError
 from apex_reward.loading import ModelOptions
 
+from ..decoders import check_target
+
 __all__ = ["ServeConfig", "STANDARD_SAMPLE_RATES"]
 
 #: Sample rates accepted by default. The windowed-sinc resampler's filter grows with the reduced
@@ -145,6 +147,21 @@ class ServeConfig:
             "'errors' entry and extra_logs.apex_ok = 0 say which)"
         },
     )
+    decoder: str | None = field(
+        default=None,
+        metadata={
+            "help": "'module:function' (importable by the server) turning a /get_reward "
+            "response (the query's text after the prompt: words, or codec tokens as text) into "
+            "audio: (waveform, sample_rate) or a file path; used instead of audio references"
+        },
+    )
+    failure_log: str | None = field(
+        default=None,
+        metadata={
+            "help": "append one JSON line per /get_reward sample that could not be scored "
+            "(time, sample, error type and message, response excerpt) to this file"
+        },
+    )
     openrlhf_score: str = field(
         default="overall",
         metadata={
@@ -211,6 +228,8 @@ class ServeConfig:
             raise ConfigError(
                 f"serve: --sample-rates must be positive integers, got {self.sample_rates!r}"
             )
+        if self.decoder is not None:
+            check_target(self.decoder, "serve: --decoder")
         if not math.isfinite(self.failure_reward):
             raise ConfigError(f"serve: --failure-reward must be finite, got {self.failure_reward}")
 

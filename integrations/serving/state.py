@@ -23,6 +23,8 @@ from apex_reward._version import __version__
 from apex_reward.errors import ConfigError
 from apex_reward.scoring import ScoreResult
 
+from ..decoders import import_decoder
+from ..reward_logs import FailureLog, RewardLogs
 from .batcher import DynamicBatcher, OverloadedError
 from .config import ServeConfig
 from .decoding import ClipDecoder, Source
@@ -78,6 +80,8 @@ class ServerState:
                 f"serve: --openrlhf-score {config.openrlhf_score!r} is not 'reward' or one of "
                 f"this model's scores {list(model.score_names)}"
             )
+        if config.decoder is not None:
+            import_decoder(config.decoder)  # fail at start-up, not on every sample
         self.warmed_up = not config.warmup
         # a small dedicated pool, not anyio's 40 threads: it bounds decode memory, and fewer
         # threads mean fewer glibc malloc arenas (RSS otherwise creeps up with each new thread)
@@ -97,6 +101,8 @@ class ServerState:
             ready=lambda: self.ready,
         )
         self.batcher.on_batch = self.metrics.on_batch
+        #: /get_reward's per-sample logs and failure log (OpenRLHF)
+        self.reward_logs = RewardLogs(model.score_names, failure_log=FailureLog(config.failure_log))
 
     # -- readiness ------------------------------------------------------------------------------
 
