@@ -20,7 +20,12 @@ from torch import nn
 
 from . import guard as guard_policy
 from .audio import AudioFrontEnd, Segments, WaveformInput, as_waveform_list, per_song_rates
-from .checkpoint import read_checkpoint, save_checkpoint, state_mismatch
+from .checkpoint import (
+    read_checkpoint,
+    resolve_encoder_source,
+    save_checkpoint,
+    state_mismatch,
+)
 from .config import ApexConfig
 from .encoder import MertEncoder
 from .errors import CheckpointError, ConfigError
@@ -199,6 +204,7 @@ class ApexRewardModel(nn.Module):
         freeze: bool = True,
         verify: bool = True,
         fast: bool | None = None,
+        trust_unverified: bool = False,
     ) -> ApexRewardModel:
         """Load a checkpoint directory (or hub repo id).
 
@@ -212,6 +218,8 @@ class ApexRewardModel(nn.Module):
                 waveform); pass ``False`` to fine-tune the heads (and a stored LoRA adapter,
                 which then also makes the encoder follow ``train()``).
             verify: check ``model.safetensors`` against the checksum in ``config.json``.
+            trust_unverified: load a checkpoint whose ``config.json`` has no checksum (refused
+                otherwise).
             fast: the GPU fast path (:meth:`set_fast_path`); None = on when the model runs on
                 CUDA, False = never (exact float32 everywhere).
 
@@ -221,7 +229,9 @@ class ApexRewardModel(nn.Module):
         Raises:
             CheckpointError, ConfigError: missing/corrupt/tampered files or invalid config fields.
         """
-        raw, tensors, directory = read_checkpoint(path_or_id, revision=revision, verify=verify)
+        raw, tensors, directory = read_checkpoint(
+            path_or_id, revision=revision, verify=verify, trust_unverified=trust_unverified
+        )
         try:
             config = ApexConfig.from_dict(raw)
         except ConfigError as e:
@@ -256,6 +266,8 @@ class ApexRewardModel(nn.Module):
             if encoder_source is not None and encoder_source != config.encoder.source:
                 # the recorded revision belongs to the recorded source, not to this one
                 config.encoder.source, config.encoder.revision = encoder_source, None
+            else:
+                config.encoder.source = resolve_encoder_source(directory, config.encoder.source)
             encoder = MertEncoder.from_pretrained(config.encoder)
         if config.encoder.lora is not None:
             # LoRA hook: rebuild the adapter recorded in config.json (needs peft)

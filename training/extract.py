@@ -40,7 +40,7 @@ from apex_reward.checkpoint import ENCODER_DIGEST_KEY
 from apex_reward.cli import Command
 from apex_reward.dataclass_io import add_dataclass_arguments, to_dict
 from apex_reward.errors import ApexError, ConfigError, require
-from apex_reward.files import atomic_write_text
+from apex_reward.files import atomic_write_text, remove_stale_temporaries
 from apex_reward.loading import ModelOptions, load_model
 
 from .distributed import accelerator_cpu, check_launch, claim_output, finish_distributed
@@ -216,6 +216,10 @@ def run_extraction(config: ExtractConfig, *, progress: bool = True) -> dict[str,
     fp_path = out / "extraction.json"
     if accelerator.is_main_process:
         shards_dir.mkdir(parents=True, exist_ok=True)
+        # temporaries of a killed run (a live process's, e.g. another rank's, are kept)
+        stale = remove_stale_temporaries(shards_dir) + remove_stale_temporaries(out)
+        if stale:
+            logger.info("removed %d temporary files a killed run left behind", len(stale))
         claim_output(fp_path, fingerprint, "embeddings from a different extraction")
     accelerator.wait_for_everyone()
     if not fp_path.is_file():
@@ -329,8 +333,9 @@ def _extract_items(
         if bar is not None:
             bar.update(1)
             dt = max(1e-9, time.perf_counter() - t0)
+            # tqdm shows the songs/s rate itself; the postfix adds the audio rate only
             bar.set_postfix_str(
-                f"{stats['songs'] / dt:.2f} songs/s, {stats['audio_s'] / dt:.1f} audio-h/h"
+                f"{stats['audio_s'] / dt:.1f} audio-h/h"
                 + (f" (x{world} processes)" if world > 1 else "")
             )
     finish_shard()

@@ -42,7 +42,7 @@ from apex_reward.cli import Command
 from apex_reward.config import FrontendConfig
 from apex_reward.dataclass_io import add_dataclass_arguments, dataclass_from_args
 from apex_reward.errors import ConfigError, require
-from apex_reward.files import atomic_write_text, file_sha256
+from apex_reward.files import atomic_write_text, file_sha256, remove_stale_temporaries
 
 from .distributed import accelerator_cpu, check_launch, claim_output, finish_distributed
 from .extract import AudioDataset, read_songs
@@ -214,8 +214,7 @@ def run_labelling(config: LabelConfig, *, progress: bool = True) -> dict[str, An
     if accelerator.is_main_process:
         shards.mkdir(parents=True, exist_ok=True)
         claim_output(fp_path, fingerprint, "labels made differently")
-        for stale in shards.glob("*.tmp*"):  # temporaries of a killed run
-            stale.unlink(missing_ok=True)
+        remove_stale_temporaries(shards)  # a killed run's (a live process's are kept)
     accelerator.wait_for_everyone()
 
     def shard_songs(k: int) -> list[tuple[str, str]]:

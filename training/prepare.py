@@ -297,7 +297,7 @@ def prepare_corpus(config: PrepareConfig, *, progress: bool = False) -> dict[str
     rng = np.random.default_rng(config.seed)
     df, mreport, sources = _read_sources(config, out)
     removed: list[dict[str, Any]] = [
-        {"id": None, "row": row, "filter": "invalid_row", "reason": reason}
+        {"id": mreport.invalid_ids.get(row), "row": row, "filter": "invalid_row", "reason": reason}
         for row, reason in mreport.invalid
     ]
     counts: dict[str, Any] = {"rows_read": mreport.total_rows, "invalid_rows": len(mreport.invalid)}
