@@ -20,6 +20,7 @@ import torch
 
 from apex_reward.audio import as_waveform_list, decode_audio_bytes, load_audio
 from apex_reward.errors import (
+    AudioDecodeError,
     AudioShapeError,
     AudioTooLongError,
     ConfigError,
@@ -29,6 +30,7 @@ from apex_reward.errors import (
 
 from .config import ServeConfig
 from .errors import InvalidBase64, InvalidRequest, PathNotAllowed
+from .limits import ClipHeader, DecodedSizeTooLarge
 
 if TYPE_CHECKING:
     from apex_reward.model import ApexRewardModel
@@ -104,8 +106,53 @@ class ClipDecoder:
 
     # -- decoding ---------------------------------------------------------------------------------
 
-    def decode(self, source: Source, name: str) -> tuple[torch.Tensor, int]:
+    def probe(self, source: Source, name: str) -> ClipHeader:
+        """Read a clip's header and refuse it on rate, channels or length (blocking, cheap: no
+        audio is decoded).
+
+        Returns:
+            the :class:`~.limits.ClipHeader` (``frames <= 0`` when the header does not say).
+
+        Raises:
+            AudioError: a typed error naming the clip and the problem (not a readable audio
+                file, a refused rate, too many channels, too long).
+        """
+        import soundfile as sf
+
+        if isinstance(source, (bytes, bytearray)):
+            if not source:
+                raise EmptyAudioError("no audio data (0 bytes)", name)
+            opened: object = io.BytesIO(source)
+        else:
+            opened = source
+        try:
+            info = sf.info(opened if not isinstance(opened, Path) else str(opened))
+        except Exception:
+            info = None
+        if info is None or info.samplerate <= 0:
+            # the decoder names the problem (missing file, not audio ...) and fails before it
+            # decodes anything: it reads the same header first
+            self._decode_unchecked(source, name)
+            raise AudioDecodeError("not a readable audio file", name)
+        self.precheck(info.samplerate, info.channels, info.frames, name)
+        return ClipHeader(int(info.samplerate), int(info.channels), int(info.frames))
+
+    def _decode_unchecked(self, source: Source, name: str) -> tuple[torch.Tensor, int]:
+        if isinstance(source, (bytes, bytearray)):
+            return decode_audio_bytes(source, name=name, max_duration_s=self.max_audio_s)
+        return load_audio(source, max_duration_s=self.max_audio_s)
+
+    def decode(
+        self, source: Source, name: str, header: ClipHeader | None = None, max_frames: int = 0
+    ) -> tuple[torch.Tensor, int]:
         """Decode and check one clip (blocking; run it on the decode pool).
+
+        Args:
+            source: the file's bytes or an allowed path.
+            name: how errors name the clip.
+            header: its :meth:`probe` result (read here when None).
+            max_frames: when the header does not give the length, decoding stops past this
+                many frames and the clip is refused (0: no cut-off).
 
         Returns:
             ``(waveform [C, T] float32, sample_rate)``.
@@ -113,28 +160,37 @@ class ClipDecoder:
         Raises:
             AudioError: a typed error naming the clip and the problem.
         """
-        import soundfile as sf
-
-        if isinstance(source, (bytes, bytearray)):
-            if not source:
-                raise EmptyAudioError("no audio data (0 bytes)", name)
-            try:
-                info = sf.info(io.BytesIO(source))
-            except Exception:  # decode_audio_bytes raises the typed error below
-                info = None
-            if info is not None:
-                self.precheck(info.samplerate, info.channels, info.frames, name)
-            wav, sr = decode_audio_bytes(source, name=name, max_duration_s=self.max_audio_s)
+        if header is None:
+            header = self.probe(source, name)
+        if not header.known and max_frames > 0:
+            wav, sr = self._decode_capped(source, name, max_frames)
         else:
-            try:
-                info = sf.info(str(source)) if source.is_file() else None
-            except Exception:
-                info = None
-            if info is not None:
-                self.precheck(info.samplerate, info.channels, info.frames, name)
-            wav, sr = load_audio(source, max_duration_s=self.max_audio_s)
+            wav, sr = self._decode_unchecked(source, name)
         self.check(wav, sr, name)
         return wav, sr
+
+    def _decode_capped(
+        self, source: Source, name: str, max_frames: int
+    ) -> tuple[torch.Tensor, int]:
+        """Decode a file whose header does not give its length, at most ``max_frames`` frames."""
+        import soundfile as sf
+
+        opened = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else str(source)
+        try:
+            with sf.SoundFile(opened) as f:
+                data = f.read(frames=max_frames + 1, dtype="float32", always_2d=True)
+                sr, channels = int(f.samplerate), int(f.channels)
+        except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
+            raise AudioDecodeError(f"decoding failed ({e})", name) from e
+        if data.shape[0] > max_frames:
+            raise DecodedSizeTooLarge(
+                f"its header gives no length and it decodes past {max_frames:,} frames x "
+                f"{channels} ch, the limit per clip (--max-clip-samples)",
+                name,
+            )
+        if data.size == 0:
+            raise EmptyAudioError("audio has no samples", name)
+        return torch.from_numpy(data).T, sr
 
     # -- references -------------------------------------------------------------------------------
 

@@ -13,7 +13,6 @@ error, so one bad rollout never fails the batch.
 
 from __future__ import annotations
 
-import asyncio
 import re
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import unquote
@@ -21,7 +20,6 @@ from urllib.parse import unquote
 from apex_reward.scoring import ScoreResult
 
 from ..errors import ClipError, NoAudioReference, RequestError, TooManyClips
-from ..state import Clip
 
 if TYPE_CHECKING:
     from ..state import ServerState
@@ -67,8 +65,9 @@ def reference_for(query: str, prompt: Any, label: Any) -> tuple[str, str] | None
     return ref
 
 
-async def get_reward(state: ServerState, body: Any) -> dict[str, Any]:
-    """Answer one ``/get_reward`` request whose parsed JSON is ``body``.
+async def get_reward(state: ServerState, body: Any, receive: Any = None) -> dict[str, Any]:
+    """Answer one ``/get_reward`` request whose parsed JSON is ``body`` (``receive``: the
+    request's ASGI receive, to drop its clips if the client goes away).
 
     Raises:
         InvalidRequest: not ``{"query": [str, ...]}``, or ``prompts``/``labels`` of another length.
@@ -85,7 +84,7 @@ async def get_reward(state: ServerState, body: Any) -> dict[str, Any]:
         )
     prompts, labels = request.column("prompts"), request.column("labels")
 
-    async def one(i: int) -> Clip:
+    def one(i: int) -> tuple[str, Any]:
         name = f"query[{i}]"
         try:
             ref = reference_for(queries[i], prompts[i], labels[i])
@@ -102,11 +101,11 @@ async def get_reward(state: ServerState, body: Any) -> dict[str, Any]:
                 else decoder.resolve_path(value, name)
             )
         except RequestError as e:
-            return Clip(name, error=ClipError(name, e))
-        return await state.decode(name, src)
+            return name, ClipError(name, e)
+        return name, src
 
-    clips = await asyncio.gather(*(one(i) for i in range(len(queries))))
-    return reply(state, await state.score_clips(clips))
+    clips = await state.decode_all([one(i) for i in range(len(queries))])
+    return reply(state, await state.score_clips(clips, receive=receive))
 
 
 def reply(state: ServerState, results: list[ScoreResult | ClipError]) -> dict[str, Any]:
