@@ -64,6 +64,7 @@ def test_decode_budget_counts_samples_per_clip_request_and_queue():
     budget = DecodeBudget(clip_samples=1000, request_samples=1500, queue_samples=2000)
     assert budget.cost(ClipHeader(48000, 2, 400), "a") == 800
     assert budget.cost(ClipHeader(48000, 2, 0), "streamed") == 1000  # unknown: the whole limit
+    assert budget.cost(ClipHeader(48000, 2, 2**63 - 1), "streamed FLAC") == 1000
     assert budget.max_frames(ClipHeader(48000, 4, 0)) == 250
     with pytest.raises(DecodedSizeTooLarge, match="--max-clip-samples") as e:
         budget.cost(ClipHeader(192000, 4, 300), "bomb")

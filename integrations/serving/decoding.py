@@ -1,8 +1,9 @@
 """Turning what a request carries into a checked waveform: base64, server-side paths, decoding.
 
 :class:`ClipDecoder` holds the server's input policy: accepted sample rates, the channel and
-length limits (checked from the file header before any audio is decoded), and the directory
-requests may name files in (``--allow-dir``; paths never resolve outside it, symlinks
+length limits (checked from the file header by :meth:`ClipDecoder.probe` before any audio is
+decoded; the decoded-size budget of :mod:`.limits` is charged from the same header), and the
+directory requests may name files in (``--allow-dir``; paths never resolve outside it, symlinks
 included). Its methods block (run them on the decode pool); they raise typed errors: an
 :class:`~apex_reward.errors.AudioError` for audio that cannot be scored, a
 :class:`~apex_reward.integrations.serving.errors.RequestError` for a refused reference.
@@ -30,7 +31,7 @@ from apex_reward.errors import (
 
 from .config import ServeConfig
 from .errors import InvalidBase64, InvalidRequest, PathNotAllowed
-from .limits import ClipHeader, DecodedSizeTooLarge
+from .limits import ClipHeader
 
 if TYPE_CHECKING:
     from apex_reward.model import ApexRewardModel
@@ -134,13 +135,19 @@ class ClipDecoder:
             # decodes anything: it reads the same header first
             self._decode_unchecked(source, name)
             raise AudioDecodeError("not a readable audio file", name)
-        self.precheck(info.samplerate, info.channels, info.frames, name)
-        return ClipHeader(int(info.samplerate), int(info.channels), int(info.frames))
+        header = ClipHeader(int(info.samplerate), int(info.channels), int(info.frames))
+        self.precheck(
+            header.sample_rate, header.channels, header.frames if header.known else 0, name
+        )
+        return header
 
-    def _decode_unchecked(self, source: Source, name: str) -> tuple[torch.Tensor, int]:
+    def _decode_unchecked(
+        self, source: Source, name: str, max_s: float | None = None
+    ) -> tuple[torch.Tensor, int]:
+        limit = self.max_audio_s if max_s is None else min(max_s, self.max_audio_s)
         if isinstance(source, (bytes, bytearray)):
-            return decode_audio_bytes(source, name=name, max_duration_s=self.max_audio_s)
-        return load_audio(source, max_duration_s=self.max_audio_s)
+            return decode_audio_bytes(source, name=name, max_duration_s=limit)
+        return load_audio(source, max_duration_s=limit)
 
     def decode(
         self, source: Source, name: str, header: ClipHeader | None = None, max_frames: int = 0
@@ -151,8 +158,8 @@ class ClipDecoder:
             source: the file's bytes or an allowed path.
             name: how errors name the clip.
             header: its :meth:`probe` result (read here when None).
-            max_frames: when the header does not give the length, decoding stops past this
-                many frames and the clip is refused (0: no cut-off).
+            max_frames: when the header does not give the length, the clip is refused past
+                this many frames (as a duration limit on the decoder; 0: no extra limit).
 
         Returns:
             ``(waveform [C, T] float32, sample_rate)``.
@@ -162,35 +169,12 @@ class ClipDecoder:
         """
         if header is None:
             header = self.probe(source, name)
+        cap = None
         if not header.known and max_frames > 0:
-            wav, sr = self._decode_capped(source, name, max_frames)
-        else:
-            wav, sr = self._decode_unchecked(source, name)
+            cap = max_frames / header.sample_rate
+        wav, sr = self._decode_unchecked(source, name, cap)
         self.check(wav, sr, name)
         return wav, sr
-
-    def _decode_capped(
-        self, source: Source, name: str, max_frames: int
-    ) -> tuple[torch.Tensor, int]:
-        """Decode a file whose header does not give its length, at most ``max_frames`` frames."""
-        import soundfile as sf
-
-        opened = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else str(source)
-        try:
-            with sf.SoundFile(opened) as f:
-                data = f.read(frames=max_frames + 1, dtype="float32", always_2d=True)
-                sr, channels = int(f.samplerate), int(f.channels)
-        except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
-            raise AudioDecodeError(f"decoding failed ({e})", name) from e
-        if data.shape[0] > max_frames:
-            raise DecodedSizeTooLarge(
-                f"its header gives no length and it decodes past {max_frames:,} frames x "
-                f"{channels} ch, the limit per clip (--max-clip-samples)",
-                name,
-            )
-        if data.size == 0:
-            raise EmptyAudioError("audio has no samples", name)
-        return torch.from_numpy(data).T, sr
 
     # -- references -------------------------------------------------------------------------------
 

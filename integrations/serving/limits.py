@@ -36,6 +36,7 @@ from .errors import PayloadTooLarge
 
 __all__ = [
     "ClipHeader",
+    "UNKNOWN_FRAMES",
     "DecodeBudget",
     "Reservation",
     "DecodedSizeTooLarge",
@@ -58,7 +59,8 @@ class ClipHeader:
     Attributes:
         sample_rate: Hz.
         channels: audio channels.
-        frames: samples per channel; 0 or less when the header does not say (streamed files).
+        frames: samples per channel; 0 or less (or :data:`UNKNOWN_FRAMES` and more) when the
+            header does not say (streamed files).
     """
 
     sample_rate: int
@@ -68,12 +70,17 @@ class ClipHeader:
     @property
     def known(self) -> bool:
         """Whether the header gives the length."""
-        return self.frames > 0
+        return 0 < self.frames < UNKNOWN_FRAMES
 
     @property
     def samples(self) -> int:
         """Decoded values (frames × channels); 0 when the length is unknown."""
-        return max(self.frames, 0) * max(self.channels, 1)
+        return self.frames * max(self.channels, 1) if self.known else 0
+
+
+#: libsndfile reports 2^63 - 1 frames for a stream whose length it does not know (a FLAC written
+#: while streaming); a count this large is no real length.
+UNKNOWN_FRAMES = 1 << 62
 
 
 def _mega(n: int) -> str:
