@@ -138,14 +138,14 @@ class ServeConfig:
         },
     )
     body_timeout_s: float = field(
-        default=60.0,
+        default=120.0,
         metadata={
             "help": "a request body must arrive within this many seconds of its headers, else "
             "408 and the connection is closed"
         },
     )
     idle_timeout_s: float = field(
-        default=15.0,
+        default=30.0,
         metadata={
             "help": "longest silence while a client sends a request (its headers or a body "
             "chunk), in seconds; then 408 and the connection is closed"
