@@ -73,6 +73,12 @@ def serve(config: ServeConfig) -> None:
             "(set --api-key-env)",
             config.host,
         )
+    if config.host in ("0.0.0.0", "::") and "*" not in config.allowed_hosts:
+        logger.warning(
+            "listening on every interface, but only requests addressed to %s are answered "
+            "(others get 400 HostNotAllowed); add the names clients use with --allowed-hosts",
+            ", ".join(config.allowed_hosts),
+        )
     if config.warmup:
         t0 = time.perf_counter()
         state.warmup()
