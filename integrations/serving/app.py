@@ -47,6 +47,7 @@ from .errors import (
     status_of,
     type_of,
 )
+from .hosts import HostPolicy
 from .middleware import ApiKeyAuth, BodyTooLarge, Guard, drain, too_large
 from .state import ServerState, preference_logit, sigmoid
 
@@ -183,13 +184,13 @@ def create_app(model: ApexRewardModel, config: ServeConfig | None = None) -> Any
         clip = await bodies.one_clip(request, state)
         if clip.error is not None:
             raise clip.error
-        res = await state.score_one(clip)
+        res = await state.score_one(clip, request.receive)
         return JSONResponse(with_untrained(state.result_json(res, clip.name)))
 
     async def score_batch(request: Request) -> Response:
         clips = await bodies.batch_clips(request, state)
         rows = []
-        for clip, res in zip(clips, await state.score_clips(clips)):
+        for clip, res in zip(clips, await state.score_clips(clips, receive=request.receive)):
             if isinstance(res, ClipError):
                 rows.append({"name": clip.name, "error": res.to_json()})
             else:
@@ -198,7 +199,11 @@ def create_app(model: ApexRewardModel, config: ServeConfig | None = None) -> Any
 
     async def compare(request: Request) -> Response:
         (a, b), instrumental = await bodies.compare_clips(request, state)
-        ra, rb = await asyncio.gather(state.score_one(a), state.score_one(b))
+        results = await state.score_clips([a, b], count_errors=False, receive=request.receive)
+        for res in results:
+            if isinstance(res, ClipError):
+                raise res
+        ra, rb = results
         # off the event loop: with the head on a GPU this waits for the device
         logit = await state.run_blocking(
             preference_logit, model, ra, rb, 1.0 if instrumental else 0.0
@@ -221,7 +226,9 @@ def create_app(model: ApexRewardModel, config: ServeConfig | None = None) -> Any
         if bodies.media_type(request.headers) != "application/json":
             raise bodies.unsupported(request, "application/json")
         return JSONResponse(
-            await openrlhf.get_reward(state, await bodies.read_json(request, state))
+            await openrlhf.get_reward(
+                state, await bodies.read_json(request, state), request.receive
+            )
         )
 
     app.add_route("/health", health, methods=["GET"])
@@ -241,5 +248,8 @@ def create_app(model: ApexRewardModel, config: ServeConfig | None = None) -> Any
         max_body_mb=config.max_body_mb,
         respond=respond,
         client_disconnect=ClientDisconnect,
+        hosts=HostPolicy(config.allowed_hosts, config.allowed_origins, config.host),
+        body_timeout_s=config.body_timeout_s,
+        idle_timeout_s=config.idle_timeout_s,
     )
     return app

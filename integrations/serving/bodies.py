@@ -10,7 +10,6 @@ decoded clips; a clip that cannot be decoded carries its
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Any
 
@@ -136,21 +135,20 @@ async def batch_clips(request: Any, state: ServerState) -> list[Clip]:
         _, files, _ = await _form(request, max_files=limit)
         if not files:
             raise InvalidRequest("no file parts in the multipart body")
-        return list(await asyncio.gather(*(state.decode(n, b) for n, b in files)))
+        return await state.decode_all(files)
     if media != "application/json":
         raise unsupported(request, "multipart/form-data or application/json")
     items = validate(BatchRequest, await read_json(request, state), "batch").clips
     if len(items) > limit:
         raise TooManyClips(f"{len(items)} clips in one request; the limit is {limit}")
 
-    async def one(i: int, item: Any) -> Clip:
+    def one(i: int, item: Any) -> tuple[str, Any]:
         try:
-            name, src = _json_clip(state, item, f"clips[{i}]")
+            return _json_clip(state, item, f"clips[{i}]")
         except RequestError as e:
-            return Clip(f"clips[{i}]", error=ClipError(f"clips[{i}]", e))
-        return await state.decode(name, src)
+            return f"clips[{i}]", ClipError(f"clips[{i}]", e)
 
-    return list(await asyncio.gather(*(one(i, it) for i, it in enumerate(items))))
+    return await state.decode_all([one(i, it) for i, it in enumerate(items)])
 
 
 async def compare_clips(request: Any, state: ServerState) -> tuple[list[Clip], bool]:
@@ -180,7 +178,7 @@ async def compare_clips(request: Any, state: ServerState) -> tuple[list[Clip], b
             sources.append((name, state.decoder.source_of(clip, name)))
     else:
         raise unsupported(request, "multipart/form-data or application/json")
-    clips = await asyncio.gather(*(state.decode(n, s) for n, s in sources))
+    clips = await state.decode_all(sources)
     for which, clip in zip("ab", clips):
         if clip.error is not None:
             raise clip.error.with_prefix(f"clip {which}: ")

@@ -118,6 +118,57 @@ class ServeConfig:
     max_channels: int = field(
         default=8, metadata={"help": "most audio channels per clip (checked before decoding)"}
     )
+    max_clip_samples: int = field(
+        default=64_000_000,
+        metadata={
+            "help": "most decoded samples x channels per clip (4 bytes each as float32; 600 s "
+            "of 48 kHz stereo is 57.6 M), read from the header before decoding; more gets 422"
+        },
+    )
+    max_request_samples: int = field(
+        default=256_000_000,
+        metadata={
+            "help": "most decoded samples x channels for all clips of one request, summed from "
+            "their headers before any is decoded; more gets 413"
+        },
+    )
+    max_queue_samples: int = field(
+        default=512_000_000,
+        metadata={
+            "help": "most decoded samples x channels being decoded or waiting for the model, "
+            "over all requests (bounds memory); beyond it requests get 503"
+        },
+    )
+    body_timeout_s: float = field(
+        default=120.0,
+        metadata={
+            "help": "a request body must arrive within this many seconds of its headers, else "
+            "408 and the connection is closed"
+        },
+    )
+    idle_timeout_s: float = field(
+        default=30.0,
+        metadata={
+            "help": "longest silence while a client sends a request (its headers or a body "
+            "chunk), in seconds; then 408 and the connection is closed"
+        },
+    )
+    allowed_hosts: list[str] = field(
+        default_factory=lambda: ["127.0.0.1", "localhost", "::1"],
+        metadata={
+            "help": "Host header names the server answers (a guard against DNS rebinding); "
+            "the --host address is added when it is a specific one; '*' allows any. Others "
+            "get 400 (/health and /ready excepted)"
+        },
+    )
+    allowed_origins: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "web origins (e.g. https://app.example.org) whose browser pages may POST "
+            "to the server; a POST carrying any other Origin header gets 403 (requests "
+            "without one, from scripts and trainers, are not affected)"
+        },
+    )
     sample_rates: list[int] = field(
         default_factory=lambda: list(STANDARD_SAMPLE_RATES),
         metadata={"help": "accepted input sample rates in Hz; others get 422"},
@@ -217,6 +268,11 @@ class ServeConfig:
             "max_clips_per_request",
             "max_audio_s",
             "max_channels",
+            "max_clip_samples",
+            "max_request_samples",
+            "max_queue_samples",
+            "body_timeout_s",
+            "idle_timeout_s",
             "decode_workers",
         ):
             positive(name, getattr(self, name))

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
@@ -28,7 +28,8 @@ from ..reward_logs import FailureLog, RewardLogs
 from .batcher import DynamicBatcher, OverloadedError
 from .config import ServeConfig
 from .decoding import ClipDecoder, Source
-from .errors import ClipError, ModelOutputError, ScoringTimeout, type_of
+from .errors import ClientGone, ClipError, ModelOutputError, ScoringTimeout, type_of
+from .limits import DecodeBudget
 from .metrics import ServerMetrics
 
 if TYPE_CHECKING:
@@ -47,10 +48,21 @@ class Clip:
     wav: torch.Tensor | None = None
     sample_rate: int = 0
     error: ClipError | None = None
+    #: gives the clip's share of the decoded-size budget back (idempotent); None: nothing held
+    release: Callable[[], None] | None = field(default=None, repr=False, compare=False)
 
     @property
     def ok(self) -> bool:
         return self.error is None
+
+
+async def _disconnected(receive: Callable[[], Awaitable[dict]]) -> None:
+    """Return when ``receive`` reports that the client disconnected (or cannot be read)."""
+    try:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+    except Exception:  # the connection is unusable: nobody will read the answer
+        return
 
 
 def _result_error(r: ScoreResult) -> ClipError:
@@ -87,6 +99,9 @@ class ServerState:
         # threads mean fewer glibc malloc arenas (RSS otherwise creeps up with each new thread)
         self.pool = ThreadPoolExecutor(config.decode_workers, thread_name_prefix="apex-decode")
         self._queued_audio_s = 0.0
+        self.budget = DecodeBudget(
+            config.max_clip_samples, config.max_request_samples, config.max_queue_samples
+        )
         self.batcher = DynamicBatcher(
             model,
             max_batch=config.max_batch,
@@ -139,18 +154,41 @@ class ServerState:
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
     async def decode(self, name: str, source: Source) -> Clip:
-        """Decode and check one clip on the decode pool; a failure is kept in the clip."""
-        try:
-            wav, sr = await self.run_blocking(self.decoder.decode, source, name)
-        except Exception as e:
-            return Clip(name, error=ClipError(name, e))
-        return Clip(name, wav, sr)
+        """Decode and check one clip on the decode pool; a failure is kept in the clip.
+
+        The clip is a request of its own for the decoded-size budget (see :meth:`decode_all`);
+        raises what :meth:`decode_all` raises.
+        """
+        (clip,) = await self.decode_all([(name, source)])
+        return clip
+
+    async def decode_all(self, items: Sequence[tuple[str, Source | ClipError]]) -> list[Clip]:
+        """Decode the clips of one request under the decoded-size budget (headers first, then
+        admission, then decoding; see :func:`~.admission.decode_request`).
+
+        Raises:
+            RequestDecodedTooLarge: the clips together exceed ``--max-request-samples`` (413).
+            OverloadedError: the decode/queue budget is full (503, retry later).
+        """
+        from .admission import decode_request
+
+        return await decode_request(self, items)
 
     # -- scoring ---------------------------------------------------------------------------------
 
     def _submit(self, clip: Clip) -> asyncio.Future | ClipError:
         if clip.error is not None or clip.wav is None:
             return clip.error or ClipError(clip.name, ModelOutputError("no audio decoded"))
+        fut = self._enqueue(clip)
+        if isinstance(fut, ClipError):
+            if clip.release is not None:
+                clip.release()
+        elif clip.release is not None:
+            fut.add_done_callback(lambda _f, release=clip.release: release())
+        return fut
+
+    def _enqueue(self, clip: Clip) -> asyncio.Future | ClipError:
+        assert clip.wav is not None
         seconds = clip.wav.numel() / clip.sample_rate
         limit = self.config.max_queue_audio_s
         if self._queued_audio_s > 0 and self._queued_audio_s + seconds > limit:
@@ -167,9 +205,15 @@ class ServerState:
         fut.add_done_callback(lambda _f, s=seconds: self._release_audio(s))
         return fut
 
-    def _outcome(self, clip: Clip, f: asyncio.Future | ClipError) -> ScoreResult | ClipError:
+    def _outcome(
+        self, clip: Clip, f: asyncio.Future | ClipError, gone: bool = False
+    ) -> ScoreResult | ClipError:
         if isinstance(f, ClipError):
             return f
+        if f.cancelled() and gone:
+            return ClipError(
+                clip.name, ClientGone(f"{clip.name}: the client went away; dropped unscored")
+            )
         if f.cancelled():
             timeout = self.config.request_timeout_s
             return ClipError(
@@ -181,20 +225,28 @@ class ServerState:
         return r if r.ok else _result_error(r)
 
     async def score_clips(
-        self, clips: Sequence[Clip], *, count_errors: bool = True
+        self,
+        clips: Sequence[Clip],
+        *,
+        count_errors: bool = True,
+        receive: Callable[[], Awaitable[dict]] | None = None,
     ) -> list[ScoreResult | ClipError]:
         """Queue the decoded clips for the batcher; each gets a ScoreResult or a ClipError.
 
         Every clip is counted in ``apex_clips_total``; its error in ``apex_errors_total`` too
         unless ``count_errors`` is False (the caller answers the error, which counts it).
+
+        Args:
+            receive: the request's ASGI ``receive``, its body already read: when it reports
+                ``http.disconnect`` before the clips are scored, the clips still waiting are
+                dropped from the queue (:class:`~.errors.ClientGone`) instead of scored.
         """
         futures = [self._submit(c) for c in clips]
         pending = [f for f in futures if isinstance(f, asyncio.Future)]
+        gone = False
         if pending:
-            _, not_done = await asyncio.wait(pending, timeout=self.config.request_timeout_s)
-            for f in not_done:
-                f.cancel()
-        out = [self._outcome(c, f) for c, f in zip(clips, futures)]
+            gone = await self._wait(pending, receive)
+        out = [self._outcome(c, f, gone) for c, f in zip(clips, futures)]
         for o in out:
             if isinstance(o, ScoreResult):
                 self.metrics.clips.labels(outcome="ok").inc()
@@ -205,10 +257,31 @@ class ServerState:
                     self.metrics.count_error(o.type)
         return out
 
-    async def score_one(self, clip: Clip) -> ScoreResult:
+    async def _wait(
+        self, pending: list[asyncio.Future], receive: Callable[[], Awaitable[dict]] | None
+    ) -> bool:
+        """Wait for the futures (at most ``--request-timeout-s``), cancelling those not done;
+        True when the client disconnected first."""
+        everything = asyncio.ensure_future(asyncio.wait(pending))
+        watch = asyncio.ensure_future(_disconnected(receive)) if receive is not None else None
+        waits = {everything} if watch is None else {everything, watch}
+        try:
+            await asyncio.wait(
+                waits, timeout=self.config.request_timeout_s, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            for w in waits:
+                w.cancel()
+            for f in pending:
+                f.cancel()  # no-op for those done: the batcher skips the rest
+        return watch is not None and watch.done() and not watch.cancelled()
+
+    async def score_one(
+        self, clip: Clip, receive: Callable[[], Awaitable[dict]] | None = None
+    ) -> ScoreResult:
         """Score one clip; raises its :class:`ClipError` (for the caller to answer) when it
         cannot be scored."""
-        (res,) = await self.score_clips([clip], count_errors=False)
+        (res,) = await self.score_clips([clip], count_errors=False, receive=receive)
         if isinstance(res, ClipError):
             raise res
         return res

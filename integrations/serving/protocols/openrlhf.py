@@ -77,8 +77,9 @@ def reference_for(query: str, prompt: Any, label: Any) -> tuple[str, str] | None
     return ref
 
 
-async def get_reward(state: ServerState, body: Any) -> dict[str, Any]:
-    """Answer one ``/get_reward`` request whose parsed JSON is ``body``.
+async def get_reward(state: ServerState, body: Any, receive: Any = None) -> dict[str, Any]:
+    """Answer one ``/get_reward`` request whose parsed JSON is ``body`` (``receive``: the
+    request's ASGI receive, to drop its clips if the client goes away).
 
     Raises:
         InvalidRequest: not ``{"query": [str, ...]}``, or ``prompts``/``labels`` of another length.
@@ -95,10 +96,8 @@ async def get_reward(state: ServerState, body: Any) -> dict[str, Any]:
         )
     prompts, labels = request.column("prompts"), request.column("labels")
 
-    async def one(i: int) -> Clip:
+    def one(i: int) -> tuple[str, Any]:
         name = f"query[{i}]"
-        if config.decoder is not None:
-            return await decoded(name, response_text(queries[i], prompts[i]))
         try:
             ref = reference_for(queries[i], prompts[i], labels[i])
             if ref is None:
@@ -114,8 +113,8 @@ async def get_reward(state: ServerState, body: Any) -> dict[str, Any]:
                 else decoder.resolve_path(value, name)
             )
         except RequestError as e:
-            return Clip(name, error=ClipError(name, e))
-        return await state.decode(name, src)
+            return name, ClipError(name, e)
+        return name, src
 
     async def decoded(name: str, response: str) -> Clip:
         """The ``--decoder``'s audio for one response, checked like an upload."""
@@ -127,8 +126,18 @@ async def get_reward(state: ServerState, body: Any) -> dict[str, Any]:
             return Clip(name, error=ClipError(name, e))
         return Clip(name, wav, sr)
 
-    clips = await asyncio.gather(*(one(i) for i in range(len(queries))))
-    results = await state.score_clips(clips)
+    if config.decoder is not None:  # text/token responses: the decoder makes their audio
+        clips = list(
+            await asyncio.gather(
+                *(
+                    decoded(f"query[{i}]", response_text(queries[i], prompts[i]))
+                    for i in range(len(queries))
+                )
+            )
+        )
+    else:  # audio references: headers, the decoded-size budget, then decoding
+        clips = await state.decode_all([one(i) for i in range(len(queries))])
+    results = await state.score_clips(clips, receive=receive)
     return state.reward_logs.reply(
         [r if isinstance(r, ScoreResult) else r.to_json() for r in results],
         score_key=config.openrlhf_score,
