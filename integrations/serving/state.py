@@ -11,6 +11,7 @@ them on a small thread pool, queues them for the
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +29,7 @@ from .config import ServeConfig
 from .decoding import ClipDecoder, Source
 from .errors import ClipError, ModelOutputError, ScoringTimeout, type_of
 from .metrics import ServerMetrics
+from .prepare import InferencePrep, Prepared
 
 if TYPE_CHECKING:
     from apex_reward.model import ApexRewardModel
@@ -39,12 +41,14 @@ T = TypeVar("T")
 
 @dataclass
 class Clip:
-    """One clip of a request: decoded (``wav``, ``sample_rate``) or failed (``error``)."""
+    """One clip of a request: decoded (``wav``, ``sample_rate``) or failed (``error``);
+    ``prepared`` is what the decode pool made of it for the batch worker."""
 
     name: str
     wav: torch.Tensor | None = None
     sample_rate: int = 0
     error: ClipError | None = None
+    prepared: Prepared | None = None
 
     @property
     def ok(self) -> bool:
@@ -73,6 +77,7 @@ class ServerState:
         self.model = model
         self.config = config
         self.decoder = ClipDecoder(model, config)
+        self.prep = InferencePrep(model, config)
         if config.openrlhf_score != "reward" and config.openrlhf_score not in model.score_names:
             raise ConfigError(
                 f"serve: --openrlhf-score {config.openrlhf_score!r} is not 'reward' or one of "
@@ -89,7 +94,7 @@ class ServerState:
             max_wait_s=config.max_wait_ms / 1000.0,
             max_queue=config.max_queue,
             segment_batch_size=config.max_batch,
-            guard=config.guard,
+            guard=self.prep.batcher_guard,
         )
         self.metrics = ServerMetrics(
             queue_clips=lambda: self.batcher.pending,
@@ -132,13 +137,50 @@ class ServerState:
         """Run ``fn(*args)`` on the decode pool (keeps the event loop free)."""
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
-    async def decode(self, name: str, source: Source) -> Clip:
-        """Decode and check one clip on the decode pool; a failure is kept in the clip."""
+    def _decode_and_prepare(
+        self, name: str, decode: Callable[..., tuple[torch.Tensor, int]], /, *args: Any, **kw: Any
+    ) -> Clip:
+        wav, sr = decode(*args, **kw)
+        prepared = self.prep(wav, sr)
+        return Clip(name, prepared.wav, prepared.sample_rate, prepared=prepared)
+
+    async def _decoded(
+        self, name: str, decode: Callable[..., tuple[torch.Tensor, int]], /, *args: Any, **kw: Any
+    ) -> Clip:
+        loop = asyncio.get_running_loop()
+        call = functools.partial(self._decode_and_prepare, name, decode, *args, **kw)
         try:
-            wav, sr = await self.run_blocking(self.decoder.decode, source, name)
+            return await loop.run_in_executor(self.pool, call)
         except Exception as e:
             return Clip(name, error=ClipError(name, e))
-        return Clip(name, wav, sr)
+
+    async def decode(self, name: str, source: Source) -> Clip:
+        """Decode, check and prepare (:class:`InferencePrep`) one clip on the decode pool; a
+        failure is kept in the clip."""
+        return await self._decoded(name, self.decoder.decode, source, name)
+
+    async def decode_pcm(
+        self,
+        name: str,
+        data: bytes,
+        *,
+        encoding: str,
+        sample_rate: int,
+        channels: int = 1,
+        num_samples: int | None = None,
+    ) -> Clip:
+        """Like :meth:`decode` for raw PCM samples
+        (:meth:`~apex_reward.integrations.serving.decoding.ClipDecoder.decode_pcm`)."""
+        return await self._decoded(
+            name,
+            self.decoder.decode_pcm,
+            data,
+            encoding=encoding,
+            sample_rate=sample_rate,
+            channels=channels,
+            name=name,
+            num_samples=num_samples,
+        )
 
     # -- scoring ---------------------------------------------------------------------------------
 
@@ -172,6 +214,8 @@ class ServerState:
         if f.exception() is not None:
             return ClipError(clip.name, f.exception())  # type: ignore[arg-type]
         r: ScoreResult = f.result()
+        if clip.prepared is not None:
+            r = self.prep.finish(r, clip.prepared)
         return r if r.ok else _result_error(r)
 
     async def score_clips(
