@@ -3,8 +3,9 @@
 Endpoints (JSON in, JSON out; errors are ``{"error": {"type": ..., "message": ...}}`` with the
 status :mod:`~apex_reward.integrations.serving.errors` gives their type):
 
-* ``POST /v1/score``: one clip, as a multipart upload (one file part), a raw ``audio/*`` body, or
-  JSON ``{"base64": "...", "name": "x.wav"}`` / ``{"path": "rel/x.wav"}`` (server-side paths only
+* ``POST /v1/score``: one clip, as a multipart upload (one file part), an ``audio/*`` file body,
+  raw samples (``audio/pcm; rate=N[; channels=C][; format=f32le|s16le]``), or JSON
+  ``{"base64": "...", "name": "x.wav"}`` / ``{"path": "rel/x.wav"}`` (server-side paths only
   under ``--allow-dir``) -> ``{"name", "scores", "reward", "duration_s"}``; a clip that cannot be
   scored -> 422 naming the problem.
 * ``POST /v1/score/batch``: many clips (multipart with several file parts, or JSON
