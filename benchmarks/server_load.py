@@ -280,6 +280,7 @@ def main(argv=None) -> int:
             )
             args.requests = args.max_batch * 3
             rows.extend(in_process(args, ckpt, wav_clips, [args.max_batch]))
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)  # progress
         requests = {kind: make_requests(kind, n_bodies, args) for kind in args.payloads}
         servers = [(False, r) for r in args.resamplers] if not args.no_model else []
         if args.null_model or args.no_model:
@@ -314,6 +315,7 @@ def main(argv=None) -> int:
                                 **res,
                             }
                         )
+                        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)  # progress
     meta = {
         "preset": args.preset,
         "device": args.device,
