@@ -84,7 +84,7 @@ def in_process(args, ckpt: Path, clips: list[bytes], batch_sizes: list[int]) -> 
         n = max(bs * 3, min(len(decoded), args.requests))
         n -= n % bs
         times = []
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         for start in range(0, n, bs):
             sync()
             t = time.perf_counter()
@@ -94,12 +94,14 @@ def in_process(args, ckpt: Path, clips: list[bytes], batch_sizes: list[int]) -> 
             sync()
             times.append(time.perf_counter() - t)
             assert all(r.ok for r in res)
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
         rows.append(
             {
                 "mode": f"in-process batch={bs}",
                 "clips": n,
                 "clips_per_s": n / wall,
+                "cpu_s": cpu,
+                "clips_per_cpu_s": n / cpu if cpu > 0 else float("nan"),
                 "batch": bs,
                 "batch_p50_s": pct(times, 50),
                 "batch_p99_s": pct(times, 99),
@@ -353,7 +355,8 @@ def main(argv=None) -> int:
         if r["mode"].startswith("in-process"):
             print(
                 f"| in-process `model.score`, batches of {r['batch']} | "
-                f"{r['clips_per_s']:.1f} | | | {r['batch_p50_s'] * 1000:.0f} ms / batch | "
+                f"{r['clips_per_s']:.1f} | {r['cpu_s']:.1f} | {r['clips_per_cpu_s']:.1f} | "
+                f"{r['batch_p50_s'] * 1000:.0f} ms / batch | "
                 f"{r['batch_p99_s'] * 1000:.0f} ms / batch | {r['batch']} |",
                 file=sys.stderr,
             )
