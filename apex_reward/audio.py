@@ -510,12 +510,13 @@ class AudioFrontEnd(torch.nn.Module):
         """RMS level in dBFS (mean removed) of each row of ``[N, S]`` over its first ``valid``
         samples; ``[N]`` float32, no gradient, -200 for digital silence or pure DC."""
         with torch.no_grad():
-            x = audio.detach().to(torch.float64)
-            S = x.shape[-1]
-            mask = (torch.arange(S, device=x.device)[None, :] < valid[:, None]).to(x.dtype)
-            n = valid.to(x.dtype).clamp_min(1)
-            mean = (x * mask).sum(dim=-1) / n
-            var = (((x - mean[:, None]) * mask) ** 2).sum(dim=-1) / n
+            x = audio.detach()
+            var = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+            # row by row over the unpadded samples: one fused pass each (no [N, S] mask and
+            # float64 temporaries; this runs once per batch on the server's batch worker)
+            for i, n in enumerate(valid.tolist()):
+                if n > 0:
+                    var[i] = torch.var_mean(x[i, :n].to(torch.float64), correction=0)[0]
             return (10.0 * torch.log10(var + 1e-20)).to(torch.float32)
 
     @staticmethod

@@ -10,6 +10,7 @@ then decodes them. A decoded clip holds its share of the budget until it is scor
 from __future__ import annotations
 
 import asyncio
+import functools
 import weakref
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
@@ -80,15 +81,21 @@ async def decode_request(
         name, source = items[i]
         h = headers[i]
         try:
-            wav, sr = await state.run_blocking(
-                decoder.decode, source, name, h, budget.max_frames(h)
+            prepared = await state.run_blocking(
+                state.decode_prepared, source, name, h, budget.max_frames(h)
             )
         except Exception as e:
             reservation.release(i)
             clips[i] = Clip(name, error=ClipError(name, e))
             return
-        reservation.shrink(i, wav.numel())
-        clip = clips[i] = Clip(name, wav, sr, release=_releaser(reservation, i))
+        reservation.shrink(i, prepared.wav.numel())
+        clip = clips[i] = Clip(
+            name,
+            prepared.wav,
+            prepared.sample_rate,
+            prepared=prepared,
+            release=_releaser(reservation, i),
+        )
         # a clip dropped unscored (its request failed elsewhere) gives its share back too
         weakref.finalize(clip, reservation.release, i)
 
@@ -98,3 +105,56 @@ async def decode_request(
         reservation.release_all()
         raise
     return [c for c in clips if c is not None]
+
+
+async def decode_pcm_request(
+    state: ServerState,
+    name: str,
+    data: bytes,
+    *,
+    encoding: str,
+    sample_rate: int,
+    channels: int = 1,
+    num_samples: int | None = None,
+) -> Clip:
+    """One raw-PCM clip under the decoded-size budget: its size is known from the byte count,
+    so it is charged (and refused, or admitted) before a sample is read.
+
+    Raises:
+        RequestDecodedTooLarge: the clip exceeds ``--max-request-samples`` (413).
+        OverloadedError: the queue budget is full (503, retry later).
+    """
+    import numpy as np
+
+    from .decoding import PCM_ENCODINGS
+
+    dtype = PCM_ENCODINGS.get(encoding)
+    itemsize = np.dtype(dtype).itemsize if dtype is not None else 1
+    header = ClipHeader(sample_rate, max(1, channels), len(data) // (itemsize * max(1, channels)))
+    try:
+        cost = state.budget.cost(header, name)
+    except Exception as e:
+        return Clip(name, error=ClipError(name, e))
+    reservation = state.budget.admit([cost])
+    pcm = dict(
+        encoding=encoding, sample_rate=sample_rate, channels=channels, num_samples=num_samples
+    )
+    try:
+        prepared = await state.run_blocking(
+            functools.partial(state.decode_pcm_prepared, data, name, **pcm)
+        )
+    except BaseException as e:
+        reservation.release_all()
+        if not isinstance(e, Exception):
+            raise
+        return Clip(name, error=ClipError(name, e))
+    reservation.shrink(0, prepared.wav.numel())
+    clip = Clip(
+        name,
+        prepared.wav,
+        prepared.sample_rate,
+        prepared=prepared,
+        release=_releaser(reservation, 0),
+    )
+    weakref.finalize(clip, reservation.release, 0)
+    return clip

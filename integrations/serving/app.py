@@ -3,8 +3,9 @@
 Endpoints (JSON in, JSON out; errors are ``{"error": {"type": ..., "message": ...}}`` with the
 status :mod:`~apex_reward.integrations.serving.errors` gives their type):
 
-* ``POST /v1/score``: one clip, as a multipart upload (one file part), a raw ``audio/*`` body, or
-  JSON ``{"base64": "...", "name": "x.wav"}`` / ``{"path": "rel/x.wav"}`` (server-side paths only
+* ``POST /v1/score``: one clip, as a multipart upload (one file part), an ``audio/*`` file body,
+  raw samples (``audio/pcm; rate=N[; channels=C][; format=f32le|s16le]``), or JSON
+  ``{"base64": "...", "name": "x.wav"}`` / ``{"path": "rel/x.wav"}`` (server-side paths only
   under ``--allow-dir``) -> ``{"name", "scores", "reward", "duration_s"}``; a clip that cannot be
   scored -> 422 naming the problem.
 * ``POST /v1/score/batch``: many clips (multipart with several file parts, or JSON
@@ -13,6 +14,8 @@ status :mod:`~apex_reward.integrations.serving.errors` gives their type):
 * ``POST /v1/compare``: clips ``a`` and ``b`` -> ``logit P(a > b)``, its probability, both rewards.
 * ``POST /get_reward``: OpenRLHF's remote reward protocol
   (:mod:`~apex_reward.integrations.serving.protocols.openrlhf`).
+* ``POST /v1/verl/score``: verl-omni's HTTP audio scorer protocol v1
+  (:mod:`~apex_reward.integrations.serving.protocols.verl_omni`).
 * ``GET /health`` (liveness), ``GET /ready`` (model warmed up and batch worker running),
   ``GET /metrics`` (Prometheus text), ``GET /v1/info`` (model and limits).
 
@@ -81,7 +84,7 @@ def create_app(model: ApexRewardModel, config: ServeConfig | None = None) -> Any
     from starlette.requests import ClientDisconnect, Request
     from starlette.responses import JSONResponse, Response
 
-    from .protocols import openrlhf
+    from .protocols import openrlhf, verl_omni
 
     config = config or ServeConfig()
     state = ServerState(model, config)
@@ -231,6 +234,12 @@ def create_app(model: ApexRewardModel, config: ServeConfig | None = None) -> Any
             )
         )
 
+    async def verl_score(request: Request) -> Response:
+        bodies.require_body(request)
+        if bodies.media_type(request.headers) != "application/json":
+            raise bodies.unsupported(request, "application/json")
+        return JSONResponse(await verl_omni.score(state, await bodies.read_json(request, state)))
+
     app.add_route("/health", health, methods=["GET"])
     app.add_route("/ready", ready, methods=["GET"])
     app.add_route("/metrics", metrics, methods=["GET"])
@@ -239,6 +248,7 @@ def create_app(model: ApexRewardModel, config: ServeConfig | None = None) -> Any
     app.add_route("/v1/score/batch", score_batch, methods=["POST"])
     app.add_route("/v1/compare", compare, methods=["POST"])
     app.add_route("/get_reward", get_reward, methods=["POST"])
+    app.add_route("/v1/verl/score", verl_score, methods=["POST"])
 
     app.add_middleware(
         Guard,

@@ -26,6 +26,8 @@ from .state import Clip, ServerState
 
 __all__ = [
     "media_type",
+    "PCM_MEDIA_TYPE",
+    "pcm_format",
     "unsupported",
     "require_body",
     "read_json",
@@ -41,6 +43,41 @@ _MAX_NAME = 200
 def media_type(headers: Any) -> str:
     """The Content-Type without parameters, lower case (``""`` when absent)."""
     return headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+#: Content-Type of a raw PCM body: ``audio/pcm; rate=24000`` with optional ``channels=2``
+#: (interleaved, default 1) and ``format=f32le`` (default ``s16le``, 16-bit little-endian).
+PCM_MEDIA_TYPE = "audio/pcm"
+
+
+def pcm_format(headers: Any) -> dict[str, Any]:
+    """The ``encoding``, ``sample_rate`` and ``channels`` of an ``audio/pcm`` body, from its
+    Content-Type parameters.
+
+    Raises:
+        InvalidRequest: no ``rate``, a non-integer ``rate``/``channels``, an unknown parameter.
+    """
+    params: dict[str, str] = {}
+    for part in headers.get("content-type", "").split(";")[1:]:
+        key, _, value = part.partition("=")
+        if key.strip():
+            params[key.strip().lower()] = value.strip().strip('"')
+    unknown = sorted(set(params) - {"rate", "channels", "format"})
+    if unknown:
+        raise InvalidRequest(
+            f"audio/pcm: unknown parameter(s) {unknown}; use rate, channels, format"
+        )
+    if "rate" not in params:
+        raise InvalidRequest("audio/pcm needs its sample rate: 'Content-Type: audio/pcm; rate=N'")
+    try:
+        rate, channels = int(params["rate"]), int(params.get("channels", "1"))
+    except ValueError:
+        raise InvalidRequest("audio/pcm: 'rate' and 'channels' must be integers") from None
+    return {
+        "encoding": params.get("format", "s16le").lower(),
+        "sample_rate": rate,
+        "channels": channels,
+    }
 
 
 def unsupported(request: Any, accepted: str) -> UnsupportedMediaType:
@@ -117,6 +154,10 @@ async def one_clip(request: Any, state: ServerState) -> Clip:
     if media == "application/json":
         name, src = _json_clip(state, await read_json(request, state), "clip")
         return await state.decode(name, src)
+    if media == PCM_MEDIA_TYPE:
+        body = await _read_body(request)
+        name = request.headers.get("x-audio-name", "upload")[:_MAX_NAME]
+        return await state.decode_pcm(name, body, **pcm_format(request.headers))
     if media.startswith("audio/") or media == "application/octet-stream":
         body = await _read_body(request)
         name = request.headers.get("x-audio-name", "upload")[:_MAX_NAME]

@@ -17,6 +17,7 @@ import io
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from apex_reward.audio import as_waveform_list, decode_audio_bytes, load_audio
@@ -38,10 +39,14 @@ if TYPE_CHECKING:
 
     from .schemas import ClipRef
 
-__all__ = ["ClipDecoder", "Source", "is_utf8"]
+__all__ = ["ClipDecoder", "Source", "PCM_ENCODINGS", "is_utf8"]
 
 #: Where a clip's audio comes from: the bytes of a whole file, or a file under ``--allow-dir``.
 Source = bytes | Path
+
+#: Raw PCM sample encodings the server reads (:meth:`ClipDecoder.decode_pcm`), as numpy dtypes:
+#: little-endian 32-bit float and 16-bit signed integer, channels interleaved.
+PCM_ENCODINGS: dict[str, str] = {"f32le": "<f4", "s16le": "<i2"}
 
 
 def is_utf8(text: str) -> bool:
@@ -175,6 +180,67 @@ class ClipDecoder:
         wav, sr = self._decode_unchecked(source, name, cap)
         self.check(wav, sr, name)
         return wav, sr
+
+    def decode_pcm(
+        self,
+        data: bytes,
+        *,
+        encoding: str,
+        sample_rate: int,
+        channels: int,
+        name: str,
+        num_samples: int | None = None,
+    ) -> tuple[torch.Tensor, int]:
+        """Read and check raw PCM samples: no container, no header (blocking, but cheap).
+
+        Args:
+            data: the samples, channels interleaved (frame after frame).
+            encoding: a key of :data:`PCM_ENCODINGS` (``"f32le"`` or ``"s16le"``; 16-bit
+                integers are scaled by 1/32768).
+            sample_rate: Hz.
+            channels: interleaved channels.
+            name: how errors name the clip.
+            num_samples: when given, the frames the sender says it sent; must match the data.
+
+        Returns:
+            ``(waveform [C, T] float32, sample_rate)``.
+
+        Raises:
+            AudioError: empty data, a length that is not a whole number of frames or not
+                ``num_samples``, a rate or channel count the server does not accept, too long,
+                non-finite samples, too short for the model.
+        """
+        dtype = PCM_ENCODINGS.get(encoding)
+        if dtype is None:
+            raise AudioDecodeError(
+                f"PCM encoding {encoding!r} is not supported; use one of {sorted(PCM_ENCODINGS)}",
+                name,
+            )
+        if not data:
+            raise EmptyAudioError("no audio data (0 bytes)", name)
+        if channels < 1:
+            raise AudioShapeError(f"channels must be >= 1, got {channels}", name)
+        frame = np.dtype(dtype).itemsize * channels
+        if len(data) % frame:
+            raise AudioShapeError(
+                f"{len(data)} bytes is not a whole number of {encoding} frames of {channels} "
+                f"channel(s) ({frame} bytes each)",
+                name,
+            )
+        frames = len(data) // frame
+        if num_samples is not None and num_samples != frames:
+            raise AudioShapeError(
+                f"num_samples is {num_samples} but the data holds {frames} samples", name
+            )
+        self.precheck(sample_rate, channels, frames, name)
+        samples = np.frombuffer(data, dtype=dtype)
+        if encoding == "s16le":
+            samples = samples.astype(np.float32) * np.float32(1.0 / 32768.0)
+        else:
+            samples = samples.astype(np.float32)  # native order, and a writable copy
+        wav = torch.from_numpy(samples.reshape(frames, channels).T)
+        self.check(wav, sample_rate, name)
+        return wav, sample_rate
 
     # -- references -------------------------------------------------------------------------------
 

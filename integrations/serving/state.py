@@ -31,6 +31,7 @@ from .decoding import ClipDecoder, Source
 from .errors import ClientGone, ClipError, ModelOutputError, ScoringTimeout, type_of
 from .limits import DecodeBudget
 from .metrics import ServerMetrics
+from .prepare import InferencePrep, Prepared
 
 if TYPE_CHECKING:
     from apex_reward.model import ApexRewardModel
@@ -42,7 +43,8 @@ T = TypeVar("T")
 
 @dataclass
 class Clip:
-    """One clip of a request: decoded (``wav``, ``sample_rate``) or failed (``error``)."""
+    """One clip of a request: decoded (``wav``, ``sample_rate``) or failed (``error``);
+    ``prepared`` is what the decode pool made of it for the batch worker."""
 
     name: str
     wav: torch.Tensor | None = None
@@ -50,6 +52,8 @@ class Clip:
     error: ClipError | None = None
     #: gives the clip's share of the decoded-size budget back (idempotent); None: nothing held
     release: Callable[[], None] | None = field(default=None, repr=False, compare=False)
+    #: what the decode threads already did for the batch thread (:class:`InferencePrep`)
+    prepared: Prepared | None = None
 
     @property
     def ok(self) -> bool:
@@ -87,6 +91,7 @@ class ServerState:
         self.model = model
         self.config = config
         self.decoder = ClipDecoder(model, config)
+        self.prep = InferencePrep(model, config)
         if config.openrlhf_score != "reward" and config.openrlhf_score not in model.score_names:
             raise ConfigError(
                 f"serve: --openrlhf-score {config.openrlhf_score!r} is not 'reward' or one of "
@@ -108,7 +113,7 @@ class ServerState:
             max_wait_s=config.max_wait_ms / 1000.0,
             max_queue=config.max_queue,
             segment_batch_size=config.max_batch,
-            guard=config.guard,
+            guard=self.prep.batcher_guard,
         )
         self.metrics = ServerMetrics(
             queue_clips=lambda: self.batcher.pending,
@@ -153,8 +158,19 @@ class ServerState:
         """Run ``fn(*args)`` on the decode pool (keeps the event loop free)."""
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
+    def decode_prepared(self, source: Source, name: str, *args: Any) -> Prepared:
+        """Decode one clip (:meth:`ClipDecoder.decode` with ``args``) and prepare it for the batch
+        thread (:class:`InferencePrep`); blocking, runs on the decode pool."""
+        wav, sr = self.decoder.decode(source, name, *args)
+        return self.prep(wav, sr)
+
+    def decode_pcm_prepared(self, data: bytes, name: str, **pcm: Any) -> Prepared:
+        """:meth:`ClipDecoder.decode_pcm` then :class:`InferencePrep`; blocking."""
+        wav, sr = self.decoder.decode_pcm(data, name=name, **pcm)
+        return self.prep(wav, sr)
+
     async def decode(self, name: str, source: Source) -> Clip:
-        """Decode and check one clip on the decode pool; a failure is kept in the clip.
+        """Decode, check and prepare one clip on the decode pool; a failure is kept in the clip.
 
         The clip is a request of its own for the decoded-size budget (see :meth:`decode_all`);
         raises what :meth:`decode_all` raises.
@@ -173,6 +189,31 @@ class ServerState:
         from .admission import decode_request
 
         return await decode_request(self, items)
+
+    async def decode_pcm(
+        self,
+        name: str,
+        data: bytes,
+        *,
+        encoding: str,
+        sample_rate: int,
+        channels: int = 1,
+        num_samples: int | None = None,
+    ) -> Clip:
+        """Like :meth:`decode` for raw PCM samples
+        (:meth:`~apex_reward.integrations.serving.decoding.ClipDecoder.decode_pcm`), charged to
+        the decoded-size budget by the size of ``data`` before anything is read."""
+        from .admission import decode_pcm_request
+
+        return await decode_pcm_request(
+            self,
+            name,
+            data,
+            encoding=encoding,
+            sample_rate=sample_rate,
+            channels=channels,
+            num_samples=num_samples,
+        )
 
     # -- scoring ---------------------------------------------------------------------------------
 
@@ -222,6 +263,8 @@ class ServerState:
         if f.exception() is not None:
             return ClipError(clip.name, f.exception())  # type: ignore[arg-type]
         r: ScoreResult = f.result()
+        if clip.prepared is not None:
+            r = self.prep.finish(r, clip.prepared)
         return r if r.ok else _result_error(r)
 
     async def score_clips(
