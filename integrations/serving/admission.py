@@ -18,12 +18,26 @@ from typing import TYPE_CHECKING
 from .decoding import Source
 from .errors import ClipError
 from .limits import ClipHeader, Reservation
+from .prepare import Prepared
 from .state import Clip
 
 if TYPE_CHECKING:
     from .state import ServerState
 
 __all__ = ["decode_request"]
+
+
+def _decode_prepared(state: ServerState, source: Source, name: str, *args) -> Prepared:
+    """Decode one clip (:meth:`ClipDecoder.decode` with ``args``) and prepare it for the batch
+    thread (:class:`~.prepare.InferencePrep`); blocking, runs on the decode pool."""
+    wav, sr = state.decoder.decode(source, name, *args)
+    return state.prep(wav, sr)
+
+
+def _decode_pcm_prepared(state: ServerState, data: bytes, name: str, **pcm) -> Prepared:
+    """:meth:`ClipDecoder.decode_pcm` then the inference prep; blocking."""
+    wav, sr = state.decoder.decode_pcm(data, name=name, **pcm)
+    return state.prep(wav, sr)
 
 
 def _releaser(reservation: Reservation, index: int) -> Callable[[], None]:
@@ -82,7 +96,7 @@ async def decode_request(
         h = headers[i]
         try:
             prepared = await state.run_blocking(
-                state.decode_prepared, source, name, h, budget.max_frames(h)
+                _decode_prepared, state, source, name, h, budget.max_frames(h)
             )
         except Exception as e:
             reservation.release(i)
@@ -141,7 +155,7 @@ async def decode_pcm_request(
     )
     try:
         prepared = await state.run_blocking(
-            functools.partial(state.decode_pcm_prepared, data, name, **pcm)
+            functools.partial(_decode_pcm_prepared, state, data, name, **pcm)
         )
     except BaseException as e:
         reservation.release_all()

@@ -158,17 +158,6 @@ class ServerState:
         """Run ``fn(*args)`` on the decode pool (keeps the event loop free)."""
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
-    def decode_prepared(self, source: Source, name: str, *args: Any) -> Prepared:
-        """Decode one clip (:meth:`ClipDecoder.decode` with ``args``) and prepare it for the batch
-        thread (:class:`InferencePrep`); blocking, runs on the decode pool."""
-        wav, sr = self.decoder.decode(source, name, *args)
-        return self.prep(wav, sr)
-
-    def decode_pcm_prepared(self, data: bytes, name: str, **pcm: Any) -> Prepared:
-        """:meth:`ClipDecoder.decode_pcm` then :class:`InferencePrep`; blocking."""
-        wav, sr = self.decoder.decode_pcm(data, name=name, **pcm)
-        return self.prep(wav, sr)
-
     async def decode(self, name: str, source: Source) -> Clip:
         """Decode, check and prepare one clip on the decode pool; a failure is kept in the clip.
 
