@@ -431,7 +431,8 @@ class AudioFrontEnd(torch.nn.Module):
         """Cut mono songs at the encoder rate (``[T_b]`` each) into ``[N, S]`` segments.
 
         Songs are cut into ``ceil(T / S)`` non-overlapping segments; only the last segment of a
-        song is zero-padded. Normalisation (if configured) uses the unpadded samples only and
+        song is zero-padded (to ``S``; with ``segment_padding="none"`` the rows are only as wide
+        as the longest segment's :meth:`encoded_lengths`). Normalisation (if configured) uses the unpadded samples only and
         leaves the padding at zero. (Silence trimming happens before, in :meth:`resample`.)
         """
         S = self.config.segment_samples
@@ -447,6 +448,9 @@ class AudioFrontEnd(torch.nn.Module):
             index.extend([b] * k)
         device = pieces[0].device
         audio = torch.cat(pieces, dim=0)
+        if self.config.segment_padding == "none":
+            # rows only as wide as the longest segment the encoder will see (see encoded_lengths)
+            audio = audio[:, : max(self.config.encoded_samples(v) for v in valid)]
         valid_t = torch.tensor(valid, dtype=torch.int64, device=device)
         index_t = torch.tensor(index, dtype=torch.int64, device=device)
         level_db = self.segment_levels_db(audio, valid_t)
@@ -460,6 +464,17 @@ class AudioFrontEnd(torch.nn.Module):
             song_index=index_t,
             num_songs=len(songs),
             level_db=level_db,
+        )
+
+    def encoded_lengths(self, valid: torch.Tensor) -> torch.Tensor:
+        """``[N]`` int64 samples the encoder sees per segment, from ``valid`` ``[N]``: the full
+        segment under ``segment_padding="full"``; under ``"none"`` the unpadded length, at least
+        ``min_segment_seconds``. The model encodes segments of equal length together, so a
+        segment's features never depend on the other segments of its batch."""
+        return torch.tensor(
+            [self.config.encoded_samples(v) for v in valid.tolist()],
+            dtype=torch.int64,
+            device=valid.device,
         )
 
     @staticmethod
