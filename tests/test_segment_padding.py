@@ -122,3 +122,45 @@ def test_gradient_reaches_the_waveform(none_model):
 def test_bad_values_are_config_errors(field, value):
     with pytest.raises(ConfigError, match=field):
         FrontendConfig(**{field: value})
+
+
+def test_demo_trains_without_padding_and_scores_follow_its_embeddings(tmp_path):
+    """The demo pipeline with segment_padding=none: extraction records it, the trained checkpoint
+    keeps it, and the exported model scores audio as its heads score the stored embeddings."""
+    from apex_reward import load_audio
+    from apex_reward.training.demo import DemoConfig, run_demo_pipeline
+    from apex_reward.training.embeddings import EmbeddingStore
+
+    out = tmp_path / "demo"
+    empty = tmp_path / "no_audio"  # no real audio to score at the end
+    empty.mkdir()
+    report = run_demo_pipeline(
+        DemoConfig(
+            out=str(out),
+            songs=40,
+            min_seconds=1.5,
+            max_seconds=3.5,
+            segment_seconds=4.0,
+            segment_padding="none",
+            epochs=3,
+            workers=1,
+            audio_dir=str(empty),
+        ),
+        progress=False,
+    )
+    model = ApexRewardModel.from_pretrained(report["model"])
+    assert model.config.frontend.segment_padding == "none" and not model.untrained
+    store = EmbeddingStore(out / "embeddings")
+    assert store.fingerprint["frontend"]["segment_padding"] == "none"
+    import pandas as pd
+
+    prepared = pd.read_parquet(out / "prepared" / "prepared.parquet").set_index("id")
+    ids = store.song_ids[:8]
+    audio = [load_audio(prepared.loc[i, "audio_path"]) for i in ids]
+    with torch.inference_mode():
+        live = model([a for a, _ in audio], [sr for _, sr in audio]).scores
+        cached = model.predict_from_features(store.segments(ids)).scores
+    for name in live:
+        scale = 100.0 if name in ("streams", "likes", "popularity") else 5.0
+        # the store keeps fp16 embeddings: agreement to 1e-3 of each score's range
+        assert torch.allclose(cached[name], live[name], atol=1e-3 * scale), name

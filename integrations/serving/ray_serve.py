@@ -132,8 +132,17 @@ def build_ray_app(config: ServeConfig) -> Any:
     return deployment.bind()
 
 
-def start_ray_serve(config: ServeConfig, *, timeout_s: float = 600.0) -> str:
-    """Start (or join) Ray, run the deployment and wait until every replica is up.
+def _init_ray(ray: Any) -> None:
+    if not ray.is_initialized():
+        # $RAY_ADDRESS names an existing cluster; without it a local one is started
+        ray.init(include_dashboard=False, configure_logging=False, log_to_driver=True)
+
+
+def start_ray_serve(
+    config: ServeConfig, *, timeout_s: float = 600.0, cancel: threading.Event | None = None
+) -> str:
+    """Start (or join) Ray, run the deployment and wait until every replica is up (or until
+    ``cancel`` is set).
 
     Returns:
         The base URL of Ray's HTTP proxy, ``http://HOST:PORT``.
@@ -142,9 +151,7 @@ def start_ray_serve(config: ServeConfig, *, timeout_s: float = 600.0) -> str:
     from ray import serve
 
     replicas, options = replica_resources(config)
-    if not ray.is_initialized():
-        # $RAY_ADDRESS names an existing cluster; without it a local one is started
-        ray.init(include_dashboard=False, configure_logging=False, log_to_driver=True)
+    _init_ray(ray)
     serve.start(http_options={"host": config.host, "port": config.port})
     logger.info(
         "starting %d Ray Serve replica(s) of the reward server (%s each)", replicas, options
@@ -152,6 +159,8 @@ def start_ray_serve(config: ServeConfig, *, timeout_s: float = 600.0) -> str:
     t0 = time.perf_counter()
     serve.run(build_ray_app(config), name="apex_reward", route_prefix="/", blocking=False)
     while time.perf_counter() - t0 < timeout_s:
+        if cancel is not None and cancel.is_set():
+            break
         status = serve.status().applications.get("apex_reward")
         if status is not None and str(status.status).endswith("RUNNING"):
             break
@@ -172,15 +181,48 @@ def serve_ray(config: ServeConfig) -> None:
 
     started_ray = not ray.is_initialized()
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    children: list[Any] = []
     try:
-        url = start_ray_serve(config)
+        _init_ray(ray)
+        # after ray.init, which installs a SIGTERM handler of its own that aborts the process
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        url = start_ray_serve(config, cancel=stop)
+        if started_ray:
+            children = _child_processes()
         logger.info("serving on %s (Ray Serve)", url)
-        stop.wait()
+        while not stop.wait(1.0):
+            pass
     finally:
         try:
             serve.shutdown()
         finally:
             if started_ray:
                 ray.shutdown()
+                _end_processes(children)
+
+
+def _child_processes() -> list[Any]:
+    """The processes this one started (the local Ray instance: GCS, raylet and its agents)."""
+    import psutil  # a dependency of ray
+
+    return psutil.Process().children(recursive=True)
+
+
+def _end_processes(processes: list[Any], timeout_s: float = 10.0) -> None:
+    """Terminate those of ``processes`` that outlived ``ray.shutdown()`` (its node agents can be
+    left behind when the raylet goes first), then kill what is still there."""
+    import psutil
+
+    alive = [p for p in processes if p.is_running()]
+    for p in alive:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, still = psutil.wait_procs(alive, timeout=timeout_s)
+    for p in still:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
