@@ -432,25 +432,28 @@ class AudioFrontEnd(torch.nn.Module):
 
         Songs are cut into ``ceil(T / S)`` non-overlapping segments; only the last segment of a
         song is zero-padded (to ``S``; with ``segment_padding="none"`` the rows are only as wide
-        as the longest segment's :meth:`encoded_lengths`). Normalisation (if configured) uses the unpadded samples only and
-        leaves the padding at zero. (Silence trimming happens before, in :meth:`resample`.)
+        as the longest segment's :meth:`encoded_lengths`). Normalisation (if configured) uses the
+        unpadded samples only and leaves the padding at zero. (Silence trimming happens before, in :meth:`resample`.)
         """
         S = self.config.segment_samples
+        # row width: S, or under segment_padding="none" the longest segment the encoder will see
+        # (see encoded_lengths): S as soon as one song spans more than one segment
+        W = S
+        if self.config.segment_padding == "none":
+            W = max(self.config.encoded_samples(min(x.shape[-1], S)) for x in songs)
         pieces, valid, index = [], [], []
         for b, x in enumerate(songs):
             n = x.shape[-1]
             k = max(1, math.ceil(n / S))
-            pad = k * S - n
+            width = S if k > 1 else W
+            pad = k * width - n
             if pad:
                 x = torch.nn.functional.pad(x, (0, pad))
-            pieces.append(x.reshape(k, S))
+            pieces.append(x.reshape(k, width))
             valid.extend([S] * (k - 1) + [n - (k - 1) * S])
             index.extend([b] * k)
         device = pieces[0].device
         audio = torch.cat(pieces, dim=0)
-        if self.config.segment_padding == "none":
-            # rows only as wide as the longest segment the encoder will see (see encoded_lengths)
-            audio = audio[:, : max(self.config.encoded_samples(v) for v in valid)]
         valid_t = torch.tensor(valid, dtype=torch.int64, device=device)
         index_t = torch.tensor(index, dtype=torch.int64, device=device)
         level_db = self.segment_levels_db(audio, valid_t)
