@@ -474,18 +474,25 @@ class AudioFrontEnd(torch.nn.Module):
         """Cut mono songs at the encoder rate (``[T_b]`` each) into ``[N, S]`` segments.
 
         Songs are cut into ``ceil(T / S)`` non-overlapping segments; only the last segment of a
-        song is zero-padded. Normalisation (if configured) uses the unpadded samples only and
-        leaves the padding at zero. (Silence trimming happens before, in :meth:`resample`.)
+        song is zero-padded (to ``S``; with ``segment_padding="none"`` the rows are only as wide
+        as the longest segment's :meth:`encoded_lengths`). Normalisation (if configured) uses the
+        unpadded samples only and leaves the padding at zero. (Silence trimming happens before, in :meth:`resample`.)
         """
         S = self.config.segment_samples
+        # row width: S, or under segment_padding="none" the longest segment the encoder will see
+        # (see encoded_lengths): S as soon as one song spans more than one segment
+        W = S
+        if self.config.segment_padding == "none":
+            W = max(self.config.encoded_samples(min(x.shape[-1], S)) for x in songs)
         pieces, valid, index = [], [], []
         for b, x in enumerate(songs):
             n = x.shape[-1]
             k = max(1, math.ceil(n / S))
-            pad = k * S - n
+            width = S if k > 1 else W
+            pad = k * width - n
             if pad:
                 x = torch.nn.functional.pad(x, (0, pad))
-            pieces.append(x.reshape(k, S))
+            pieces.append(x.reshape(k, width))
             valid.extend([S] * (k - 1) + [n - (k - 1) * S])
             index.extend([b] * k)
         device = pieces[0].device
@@ -503,6 +510,17 @@ class AudioFrontEnd(torch.nn.Module):
             song_index=index_t,
             num_songs=len(songs),
             level_db=level_db,
+        )
+
+    def encoded_lengths(self, valid: torch.Tensor) -> torch.Tensor:
+        """``[N]`` int64 samples the encoder sees per segment, from ``valid`` ``[N]``: the full
+        segment under ``segment_padding="full"``; under ``"none"`` the unpadded length, at least
+        ``min_segment_seconds``. The model encodes segments of equal length together, so a
+        segment's features never depend on the other segments of its batch."""
+        return torch.tensor(
+            [self.config.encoded_samples(v) for v in valid.tolist()],
+            dtype=torch.int64,
+            device=valid.device,
         )
 
     @staticmethod

@@ -202,7 +202,32 @@ class FrontendConfig:
         },
     )
 
+    segment_padding: Literal["full", "none"] = field(
+        default="full",
+        metadata={
+            "help": "full: a song's last segment is zero-padded to segment_seconds (the paper); "
+            "none: it is encoded at its own length (at least min_segment_seconds), so a short "
+            "clip costs the encoder only its own duration"
+        },
+    )
+    min_segment_seconds: float = field(
+        default=1.0,
+        metadata={
+            "help": "with segment_padding=none, a shorter last segment is zero-padded to this "
+            "length (capped at segment_seconds), seconds"
+        },
+    )
+
     def __post_init__(self) -> None:
+        if self.segment_padding not in ("full", "none"):
+            raise ConfigError(
+                f"frontend.segment_padding: expected 'full' or 'none', got {self.segment_padding!r}"
+            )
+        if not (math.isfinite(self.min_segment_seconds) and self.min_segment_seconds > 0):
+            raise ConfigError(
+                f"frontend.min_segment_seconds: must be a finite number > 0, got "
+                f"{self.min_segment_seconds!r}"
+            )
         if self.gradient_gate_db is not None and not math.isfinite(self.gradient_gate_db):
             raise ConfigError(
                 f"frontend.gradient_gate_db: must be finite or None, got {self.gradient_gate_db!r}"
@@ -243,6 +268,14 @@ class FrontendConfig:
     def segment_samples(self) -> int:
         """Samples per segment at the encoder rate (720,000 for 30 s at 24 kHz)."""
         return int(round(self.segment_seconds * self.sample_rate))
+
+    def encoded_samples(self, valid: int) -> int:
+        """Samples the encoder sees for a segment with ``valid`` unpadded samples: the full
+        segment under ``segment_padding="full"``, else ``valid`` raised to the minimum."""
+        if self.segment_padding == "full":
+            return self.segment_samples
+        floor = int(round(self.min_segment_seconds * self.sample_rate))
+        return min(self.segment_samples, max(int(valid), floor))
 
 
 #: Front-end settings of new models (``ApexConfig.from_preset``); the ``FrontendConfig`` defaults

@@ -406,17 +406,29 @@ class ApexRewardModel(nn.Module):
     def iter_encoded_chunks(
         self, segments: Segments, segment_batch_size: int | None = None
     ) -> Iterator[torch.Tensor]:
-        """Encode ``segments.audio`` in chunks of ``segment_batch_size``; yields ``[n, L, H]``."""
+        """Encode ``segments.audio`` in chunks of ``segment_batch_size``; yields ``[n, L, H]``
+        covering the segments in order. Under ``segment_padding="none"`` segments of equal
+        encoded length are batched together (:func:`~apex_reward.buckets.encode_by_length`)."""
         bs = max(1, int(segment_batch_size or self.segment_batch_size))
+        if self.config.frontend.segment_padding != "full":
+            from .buckets import encode_by_length
+
+            lengths = self.frontend.encoded_lengths(segments.valid)
+            yield encode_by_length(self._encode_chunk, segments, lengths, bs)
+            return
         for start in range(0, segments.audio.shape[0], bs):
-            audio = segments.audio[start : start + bs]
-            valid = segments.valid[start : start + bs]
-            n = audio.shape[0]
-            size = _bucket(n, bs) if self.bucket_batches else n
-            if size > n:  # pad with silent segments to a fixed batch size; their rows are dropped
-                audio = torch.nn.functional.pad(audio, (0, 0, 0, size - n))
-                valid = torch.nn.functional.pad(valid, (0, size - n), value=audio.shape[-1])
-            yield self.encoder(audio, valid)[:n]
+            yield self._encode_chunk(
+                segments.audio[start : start + bs], segments.valid[start : start + bs], bs
+            )
+
+    def _encode_chunk(self, audio: torch.Tensor, valid: torch.Tensor, bs: int) -> torch.Tensor:
+        """One encoder call on ``[n, S']`` segments (n <= bs) -> ``[n, L, H]``."""
+        n = audio.shape[0]
+        size = _bucket(n, bs) if self.bucket_batches else n
+        if size > n:  # pad with silent segments to a fixed batch size; their rows are dropped
+            audio = torch.nn.functional.pad(audio, (0, 0, 0, size - n))
+            valid = torch.nn.functional.pad(valid, (0, size - n), value=audio.shape[-1])
+        return self.encoder(audio, valid)[:n]
 
     def encode(
         self,

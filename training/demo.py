@@ -20,7 +20,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -51,6 +51,14 @@ class DemoConfig:
     segment_seconds: float = field(
         default=10.0,
         metadata={"help": "segment length of the demo model's front end (the paper: 30)"},
+    )
+    segment_padding: Literal["full", "none"] = field(
+        default="full",
+        metadata={
+            "help": "the demo model's front end: full = pad each song's last segment to "
+            "--segment-seconds, none = encode it at its own length (extraction, training and "
+            "scoring all follow the checkpoint's setting)"
+        },
     )
     epochs: int = field(default=200, metadata={"help": "training epochs (early stopping applies)"})
     seed: int = field(default=0, metadata={"help": "random seed for everything"})
@@ -116,6 +124,7 @@ def run_demo_pipeline(config: DemoConfig, *, progress: bool = True) -> dict[str,
     base_cfg = ApexConfig.from_preset("tiny")
     # the synthetic songs are 5–10 s: 10 s segments avoid encoding 20 s of padding per song
     base_cfg.frontend.segment_seconds = config.segment_seconds
+    base_cfg.frontend.segment_padding = config.segment_padding
     base = ApexRewardModel.from_config(base_cfg, encoder="random")
     base.save_pretrained(out / "base_model")
     ext = run_extraction(

@@ -5,6 +5,7 @@
     from apex_reward.integrations.serving import ApexRewardClient
 
     client = ApexRewardClient("http://127.0.0.1:8000", api_key="...")   # or $APEX_REWARD_API_KEY
+    client = ApexRewardClient(["http://gpu0:8000", "http://gpu1:8000"])  # replicas, round-robin
     results = client.score(["a.wav", (waveform, 44100)])   # list[ScoreResult], like model.score
     cmp = client.compare("a.wav", "b.wav")                   # Comparison(logit, probability, ...)
 
@@ -18,7 +19,10 @@ paths for a server started with ``--allow-dir`` on a shared filesystem); arrays 
 32-bit float WAV, so the server decodes exactly the samples given. Requests are split to respect
 the server's body and clip limits and sent concurrently, so the server can batch them with other
 workers' clips. Connection errors, timeouts, 429 and 5xx answers are retried with exponential
-backoff; 4xx answers are not (they raise :class:`RemoteError`). A clip the server cannot score gets
+backoff; 4xx answers are not (they raise :class:`RemoteError`). Given several server URLs, the
+client sends its requests round-robin and fails over: a request that meets a connection error, a
+timeout, 429 or 5xx goes to the next server at once (a server that refused a connection is left
+out for ``down_s`` seconds), and backs off only when every server failed. A clip the server cannot score gets
 a :class:`~apex_reward.scoring.ScoreResult` with ``.error`` (reward ``None``), never an exception.
 
 The client pickles without its connection pool (re-created on first use), so it can be shipped to
@@ -67,7 +71,8 @@ class ApexRewardClient:
     """HTTP client of an apex-reward server; also a TRL reward function.
 
     Args:
-        url: base URL of the server, e.g. ``"http://127.0.0.1:8000"``.
+        url: base URL of the server, e.g. ``"http://127.0.0.1:8000"``, or a list of the base
+            URLs of several servers of the same model (requests go round-robin, with failover).
         api_key: the server's API key; default: the ``APEX_REWARD_API_KEY`` environment variable
             (read at request time, so it is not pickled).
         timeout: seconds to wait for one HTTP answer (connecting: at most 10 s).
@@ -83,11 +88,13 @@ class ApexRewardClient:
         send_paths: send paths as server-side paths instead of uploading the files (the server
             must be started with ``--allow-dir`` covering them).
         name: the ``__name__`` TRL logs the reward under.
+        down_s: with several URLs, how long a server that could not be reached is skipped
+            (it is tried again after that, or earlier when every server is down).
     """
 
     def __init__(
         self,
-        url: str = "http://127.0.0.1:8000",
+        url: str | Sequence[str] = "http://127.0.0.1:8000",
         *,
         api_key: str | None = None,
         timeout: float = 120.0,
@@ -100,6 +107,7 @@ class ApexRewardClient:
         concurrency: int = 4,
         send_paths: bool = False,
         name: str = "apex_remote_reward",
+        down_s: float = 5.0,
     ) -> None:
         if retries < 0 or timeout <= 0 or backoff_s < 0:
             raise ValueError("need retries >= 0, timeout > 0, backoff_s >= 0")
@@ -107,7 +115,14 @@ class ApexRewardClient:
             raise ValueError(
                 "need max_clips_per_request >= 1, max_request_mb > 0, concurrency >= 1"
             )
-        self.url = url.rstrip("/")
+        urls = [url] if isinstance(url, str) else list(url)
+        if not urls or not all(isinstance(u, str) and u for u in urls):
+            raise ValueError(f"need one server URL or a non-empty list of them, got {url!r}")
+        self.urls = [u.rstrip("/") for u in urls]
+        self.url = self.urls[0]
+        self.down_s = float(down_s)
+        self._turn = 0
+        self._down_until: dict[str, float] = {}
         self.api_key = api_key
         self.timeout = float(timeout)
         self.retries = int(retries)
@@ -135,7 +150,8 @@ class ApexRewardClient:
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
-        return f"ApexRewardClient({self.url!r}, name={self.__name__!r})"
+        url = self.url if len(self.urls) == 1 else self.urls
+        return f"ApexRewardClient({url!r}, name={self.__name__!r})"
 
     # -- HTTP ---------------------------------------------------------------------------------------
 
@@ -188,12 +204,16 @@ class ApexRewardClient:
         last: str = ""
         status: int | None = None
         for attempt in range(self.retries + 1):
-            try:
-                resp = http.request(method, url, headers=self._headers(), **kwargs)
-            except httpx.TransportError as e:  # connect, read/write timeouts, protocol errors
-                last, status = f"{type(e).__name__}: {e}", None
-                retry_after = None
-            else:
+            retry_after = None
+            for base in self._servers():  # one server, or each of several once, in turn
+                url = f"{base}{path}"
+                try:
+                    resp = http.request(method, url, headers=self._headers(), **kwargs)
+                except httpx.TransportError as e:  # connect, read/write timeouts, protocol errors
+                    last, status = f"{type(e).__name__}: {e}", None
+                    if isinstance(e, httpx.ConnectError):
+                        self._mark_down(base)
+                    continue
                 if resp.status_code < 400:
                     if resp.headers.get("content-type", "").startswith("application/json"):
                         return resp.json()
@@ -221,25 +241,46 @@ class ApexRewardClient:
             f"{method} {url} failed after {self.retries + 1} attempts: {last}",
         )
 
+    def _servers(self) -> list[str]:
+        """The servers to try for one attempt, the next in the round-robin first; servers that
+        refused a connection less than ``down_s`` ago go last."""
+        if len(self.urls) == 1:
+            return self.urls
+        with self._lock:
+            start = self._turn
+            self._turn = (self._turn + 1) % len(self.urls)
+        order = self.urls[start:] + self.urls[:start]
+        now = time.monotonic()
+        up = [u for u in order if self._down_until.get(u, 0.0) <= now]
+        return up + [u for u in order if u not in up]
+
+    def _mark_down(self, base: str) -> None:
+        if len(self.urls) > 1:
+            logger.warning("%s cannot be reached; trying the other servers", base)
+            self._down_until[base] = time.monotonic() + self.down_s
+
     # -- endpoints ----------------------------------------------------------------------------------
 
     def health(self) -> bool:
-        """Whether the server answers ``/health`` (one attempt, no retries)."""
+        """Whether the server (with several: any of them) answers ``/health`` (one attempt each,
+        no retries)."""
+        return self._any_answers("/health")
+
+    def _any_answers(self, path: str) -> bool:
         import httpx
 
-        try:
-            return self._client().get(f"{self.url}/health").status_code == 200
-        except httpx.TransportError:
-            return False
+        for base in self.urls:
+            try:
+                if self._client().get(f"{base}{path}").status_code == 200:
+                    return True
+            except httpx.TransportError:
+                pass
+        return False
 
     def ready(self) -> bool:
-        """Whether the server is ready to score (``/ready``; one attempt)."""
-        import httpx
-
-        try:
-            return self._client().get(f"{self.url}/ready").status_code == 200
-        except httpx.TransportError:
-            return False
+        """Whether the server (with several: any of them) is ready to score (``/ready``; one
+        attempt each)."""
+        return self._any_answers("/ready")
 
     def info(self) -> dict[str, Any]:
         """The server's model, score names and limits (``/v1/info``)."""

@@ -57,6 +57,11 @@ def serve(config: ServeConfig) -> None:
 
     from .app import create_app
 
+    if config.ray:
+        from .ray_serve import serve_ray
+
+        serve_ray(config)
+        return
     uvicorn = require("uvicorn", "serve", "the reward server")
     if config.malloc_arena_max:
         limit_malloc_arenas(config.malloc_arena_max)  # before the server starts its threads

@@ -255,6 +255,21 @@ class ServeConfig:
         default="info", metadata={"help": "uvicorn log level"}
     )
     access_log: bool = field(default=True, metadata={"help": "log one line per request"})
+    ray: bool = field(
+        default=False,
+        metadata={
+            "help": "serve through Ray Serve: --replicas copies of this server (each its own "
+            "model and batcher) behind Ray's HTTP proxy on --host/--port; joins the cluster "
+            "named by $RAY_ADDRESS, else starts a local one (needs the ray extra)"
+        },
+    )
+    replicas: int = field(
+        default=0,
+        metadata={
+            "help": "Ray Serve replicas (--ray); 0 = one per visible GPU for a CUDA device, "
+            "else 1. A CUDA replica holds one GPU, a CPU replica --threads cores (default 1)"
+        },
+    )
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, ModelOptions):
@@ -288,6 +303,8 @@ class ServeConfig:
             positive(name, getattr(self, name))
         if not (self.max_wait_ms >= 0 and math.isfinite(self.max_wait_ms)):
             raise ConfigError(f"serve: --max-wait-ms must be >= 0, got {self.max_wait_ms!r}")
+        if self.replicas < 0:
+            raise ConfigError(f"serve: --replicas must be >= 0, got {self.replicas}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"serve: --threads must be >= 1, got {self.threads}")
         if not self.sample_rates or any(r <= 0 for r in self.sample_rates):
