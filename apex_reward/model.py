@@ -478,6 +478,8 @@ class ApexRewardModel(nn.Module):
         segment_batch_size: int | None = None,
         check: bool = True,
         guard: GuardPolicy | None = None,
+        robust: int | None = None,
+        seed: int | None = None,
     ) -> ApexOutput:
         """Score waveforms; differentiable with respect to them.
 
@@ -490,6 +492,11 @@ class ApexRewardModel(nn.Module):
             check: validate each song with ``frontend.check`` (``False``: the caller already did).
             guard: the guard policy, ``"off"``, ``"flag"`` or ``"penalize"``
                 (:mod:`apex_reward.guard`); None: the checkpoint's ``config.guard.policy``.
+            robust: K > 0 averages every output over K random, differentiable transforms of each
+                song (:mod:`apex_reward.robust`: gain, segmentation offset, resampling jitter,
+                noise); 0 or None: off. Costs K encoder passes.
+            seed: seed of the robust transforms (deterministic for a given seed; None: drawn
+                from torch's global generator).
 
         Returns:
             :class:`ApexOutput` with ``scores`` (each ``[B]``) and ``reward`` ``[B]``, and the
@@ -502,10 +509,24 @@ class ApexRewardModel(nn.Module):
         policy = guard_policy.resolve_policy(self.config, guard)
         if policy != "off":  # the same list of songs the encoder sees, measured as given
             waveforms = as_waveform_list(waveforms)
-        features = self.encode(
-            waveforms, sample_rate, segment_batch_size=segment_batch_size, check=check
-        )
-        out = self.predict_from_features(features, return_embeddings=return_embeddings)
+        if robust:
+            from .robust import robust_predict
+
+            out = robust_predict(
+                self,
+                waveforms,
+                sample_rate,
+                robust=robust,
+                seed=seed,
+                return_embeddings=return_embeddings,
+                segment_batch_size=segment_batch_size,
+                check=check,
+            )
+        else:
+            features = self.encode(
+                waveforms, sample_rate, segment_batch_size=segment_batch_size, check=check
+            )
+            out = self.predict_from_features(features, return_embeddings=return_embeddings)
         if policy == "off":
             return out
         rates = per_song_rates(sample_rate, len(waveforms), "sample_rate")
