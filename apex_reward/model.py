@@ -543,6 +543,15 @@ class ApexRewardModel(nn.Module):
     # ------------------------------------------------------------------------------------------
     # pairwise preference
 
+    @property
+    def preference_calibration(self) -> dict[str, Any]:
+        """Which preference model and calibration :meth:`preference_logits` uses: a fitted
+        preference head, a fitted Bradley–Terry temperature (with the data it came from) or the
+        fixed one (:func:`apex_reward.calibration.describe_preference`)."""
+        from .calibration import describe_preference
+
+        return describe_preference(self.config)
+
     def preference_logits_from_outputs(
         self,
         out_a: ApexOutput,
@@ -556,7 +565,9 @@ class ApexRewardModel(nn.Module):
 
         With a fitted preference head (docs/model.md#preference-head) it is the head's logistic model over the
         pairwise features; otherwise Bradley–Terry on the reward,
-        ``(r_A - r_B) / preference.temperature``. When ``systems_a``/``systems_b`` name the
+        ``(r_A - r_B) / preference.temperature`` (fitted by maximum likelihood at the end of
+        training or by ``apex-reward calibrate``; :attr:`preference_calibration` says which is in
+        use). When ``systems_a``/``systems_b`` name the
         generators of A and B (one name or one per pair), the per-system offsets in
         ``preference.system_offsets`` are added: ``+ offset[system_a] - offset[system_b]``
         (unknown systems: 0).
