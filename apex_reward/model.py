@@ -636,6 +636,8 @@ class ApexRewardModel(nn.Module):
         num_workers: int = 2,
         progress: bool = False,
         guard: GuardPolicy | None = None,
+        robust: int = 0,
+        seed: int | None = None,
     ) -> list:
         """Score files and/or arrays in batches under ``inference_mode``.
 
@@ -647,6 +649,8 @@ class ApexRewardModel(nn.Module):
             num_workers: threads decoding files ahead of the encoder.
             progress: show a tqdm progress bar on stderr.
             guard: the guard policy (:mod:`apex_reward.guard`); None: the checkpoint's.
+            robust, seed: the robust reward over ``robust`` random transforms (see
+                :meth:`forward`; 0: off).
 
         Returns:
             One :class:`~apex_reward.scoring.ScoreResult` per input, in input order: scores,
@@ -663,6 +667,8 @@ class ApexRewardModel(nn.Module):
             num_workers=num_workers,
             progress=progress,
             guard=guard,
+            robust=robust,
+            seed=seed,
         )
 
 

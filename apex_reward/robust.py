@@ -17,9 +17,9 @@ Each draw applies, in this order (docs/model.md#robust-reward):
 3. **gain**: uniform within ±6 dB;
 4. **noise**: white Gaussian noise at −50 dBFS RMS.
 
-Draws are made on the CPU by a ``torch.Generator`` seeded from ``(seed, song position)``, so a
-call is deterministic for a given seed and a song's draws do not depend on the other songs of
-its batch. ``seed=None`` draws a seed from torch's global generator (follows
+Draws are made on the CPU by a ``torch.Generator`` seeded from ``(seed, position of the song in
+the call)``, so a call is deterministic for a given seed and a song's draws do not depend on
+the other songs of its batch. ``seed=None`` draws a seed from torch's global generator (follows
 ``torch.manual_seed``). The signal checks of the guard policy always run on the songs as given,
 never on the transformed copies (noise at −50 dBFS would otherwise hide silence).
 """

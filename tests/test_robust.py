@@ -77,3 +77,21 @@ def test_bad_robust_values_are_typed_errors(model, songs):
     for bad in (-1, 1.5, True):
         with pytest.raises(ConfigError, match="robust"):
             model(songs, SR, robust=bad, guard="off")
+
+
+def test_trl_reward_function_uses_the_robust_reward(model, songs):
+    """TRL's calling convention: ``fn(prompts=..., completions=..., **kwargs)``, completions as
+    ``(waveform, sample_rate)`` tuples; robust=K gives the robust reward for that seed."""
+    from apex_reward.integrations.trl_rewards import ApexRewardFunction
+
+    fn = ApexRewardFunction(model, guard="off", robust=2, robust_seed=5, log_scores=False)
+    plain_fn = ApexRewardFunction(model, guard="off", log_scores=False)
+    completions = [(s.numpy(), SR) for s in songs]
+    values = fn(prompts=["p0", "p1"], completions=completions, trainer_state=None)
+    plain = plain_fn(prompts=["p0", "p1"], completions=completions)
+    with torch.no_grad():
+        expected = model(songs, SR, robust=2, seed=5, guard="off").reward
+    assert values == pytest.approx(expected.tolist(), abs=1e-5)
+    assert values != pytest.approx(plain, abs=1e-6)
+    with pytest.raises(ConfigError, match="robust"):
+        ApexRewardFunction(model, robust=-2)
