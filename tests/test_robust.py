@@ -95,3 +95,27 @@ def test_trl_reward_function_uses_the_robust_reward(model, songs):
     assert values != pytest.approx(plain, abs=1e-6)
     with pytest.raises(ConfigError, match="robust"):
         ApexRewardFunction(model, robust=-2)
+
+
+def test_server_batcher_scores_with_the_robust_reward(model, songs):
+    """The reward server's batch loop (``serve --robust K``) returns the robust reward."""
+    import asyncio
+
+    from apex_reward.integrations.serving.batcher import DynamicBatcher
+    from apex_reward.integrations.serving.config import ServeConfig
+
+    batcher = DynamicBatcher(model, max_batch=4, max_wait_s=0.2, robust=2, robust_seed=9)
+    batcher.start()
+
+    async def submit_all():
+        return await asyncio.gather(*(batcher.score(f"c{i}", s, SR) for i, s in enumerate(songs)))
+
+    try:
+        results = asyncio.run(submit_all())
+    finally:
+        batcher.stop()
+    with torch.no_grad():
+        expected = model(songs, SR, robust=2, seed=9).reward
+    assert [r.reward for r in results] == pytest.approx(expected.tolist(), abs=1e-5)
+    with pytest.raises(ConfigError, match="robust"):
+        ServeConfig(robust=-1)

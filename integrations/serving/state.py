@@ -90,6 +90,8 @@ class ServerState:
             max_queue=config.max_queue,
             segment_batch_size=config.max_batch,
             guard=config.guard,
+            robust=config.robust,
+            robust_seed=config.robust_seed,
         )
         self.metrics = ServerMetrics(
             queue_clips=lambda: self.batcher.pending,
