@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -62,6 +63,43 @@ def _score_clips(model, clips, defence, robust: int, seed: int) -> list[float]:
             )
             rewards += batch.reward.double().tolist()
     return rewards
+
+
+def _report(results: list[dict], args, loaded, available, total: float) -> str:
+    lines = [
+        "| defence | start | target (best real clip) | steps to beat | reward at start "
+        "| reward after last step (steps run) | checks at the end |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in results:
+        if "unavailable" in row:
+            lines.append(f"| {row['label']} | – | – | {row['unavailable']} | | | |")
+            continue
+        for r in row["runs"]:
+            beat = "never" if r["steps_to_beat"] is None else str(r["steps_to_beat"])
+            lines.append(
+                f"| {row['label']} | {r['start']} | {row['target']:.4f} | {beat} | "
+                f"{r['start_reward']:.4f} | {r['final_reward']:.4f} ({r['steps_run']}) | "
+                f"{', '.join(r['final_checks']) or 'none'} |"
+            )
+    summary = {
+        "command": " ".join([sys.executable.rsplit("/", 1)[-1], *sys.argv]),
+        "model": args.model,
+        "clips": [c.name for c in loaded],
+        "available": available,
+        "machine": f"{platform.processor() or platform.machine()}, {args.threads} threads",
+        "seconds_total": total,
+        "median_seconds_per_defence": statistics.median(
+            [r["seconds"] for r in results if "seconds" in r] or [0.0]
+        ),
+        "load_average": os.getloadavg(),
+        "results": results,
+        "table": "\n".join(lines),
+    }
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(summary, indent=1) + "\n")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,40 +192,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         results.append(row)
         print(f"{name}: done in {seconds:.0f} s", file=sys.stderr)
-    total = time.perf_counter() - t_start
-    lines = [
-        "| defence | start | target (best real clip) | steps to beat | reward at start "
-        "| reward after last step (steps run) | checks at the end |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for row in results:
-        if "unavailable" in row:
-            lines.append(f"| {row['label']} | – | – | {row['unavailable']} | | | |")
-            continue
-        for r in row["runs"]:
-            beat = "never" if r["steps_to_beat"] is None else str(r["steps_to_beat"])
-            lines.append(
-                f"| {row['label']} | {r['start']} | {row['target']:.4f} | {beat} | "
-                f"{r['start_reward']:.4f} | {r['final_reward']:.4f} ({r['steps_run']}) | "
-                f"{', '.join(r['final_checks']) or 'none'} |"
-            )
-    summary = {
-        "command": " ".join([sys.executable.rsplit("/", 1)[-1], *sys.argv]),
-        "model": args.model,
-        "clips": [c.name for c in loaded],
-        "available": available,
-        "machine": f"{platform.processor() or platform.machine()}, {args.threads} threads",
-        "seconds_total": total,
-        "median_seconds_per_defence": statistics.median(
-            [r["seconds"] for r in results if "seconds" in r] or [0.0]
-        ),
-        "results": results,
-    }
-    print("\n".join(lines))
-    print(f"\ntotal {total:.0f} s")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(summary, indent=1) + "\n")
+        _report(results, args, loaded, available, time.perf_counter() - t_start)  # partial
+    table = _report(results, args, loaded, available, time.perf_counter() - t_start)
+    print(table)
+    print(f"\ntotal {time.perf_counter() - t_start:.0f} s")
     return 0
 
 
