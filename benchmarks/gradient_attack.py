@@ -38,13 +38,8 @@ import numpy as np
 import torch
 
 from apex_reward.loading import ModelOptions, load_model
-from apex_reward.training.audit.attack import run_attack
-from apex_reward.training.audit.defences import (
-    DEFENCES,
-    availability,
-    defended,
-    unavailable_reason,
-)
+from apex_reward.training.audit.defence_attack import attack_under_defences, defences_table
+from apex_reward.training.audit.defences import DEFENCES, availability
 from apex_reward.training.audit.guarded import guarded_forward
 from apex_reward.training.audit.probes import (
     NOISE_RMS,
@@ -54,34 +49,8 @@ from apex_reward.training.audit.probes import (
 )
 
 
-def _score_clips(model, clips, defence, robust: int, seed: int) -> list[float]:
-    rewards = []
-    with torch.inference_mode():
-        for i in range(0, len(clips), 4):
-            batch = guarded_forward(
-                model, clips[i : i + 4], PROBE_RATE, defence.guard, robust=robust, seed=seed
-            )
-            rewards += batch.reward.double().tolist()
-    return rewards
-
-
 def _report(results: list[dict], args, loaded, available, total: float) -> str:
-    lines = [
-        "| defence | start | target (best real clip) | steps to beat | reward at start "
-        "| reward after last step (steps run) | checks at the end |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for row in results:
-        if "unavailable" in row:
-            lines.append(f"| {row['label']} | – | – | {row['unavailable']} | | | |")
-            continue
-        for r in row["runs"]:
-            beat = "never" if r["steps_to_beat"] is None else str(r["steps_to_beat"])
-            lines.append(
-                f"| {row['label']} | {r['start']} | {row['target']:.4f} | {beat} | "
-                f"{r['start_reward']:.4f} | {r['final_reward']:.4f} ({r['steps_run']}) | "
-                f"{', '.join(r['final_checks']) or 'none'} |"
-            )
+    table = defences_table(results)
     summary = {
         "command": " ".join([sys.executable.rsplit("/", 1)[-1], *sys.argv]),
         "model": args.model,
@@ -94,12 +63,12 @@ def _report(results: list[dict], args, loaded, available, total: float) -> str:
         ),
         "load_average": os.getloadavg(),
         "results": results,
-        "table": "\n".join(lines),
+        "table": table,
     }
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(summary, indent=1) + "\n")
-    return "\n".join(lines)
+    return table
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ood-penalty-weight", type=float, default=None, help="unset: checkpoint's")
     p.add_argument("--pessimism-k", type=float, default=None, help="unset: checkpoint's")
     p.add_argument("--time-limit-s", type=float, default=600.0, help="per defence and start")
+    p.add_argument(
+        "--starts", default="noise,clip", help="attack starts: noise and/or clip (comma-separated)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
@@ -134,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     clips = [to_probe_rate(c) for c in loaded]
     available = availability(model, PROBE_RATE)
-    plain = _score_clips(model, clips, DEFENCES["plain"], 0, args.seed)
+    with torch.inference_mode():
+        plain = guarded_forward(model, clips, PROBE_RATE, "off").raw_reward.tolist()
     median_clip = int(np.argsort(plain)[len(plain) // 2])
     n = int(round(args.seconds * PROBE_RATE))
     rng = np.random.default_rng(args.seed + 2)
@@ -142,56 +115,28 @@ def main(argv: list[str] | None = None) -> int:
         "white_noise": torch.from_numpy((NOISE_RMS * rng.standard_normal(n)).astype(np.float32)),
         f"clip:{loaded[median_clip].name}": clips[median_clip][:n],
     }
-    results = []
-    for name in names:
-        defence = DEFENCES[name]
-        robust = args.robust if defence.robust else 0
-        row = {"defence": name, "label": defence.label.replace(" K ", f" K={robust} ")}
-        reason = unavailable_reason(defence, available)
-        if reason is not None:
-            row["unavailable"] = reason
-            results.append(row)
-            print(f"{name}: {reason}", file=sys.stderr)
-            continue
-        with defended(
-            model, defence, ood_penalty_weight=args.ood_penalty_weight, pessimism_k=args.pessimism_k
-        ):
-            t0 = time.perf_counter()
-            clip_rewards = _score_clips(model, clips, defence, robust, args.seed + 10_000)
-            target = max(clip_rewards)
-            runs = run_attack(
-                model,
-                starts,
-                PROBE_RATE,
-                policy=defence.guard,
-                target=target,
-                steps=args.steps,
-                lr=args.lr,
-                robust=robust,
-                seed=args.seed,
-                time_limit_s=args.time_limit_s,
-            )
-            seconds = time.perf_counter() - t0
-        row.update(
-            target=target,
-            best_clip=loaded[int(np.argmax(clip_rewards))].name,
-            seconds=seconds,
-            runs=[
-                {
-                    "start": r.start,
-                    "steps_run": r.final.step,
-                    "steps_to_beat": r.steps_to_beat,
-                    "steps_to_beat_unflagged": r.steps_to_beat_unflagged,
-                    "start_reward": r.trajectory[0].reward,
-                    "final_reward": r.final.reward,
-                    "final_raw_reward": r.final.raw_reward,
-                    "final_checks": r.final.checks,
-                }
-                for r in runs
-            ],
+    wanted = {w.strip() for w in args.starts.split(",") if w.strip()}
+    if not wanted or not wanted <= {"noise", "clip"}:
+        p.error(f"--starts: expected noise and/or clip, got {args.starts!r}")
+    starts = {
+        k: v for k, v in starts.items() if ("noise" if k == "white_noise" else "clip") in wanted
+    }
+    results: list[dict] = []
+    for name in names:  # one at a time: partial results are written after each
+        results += attack_under_defences(
+            model,
+            [name],
+            [(c.name, w) for c, w in zip(loaded, clips)],
+            starts,
+            steps=args.steps,
+            lr=args.lr,
+            robust=args.robust,
+            seed=args.seed,
+            time_limit_s=args.time_limit_s,
+            ood_penalty_weight=args.ood_penalty_weight,
+            pessimism_k=args.pessimism_k,
         )
-        results.append(row)
-        print(f"{name}: done in {seconds:.0f} s", file=sys.stderr)
+        print(f"{name}: {results[-1].get('unavailable', 'done')}", file=sys.stderr)
         _report(results, args, loaded, available, time.perf_counter() - t_start)  # partial
     table = _report(results, args, loaded, available, time.perf_counter() - t_start)
     print(table)
