@@ -54,6 +54,7 @@ COMMANDS: tuple[str, ...] = (
     "apex_reward.training.arena.command:COMMAND",
     "apex_reward.training.audit.command:COMMAND",
     "apex_reward.training.recipe:COMMAND",
+    "apex_reward.training.calibrate:COMMAND",
     "apex_reward.integrations.pairs:COMMAND",
     "apex_reward.integrations.serving.command:COMMAND",
 )
@@ -379,7 +380,7 @@ def run_compare(args: argparse.Namespace) -> int:
         "probability": float(torch.sigmoid(logit[0])),
         "reward_a": float(out.reward[0]),
         "reward_b": float(out.reward[1]),
-        "method": "preference_head" if model.preference_head is not None else "bradley_terry",
+        **model.preference_calibration,
     }
     if out.flags is not None:
         result["flags_a"], result["flags_b"] = out.flags

@@ -478,6 +478,24 @@ class PreferenceHeadConfig:
 
 
 @dataclass
+class PreferenceCalibration:
+    """Where ``preference.temperature`` came from: a maximum-likelihood fit of Bradley–Terry on
+    labelled pairs (:mod:`apex_reward.calibration`), with its calibration on those pairs."""
+
+    data: str = field(metadata={"help": "the labelled pairs the temperature was fitted on"})
+    pairs: int = field(metadata={"help": "number of pairs fitted"})
+    ece: float = field(metadata={"help": "expected calibration error (10 bins) at the fit"})
+    brier: float = field(metadata={"help": "Brier score at the fitted temperature"})
+    log_loss: float = field(metadata={"help": "mean log loss at the fitted temperature"})
+    ece_before: float = field(metadata={"help": "ECE of the same pairs at temperature 1"})
+    brier_before: float = field(metadata={"help": "Brier score at temperature 1"})
+    held_out: dict[str, float] = field(
+        default_factory=dict,
+        metadata={"help": "the same metrics on held-out pairs (when there were any)"},
+    )
+
+
+@dataclass
 class PreferenceConfig:
     """How ``logit P(A > B)`` is computed."""
 
@@ -491,6 +509,10 @@ class PreferenceConfig:
     system_offsets: dict[str, float] = field(
         default_factory=dict,
         metadata={"help": "optional per-generator Bradley-Terry offsets (anchor calibration)"},
+    )
+    calibration: PreferenceCalibration | None = field(
+        default=None,
+        metadata={"help": "provenance of a fitted temperature (None: temperature not fitted)"},
     )
 
     def __post_init__(self) -> None:

@@ -502,6 +502,8 @@ class ApexRewardModel(nn.Module):
         segment_batch_size: int | None = None,
         check: bool = True,
         guard: GuardPolicy | None = None,
+        robust: int | None = None,
+        seed: int | None = None,
     ) -> ApexOutput:
         """Score waveforms; differentiable with respect to them.
 
@@ -514,6 +516,11 @@ class ApexRewardModel(nn.Module):
             check: validate each song with ``frontend.check`` (``False``: the caller already did).
             guard: the guard policy, ``"off"``, ``"flag"`` or ``"penalize"``
                 (:mod:`apex_reward.guard`); None: the checkpoint's ``config.guard.policy``.
+            robust: K > 0 averages every output over K random, differentiable transforms of each
+                song (:mod:`apex_reward.robust`: gain, segmentation offset, resampling jitter,
+                noise); 0 or None: off. Costs K encoder passes.
+            seed: seed of the robust transforms (deterministic for a given seed; None: drawn
+                from torch's global generator).
 
         Returns:
             :class:`ApexOutput` with ``scores`` (each ``[B]``) and ``reward`` ``[B]``, and the
@@ -526,10 +533,24 @@ class ApexRewardModel(nn.Module):
         policy = guard_policy.resolve_policy(self.config, guard)
         if policy != "off":  # the same list of songs the encoder sees, measured as given
             waveforms = as_waveform_list(waveforms)
-        features = self.encode(
-            waveforms, sample_rate, segment_batch_size=segment_batch_size, check=check
-        )
-        out = self.predict_from_features(features, return_embeddings=return_embeddings)
+        if robust:
+            from .robust import robust_predict
+
+            out = robust_predict(
+                self,
+                waveforms,
+                sample_rate,
+                robust=robust,
+                seed=seed,
+                return_embeddings=return_embeddings,
+                segment_batch_size=segment_batch_size,
+                check=check,
+            )
+        else:
+            features = self.encode(
+                waveforms, sample_rate, segment_batch_size=segment_batch_size, check=check
+            )
+            out = self.predict_from_features(features, return_embeddings=return_embeddings)
         if policy == "off":
             return out
         rates = per_song_rates(sample_rate, len(waveforms), "sample_rate")
@@ -546,6 +567,15 @@ class ApexRewardModel(nn.Module):
     # ------------------------------------------------------------------------------------------
     # pairwise preference
 
+    @property
+    def preference_calibration(self) -> dict[str, Any]:
+        """Which preference model and calibration :meth:`preference_logits` uses: a fitted
+        preference head, a fitted Bradley–Terry temperature (with the data it came from) or the
+        fixed one (:func:`apex_reward.calibration.describe_preference`)."""
+        from .calibration import describe_preference
+
+        return describe_preference(self.config)
+
     def preference_logits_from_outputs(
         self,
         out_a: ApexOutput,
@@ -559,7 +589,9 @@ class ApexRewardModel(nn.Module):
 
         With a fitted preference head (docs/model.md#preference-head) it is the head's logistic model over the
         pairwise features; otherwise Bradley–Terry on the reward,
-        ``(r_A - r_B) / preference.temperature``. When ``systems_a``/``systems_b`` name the
+        ``(r_A - r_B) / preference.temperature`` (fitted by maximum likelihood at the end of
+        training or by ``apex-reward calibrate``; :attr:`preference_calibration` says which is in
+        use). When ``systems_a``/``systems_b`` name the
         generators of A and B (one name or one per pair), the per-system offsets in
         ``preference.system_offsets`` are added: ``+ offset[system_a] - offset[system_b]``
         (unknown systems: 0).
@@ -628,6 +660,8 @@ class ApexRewardModel(nn.Module):
         num_workers: int = 2,
         progress: bool = False,
         guard: GuardPolicy | None = None,
+        robust: int = 0,
+        seed: int | None = None,
     ) -> list:
         """Score files and/or arrays in batches under ``inference_mode``.
 
@@ -639,6 +673,8 @@ class ApexRewardModel(nn.Module):
             num_workers: threads decoding files ahead of the encoder.
             progress: show a tqdm progress bar on stderr.
             guard: the guard policy (:mod:`apex_reward.guard`); None: the checkpoint's.
+            robust, seed: the robust reward over ``robust`` random transforms (see
+                :meth:`forward`; 0: off).
 
         Returns:
             One :class:`~apex_reward.scoring.ScoreResult` per input, in input order: scores,
@@ -655,6 +691,8 @@ class ApexRewardModel(nn.Module):
             num_workers=num_workers,
             progress=progress,
             guard=guard,
+            robust=robust,
+            seed=seed,
         )
 
 

@@ -189,6 +189,7 @@ def _run_batch(
     results: list[ScoreResult | None],
     check: bool,
     guard: str | None,
+    robust: tuple[int, int | None] = (0, None),
 ) -> None:
     try:
         with torch.inference_mode():
@@ -198,6 +199,8 @@ def _run_batch(
                 segment_batch_size=batch_size,
                 check=check,
                 guard=guard,
+                robust=robust[0],
+                seed=robust[1],
             )
         records = out.to_records()
     except Exception as e:
@@ -205,7 +208,7 @@ def _run_batch(
             # isolate the failing song: score the batch members one by one
             logger.debug("batch failed (%s); retrying items one by one", e)
             for it in batch:
-                _run_batch(model, [it], batch_size, results, check, guard)
+                _run_batch(model, [it], batch_size, results, check, guard, robust)
             return
         reason, kind = describe_error(e)
         it = batch[0]
@@ -240,6 +243,8 @@ def score_waveforms(
     segment_batch_size: int = 8,
     checked: bool = False,
     guard: str | None = None,
+    robust: int = 0,
+    seed: int | None = None,
 ) -> list[ScoreResult]:
     """Score already decoded and validated waveforms in one forward pass (the reward server's batch).
 
@@ -249,6 +254,7 @@ def score_waveforms(
         checked: every item already passed ``model.frontend.check`` (the server checks in its
             decode threads): skip that full pass over the samples here.
         guard: the guard policy (:mod:`apex_reward.guard`); None: the checkpoint's.
+        robust, seed: the robust reward (:mod:`apex_reward.robust`; 0: off).
 
     Returns:
         One :class:`ScoreResult` per item, in order. If the batched forward raises, the items are
@@ -257,7 +263,15 @@ def score_waveforms(
     batch = [_Item(i, name, wav, int(sr)) for i, (name, wav, sr) in enumerate(items)]
     results: list[ScoreResult | None] = [None] * len(batch)
     if batch:
-        _run_batch(model, batch, max(1, int(segment_batch_size)), results, not checked, guard)
+        _run_batch(
+            model,
+            batch,
+            max(1, int(segment_batch_size)),
+            results,
+            not checked,
+            guard,
+            (robust, seed),
+        )
     return [r for r in results if r is not None]
 
 
@@ -270,6 +284,8 @@ def score_inputs(
     num_workers: int = 2,
     progress: bool = False,
     guard: str | None = None,
+    robust: int = 0,
+    seed: int | None = None,
 ) -> list[ScoreResult]:
     """See :meth:`apex_reward.ApexRewardModel.score`."""
     if batch_size < 1:
@@ -287,7 +303,8 @@ def score_inputs(
     def flush() -> None:
         nonlocal batch, segs
         if batch:
-            _run_batch(model, batch, batch_size, results, False, guard)  # _load checked each item
+            # _load checked each item
+            _run_batch(model, batch, batch_size, results, False, guard, (robust, seed))
             if bar is not None:
                 bar.update(len(batch))
         batch, segs = [], 0

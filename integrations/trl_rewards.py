@@ -41,6 +41,7 @@ from apex_reward.config import SCORE_RANGES
 from apex_reward.errors import ApexError, AudioDecodeError, ConfigError
 from apex_reward.guard import POLICIES, reward_floor
 from apex_reward.loading import ModelOptions, load_model
+from apex_reward.robust import check_robust
 from apex_reward.scoring import ScoreResult, describe_error
 
 if TYPE_CHECKING:
@@ -287,6 +288,11 @@ class ApexRewardFunction:
             completion whose audio the signal checks flag (silence, noise, a held tone, a loop,
             DC, clipping) the lowest value ``score`` can take (:func:`spec_floor`); ``"flag"``
             only reports flags; ``"off"`` skips the checks.
+        robust: K > 0 scores each completion by the robust reward, the mean over K random,
+            differentiable transforms of its audio (gain, segmentation offset, resampling
+            jitter, noise; :mod:`apex_reward.robust`), at K times the encoder cost; 0: off.
+        robust_seed: seed of those transforms (None: fresh transforms at every call, drawn
+            from torch's global generator; an integer repeats the same K transforms).
         log_scores: report the batch mean of every score and signal, the failed and flagged
             fractions and each flag's rate through TRL's
             ``log_metric`` hook, as ``<name>/<score>``.
@@ -332,6 +338,8 @@ class ApexRewardFunction:
         guard: Literal["off", "flag", "penalize"] = "penalize",
         log_scores: bool = True,
         failure_value: float | None = None,
+        robust: int = 0,
+        robust_seed: int | None = None,
     ) -> None:
         from apex_reward.model import ApexRewardModel
 
@@ -381,6 +389,8 @@ class ApexRewardFunction:
         if guard not in POLICIES:
             raise ConfigError(f"guard must be one of {', '.join(POLICIES)}, got {guard!r}")
         self.guard = guard
+        self.robust = check_robust(robust)
+        self.robust_seed = robust_seed
         if failure_value is not None and not math.isfinite(failure_value):
             raise ConfigError(
                 f"failure_value must be None or a finite number, got {failure_value!r}"
@@ -509,6 +519,8 @@ class ApexRewardFunction:
                     batch_size=self.batch_size,
                     num_workers=self.num_workers,
                     guard=self.guard,
+                    robust=self.robust,
+                    seed=self.robust_seed,
                 )
             for i, a, r in zip(where, audio, scored):
                 if not isinstance(a, str):  # name in-memory audio by its completion, not "array[k]"

@@ -167,6 +167,7 @@ def test_init_and_compare(tmp_path, capsys):
     assert main(["compare", "--model", str(out), str(good[0]), str(good[1])]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["method"] == "bradley_terry"
+    assert res["calibration"] == "fixed_temperature" and res["temperature"] == 1.0
     assert res["logit"] == pytest.approx(res["reward_a"] - res["reward_b"], abs=1e-6)
     assert res["probability"] == pytest.approx(1 / (1 + np.exp(-res["logit"])), abs=1e-6)
     assert main(["compare", "--model", str(out), str(good[0]), str(tmp_path / "missing.wav")]) == 1

@@ -28,6 +28,13 @@ def test_demo_end_to_end(tmp_path):
         assert report["test_metrics"][task]["pearson"] >= 0.5, (task, report["test_metrics"][task])
     assert report["prepare"]["unreadable"] > 0 and report["prepare"]["final"] >= 400
     assert report["scored"] and all("scores" in r for r in report["scored"])
+    # the checkpoint's Bradley-Terry temperature was fitted on its validation pairs: calibrated on
+    # the held-out test pairs, and able to state a confident preference
+    cal = report["calibration"]
+    assert cal["calibration"] == "fitted_temperature" and "validation" in cal["fitted_on"]
+    held = cal["held_out"]
+    assert held["ece"] <= 0.05 and held["ece"] < held["ece_before"], held
+    assert held["max_probability"] > 0.9, held
     md = (out / "report.md").read_text()
     assert "randomly initialised" in md and "![predicted vs true](demo_test_predictions.png)" in md
     assert (out / "demo_test_predictions.png").stat().st_size > 10_000

@@ -271,6 +271,11 @@ def test_exported_checkpoint_matches_trainer_and_scores_audio(store, base_model,
     model = ApexRewardModel.from_pretrained(result.checkpoint)
     assert not model.untrained and model.config.popularity_reference is not None
     assert model.config.training["best_epoch"] == result.best_epoch
+    # the Bradley-Terry temperature was fitted on the validation songs at export
+    cal = model.config.preference.calibration
+    assert cal is not None and "validation split" in cal.data and cal.pairs > 0
+    assert model.preference_calibration["calibration"] == "fitted_temperature"
+    assert 0 < model.config.preference.temperature != 1.0
     preds = pd.read_parquet(out / "test_predictions.parquet")
     feats = EmbeddingStore(store["embeddings"]).segments(preds["id"].tolist())
     with torch.inference_mode():

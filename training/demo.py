@@ -26,7 +26,7 @@ import numpy as np
 
 from apex_reward.cli import Command
 from apex_reward.config import AESTHETIC_TASKS, ALL_TASKS
-from apex_reward.dataclass_io import add_dataclass_arguments, dataclass_from_args
+from apex_reward.dataclass_io import add_dataclass_arguments, dataclass_from_args, to_dict
 from apex_reward.loading import ModelOptions, load_model
 
 logger = logging.getLogger(__name__)
@@ -214,7 +214,10 @@ def run_demo_pipeline(config: DemoConfig, *, progress: bool = True) -> dict[str,
         "model": str(model_dir),
         "scored_source": source,
         "scored": scored,
+        "calibration": model.preference_calibration,
     }
+    if model.config.preference.calibration is not None:
+        report["calibration"].update(to_dict(model.config.preference.calibration))
     (out / "report.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
     _plot(out / "train" / "test_predictions.parquet", out / "demo_test_predictions.png")
     (out / "report.md").write_text(_markdown(report))
@@ -266,6 +269,18 @@ def _markdown(r: dict[str, Any]) -> str:
         lines.append(
             f"| {t} | {m['mse']:.4g} | {m['mae']:.4g} | {m['pearson']:.3f} | {m['spearman']:.3f} |"
         )
+    cal = r.get("calibration") or {}
+    if cal.get("held_out"):
+        h = cal["held_out"]
+        lines += [
+            "",
+            "## Preference calibration",
+            "",
+            f"Bradley–Terry temperature {cal['temperature']:.4g}, fitted on {cal['fitted_on']}. "
+            f"On {h['pairs']} held-out test pairs: ECE {h['ece_before']:.3f} → {h['ece']:.3f}, "
+            f"Brier {h['brier_before']:.3f} → {h['brier']:.3f} (temperature 1 → fitted); the "
+            f"largest stated P(A > B) is {h['max_probability']:.3f}.",
+        ]
     lines += [
         "",
         "![predicted vs true](demo_test_predictions.png)",

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from apex_reward.errors import ApexError
+from apex_reward.robust import check_robust
 from apex_reward.scoring import ScoreResult, score_waveforms
 
 if TYPE_CHECKING:
@@ -86,6 +87,8 @@ class DynamicBatcher:
         segment_batch_size: int | None = None,
         on_batch: Any = None,
         guard: str | None = None,
+        robust: int = 0,
+        robust_seed: int | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -98,6 +101,8 @@ class DynamicBatcher:
         self.segment_batch_size = int(segment_batch_size or max_batch)
         self.on_batch = on_batch
         self.guard = guard
+        self.robust = check_robust(robust)  # robust reward (apex_reward.robust); 0: off
+        self.robust_seed = robust_seed
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._pending = 0
         self._lock = threading.Lock()
@@ -224,6 +229,8 @@ class DynamicBatcher:
                 segment_batch_size=self.segment_batch_size,
                 checked=True,  # submit() takes validated clips: no second pass on this thread
                 guard=self.guard,
+                robust=self.robust,
+                seed=self.robust_seed,
             )
         except BaseException as e:  # never let the worker die: fail this batch, keep serving
             logger.exception("batch of %d clips failed unexpectedly", len(batch))

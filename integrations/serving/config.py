@@ -201,6 +201,17 @@ class ServeConfig:
             "only; off = no checks. Responses carry 'signals' and 'flags' unless off"
         },
     )
+    robust: int = field(
+        default=0,
+        metadata={
+            "help": "robust reward: the mean over K random transforms of each clip (gain, "
+            "segmentation offset, resampling jitter, noise) at K times the encoder cost; 0 = off"
+        },
+    )
+    robust_seed: int | None = field(
+        default=None,
+        metadata={"help": "seed of the robust transforms (unset: fresh ones for every batch)"},
+    )
     failure_reward: float = field(
         default=0.0,
         metadata={
@@ -272,6 +283,8 @@ class ServeConfig:
     )
 
     def __post_init__(self) -> None:
+        if self.robust < 0:
+            raise ConfigError(f"robust: must be >= 0 transforms, got {self.robust}")
         if not isinstance(self.model, ModelOptions):
             raise ConfigError(
                 f"serve: 'model' must be ModelOptions (flags --model, --encoder, ...), got "

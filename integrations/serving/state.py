@@ -114,6 +114,8 @@ class ServerState:
             max_queue=config.max_queue,
             segment_batch_size=config.max_batch,
             guard=self.prep.batcher_guard,
+            robust=config.robust,
+            robust_seed=config.robust_seed,
         )
         self.metrics = ServerMetrics(
             queue_clips=lambda: self.batcher.pending,

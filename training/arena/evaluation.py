@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from apex_reward.calibration import Reliability, reliability
 from apex_reward.config import AESTHETIC_TASKS, ALL_TASKS
 from apex_reward.preference import pairwise_feature_names, pairwise_features
 
@@ -584,57 +585,6 @@ def plot_roc(
     p = Path(path)
     fig.savefig(p)
     return p
-
-
-@dataclass
-class Reliability:
-    """A reliability diagram's data: per bin mean predicted P(A), observed frequency, count."""
-
-    ece: float
-    bin_edges: list[float]
-    mean_predicted: list[float]
-    observed: list[float]
-    counts: list[int]
-    brier: float
-    log_loss: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-
-def reliability(prob: np.ndarray, y: np.ndarray, *, bins: int = 10) -> Reliability:
-    """Expected calibration error over ``bins`` equal-width bins of P(A preferred).
-
-    ``ECE = sum_b (n_b / N) |observed_b - mean_predicted_b|``; also the Brier score and log loss.
-    """
-    p = np.clip(np.asarray(prob, dtype=np.float64), 0.0, 1.0)
-    y = np.asarray(y, dtype=np.float64)
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    idx = np.clip(np.digitize(p, edges[1:-1], right=True), 0, bins - 1)
-    mean_pred, obs, counts = [], [], []
-    ece = 0.0
-    for b in range(bins):
-        m = idx == b
-        c = int(m.sum())
-        counts.append(c)
-        if c:
-            mp, ob = float(p[m].mean()), float(y[m].mean())
-            ece += c / len(p) * abs(ob - mp)
-        else:
-            mp, ob = math.nan, math.nan
-        mean_pred.append(mp)
-        obs.append(ob)
-    eps = 1e-12
-    ll = float(-np.mean(y * np.log(p + eps) + (1 - y) * np.log(1 - p + eps)))
-    return Reliability(
-        ece=float(ece),
-        bin_edges=edges.tolist(),
-        mean_predicted=mean_pred,
-        observed=obs,
-        counts=counts,
-        brier=float(np.mean((p - y) ** 2)),
-        log_loss=ll,
-    )
 
 
 def plot_reliability(rel: Reliability, path: str | Path, *, title: str) -> Path:

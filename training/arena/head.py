@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from apex_reward.checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_checkpoint, split_digests
-from apex_reward.config import ApexConfig, PreferenceHeadConfig
+from apex_reward.config import ApexConfig, PreferenceCalibration, PreferenceHeadConfig
 from apex_reward.dataclass_io import from_dict, to_dict
 from apex_reward.errors import CheckpointError, ConfigError
 from apex_reward.files import atomic_path
@@ -199,15 +199,19 @@ def write_preference_to_checkpoint(
     *,
     head: PreferenceHeadConfig | None = None,
     system_offsets: Mapping[str, float] | None = None,
+    temperature: tuple[float, PreferenceCalibration] | None = None,
     out: str | Path | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Store a preference head and/or system offsets in a checkpoint's ``config.json``.
+    """Store a preference head, system offsets and/or a fitted Bradley–Terry temperature in a
+    checkpoint's ``config.json``.
 
     Args:
         checkpoint: a local checkpoint directory (``config.json`` + ``model.safetensors``).
         head: the head to store (None leaves the current one).
         system_offsets: offsets to store (None leaves the current ones).
+        temperature: ``(temperature, provenance)`` to store (None leaves the current ones;
+            :mod:`apex_reward.calibration`).
         out: write a new checkpoint directory instead of updating ``checkpoint`` in place. It
             receives copies of all files of ``checkpoint`` and the new ``config.json``.
         overwrite: allow ``out`` to exist and already hold a checkpoint.
@@ -244,6 +248,9 @@ def write_preference_to_checkpoint(
         pref["head"] = head_dict
     if system_offsets is not None:
         pref["system_offsets"] = {str(k): float(v) for k, v in system_offsets.items()}
+    if temperature is not None:
+        pref["temperature"] = float(temperature[0])
+        pref["calibration"] = to_dict(temperature[1])
     raw["preference"] = pref
     ApexConfig.from_dict(json.loads(json.dumps(raw)))  # validate before touching any file
     raw.update(digests)  # the weights file is not touched: its digests stay valid

@@ -10,6 +10,7 @@ can hold). The trajectory says how many steps it takes to beat the best referenc
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -82,6 +83,9 @@ def run_attack(
     steps: int,
     lr: float = 1e-3,
     progress: bool = False,
+    robust: int = 0,
+    seed: int = 0,
+    time_limit_s: float | None = None,
 ) -> list[AttackRun]:
     """Run Adam (``lr``) for ``steps`` steps on every start at once.
 
@@ -93,6 +97,10 @@ def run_attack(
         steps: Adam updates; the trajectory has ``steps + 1`` points.
         lr: Adam learning rate (full scale = 1).
         progress: a tqdm bar on stderr.
+        robust: K > 0 attacks the robust reward (:mod:`apex_reward.robust`), with fresh
+            transforms at every step (seed ``seed + step``), as a trainer calling it would see.
+        time_limit_s: stop after the first step that ends past this many seconds (the
+            trajectory is then shorter than ``steps + 1``; None: no limit).
 
     Returns:
         One :class:`AttackRun` per start, in ``starts`` order.
@@ -103,6 +111,7 @@ def run_attack(
     opt = torch.optim.Adam([x], lr=lr)
     runs = [AttackRun(n, float(target)) for n in names]
     bar = None
+    t0 = time.perf_counter()
     if progress:
         from tqdm.auto import tqdm
 
@@ -110,7 +119,9 @@ def run_attack(
     try:
         for step in range(steps + 1):
             with torch.enable_grad():
-                batch = guarded_forward(model, list(x.unbind(0)), sample_rate, policy)
+                batch = guarded_forward(
+                    model, list(x.unbind(0)), sample_rate, policy, robust=robust, seed=seed + step
+                )
             raw = batch.raw_reward.detach().double().cpu().tolist()
             reward = batch.reward.detach().double().cpu().tolist()
             for i, run in enumerate(runs):
@@ -128,6 +139,9 @@ def run_attack(
                 bar.update(1)
                 bar.set_postfix(reward=" ".join(f"{r:.3f}" for r in reward))
             if step == steps:
+                break
+            if time_limit_s is not None and time.perf_counter() - t0 > time_limit_s:
+                logger.warning("attack stopped after %d of %d steps (time limit)", step, steps)
                 break
             opt.zero_grad(set_to_none=True)
             if batch.reward.requires_grad:

@@ -70,6 +70,16 @@ class AuditConfig:
     attack_seconds: float = field(
         default=10.0, metadata={"help": "length of the attacked waveforms, seconds (24 kHz)"}
     )
+    attack_defences: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "also run the gradient attack under these defences: plain, guards, "
+            "guards_ood, robust_guards, robust_guards_ood_pessimistic (a defence the checkpoint "
+            "cannot provide is reported as unavailable; unset: none)",
+            "metavar": "NAME",
+        },
+    )
+    robust: int = field(default=8, metadata={"help": "K of the robust defences"})
     batch_size: int = field(default=8, metadata={"help": "clips per forward pass when scoring"})
     progress: bool = field(default=True, metadata={"help": "progress bars on stderr"})
 
@@ -93,5 +103,15 @@ class AuditConfig:
             value = getattr(self, name)
             if value < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {value}")
+        if self.attack_defences:
+            from .defences import DEFENCES
+
+            unknown = [n for n in self.attack_defences if n not in DEFENCES]
+            if unknown:
+                raise ConfigError(
+                    f"attack_defences: unknown {unknown}; known: {', '.join(DEFENCES)}"
+                )
+        if self.robust < 1:
+            raise ConfigError(f"robust: must be >= 1, got {self.robust}")
         if self.reference is not None and not self.reference:
             raise ConfigError("reference: give at least one file or directory, or leave it unset")

@@ -54,6 +54,9 @@ def guarded_forward(
     waveforms: Sequence[torch.Tensor],
     sample_rate: int,
     policy: GuardPolicy,
+    *,
+    robust: int = 0,
+    seed: int | None = None,
 ) -> GuardedBatch:
     """Score ``waveforms`` under guard ``policy``, as the model applies it.
 
@@ -64,11 +67,19 @@ def guarded_forward(
         waveforms: B clips, ``[T]`` or ``[C, T]`` float32 each (lengths may differ).
         sample_rate: Hz, all clips.
         policy: ``off``, ``flag`` or ``penalize``.
+        robust: K > 0: the robust reward, averaged over K random transforms
+            (:mod:`apex_reward.robust`) drawn with ``seed``; 0: the plain reward.
 
     Returns:
         :class:`GuardedBatch`.
     """
-    out = model(list(waveforms), sample_rate, guard="penalize" if policy == "penalize" else "flag")
+    out = model(
+        list(waveforms),
+        sample_rate,
+        guard="penalize" if policy == "penalize" else "flag",
+        robust=robust,
+        seed=seed,
+    )
     assert out.flags is not None and out.signals is not None  # the policy is not "off"
     raw = model.reward_from_scores(out.scores)  # scores stay as predicted under every policy
     reward = out.reward if policy == "penalize" else raw

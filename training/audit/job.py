@@ -42,6 +42,7 @@ from apex_reward.loading import load_model
 
 from .attack import AttackRun, run_attack
 from .config import AuditConfig
+from .defence_attack import attack_under_defences, defences_table
 from .guarded import GuardedBatch, guarded_forward
 from .probes import (
     NOISE_RMS,
@@ -84,6 +85,7 @@ __all__ = [
     "score_reference",
     "score_probes",
     "attack",
+    "attack_defences",
     "write_report",
     "run_audit",
 ]
@@ -415,8 +417,38 @@ def _ladders(reference: ReferenceSet, probes: list[ProbeScore]) -> dict[str, Any
     }
 
 
+def attack_defences(job: AuditJob, reference: ReferenceSet) -> list[dict[str, Any]]:
+    """Step 4b (``--attack-defences``): the gradient attack under each named defence
+    (:mod:`.defence_attack`), from the same starts as step 4; [] when none is named."""
+    cfg = job.cfg
+    if not cfg.attack_defences:
+        return []
+    t0 = time.perf_counter()
+    clip = reference.clips[reference.median_clip()]
+    start = to_probe_rate(clip)[: int(round(cfg.attack_seconds * PROBE_RATE))]
+    rng = np.random.default_rng(cfg.seed + 2)
+    noise = torch.from_numpy((NOISE_RMS * rng.standard_normal(start.shape[0])).astype(np.float32))
+    rows = attack_under_defences(
+        job.model,
+        cfg.attack_defences,
+        [(c.name, to_probe_rate(c)) for c in reference.clips],
+        {"white_noise": noise, f"reference:{clip.name}": start},
+        steps=cfg.steps,
+        lr=cfg.lr,
+        robust=cfg.robust,
+        seed=cfg.seed,
+        progress=cfg.progress,
+    )
+    job.seconds["attack_defences"] = time.perf_counter() - t0
+    return rows
+
+
 def write_report(
-    job: AuditJob, reference: ReferenceSet, probes: list[ProbeScore], attacked: AttackResult
+    job: AuditJob,
+    reference: ReferenceSet,
+    probes: list[ProbeScore],
+    attacked: AttackResult,
+    defended: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Step 5 (report): the verdict, ``report.json``, ``report.md``, ``probes.png``,
     ``snr_ladder.png`` and ``attack.png`` in ``job.out``. Returns the summary (the JSON)."""
@@ -462,6 +494,7 @@ def write_report(
         "probes": [p.to_dict() for p in probes],
         "ladders": _ladders(reference, probes),
         "attack": attacked.to_dict(cfg),
+        "attack_defences": defended or [],
         "verdict": {
             "exit_status": 1 if failing else 0,
             "failing_probes": failing,
@@ -488,7 +521,15 @@ def write_report(
     plot_probes(summary, job.out / "probes.png")
     plot_snr_ladder(summary, job.out / "snr_ladder.png")
     plot_attack(summary, job.out / "attack.png")
-    atomic_write_text(job.out / "report.md", report_markdown(summary))
+    markdown = report_markdown(summary)
+    if defended:
+        markdown += (
+            "\n## Gradient attack under each defence\n\n"
+            "Target: the best reference clip's reward under the same defence.\n\n"
+            + defences_table(defended)
+            + "\n"
+        )
+    atomic_write_text(job.out / "report.md", markdown)
     return summary
 
 
@@ -501,4 +542,5 @@ def run_audit(cfg: AuditConfig, *, model: ApexRewardModel | None = None) -> dict
     reference = score_reference(job)
     probes = score_probes(job, reference)
     attacked = attack(job, reference)
-    return write_report(job, reference, probes, attacked)
+    defended = attack_defences(job, reference)
+    return write_report(job, reference, probes, attacked, defended)

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from apex_reward.checkpoint import read_checkpoint, save_checkpoint
-from apex_reward.config import ApexConfig, PopularityReferenceConfig
+from apex_reward.config import ApexConfig, PopularityReferenceConfig, PreferenceCalibration
 from apex_reward.dataclass_io import from_dict, to_dict
 from apex_reward.errors import ConfigError
 from apex_reward.heads import ApexHead
 
+from .calibration import fit_validation_temperature
 from .config import TrainConfig
 from .state import TrainState, atomic_json
 
@@ -59,6 +61,14 @@ def export_run(
                 out / "model",
                 metrics=best.metrics,
                 best_epoch=state.best_epoch,
+                calibrate=lambda weights: fit_validation_temperature(
+                    run.module,
+                    run.data,
+                    run.device,
+                    weights,
+                    source=str(config.prepared or config.embeddings or "the training data"),
+                    seed=config.seed,
+                ),
             )
     accelerator.wait_for_everyone()
     if checkpoint is None and config.export and config.model:
@@ -73,16 +83,25 @@ def export_checkpoint(
     *,
     metrics: dict[str, Any] | None = None,
     best_epoch: int | None = None,
+    calibrate: Callable[[dict[str, float]], tuple[float, PreferenceCalibration] | None]
+    | None = None,
 ) -> Path:
     """Write a trained :class:`~apex_reward.ApexRewardModel` checkpoint: the trained ``head``, the
     front end and encoder of ``config.model`` (its stored encoder weights are copied; a referenced
-    encoder stays referenced), and the popularity reference of ``config.prepared``."""
+    encoder stays referenced), and the popularity reference of ``config.prepared``.
+
+    ``calibrate`` (given the checkpoint's ``reward_weights``) returns the fitted Bradley–Terry
+    temperature and its provenance (:mod:`.calibration`), stored in ``preference``; None keeps
+    the base checkpoint's temperature."""
     raw, tensors, _ = read_checkpoint(config.model)
     base = ApexConfig.from_dict(raw)
     cfg = copy.deepcopy(base)
     cfg.head = copy.deepcopy(head.config)
     cfg.untrained = False
     cfg.preference.head = None  # a preference head is fitted for specific heads (apex-reward arena)
+    fitted = calibrate(dict(cfg.reward_weights)) if calibrate is not None else None
+    if fitted is not None:
+        cfg.preference.temperature, cfg.preference.calibration = fitted
     ref_path = (
         Path(config.prepared).parent / "popularity_reference.json" if config.prepared else None
     )
