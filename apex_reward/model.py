@@ -26,6 +26,7 @@ from .encoder import MertEncoder
 from .errors import CheckpointError, ConfigError
 from .guard import GuardPolicy
 from .heads import ApexHead, combine_scores, weighted_song_mean
+from .windows import WindowScores, WindowSpec, window_scores
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,8 @@ class ApexOutput:
             (:mod:`apex_reward.signals`); None under the guard policy ``off``.
         flags: per song, the names of the flags its signals raised (``[]`` when none); None
             under ``off``. Under ``penalize`` a flagged song's ``reward`` is the floor.
+        windows: per-window scores ``[B, W]`` with their times
+            (:class:`~apex_reward.windows.WindowScores`), when requested with ``return_windows``.
     """
 
     scores: dict[str, torch.Tensor]
@@ -76,6 +79,7 @@ class ApexOutput:
     features: SegmentFeatures | None = None
     signals: dict[str, torch.Tensor] | None = None
     flags: list[list[str]] | None = None
+    windows: WindowScores | None = None
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.reward if name == "reward" else self.scores[name]
@@ -478,6 +482,7 @@ class ApexRewardModel(nn.Module):
         segment_batch_size: int | None = None,
         check: bool = True,
         guard: GuardPolicy | None = None,
+        return_windows: bool | WindowSpec = False,
     ) -> ApexOutput:
         """Score waveforms; differentiable with respect to them.
 
@@ -490,6 +495,9 @@ class ApexRewardModel(nn.Module):
             check: validate each song with ``frontend.check`` (``False``: the caller already did).
             guard: the guard policy, ``"off"``, ``"flag"`` or ``"penalize"``
                 (:mod:`apex_reward.guard`); None: the checkpoint's ``config.guard.policy``.
+            return_windows: also score time windows (``out.windows``, ``[B, W]``): ``True`` the
+                30 s segments, a :class:`~apex_reward.windows.WindowSpec` windows of its length
+                and hop (:mod:`apex_reward.windows`).
 
         Returns:
             :class:`ApexOutput` with ``scores`` (each ``[B]``) and ``reward`` ``[B]``, and the
@@ -506,7 +514,10 @@ class ApexRewardModel(nn.Module):
             waveforms, sample_rate, segment_batch_size=segment_batch_size, check=check
         )
         out = self.predict_from_features(features, return_embeddings=return_embeddings)
+        spec = WindowSpec.coerce(return_windows)
         if policy == "off":
+            if spec is not None:
+                out.windows = window_scores(self, waveforms, sample_rate, spec, features=features)
             return out
         rates = per_song_rates(sample_rate, len(waveforms), "sample_rate")
         signals, flags = guard_policy.check(waveforms, rates, self.config.guard)
@@ -517,6 +528,10 @@ class ApexRewardModel(nn.Module):
         out.flags = flags
         floor = guard_policy.reward_floor(self.config)
         out.reward = guard_policy.apply_policy(out.reward, flags, policy, floor)
+        if spec is not None:
+            out.windows = window_scores(
+                self, waveforms, sample_rate, spec, features=features, flags=flags, policy=policy
+            )
         return out
 
     # ------------------------------------------------------------------------------------------

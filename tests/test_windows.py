@@ -1,0 +1,126 @@
+"""Dense per-window rewards (``model(x, sr, return_windows=...)``): the windows of a song average
+to its score, each window's gradient stays inside the window, times and token spans are right."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import synth_music
+
+from apex_reward import ApexConfig, ApexRewardModel, FrontendConfig
+from apex_reward.config import NEW_FRONTEND
+from apex_reward.errors import ConfigError
+from apex_reward.windows import WindowSpec, window_token_spans
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SEG = 2.0  # seconds per encoder segment in these tests
+
+
+def build(mode: str) -> ApexRewardModel:
+    torch.manual_seed(0)
+    cfg = ApexConfig.from_preset("tiny", mode=mode)
+    cfg.frontend = FrontendConfig(**NEW_FRONTEND, segment_seconds=SEG, min_duration_s=0.5)
+    return ApexRewardModel.from_config(cfg, encoder="random")
+
+
+@pytest.fixture(scope="module")
+def model() -> ApexRewardModel:
+    return build("segment")
+
+
+def song(seconds: float, sr: int, seed: int = 0, lead_silence_s: float = 0.0) -> torch.Tensor:
+    x = torch.from_numpy(synth_music(seconds, sr, seed=seed)[0])
+    return torch.cat([torch.zeros(int(lead_silence_s * sr)), x])
+
+
+def test_segment_windows_average_to_the_song_score(model):
+    songs = [song(5.0, 24000, seed=1), song(3.1, 24000, seed=2)]
+    with torch.no_grad():
+        out = model(songs, 24000, return_windows=True)
+    win = out.windows
+    assert win.reward.shape == (2, 3)  # 2 s + 2 s + 1 s; 2 s + 1.1 s (+ padding)
+    assert win.mask.tolist() == [[True, True, True], [True, True, False]]
+    mean = win.mean()
+    for name, value in out.scores.items():
+        torch.testing.assert_close(mean[name].float(), value, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mean["reward"].float(), out.reward, rtol=1e-5, atol=1e-5)
+    assert win.start_s[0].tolist() == pytest.approx([0.0, 2.0, 4.0])
+    assert win.end_s[0].tolist() == pytest.approx([2.0, 4.0, 5.0])
+    assert win.end_s[1, :2].tolist() == pytest.approx([2.0, 3.1])
+    assert win.weights[1, 2] == 0 and win.reward[1, 2] == 0
+    # the records leave the padding out
+    records = win.to_records()
+    assert [len(r) for r in records] == [3, 2]
+    assert records[0][2]["reward"] == pytest.approx(float(win.reward[0, 2]))
+    assert set(records[0][0]["scores"]) == set(model.score_names)
+
+
+def test_song_mode_windows_are_per_segment_scores():
+    """With the head in song mode the windows are still each segment's own score: equal to
+    scoring that segment alone."""
+    model = build("song")
+    x = song(4.0, 24000, seed=3)
+    with torch.no_grad():
+        win = model(x[None], 24000, return_windows=True).windows
+        alone = model(x[None, 48000:], 24000).reward
+    torch.testing.assert_close(win.reward[0, 1], alone[0], rtol=1e-5, atol=1e-6)
+
+
+def test_window_times_count_the_trimmed_lead_in(model):
+    x = song(4.0, 16000, seed=4, lead_silence_s=0.5)
+    with torch.no_grad():
+        win = model(x, 16000, return_windows=True).windows
+    assert win.start_s[0].tolist() == pytest.approx([0.5, 2.5], abs=1e-4)
+    assert win.end_s[0, -1].item() == pytest.approx(4.5, abs=1e-3)
+
+
+def test_gradient_of_one_window_stays_in_that_window(model):
+    sr = 16000  # resampled to 24 kHz: the resampler's filter is the only boundary context
+    x = song(6.0, sr, seed=5).requires_grad_(True)
+    out = model(x, sr, return_windows=True)
+    out.windows.reward[0, 1].backward()
+    g = x.grad.abs()
+    inside = g[int(2.0 * sr) : int(4.0 * sr)]
+    assert (inside > 0).float().mean() > 0.9
+    touched = torch.nonzero(g > 0).flatten()
+    context_s = 0.01
+    assert touched.min().item() >= (2.0 - context_s) * sr
+    assert touched.max().item() < (4.0 + context_s) * sr
+    assert g[: int(1.9 * sr)].sum() == 0 and g[int(4.1 * sr) :].sum() == 0
+
+
+def test_configured_windows_length_and_hop(model):
+    x = song(5.0, 24000, seed=6)
+    spec = WindowSpec(length_s=2.0, hop_s=1.0)
+    with torch.no_grad():
+        win = model(x, 24000, return_windows=spec).windows
+        first = model(x[: 2 * 24000], 24000).reward
+        last = model(x[-2 * 24000 :], 24000).reward
+    # 0-2, 1-3, 2-4, then the last window aligned to the end: 3-5
+    assert win.start_s[0].tolist() == pytest.approx([0.0, 1.0, 2.0, 3.0])
+    assert win.end_s[0].tolist() == pytest.approx([2.0, 3.0, 4.0, 5.0])
+    # a window scores as that stretch of audio alone does
+    torch.testing.assert_close(win.reward[0, 0], first[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(win.reward[0, -1], last[0], rtol=1e-5, atol=1e-6)
+
+
+def test_token_spans_for_a_codec_frame_rate():
+    spans = window_token_spans(
+        torch.tensor([[0.0, 2.0, 4.0]]), torch.tensor([[2.0, 4.0, 5.01]]), 50, num_tokens=250
+    )
+    assert spans.tolist() == [[[0, 100], [100, 200], [200, 250]]]
+    # a prompt of 1 s before the generated audio: its tokens are not part of any window
+    spans = window_token_spans([1.5], [2.5], 50, offset_s=1.0)
+    assert spans.tolist() == [[25, 75]]
+
+
+def test_bad_window_specs_are_config_errors(model):
+    with pytest.raises(ConfigError, match="length_s"):
+        WindowSpec(length_s=0.0)
+    with pytest.raises(ConfigError, match="hop_s needs length_s"):
+        WindowSpec(hop_s=1.0)
+    with pytest.raises(ConfigError, match="return_windows"):
+        model(song(1.0, 24000), 24000, return_windows="yes")
+    with pytest.raises(ConfigError, match="frame_rate"):
+        window_token_spans([0.0], [1.0], 0)
