@@ -95,8 +95,18 @@ def save_checkpoint(
     return out
 
 
-def resolve_checkpoint_dir(path_or_id: str | Path, revision: str | None = None) -> Path:
-    """A local checkpoint directory, downloading a hub repo id if ``path_or_id`` is not a path."""
+def resolve_checkpoint_dir(
+    path_or_id: str | Path,
+    revision: str | None = None,
+    *,
+    token: str | bool | None = None,
+    cache_dir: str | Path | None = None,
+    local_files_only: bool = False,
+) -> Path:
+    """A local checkpoint directory, downloading a hub repo id if ``path_or_id`` is not a path.
+
+    ``revision``, ``token``, ``cache_dir`` and ``local_files_only`` go to
+    ``huggingface_hub.snapshot_download`` (hub ids only)."""
     p = Path(path_or_id).expanduser()
     if p.exists():
         if not p.is_dir():
@@ -119,7 +129,14 @@ def resolve_checkpoint_dir(path_or_id: str | Path, revision: str | None = None) 
 
     try:
         return Path(
-            snapshot_download(s, revision=revision, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME])
+            snapshot_download(
+                s,
+                revision=revision,
+                allow_patterns=[CONFIG_NAME, WEIGHTS_NAME],
+                token=token,
+                cache_dir=cache_dir,
+                local_files_only=local_files_only,
+            )
         )
     except Exception as e:
         raise CheckpointError(
@@ -129,9 +146,14 @@ def resolve_checkpoint_dir(path_or_id: str | Path, revision: str | None = None) 
 
 
 def read_checkpoint(
-    path_or_id: str | Path, *, revision: str | None = None, verify: bool = True
+    path_or_id: str | Path,
+    *,
+    revision: str | None = None,
+    verify: bool = True,
+    **hub: Any,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor], Path]:
-    """Read a checkpoint.
+    """Read a checkpoint (``hub``: ``token``/``cache_dir``/``local_files_only`` for hub ids,
+    see :func:`resolve_checkpoint_dir`).
 
     Returns:
         ``(config_dict, tensors, directory)``.
@@ -143,7 +165,7 @@ def read_checkpoint(
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    directory = resolve_checkpoint_dir(path_or_id, revision)
+    directory = resolve_checkpoint_dir(path_or_id, revision, **hub)
     cfg_path = directory / CONFIG_NAME
     w_path = directory / WEIGHTS_NAME
     for f in (cfg_path, w_path):

@@ -203,6 +203,9 @@ class ApexRewardModel(nn.Module):
         freeze: bool = True,
         verify: bool = True,
         fast: bool | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | Path | None = None,
+        local_files_only: bool = False,
     ) -> ApexRewardModel:
         """Load a checkpoint directory (or hub repo id).
 
@@ -218,6 +221,8 @@ class ApexRewardModel(nn.Module):
             verify: check ``model.safetensors`` against the checksum in ``config.json``.
             fast: the GPU fast path (:meth:`set_fast_path`); None = on when the model runs on
                 CUDA, False = never (exact float32 everywhere).
+            token, cache_dir, local_files_only: passed to ``huggingface_hub.snapshot_download``
+                for hub ids (access token, download cache, no network).
 
         Returns:
             The model in eval mode.
@@ -225,7 +230,14 @@ class ApexRewardModel(nn.Module):
         Raises:
             CheckpointError, ConfigError: missing/corrupt/tampered files or invalid config fields.
         """
-        raw, tensors, directory = read_checkpoint(path_or_id, revision=revision, verify=verify)
+        raw, tensors, directory = read_checkpoint(
+            path_or_id,
+            revision=revision,
+            verify=verify,
+            token=token,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+        )
         try:
             config = ApexConfig.from_dict(raw)
         except ConfigError as e:
@@ -288,6 +300,13 @@ class ApexRewardModel(nn.Module):
         if fast:
             model.set_fast_path(True)
         return model.eval()
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
+        """Upload this model (checkpoint + generated model card) to the Hub repo ``repo_id``;
+        returns the commit URL. Keyword arguments: :func:`apex_reward.hub.push_to_hub`."""
+        from .hub import push_to_hub
+
+        return push_to_hub(self, repo_id, **kwargs)
 
     # ------------------------------------------------------------------------------------------
     # properties
