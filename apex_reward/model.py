@@ -190,7 +190,12 @@ class ApexRewardModel(nn.Module):
                     k: self._fp32_encoder_state.get(k, v) for k, v in encoder_state.items()
                 }
             tensors.update({f"encoder.{k}": v for k, v in encoder_state.items()})
-        return save_checkpoint(directory, cfg.to_dict(), tensors)
+        out = save_checkpoint(directory, cfg.to_dict(), tensors)
+        if cfg.encoder.lora is not None:  # the adapter also in PEFT's own layout
+            from .lora import save_peft_adapter
+
+            save_peft_adapter(self.encoder, out)
+        return out
 
     @classmethod
     def from_pretrained(
