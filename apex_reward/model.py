@@ -643,6 +643,7 @@ class ApexRewardModel(nn.Module):
         num_workers: int = 2,
         progress: bool = False,
         guard: GuardPolicy | None = None,
+        windows: bool | WindowSpec | None = None,
     ) -> list:
         """Score files and/or arrays in batches under ``inference_mode``.
 
@@ -654,6 +655,7 @@ class ApexRewardModel(nn.Module):
             num_workers: threads decoding files ahead of the encoder.
             progress: show a tqdm progress bar on stderr.
             guard: the guard policy (:mod:`apex_reward.guard`); None: the checkpoint's.
+            windows: also score time windows (``ScoreResult.windows``), as ``return_windows``.
 
         Returns:
             One :class:`~apex_reward.scoring.ScoreResult` per input, in input order: scores,
@@ -670,6 +672,7 @@ class ApexRewardModel(nn.Module):
             num_workers=num_workers,
             progress=progress,
             guard=guard,
+            windows=windows,
         )
 
 

@@ -25,6 +25,7 @@ from .errors import ApexError, AudioShapeError
 
 if TYPE_CHECKING:
     from .model import ApexRewardModel
+    from .windows import WindowSpec
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,9 @@ class ScoreResult:
             None under the guard policy ``off`` (and on error).
         flags: the flags the signals raised (``[]`` when none), or None as ``signals``. Under
             ``penalize`` a flagged input's ``reward`` is the floor.
+        windows: per-window scores when requested (``windows=``): one
+            ``{"start_s", "end_s", "scores", "reward"}`` dict per window
+            (:mod:`apex_reward.windows`); None otherwise.
         exception: the exception that stopped it, when one did (not part of the record,
             :meth:`to_dict`, equality or the repr; the reward server maps it to a status).
     """
@@ -58,6 +62,7 @@ class ScoreResult:
     duration_s: float | None = None
     signals: dict[str, float] | None = None
     flags: list[str] | None = None
+    windows: list[dict[str, Any]] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     exception: BaseException | None = field(default=None, repr=False, compare=False)
 
@@ -72,6 +77,8 @@ class ScoreResult:
             d: dict[str, Any] = {"path": self.input, "scores": self.scores, "reward": self.reward}
             if self.signals is not None:
                 d["signals"], d["flags"] = self.signals, self.flags
+            if self.windows is not None:
+                d["windows"] = self.windows
         else:
             d = {"path": self.input, "error": self.error, "error_type": self.error_type}
         d.update(self.extra)
@@ -189,6 +196,7 @@ def _run_batch(
     results: list[ScoreResult | None],
     check: bool,
     guard: str | None,
+    windows: bool | WindowSpec | None = None,
 ) -> None:
     try:
         with torch.inference_mode():
@@ -198,14 +206,16 @@ def _run_batch(
                 segment_batch_size=batch_size,
                 check=check,
                 guard=guard,
+                return_windows=windows or False,
             )
         records = out.to_records()
+        per_window = None if out.windows is None else out.windows.to_records()
     except Exception as e:
         if len(batch) > 1:
             # isolate the failing song: score the batch members one by one
             logger.debug("batch failed (%s); retrying items one by one", e)
             for it in batch:
-                _run_batch(model, [it], batch_size, results, check, guard)
+                _run_batch(model, [it], batch_size, results, check, guard, windows)
             return
         reason, kind = describe_error(e)
         it = batch[0]
@@ -230,6 +240,7 @@ def _run_batch(
             if out.signals is None
             else {k: float(v[i]) for k, v in out.signals.items()},
             flags=None if out.flags is None else list(out.flags[i]),
+            windows=None if per_window is None else per_window[i],
         )
 
 
@@ -240,6 +251,7 @@ def score_waveforms(
     segment_batch_size: int = 8,
     checked: bool = False,
     guard: str | None = None,
+    windows: bool | WindowSpec | None = None,
 ) -> list[ScoreResult]:
     """Score already decoded and validated waveforms in one forward pass (the reward server's batch).
 
@@ -249,6 +261,8 @@ def score_waveforms(
         checked: every item already passed ``model.frontend.check`` (the server checks in its
             decode threads): skip that full pass over the samples here.
         guard: the guard policy (:mod:`apex_reward.guard`); None: the checkpoint's.
+        windows: also score time windows (``ScoreResult.windows``): ``True`` the segments, a
+            :class:`~apex_reward.windows.WindowSpec` windows of its length and hop.
 
     Returns:
         One :class:`ScoreResult` per item, in order. If the batched forward raises, the items are
@@ -257,7 +271,9 @@ def score_waveforms(
     batch = [_Item(i, name, wav, int(sr)) for i, (name, wav, sr) in enumerate(items)]
     results: list[ScoreResult | None] = [None] * len(batch)
     if batch:
-        _run_batch(model, batch, max(1, int(segment_batch_size)), results, not checked, guard)
+        _run_batch(
+            model, batch, max(1, int(segment_batch_size)), results, not checked, guard, windows
+        )
     return [r for r in results if r is not None]
 
 
@@ -270,6 +286,7 @@ def score_inputs(
     num_workers: int = 2,
     progress: bool = False,
     guard: str | None = None,
+    windows: bool | WindowSpec | None = None,
 ) -> list[ScoreResult]:
     """See :meth:`apex_reward.ApexRewardModel.score`."""
     if batch_size < 1:
@@ -287,7 +304,8 @@ def score_inputs(
     def flush() -> None:
         nonlocal batch, segs
         if batch:
-            _run_batch(model, batch, batch_size, results, False, guard)  # _load checked each item
+            # _load checked each item
+            _run_batch(model, batch, batch_size, results, False, guard, windows)
             if bar is not None:
                 bar.update(len(batch))
         batch, segs = [], 0

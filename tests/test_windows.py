@@ -124,3 +124,46 @@ def test_bad_window_specs_are_config_errors(model):
         model(song(1.0, 24000), 24000, return_windows="yes")
     with pytest.raises(ConfigError, match="frame_rate"):
         window_token_spans([0.0], [1.0], 0)
+
+
+def test_score_command_writes_windows(model, tmp_path, capsys):
+    import json
+
+    import soundfile as sf
+
+    from apex_reward.cli import main
+
+    ckpt = model.save_pretrained(tmp_path / "ckpt")
+    wav = tmp_path / "song.wav"
+    sf.write(wav, synth_music(5.0, 24000, seed=7)[0], 24000, subtype="FLOAT")
+    assert main(["score", "--model", str(ckpt), "--guard", "off", "--windows", str(wav)]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert [(w["start_s"], w["end_s"]) for w in row["windows"]] == [(0, 2), (2, 4), (4, 5)]
+    durations = [w["end_s"] - w["start_s"] for w in row["windows"]]
+    mean = sum(d * w["reward"] for d, w in zip(durations, row["windows"])) / sum(durations)
+    assert mean == pytest.approx(row["reward"], abs=1e-5)
+    assert (
+        main(
+            [
+                "score",
+                "--model",
+                str(ckpt),
+                "--windows",
+                "--window-seconds",
+                "2",
+                "--window-hop",
+                "1.5",
+                str(wav),
+            ]
+        )
+        == 0
+    )
+    row = json.loads(capsys.readouterr().out)
+    assert [w["start_s"] for w in row["windows"]] == [0, 1.5, 3]
+    # a plain score has no windows; windows need jsonl
+    assert main(["score", "--model", str(ckpt), str(wav)]) == 0
+    assert "windows" not in json.loads(capsys.readouterr().out)
+    assert main(["score", "--model", str(ckpt), "--format", "csv", "--windows", str(wav)]) != 0
+    assert "--windows needs --format jsonl" in capsys.readouterr().err
+    assert main(["score", "--model", str(ckpt), "--window-seconds", "2", str(wav)]) != 0
+    assert "need --windows" in capsys.readouterr().err
