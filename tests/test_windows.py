@@ -167,3 +167,65 @@ def test_score_command_writes_windows(model, tmp_path, capsys):
     assert "--windows needs --format jsonl" in capsys.readouterr().err
     assert main(["score", "--model", str(ckpt), "--window-seconds", "2", str(wav)]) != 0
     assert "need --windows" in capsys.readouterr().err
+
+
+def test_server_serves_windows(model):
+    import io
+
+    import soundfile as sf
+
+    pytest.importorskip("fastapi")
+    httpx = pytest.importorskip("httpx")
+    from server_harness import ThreadServer
+
+    from apex_reward.integrations.serving import ApexRewardClient, ServeConfig, create_app
+
+    x = synth_music(3.0, 24000, seed=8)[0]
+    buf = io.BytesIO()
+    sf.write(buf, x, 24000, format="WAV", subtype="FLOAT")
+    config = ServeConfig(windows=True, guard="off", warmup=False)
+    with ThreadServer(create_app(model, config)) as url:
+        r = httpx.post(
+            f"{url}/v1/score",
+            content=buf.getvalue(),
+            headers={"Content-Type": "audio/wav"},
+            timeout=60,
+        )
+        assert r.status_code == 200, r.text
+        body = r.json()
+        (via_client,) = ApexRewardClient(url).score([(x, 24000)])
+    with torch.no_grad():
+        direct = model(torch.from_numpy(x), 24000, return_windows=True).windows.to_records()[0]
+    assert [(w["start_s"], w["end_s"]) for w in body["windows"]] == [(0, 2), (2, 3)]
+    for got in (body["windows"], via_client.windows):
+        assert [w["reward"] for w in got] == pytest.approx([w["reward"] for w in direct], abs=1e-6)
+    with pytest.raises(ConfigError, match="need --windows"):
+        ServeConfig(window_seconds=5.0)
+
+
+def test_trl_reward_function_logs_windows_through_log_extra(model):
+    """Called as TRL's GRPOTrainer calls reward functions: keyword arguments, ``log_extra``
+    appending one value per completion to a completions-table column."""
+    import json
+    from collections import defaultdict
+
+    from apex_reward.integrations.trl_rewards import ApexRewardFunction
+
+    fn = ApexRewardFunction(model, guard="off", windows=True, name="apex")
+    extra: dict[str, list] = defaultdict(list)
+    audio = [(synth_music(3.0, 24000, seed=9)[0], 24000), "missing.wav"]
+    values = fn(
+        prompts=["p", "q"],
+        completions=audio,
+        completion_ids=[[1], [2]],
+        trainer_state=None,
+        log_extra=lambda column, vals: extra[column].extend(vals),
+        log_metric=lambda name, value: None,
+    )
+    assert values[1] is None and list(extra) == ["apex/windows"]
+    cell, failed = extra["apex/windows"]
+    assert failed is None
+    windows = json.loads(cell)
+    assert [w[:2] for w in windows] == [[0, 2], [2, 3]]
+    mean = (2 * windows[0][2] + windows[1][2]) / 3
+    assert mean == pytest.approx(values[0], abs=1e-5)

@@ -24,6 +24,7 @@ import torch
 
 from apex_reward.errors import ApexError
 from apex_reward.scoring import ScoreResult, score_waveforms
+from apex_reward.windows import WindowSpec
 
 if TYPE_CHECKING:
     from apex_reward.model import ApexRewardModel
@@ -85,6 +86,7 @@ class DynamicBatcher:
         segment_batch_size: int | None = None,
         on_batch: Any = None,
         guard: str | None = None,
+        windows: WindowSpec | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -97,6 +99,7 @@ class DynamicBatcher:
         self.segment_batch_size = int(segment_batch_size or max_batch)
         self.on_batch = on_batch
         self.guard = guard
+        self.windows = windows  # per-window scores with every result (apex_reward.windows)
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._pending = 0
         self._lock = threading.Lock()
@@ -216,6 +219,7 @@ class DynamicBatcher:
                 segment_batch_size=self.segment_batch_size,
                 checked=True,  # submit() takes validated clips: no second pass on this thread
                 guard=self.guard,
+                windows=self.windows,
             )
         except BaseException as e:  # never let the worker die: fail this batch, keep serving
             logger.exception("batch of %d clips failed unexpectedly", len(batch))
