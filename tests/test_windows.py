@@ -229,3 +229,33 @@ def test_trl_reward_function_logs_windows_through_log_extra(model):
     assert [w[:2] for w in windows] == [[0, 2], [2, 3]]
     mean = (2 * windows[0][2] + windows[1][2]) / 3
     assert mean == pytest.approx(values[0], abs=1e-5)
+
+
+def test_verl_reward_extra_info_carries_windows(model, tmp_path):
+    """Through verl's re-typed ``run_single`` (tests/test_verl.py), sync and async: the extras
+    hold the windows' rewards and times under a fixed key set."""
+    import asyncio
+
+    import numpy as np
+    from test_verl import bind_reward_kwargs, run_single
+
+    from apex_reward.integrations import verl as apex_verl
+
+    ckpt = model.save_pretrained(tmp_path / "ckpt")
+    kwargs = {"model": str(ckpt), "guard": "off", "windows": True, "max_windows": 4}
+    audio = (synth_music(5.0, 24000, seed=10)[0].astype(np.float32), 24000)
+    with torch.no_grad():
+        direct = model(torch.from_numpy(audio[0]), 24000, return_windows=True).windows
+    try:
+        for fn in (apex_verl.compute_score, apex_verl.compute_score_async):
+            got = asyncio.run(run_single(bind_reward_kwargs(fn, kwargs), solution_audio=audio))
+            extra = got["extra"]
+            assert extra["apex_num_windows"] == 3.0
+            rewards = [extra[f"apex_window_{k}_reward"] for k in range(3)]
+            assert rewards == pytest.approx(direct.reward[0].tolist(), abs=1e-5)
+            assert [extra[f"apex_window_{k}_end_s"] for k in range(4)] == [2.0, 4.0, 5.0, -1.0]
+            assert extra["apex_window_3_reward"] == 0.0
+        with pytest.raises(ConfigError, match="windows: unknown keys"):
+            apex_verl.compute_score(solution_audio=audio, **{**kwargs, "windows": {"len": 3}})
+    finally:
+        apex_verl.close_batchers()
