@@ -541,7 +541,14 @@ class ApexRewardModel(nn.Module):
         spec = WindowSpec.coerce(return_windows)
         if policy == "off":
             if spec is not None:
-                out.windows = window_scores(self, waveforms, sample_rate, spec, features=features)
+                out.windows = window_scores(
+                    self,
+                    waveforms,
+                    sample_rate,
+                    spec,
+                    features=features,
+                    segment_batch_size=segment_batch_size,
+                )
             return out
         rates = per_song_rates(sample_rate, len(waveforms), "sample_rate")
         signals, flags = guard_policy.check(waveforms, rates, self.config.guard)
@@ -554,7 +561,14 @@ class ApexRewardModel(nn.Module):
         out.reward = guard_policy.apply_policy(out.reward, flags, policy, floor)
         if spec is not None:
             out.windows = window_scores(
-                self, waveforms, sample_rate, spec, features=features, flags=flags, policy=policy
+                self,
+                waveforms,
+                sample_rate,
+                spec,
+                features=features,
+                flags=flags,
+                policy=policy,
+                segment_batch_size=segment_batch_size,
             )
         return out
 
