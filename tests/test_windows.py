@@ -88,6 +88,12 @@ def test_gradient_of_one_window_stays_in_that_window(model):
     assert touched.min().item() >= (2.0 - context_s) * sr
     assert touched.max().item() < (4.0 + context_s) * sr
     assert g[: int(1.9 * sr)].sum() == 0 and g[int(4.1 * sr) :].sum() == 0
+    # at the encoder's own rate there is no resampler: exactly the window's samples
+    x = song(6.0, 24000, seed=5).requires_grad_(True)
+    model(x, 24000, return_windows=True).windows.reward[0, 2].backward()
+    touched = torch.nonzero(x.grad != 0).flatten()
+    assert touched.min().item() >= 4 * 24000 and touched.max().item() < 6 * 24000
+    assert (x.grad[4 * 24000 :] != 0).float().mean() > 0.9
 
 
 def test_configured_windows_length_and_hop(model):
