@@ -209,7 +209,8 @@ def model_card(
     data = {
         k: v
         for k, v in (tconf or {}).items()
-        if k in ("prepared", "data", "embeddings", "manifest", "split", "seed") and v
+        if k in ("prepared", "embeddings", "seed", "loss", "epochs", "lr", "batch_size")
+        and v not in (None, "")
     }
     prov = [
         f"- base checkpoint: {_fmt(training.get('base_checkpoint'))}",
