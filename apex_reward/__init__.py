@@ -19,20 +19,9 @@ server) are sub-packages with their own optional dependencies; importing ``apex_
 import them.
 """
 
+from typing import TYPE_CHECKING
+
 from ._version import __version__
-from .audio import load_audio
-from .config import (
-    AESTHETIC_TASKS,
-    ALL_TASKS,
-    POPULARITY_TASKS,
-    SCORE_RANGES,
-    ApexConfig,
-    EncoderConfig,
-    FrontendConfig,
-    HeadConfig,
-    PreferenceConfig,
-    list_presets,
-)
 from .errors import (
     ApexError,
     AudioDecodeError,
@@ -48,9 +37,61 @@ from .errors import (
     NonFiniteAudioError,
     UnsupportedSampleRateError,
 )
-from .loading import ModelOptions, load_model
-from .model import ApexOutput, ApexRewardModel
-from .scoring import ScoreResult
+
+#: Names imported from their module on first use (PEP 562), so that ``import apex_reward`` (and
+#: ``apex-reward --version``) does not import torch until a model, config or decoder is needed.
+_LAZY: dict[str, str] = {
+    "load_audio": ".audio",
+    "AESTHETIC_TASKS": ".config",
+    "ALL_TASKS": ".config",
+    "POPULARITY_TASKS": ".config",
+    "SCORE_RANGES": ".config",
+    "ApexConfig": ".config",
+    "EncoderConfig": ".config",
+    "FrontendConfig": ".config",
+    "HeadConfig": ".config",
+    "PreferenceConfig": ".config",
+    "list_presets": ".config",
+    "ModelOptions": ".loading",
+    "load_model": ".loading",
+    "ApexOutput": ".model",
+    "ApexRewardModel": ".model",
+    "ScoreResult": ".scoring",
+}
+
+if TYPE_CHECKING:
+    from .audio import load_audio
+    from .config import (
+        AESTHETIC_TASKS,
+        ALL_TASKS,
+        POPULARITY_TASKS,
+        SCORE_RANGES,
+        ApexConfig,
+        EncoderConfig,
+        FrontendConfig,
+        HeadConfig,
+        PreferenceConfig,
+        list_presets,
+    )
+    from .loading import ModelOptions, load_model
+    from .model import ApexOutput, ApexRewardModel
+    from .scoring import ScoreResult
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "__version__",

@@ -25,8 +25,10 @@ import numpy as np
 import torch
 
 from .config import FrontendConfig
+from .containers import UNKNOWN_FRAMES, ogg_stream_end, read_unknown_length
 from .errors import (
     AudioDecodeError,
+    AudioError,
     AudioRangeError,
     AudioShapeError,
     AudioTooLongError,
@@ -122,21 +124,34 @@ def _decode(source, name: str, max_duration_s: float | None) -> tuple[torch.Tens
     if info.samplerate <= 0:
         raise AudioDecodeError(f"invalid sample rate {info.samplerate}", name)
     _check_complete(info.extra_info, name)
-    if max_duration_s is not None and info.frames > 0:
+    unknown_length = info.frames >= UNKNOWN_FRAMES  # e.g. a FLAC written while streaming
+    if max_duration_s is not None and 0 < info.frames and not unknown_length:
         duration = info.frames / info.samplerate
         if duration > max_duration_s:
             raise AudioTooLongError(
                 f"audio is {duration:.1f} s long; the limit is {max_duration_s:g} s", name
             )
+    is_ogg = info.format == "OGG"
+    if is_ogg:  # libsndfile decodes a cut-off Ogg file silently: check the stream's end
+        problem = ogg_stream_end(source)
+        if problem is not None:
+            raise AudioDecodeError(problem, name)
     if hasattr(source, "seek"):
         source.seek(0)
     try:
-        data, sr = sf.read(source, dtype="float32", always_2d=True)
+        if unknown_length:
+            data, sr = _read_unknown_length(source, name, max_duration_s)
+        else:
+            data, sr = sf.read(source, dtype="float32", always_2d=True)
+    except AudioError:
+        raise
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
         raise AudioDecodeError(
             f"decoding failed, file may be truncated ({_sf_reason(e)})", name
         ) from e
-    if info.frames > 0 and data.shape[0] < info.frames:
+    # an Ogg stream that ends properly was decoded whole: fewer frames than its granule positions
+    # announce is the trimmed pre-roll of a negative start granule, not a cut
+    if not unknown_length and not is_ogg and 0 < info.frames and data.shape[0] < info.frames:
         raise AudioDecodeError(
             f"truncated: decoded {data.shape[0]} of {info.frames} frames announced by the header",
             name,
@@ -145,6 +160,27 @@ def _decode(source, name: str, max_duration_s: float | None) -> tuple[torch.Tens
         raise EmptyAudioError("audio has no samples", name)
     # [T, C] -> [C, T] as a view: no copy of what can be a large decode
     return torch.from_numpy(data).T, int(sr)
+
+
+def _read_unknown_length(source, name: str, max_duration_s: float | None) -> tuple[np.ndarray, int]:
+    """Decode a file whose header gives no length, refusing it past ``max_duration_s``."""
+    import soundfile as sf
+
+    with sf.SoundFile(source) as f:
+        sr = f.samplerate
+        limit = None if max_duration_s is None else int(math.ceil(max_duration_s * sr))
+        data, error, too_long = read_unknown_length(f, limit)
+    if too_long:
+        raise AudioTooLongError(
+            f"audio is longer than the limit of {max_duration_s:g} s (its header gives no "
+            "length; decoding stopped at the limit)",
+            name,
+        )
+    if error is not None:
+        raise AudioDecodeError(
+            f"decoding failed, file may be truncated ({error.rstrip('.')})", name
+        )
+    return data, sr
 
 
 #: libsndfile's note on a container whose audio chunk is shorter than its header says, e.g.
@@ -172,7 +208,14 @@ def _check_complete(extra_info: str, name: str) -> None:
         )
 
 
+#: libsndfile's error code whose text blames a missing file or a pipe; it also comes back when a
+#: decoder (mpg123 for a ``.mp3`` name) finds no audio in a file that exists.
+_SF_ERR_NOT_FOUND = 7
+
+
 def _sf_reason(e: Exception) -> str:
+    if getattr(e, "code", None) == _SF_ERR_NOT_FOUND:  # callers have checked the file exists
+        return "no audio found: the contents are not in any format libsndfile decodes"
     msg = str(e).strip()
     # libsndfile messages start with the path; keep the reason only
     if "Error :" in msg:
@@ -472,12 +515,13 @@ class AudioFrontEnd(torch.nn.Module):
         """RMS level in dBFS (mean removed) of each row of ``[N, S]`` over its first ``valid``
         samples; ``[N]`` float32, no gradient, -200 for digital silence or pure DC."""
         with torch.no_grad():
-            x = audio.detach().to(torch.float64)
-            S = x.shape[-1]
-            mask = (torch.arange(S, device=x.device)[None, :] < valid[:, None]).to(x.dtype)
-            n = valid.to(x.dtype).clamp_min(1)
-            mean = (x * mask).sum(dim=-1) / n
-            var = (((x - mean[:, None]) * mask) ** 2).sum(dim=-1) / n
+            x = audio.detach()
+            var = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+            # row by row over the unpadded samples: one fused pass each (no [N, S] mask and
+            # float64 temporaries; this runs once per batch on the server's batch worker)
+            for i, n in enumerate(valid.tolist()):
+                if n > 0:
+                    var[i] = torch.var_mean(x[i, :n].to(torch.float64), correction=0)[0]
             return (10.0 * torch.log10(var + 1e-20)).to(torch.float32)
 
     @staticmethod

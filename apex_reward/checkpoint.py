@@ -30,6 +30,8 @@ __all__ = [
     "save_checkpoint",
     "read_checkpoint",
     "resolve_checkpoint_dir",
+    "resolve_encoder_source",
+    "read_config_json",
     "split_digests",
     "state_mismatch",
     "CONFIG_NAME",
@@ -150,17 +152,26 @@ def read_checkpoint(
     *,
     revision: str | None = None,
     verify: bool = True,
+    trust_unverified: bool = False,
     **hub: Any,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor], Path]:
     """Read a checkpoint (``hub``: ``token``/``cache_dir``/``local_files_only`` for hub ids,
     see :func:`resolve_checkpoint_dir`).
 
+    Args:
+        verify: check ``model.safetensors`` against ``weights_sha256`` in ``config.json``.
+        trust_unverified: with ``verify``, accept a ``config.json`` that has no
+            ``weights_sha256`` (the weights are then read unchecked); without it such a
+            checkpoint is refused.
+
     Returns:
         ``(config_dict, tensors, directory)``.
 
     Raises:
-        CheckpointError: missing directory or files, invalid JSON, truncated or corrupt
-            safetensors, or a checksum mismatch (the weights file was modified).
+        CheckpointError: missing directory or files, unreadable or invalid JSON, no checksum
+            (unless ``trust_unverified``), truncated or corrupt safetensors, or a checksum
+            mismatch (the weights file was modified).
+        ConfigError: ``config.json`` is not a JSON object or holds a non-finite number.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -171,14 +182,15 @@ def read_checkpoint(
     for f in (cfg_path, w_path):
         if not f.is_file():
             raise CheckpointError(f"{str(directory)!r} is not a checkpoint: {f.name} is missing")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_path}: invalid JSON ({e})") from e
-    if not isinstance(config, dict):
-        raise ConfigError(f"{cfg_path}: expected a JSON object")
+    config = read_config_json(cfg_path)
     config, digests = split_digests(config)
     expected = digests.get(WEIGHTS_DIGEST_KEY)
+    if verify and expected is None and not trust_unverified:
+        raise CheckpointError(
+            f"{cfg_path} has no {WEIGHTS_DIGEST_KEY}, so {WEIGHTS_NAME} cannot be verified; "
+            "re-save the checkpoint with save_pretrained, or pass trust_unverified=True if you "
+            "trust where it came from"
+        )
     if verify and expected is not None:
         actual = file_sha256(w_path)
         if actual != expected:
@@ -191,3 +203,60 @@ def read_checkpoint(
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
         raise CheckpointError(f"{w_path}: corrupt or truncated safetensors file ({e})") from e
     return config, tensors, directory
+
+
+def _reject_constant(name: str) -> float:
+    raise ConfigError(f"non-finite number {name} (JSON has no NaN or Infinity)")
+
+
+def read_config_json(path: Path) -> dict[str, Any]:
+    """``config.json`` as a dict: UTF-8 JSON, an object, finite numbers only.
+
+    Raises:
+        CheckpointError: unreadable, not UTF-8, invalid or too deeply nested JSON.
+        ConfigError: not a JSON object, or a ``NaN``/``Infinity`` value.
+    """
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from e
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from e
+    try:
+        config = json.loads(text, parse_constant=_reject_constant)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from e
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: invalid JSON ({e})") from e
+    except RecursionError as e:
+        raise CheckpointError(f"{path}: invalid JSON (nested too deeply to be a config)") from e
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+def resolve_encoder_source(directory: Path, source: str | None) -> str | None:
+    """The encoder ``source`` recorded in ``directory/config.json``, with a relative local path
+    resolved against the checkpoint folder (not the working directory).
+
+    Absolute paths and hub ids (``org/name`` with no such folder in the checkpoint) come back as
+    they are.
+
+    Raises:
+        CheckpointError: a relative path that leads outside the checkpoint folder.
+    """
+    from .encoder import looks_like_path
+
+    if not source or source.startswith("~") or Path(source).is_absolute():
+        return source
+    target = directory / source
+    if not (looks_like_path(source) or target.exists()):
+        return source  # a hub id
+    root = directory.resolve()
+    resolved = target.resolve()
+    if resolved != root and root not in resolved.parents:
+        raise CheckpointError(
+            f"{directory / CONFIG_NAME}: encoder source {source!r} leads outside the checkpoint "
+            f"folder (to {resolved}); a relative source must stay inside it"
+        )
+    return str(resolved)

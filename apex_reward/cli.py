@@ -13,7 +13,6 @@ import importlib
 import io
 import json
 import logging
-import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -48,11 +47,13 @@ COMMANDS: tuple[str, ...] = (
     "apex_reward.training.synthetic:COMMAND",
     "apex_reward.training.prepare:COMMAND",
     "apex_reward.training.extract:COMMAND",
+    "apex_reward.training.label:COMMAND",
     "apex_reward.training.trainer.command:COMMAND",
     "apex_reward.training.grid:COMMAND",
     "apex_reward.training.demo:COMMAND",
     "apex_reward.training.arena.command:COMMAND",
     "apex_reward.training.audit.command:COMMAND",
+    "apex_reward.training.recipe:COMMAND",
     "apex_reward.integrations.pairs:COMMAND",
     "apex_reward.integrations.serving.command:COMMAND",
 )
@@ -200,22 +201,14 @@ def int_at_least(low: int):
     return parse
 
 
-def _check_output_path(path: str) -> Path:
-    """Fail before any work if ``--output`` cannot be written (not after scoring everything)."""
-    p = Path(path)
-    if p.is_dir():
-        raise ConfigError(f"--output {path}: is a directory")
-    if not p.parent.is_dir():
-        raise ConfigError(f"--output {path}: directory {p.parent} does not exist")
-    if not os.access(p.parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
-        raise ConfigError(f"--output {path}: not writable")
-    return p
-
-
 def add_score_arguments(p: argparse.ArgumentParser) -> None:
     _add_model_arguments(p)
     p.add_argument(
-        "files", nargs="+", metavar="FILE", help="audio files (WAV, FLAC, Ogg, Opus, MP3)"
+        "files",
+        nargs="+",
+        metavar="FILE",
+        help="audio files (WAV, FLAC, Ogg, Opus, MP3), directories (searched recursively), glob "
+        'patterns, or .jsonl lists of {"path": ...} objects',
     )
     p.add_argument(
         "--format",
@@ -312,20 +305,25 @@ def write_results(rows: list[dict[str, Any]], names: Sequence[str], fmt: str, st
         import csv
 
         w = csv.writer(stream)
-        w.writerow(["path", *names, "reward", "flags", "error"])
+        w.writerow(["path", *names, "reward", "flags", "error", "untrained"])
         for r in rows:
+            untrained = "true" if r.get("untrained") else "false"
             if "error" in r:
                 err = f"{r['error_type']}: {r['error']}"
-                w.writerow([r["path"], *[""] * len(names), "", "", err])
+                w.writerow([r["path"], *[""] * len(names), "", "", err, untrained])
             else:
                 flags = ";".join(r.get("flags") or [])
-                w.writerow([r["path"], *[r["scores"][n] for n in names], r["reward"], flags, ""])
+                scores = [r["scores"][n] for n in names]
+                w.writerow([r["path"], *scores, r["reward"], flags, "", untrained])
     else:
         stream.write(_format_table(rows, names) + "\n")
 
 
 def run_score(args: argparse.Namespace) -> int:
-    output = _check_output_path(args.output) if args.output else None
+    from .inputs import check_output, expand_inputs, write_output, write_stdout
+
+    files = expand_inputs(args.files)
+    output = check_output(args.output, files) if args.output else None
     windows = None
     if args.windows:
         from .windows import WindowSpec
@@ -337,7 +335,7 @@ def run_score(args: argparse.Namespace) -> int:
         raise ConfigError("--window-seconds and --window-hop need --windows")
     model = model_from_args(args)
     results = model.score(
-        args.files,
+        files,
         batch_size=args.batch_size,
         num_workers=args.num_workers,
         progress=True,
@@ -347,6 +345,8 @@ def run_score(args: argparse.Namespace) -> int:
     rows = []
     for r in results:
         d = r.to_dict()
+        if r.duration_s is not None:
+            d["duration_s"] = r.duration_s
         if model.untrained:
             d["untrained"] = True
         rows.append(d)
@@ -355,21 +355,16 @@ def run_score(args: argparse.Namespace) -> int:
     if args.format == "table" and model.untrained:
         buffer.write("# UNTRAINED model: scores are not meaningful\n")
     write_results(rows, model.score_names, args.format, buffer)
-    if output is None:
-        if hasattr(sys.stdout, "reconfigure"):
-            sys.stdout.reconfigure(errors="surrogateescape")
-        sys.stdout.write(buffer.getvalue())
-    else:  # complete or not at all: an existing file is replaced only once the new one is whole
-        from .files import atomic_write_text
-
-        atomic_write_text(output, buffer.getvalue(), errors="surrogateescape")
+    # complete or not at all: an existing file is replaced only once the new one is whole, and
+    # if it cannot be written the results go to stdout
+    written = write_output(output, buffer.getvalue()) if output else write_stdout(buffer.getvalue())
     failed = [r for r in results if not r.ok]
     if failed:
         print(f"{len(failed)} of {len(results)} inputs failed:", file=sys.stderr)
         for r in failed:
             print(f"  {r.input}: {r.error_type}: {r.error}", file=sys.stderr)
         return 1
-    return 0
+    return 0 if written is not False else 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -471,6 +466,10 @@ def _first_command(argv: Sequence[str]) -> str | None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``apex-reward``; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--version" in argv and _first_command(argv) is None:
+        # answered before the commands (and torch) are imported
+        print(f"apex-reward {__version__}")
+        return 0
     parser = build_parser(_first_command(argv))
     args = parser.parse_args(argv)
     logging.basicConfig(

@@ -21,6 +21,12 @@ from .errors import ConfigError
 
 FORMAT_VERSION = 1
 
+#: Shortest accepted encoder segment (s): far below any useful value, but long enough for the
+#: encoder's convolutional front (400 samples at 24 kHz) and never a zero-sample segment.
+MIN_SEGMENT_SECONDS = 0.1
+#: Widest accepted task-head hidden layer (a width of 10^12 would try to allocate petabytes).
+MAX_HEAD_HIDDEN = 65536
+
 POPULARITY_TASKS: tuple[str, ...] = ("streams", "likes")
 AESTHETIC_TASKS: tuple[str, ...] = (
     "coherence",
@@ -216,9 +222,15 @@ class FrontendConfig:
                 f"frontend.silent_segment_db: must be finite or None, got "
                 f"{self.silent_segment_db!r}"
             )
-        if self.sample_rate <= 0 or self.segment_seconds <= 0:
+        if not (isinstance(self.sample_rate, int) and math.isfinite(self.segment_seconds)):
             raise ConfigError(
-                f"frontend: sample_rate and segment_seconds must be positive, got "
+                f"frontend: sample_rate must be an integer and segment_seconds finite, got "
+                f"{self.sample_rate!r}, {self.segment_seconds!r}"
+            )
+        if self.sample_rate <= 0 or self.segment_seconds < MIN_SEGMENT_SECONDS:
+            raise ConfigError(
+                f"frontend: sample_rate must be positive and segment_seconds at least "
+                f"{MIN_SEGMENT_SECONDS:g} s, got "
                 f"{self.sample_rate!r}, {self.segment_seconds!r}"
             )
         if not 0 <= self.min_duration_s <= self.max_duration_s:
@@ -382,6 +394,17 @@ class HeadConfig:
     head_hidden: int = field(default=64, metadata={"help": "hidden width of each task head"})
     trunk_dropout: float = field(default=0.3, metadata={"help": "dropout in the shared trunk"})
     head_dropout: float = field(default=0.1, metadata={"help": "dropout in the task heads"})
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.head_hidden, int) and 1 <= self.head_hidden <= MAX_HEAD_HIDDEN):
+            raise ConfigError(
+                f"head.head_hidden: must be an integer from 1 to {MAX_HEAD_HIDDEN}, got "
+                f"{self.head_hidden!r}"
+            )
+        for name in ("trunk_dropout", "head_dropout"):
+            p = getattr(self, name)
+            if not (isinstance(p, (int, float)) and 0 <= p < 1):
+                raise ConfigError(f"head.{name}: must be a probability in [0, 1), got {p!r}")
 
     @property
     def trunk_widths(self) -> tuple[int, ...]:

@@ -345,7 +345,8 @@ def _add_flag(group: Any, f: dataclasses.Field, tp: Any, dest: str) -> None:
     if default is not dataclasses.MISSING and "(default" not in help_text:
         shown = to_dict(default)
         if shown is None:
-            help_text = f"{help_text} (default: unset)"
+            if "(required" not in help_text:  # a required option has no default to show
+                help_text = f"{help_text} (default: unset)"
         elif shown != "":  # an empty default is a required option's placeholder
             text = json.dumps(shown) if not isinstance(shown, str) else shown
             help_text = f"{help_text} (default: {text})"

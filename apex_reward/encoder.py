@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +115,12 @@ def load_hubert_weights(
             output_loading_info=True,
             attn_implementation=attn_implementation,
         )
+    except pickle.UnpicklingError:  # its message advises weights_only=False: not here
+        raise CheckpointError(
+            f"encoder weights in {str(path)!r}: pytorch_model.bin holds objects other than "
+            "tensors, and apex-reward never unpickles them; convert the weights to "
+            "model.safetensors from a trusted copy"
+        ) from None
     except (OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"cannot load encoder weights from {str(path)!r}: {e}") from e
     problems = []

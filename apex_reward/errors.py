@@ -60,6 +60,11 @@ class CheckpointError(ApexError, OSError):
     """A checkpoint directory is missing files, or its weights are truncated or do not match."""
 
 
+class DataIntegrityError(ApexError, OSError):
+    """A stored data file (an embedding shard) no longer matches the checksum recorded when it
+    was written; the message names the file and how to regenerate it."""
+
+
 class MissingDependencyError(ApexError, ImportError):
     """An optional dependency is not installed; the message names the extra that provides it."""
 
@@ -97,6 +102,7 @@ ERROR_TYPES: dict[str, type[ApexError]] = {
         UnsupportedSampleRateError,
         ConfigError,
         CheckpointError,
+        DataIntegrityError,
         MissingDependencyError,
     )
 }

@@ -2,7 +2,9 @@
 
 * :func:`atomic_path` / :func:`atomic_write_text`: write under a temporary sibling name and
   rename over the target, so a reader (or an interrupted job) sees the old file or the complete
-  new one, never a partial write.
+  new one, never a partial write. The new file keeps the permission bits of the file it replaces,
+  and a symlink is written through (its target is replaced, the link kept).
+  :func:`remove_stale_temporaries` deletes what a killed writer left behind.
 * :func:`file_sha256`, :func:`tensors_digest`, :func:`update_with_tensor`: content digests of
   files and of named tensors (independent of how the tensors are stored).
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +25,7 @@ __all__ = [
     "atomic_path",
     "atomic_write_text",
     "file_sha256",
+    "remove_stale_temporaries",
     "tensors_digest",
     "update_with_tensor",
 ]
@@ -41,12 +45,61 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             df.to_parquet(tmp)
     """
     path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    if path.is_symlink():  # write through the link: the link stays, its target is replaced
+        path = Path(os.path.realpath(path))
+    tmp = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
     try:
         yield tmp
+        # the new file gets the old one's permission bits, or the umask's for a new file
+        # (writers such as safetensors create their files 0600)
+        mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o666 & ~_umask()
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+#: What :func:`atomic_path` puts between a file's name and the writing process's id.
+TMP_MARK = ".tmp"
+
+
+def _umask() -> int:
+    """The process's umask (read without changing it where /proc allows)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def remove_stale_temporaries(directory: str | Path) -> list[Path]:
+    """Delete the temporary files :func:`atomic_path` left in ``directory`` when its process was
+    killed (``NAME.tmpPID`` whose process no longer runs); returns the deleted paths. Files of
+    processes still running (another rank of the same job) are kept."""
+    removed = []
+    for f in Path(directory).glob(f"*{TMP_MARK}*"):
+        pid_text = f.name.rsplit(TMP_MARK, 1)[1]
+        if not pid_text.isdigit() or not f.is_file() or _process_alive(int(pid_text)):
+            continue
+        f.unlink(missing_ok=True)
+        removed.append(f)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def atomic_write_text(path: str | Path, text: str, *, errors: str | None = None) -> None:

@@ -20,7 +20,12 @@ from torch import nn
 
 from . import guard as guard_policy
 from .audio import AudioFrontEnd, Segments, WaveformInput, as_waveform_list, per_song_rates
-from .checkpoint import read_checkpoint, save_checkpoint, state_mismatch
+from .checkpoint import (
+    read_checkpoint,
+    resolve_encoder_source,
+    save_checkpoint,
+    state_mismatch,
+)
 from .config import ApexConfig
 from .encoder import MertEncoder
 from .errors import CheckpointError, ConfigError
@@ -208,6 +213,7 @@ class ApexRewardModel(nn.Module):
         freeze: bool = True,
         verify: bool = True,
         fast: bool | None = None,
+        trust_unverified: bool = False,
         token: str | bool | None = None,
         cache_dir: str | Path | None = None,
         local_files_only: bool = False,
@@ -224,6 +230,8 @@ class ApexRewardModel(nn.Module):
                 waveform); pass ``False`` to fine-tune the heads (and a stored LoRA adapter,
                 which then also makes the encoder follow ``train()``).
             verify: check ``model.safetensors`` against the checksum in ``config.json``.
+            trust_unverified: load a checkpoint whose ``config.json`` has no checksum (refused
+                otherwise).
             fast: the GPU fast path (:meth:`set_fast_path`); None = on when the model runs on
                 CUDA, False = never (exact float32 everywhere).
             token, cache_dir, local_files_only: passed to ``huggingface_hub.snapshot_download``
@@ -239,6 +247,7 @@ class ApexRewardModel(nn.Module):
             path_or_id,
             revision=revision,
             verify=verify,
+            trust_unverified=trust_unverified,
             token=token,
             cache_dir=cache_dir,
             local_files_only=local_files_only,
@@ -277,6 +286,8 @@ class ApexRewardModel(nn.Module):
             if encoder_source is not None and encoder_source != config.encoder.source:
                 # the recorded revision belongs to the recorded source, not to this one
                 config.encoder.source, config.encoder.revision = encoder_source, None
+            else:
+                config.encoder.source = resolve_encoder_source(directory, config.encoder.source)
             encoder = MertEncoder.from_pretrained(config.encoder)
         if config.encoder.lora is not None:
             # LoRA hook: rebuild the adapter recorded in config.json (needs peft)

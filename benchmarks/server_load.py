@@ -1,17 +1,23 @@
-"""Reward-server load test: throughput and p50/p99 latency at 1, 8 and 64 concurrent clients,
-side by side with in-process batched scoring of the same clips in the same run.
+"""Reward-server load test: throughput, latency and server CPU per clip, side by side with
+in-process batched scoring of the same clips in the same run.
 
 Builds an APEX model with a *randomly initialised* encoder of the preset (same compute as the real
 weights; nothing to download), saves it to a temporary checkpoint, then
 
 1. in-process: ``model.score`` on the decoded clips in batches of 1 and of ``--max-batch`` (the
    model's own speed without HTTP, decoding or queueing), timed per batch;
-2. server: starts ``apex-reward serve`` on loopback and, for each concurrency level C, runs C
-   closed-loop clients that each POST one clip (a WAV upload) to ``/v1/score`` and wait for the
-   answer before sending the next. Latency is per request, client side; throughput is
-   requests / wall time. The server's ``apex_batch_size`` metric gives the mean batch it formed.
+2. server: starts ``apex-reward serve`` on loopback once per ``--resampler`` (and, with
+   ``--null-model``, once more per resampler with a null encoder: ``benchmarks/null_serve.py``,
+   the serving path's own ceiling), and for each request kind (``--payloads``: ``wav`` = WAV
+   uploads at ``--sample-rate``/``--channels``, ``pcm`` = raw float32 mono at the encoder rate
+   as an ``audio/pcm`` body, ``verl`` = the same samples as verl-omni's JSON scorer request) and
+   concurrency level C runs C closed-loop clients spread over ``--client-procs`` processes (one
+   Python client process is itself a bottleneck) for ``--seconds``. Latency is per request,
+   client side; throughput is requests / wall time; the server's CPU time over the window
+   (``/proc/PID/stat``, all its threads) gives clips per server CPU-second, i.e. clips/s per
+   core, which holds on a shared machine; ``apex_batch_size`` gives the mean batch it formed.
 
-    python benchmarks/server_load.py --preset tiny --device cpu --clip-seconds 10
+    python benchmarks/server_load.py --preset tiny --device cpu --null-model --seconds 8
     python benchmarks/server_load.py --preset mert-v1-95m --device cuda --clip-seconds 10
 
 Every clip of up to 30 s costs one 30 s encoder segment (shorter clips are zero-padded).
@@ -21,8 +27,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import io
 import json
+import multiprocessing as mp
+import os
 import platform
 import re
 import sys
@@ -71,24 +80,28 @@ def in_process(args, ckpt: Path, clips: list[bytes], batch_sizes: list[int]) -> 
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else lambda: None
     rows = []
     for bs in batch_sizes:
-        model.score(decoded[:bs], batch_size=bs, num_workers=0)  # warm-up
+        model.score(decoded[:bs], batch_size=bs, num_workers=0, guard=args.guard)  # warm-up
         n = max(bs * 3, min(len(decoded), args.requests))
         n -= n % bs
         times = []
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         for start in range(0, n, bs):
             sync()
             t = time.perf_counter()
-            res = model.score(decoded[start : start + bs], batch_size=bs, num_workers=0)
+            res = model.score(
+                decoded[start : start + bs], batch_size=bs, num_workers=0, guard=args.guard
+            )
             sync()
             times.append(time.perf_counter() - t)
             assert all(r.ok for r in res)
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
         rows.append(
             {
                 "mode": f"in-process batch={bs}",
                 "clips": n,
                 "clips_per_s": n / wall,
+                "cpu_s": cpu,
+                "clips_per_cpu_s": n / cpu if cpu > 0 else float("nan"),
                 "batch": bs,
                 "batch_p50_s": pct(times, 50),
                 "batch_p99_s": pct(times, 99),
@@ -105,33 +118,119 @@ def _metric(text: str, name: str) -> float:
     return float(m.group(1)) if m else 0.0
 
 
-async def closed_loop(url: str, clips: list[bytes], concurrency: int, total: int) -> dict:
+def make_requests(kind: str, n: int, args) -> tuple[str, dict[str, str], list[bytes]]:
+    """``(path, headers, bodies)`` of ``n`` distinct requests of one kind."""
+    if kind == "wav":
+        clips = make_clips(n, args.clip_seconds, args.sample_rate, args.channels)
+        return "/v1/score", {"Content-Type": "audio/wav"}, clips
+    rate = 24000
+    rng = np.random.default_rng(1)
+    t = np.arange(int(args.clip_seconds * rate)) / rate
+    waves = [
+        (
+            0.3 * np.sin(2 * np.pi * 110 * 2 ** (i % 24 / 12) * t)
+            + 0.05 * rng.standard_normal(t.size)
+        ).astype("<f4")
+        for i in range(n)
+    ]
+    if kind == "pcm":
+        headers = {"Content-Type": f"audio/pcm; rate={rate}; format=f32le"}
+        return "/v1/score", headers, [w.tobytes() for w in waves]
+    if kind == "verl":
+        bodies = [
+            json.dumps(
+                {
+                    "protocol_version": "1",
+                    "waveform_f32_base64": base64.b64encode(w.tobytes()).decode(),
+                    "num_samples": int(w.size),
+                    "sample_rate": rate,
+                    "prompt": "",
+                    "metadata": {"id": f"s{i}"},
+                }
+            ).encode()
+            for i, w in enumerate(waves)
+        ]
+        return "/v1/verl/score", {"Content-Type": "application/json"}, bodies
+    raise ValueError(f"unknown payload kind {kind!r}")
+
+
+def _client_process(url, path, headers, bodies, concurrency, start_at, seconds, out) -> None:
+    """One load-generator process: ``concurrency`` closed-loop clients from ``start_at`` (a
+    ``time.time()``) for ``seconds``; puts ``(requests, errors, latencies)`` on ``out``."""
     import httpx
 
-    latencies: list[float] = []
-    counter = iter(range(total))
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+    async def run() -> tuple[int, list[str], list[float]]:
+        latencies: list[float] = []
+        errors: list[str] = []
+        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+            await asyncio.sleep(max(0.0, start_at - time.time()))
+            stop = time.perf_counter() + seconds
 
-        async def worker() -> None:
-            for i in counter:
-                data = clips[i % len(clips)]
-                t = time.perf_counter()
-                r = await client.post(
-                    "/v1/score", content=data, headers={"Content-Type": "audio/wav"}
-                )
-                latencies.append(time.perf_counter() - t)
-                if r.status_code != 200:
-                    raise RuntimeError(f"HTTP {r.status_code}: {r.text[:300]}")
+            async def worker(k: int) -> None:
+                i = k
+                while time.perf_counter() < stop:
+                    t = time.perf_counter()
+                    r = await client.post(path, content=bodies[i % len(bodies)], headers=headers)
+                    latencies.append(time.perf_counter() - t)
+                    if r.status_code != 200:
+                        errors.append(f"HTTP {r.status_code}: {r.text[:200]}")
+                    i += concurrency
 
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        wall = time.perf_counter() - t0
+            await asyncio.gather(*(worker(k) for k in range(concurrency)))
+        return len(latencies), errors, latencies
+
+    out.put(asyncio.run(run()))
+
+
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of process ``pid`` (all its threads), seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def load_level(server, path, headers, bodies, concurrency: int, procs: int, seconds: float) -> dict:
+    """``concurrency`` closed-loop clients over ``procs`` processes for ``seconds``."""
+    import httpx
+
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = max(1, min(procs, concurrency))
+    shares = [concurrency // procs + (1 if k < concurrency % procs else 0) for k in range(procs)]
+    start_at = time.time() + 3.0  # every process started and connected
+    workers = [
+        ctx.Process(
+            target=_client_process,
+            args=(server.url, path, headers, bodies[k::procs] or bodies, c, start_at, seconds, out),
+        )
+        for k, c in enumerate(shares)
+    ]
+    for w in workers:
+        w.start()
+    time.sleep(max(0.0, start_at - time.time()))
+    before = httpx.get(f"{server.url}/metrics").text
+    cpu0, t0 = _cpu_seconds(server.pid), time.perf_counter()
+    results = [out.get() for _ in workers]
+    wall, cpu = time.perf_counter() - t0, _cpu_seconds(server.pid) - cpu0
+    after = httpx.get(f"{server.url}/metrics").text
+    for w in workers:
+        w.join()
+    total = sum(r[0] for r in results)
+    errors = [e for r in results for e in r[1]]
+    latencies = [x for r in results for x in r[2]]
+    if errors:
+        raise RuntimeError(f"{len(errors)} requests failed, e.g. {errors[0]}")
+    batches = _metric(after, "apex_batch_size_count") - _metric(before, "apex_batch_size_count")
+    scored = _metric(after, "apex_batch_size_sum") - _metric(before, "apex_batch_size_sum")
     return {
         "requests": total,
         "clips_per_s": total / wall,
+        "server_cpu_s": cpu,
+        "clips_per_cpu_s": total / cpu if cpu > 0 else float("nan"),
         "p50_s": pct(latencies, 50),
         "p99_s": pct(latencies, 99),
+        "mean_batch": scored / batches if batches else 0.0,
     }
 
 
@@ -143,95 +242,128 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--clip-seconds", type=float, default=10.0, help="length of each clip")
-    p.add_argument("--sample-rate", type=int, default=44100, help="clip sample rate (Hz)")
-    p.add_argument("--channels", type=int, default=2, help="clip channels")
-    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
+    p.add_argument("--sample-rate", type=int, default=44100, help="WAV upload sample rate (Hz)")
+    p.add_argument("--channels", type=int, default=2, help="WAV upload channels")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[32])
+    p.add_argument("--client-procs", type=int, default=4, help="load-generator processes")
+    p.add_argument("--seconds", type=float, default=8.0, help="measured time per level")
+    p.add_argument("--payloads", nargs="+", default=["wav", "pcm"], choices=["wav", "pcm", "verl"])
     p.add_argument(
-        "--requests", type=int, default=32, help="requests per level (at least 3 per client)"
-    )
+        "--resamplers", nargs="+", default=["model", "soxr"], choices=["model", "soxr"],
+        help="server --resampler values to compare",
+    )  # fmt: skip
+    p.add_argument(
+        "--null-model", action="store_true",
+        help="also serve a null encoder (benchmarks/null_serve.py): the serving path's ceiling",
+    )  # fmt: skip
+    p.add_argument("--no-model", action="store_true", help="null-model servers only")
+    p.add_argument("--guard", default="off", choices=["off", "flag", "penalize"])
     p.add_argument("--max-batch", type=int, default=16, help="server --max-batch")
     p.add_argument("--max-wait-ms", type=float, default=10.0, help="server --max-wait-ms")
+    p.add_argument("--decode-workers", type=int, default=4, help="server --decode-workers")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (both sides)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
     # the test harness lives with the tests, not in the package
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    here = Path(__file__).resolve().parent
+    sys.path.insert(0, str(here.parent / "tests"))
     from server_harness import ServerProcess
 
-    n_clips = max(args.requests, 3 * max(args.concurrency), args.max_batch)
-    clips = make_clips(min(n_clips, 256), args.clip_seconds, args.sample_rate, args.channels)
+    n_bodies = min(64, max(2 * max(args.concurrency), args.max_batch))
     rows = []
+    t_start = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = build_checkpoint(args.preset, Path(tmp))
-        sizes = sorted({1, args.max_batch})
-        rows.extend(in_process(args, ckpt, clips, sizes))
-        server_args = [
-            "--device", args.device,
-            "--dtype", args.dtype,
-            "--max-batch", str(args.max_batch),
-            "--max-wait-ms", str(args.max_wait_ms),
-            "--no-access-log",
-            "--log-level", "warning",
-        ]  # fmt: skip
-        if args.threads:
-            server_args += ["--threads", str(args.threads)]
-        with ServerProcess(ckpt, server_args, env={"HF_HUB_OFFLINE": "1"}) as server:
-            import httpx
-
-            for c in args.concurrency:
-                total = max(args.requests, 3 * c)
-                asyncio.run(closed_loop(server.url, clips, c, min(total, c)))  # warm the path
-                before = httpx.get(f"{server.url}/metrics").text
-                res = asyncio.run(closed_loop(server.url, clips, c, total))
-                after = httpx.get(f"{server.url}/metrics").text
-                batches = _metric(after, "apex_batch_size_count") - _metric(
-                    before, "apex_batch_size_count"
-                )
-                scored = _metric(after, "apex_batch_size_sum") - _metric(
-                    before, "apex_batch_size_sum"
-                )
-                rows.append(
-                    {
-                        "mode": f"server c={c}",
-                        **res,
-                        "mean_batch": scored / batches if batches else 0.0,
-                    }
-                )
+        if not args.no_model:
+            wav_clips = make_clips(
+                args.max_batch * 3, args.clip_seconds, args.sample_rate, args.channels
+            )
+            args.requests = args.max_batch * 3
+            rows.extend(in_process(args, ckpt, wav_clips, [args.max_batch]))
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)  # progress
+        requests = {kind: make_requests(kind, n_bodies, args) for kind in args.payloads}
+        servers = [(False, r) for r in args.resamplers] if not args.no_model else []
+        if args.null_model or args.no_model:
+            servers = [(True, r) for r in args.resamplers] + servers
+        for null, resampler in servers:
+            server_args = [
+                "--device", args.device,
+                "--dtype", args.dtype,
+                "--max-batch", str(args.max_batch),
+                "--max-wait-ms", str(args.max_wait_ms),
+                "--decode-workers", str(args.decode_workers),
+                "--resampler", resampler,
+                "--guard", args.guard,
+                "--no-access-log",
+                "--log-level", "warning",
+            ]  # fmt: skip
+            if args.threads:
+                server_args += ["--threads", str(args.threads)]
+            program = [str(here / "null_serve.py")] if null else ["-m", "apex_reward"]
+            env = {"HF_HUB_OFFLINE": "1"}
+            with ServerProcess(ckpt, server_args, env=env, program=program) as server:
+                for kind, (path, headers, bodies) in requests.items():
+                    for c in args.concurrency:
+                        load_level(server, path, headers, bodies, min(c, 4), 1, 1.0)  # warm up
+                        res = load_level(
+                            server, path, headers, bodies, c, args.client_procs, args.seconds
+                        )
+                        model = "null" if null else args.preset
+                        rows.append(
+                            {
+                                "mode": f"server {model} resampler={resampler} {kind} c={c}",
+                                **res,
+                            }
+                        )
+                        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)  # progress
     meta = {
         "preset": args.preset,
         "device": args.device,
         "dtype": args.dtype,
+        "guard": args.guard,
         "clip_seconds": args.clip_seconds,
         "sample_rate": args.sample_rate,
         "channels": args.channels,
         "max_batch": args.max_batch,
         "max_wait_ms": args.max_wait_ms,
+        "client_procs": args.client_procs,
+        "seconds": args.seconds,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "loadavg_end": os.getloadavg(),
+        "run_s": time.time() - t_start,
         "machine": platform.processor() or platform.machine(),
         "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
     }
     print(json.dumps({"meta": meta, "rows": rows}))
     print(
-        f"\n{args.preset} {args.dtype} on {args.device}, {args.clip_seconds:g} s clips "
-        f"({args.sample_rate} Hz, {args.channels} ch), max batch {args.max_batch}",
+        f"\n{args.preset} {args.dtype} on {args.device}, guard {args.guard}, "
+        f"{args.clip_seconds:g} s clips (wav: {args.sample_rate} Hz, {args.channels} ch; "
+        f"pcm/verl: 24 kHz float32 mono), max batch {args.max_batch}, load avg at the end "
+        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs",
         file=sys.stderr,
     )
-    print("| mode | clips/s | p50 latency | p99 latency | mean batch |", file=sys.stderr)
-    print("|---|---|---|---|---|", file=sys.stderr)
+    print(
+        "| mode | clips/s | server CPU-s | clips per server CPU-s | p50 | p99 | mean batch |",
+        file=sys.stderr,
+    )
+    print("|---|---|---|---|---|---|---|", file=sys.stderr)
     for r in rows:
         if r["mode"].startswith("in-process"):
             print(
                 f"| in-process `model.score`, batches of {r['batch']} | "
-                f"{r['clips_per_s']:.1f} | {r['batch_p50_s'] * 1000:.0f} ms / batch | "
+                f"{r['clips_per_s']:.1f} | {r['cpu_s']:.1f} | {r['clips_per_cpu_s']:.1f} | "
+                f"{r['batch_p50_s'] * 1000:.0f} ms / batch | "
                 f"{r['batch_p99_s'] * 1000:.0f} ms / batch | {r['batch']} |",
                 file=sys.stderr,
             )
         else:
             print(
-                f"| {r['mode']} | {r['clips_per_s']:.1f} | {r['p50_s'] * 1000:.0f} ms | "
+                f"| {r['mode']} | {r['clips_per_s']:.1f} | {r['server_cpu_s']:.1f} | "
+                f"{r['clips_per_cpu_s']:.1f} | {r['p50_s'] * 1000:.0f} ms | "
                 f"{r['p99_s'] * 1000:.0f} ms | {r['mean_batch']:.1f} |",
                 file=sys.stderr,
             )

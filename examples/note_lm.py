@@ -71,6 +71,13 @@ class NoteDecoder:
         return note_waveform(tokens, self.sample_rate), self.sample_rate
 
 
+def decode_notes(completion: str) -> tuple[np.ndarray, int]:
+    """:class:`NoteDecoder` at 24 kHz as a module-level function, the ``module:function`` form
+    that ``apex-reward serve --decoder note_lm:decode_notes`` and the verl/OpenRLHF reward
+    functions import."""
+    return NoteDecoder()(completion)
+
+
 def build_tokenizer():
     """A word-level tokenizer over the note vocabulary, built locally (nothing downloaded)."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers

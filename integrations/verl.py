@@ -37,21 +37,17 @@ turned into a silent 0. To keep training through such samples instead, set a fin
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
 import math
 import threading
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import lru_cache
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from apex_reward.audio import load_audio
 from apex_reward.errors import (
     ApexError,
     AudioDecodeError,
@@ -66,8 +62,9 @@ from apex_reward.scoring import ScoreResult
 from apex_reward.signals import SIGNAL_NAMES
 from apex_reward.windows import WindowSpec
 
+from .decoders import check_target, decode_response
 from .serving.batcher import DynamicBatcher
-from .trl_rewards import _as_audio, _check_spec, load_cached_model, score_value, spec_floor
+from .trl_rewards import _check_spec, load_cached_model, score_value, spec_floor
 
 if TYPE_CHECKING:
     from apex_reward.model import ApexRewardModel
@@ -142,8 +139,8 @@ def _settings(
         )
     if guard not in POLICIES:
         raise ConfigError(f"guard: expected one of {', '.join(POLICIES)}, got {guard!r}")
-    if decoder is not None and (not isinstance(decoder, str) or ":" not in decoder):
-        raise ConfigError(f"decoder: expected 'module:function', got {decoder!r}")
+    if decoder is not None:
+        check_target(decoder)
     if failure_value is not None and (
         isinstance(failure_value, bool)
         or not isinstance(failure_value, (int, float))
@@ -201,19 +198,6 @@ def _spec(settings: _Settings, model: ApexRewardModel) -> str | dict[str, float]
     return _check_spec(dict(score) if isinstance(score, tuple) else score, model.score_names)
 
 
-@lru_cache(maxsize=32)
-def _import_decoder(target: str) -> Callable[[Any], Any]:
-    """``"package.module:function"`` -> the function."""
-    module_name, _, attr = target.partition(":")
-    try:
-        fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"decoder {target!r}: cannot import it ({e})") from e
-    if not callable(fn):
-        raise ConfigError(f"decoder {target!r} is not callable")
-    return fn
-
-
 # ----------------------------------------------------------------------------------------------
 # the sample -> a validated waveform
 
@@ -246,15 +230,9 @@ def _solution(
                 "got solution_str (plain verl) but no decoder: set reward_kwargs.decoder to a "
                 "'module:function' that turns the response text into audio"
             )
-        try:
-            decoded = _import_decoder(settings.decoder)(solution_str)
-        except ApexError:
-            raise
-        except Exception as e:
-            raise AudioDecodeError(f"the decoder raised {type(e).__name__}: {e}", _WHERE) from e
-        solution_audio = _as_audio(decoded, settings.sample_rate, _WHERE)
-        if isinstance(solution_audio, str):
-            return load_audio(Path(solution_audio))
+        solution_audio = decode_response(
+            settings.decoder, solution_str, sample_rate=settings.sample_rate, where=_WHERE
+        )
     if solution_audio is None:
         raise AudioDecodeError("no audio: the rollout produced none for this sample", _WHERE)
     if not (isinstance(solution_audio, (tuple, list)) and len(solution_audio) == 2):

@@ -65,6 +65,8 @@ class ServerProcess:
         env: extra environment variables (e.g. the API key named by ``--api-key-env``).
         ready_timeout: seconds to wait for ``/ready``.
         log_path: where the server's output goes (default: a temporary file).
+        program: what Python runs, followed by ``serve ...`` (default ``-m apex_reward``; the
+            benchmarks pass a script that wraps the CLI).
 
     Raises:
         ValueError: ``port`` and a ``--port`` in ``args`` disagree.
@@ -83,6 +85,7 @@ class ServerProcess:
         env: dict[str, str] | None = None,
         ready_timeout: float = 180.0,
         log_path: str | Path | None = None,
+        program: Sequence[str] = ("-m", "apex_reward"),
     ) -> None:
         in_args = port_in_args(args)
         if port is not None and in_args is not None and port != in_args:
@@ -95,6 +98,7 @@ class ServerProcess:
         self.env = dict(env or {})
         self.ready_timeout = ready_timeout
         self.log_path = log_path
+        self.program = list(program)
         self.process: Any = None
         self._log: Any = None
 
@@ -122,7 +126,7 @@ class ServerProcess:
                 if self.log_path
                 else tempfile.TemporaryFile()
             )
-            cmd = [sys.executable, "-m", "apex_reward", "serve", "--model", self.model]
+            cmd = [sys.executable, *self.program, "serve", "--model", self.model]
             if not self._port_in_args:
                 cmd += ["--port", str(self.port)]
             cmd += self.args

@@ -120,7 +120,9 @@ def test_score_output_is_checked_first_and_written_whole(tmp_path, tiny_checkpoi
     raw = dest.read_bytes()
     assert b"caf\xe9.wav" in raw and b"previous" not in raw
     rows = list(csv.reader(io.StringIO(raw.decode("utf-8", "surrogateescape"))))
-    assert [r[0] for r in rows[1:]] == files and all(r[-1] == "" for r in rows[1:])
+    assert [r[0] for r in rows[1:]] == files and all(
+        r[-2] == "" for r in rows[1:]
+    )  # error, untrained
     assert not list(tmp_path.glob(".out.csv*"))  # no temporary file left behind
     with pytest.raises(SystemExit):
         main(["score", "--model", model, "--batch-size", "0", str(good[0])])

@@ -74,3 +74,16 @@ def test_readme_model_options_example_runs(tmp_path, tiny_checkpoint):
     )
     assert proc.returncode == 0, proc.stderr
     assert "UNTRAINED" in proc.stderr  # the one warning, on stderr without any logging set-up
+
+
+def test_readme_synopses_are_the_help_of_every_command():
+    """The README's synopses block lists every flag of every command exactly as ``--help`` does
+    (refresh it with ``python tests/readme_synopses.py``)."""
+    from readme_synopses import readme_block, synopses
+
+    expected = synopses()
+    assert readme_block((REPO / "README.md").read_text()) == expected, (
+        "README synopses differ from --help; run: python tests/readme_synopses.py"
+    )
+    for flag in ("--force", "--tie-tolerance", "--synthetic-battles", "--num-workers"):
+        assert flag in expected

@@ -62,7 +62,14 @@ def test_the_scan_catches_an_optional_import(tmp_path):
 def test_import_apex_reward_pulls_no_heavy_optional_dependency():
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
-        [sys.executable, "-X", "importtime", "-c", "import apex_reward"],
+        # the model class too: the package's own attributes load lazily
+        [
+            sys.executable,
+            "-X",
+            "importtime",
+            "-c",
+            "import apex_reward; apex_reward.ApexRewardModel",
+        ],
         capture_output=True,
         text=True,
         env=env,

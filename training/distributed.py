@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -75,3 +78,28 @@ def accelerator_cpu(device: str | None) -> bool:
             "and choose the GPUs with CUDA_VISIBLE_DEVICES"
         )
     return False
+
+
+def claim_output(path: Path, fingerprint: dict[str, Any], what: str) -> None:
+    """Write ``fingerprint`` to ``path`` or check that the one there is equal (main process only).
+
+    A resumable job's output folder may only be continued by the same job: ``what`` names its
+    contents in the error ("embeddings from a different extraction").
+
+    Raises:
+        ConfigError: ``path`` holds another fingerprint; names the keys that differ.
+    """
+    from apex_reward.errors import ConfigError
+    from apex_reward.files import atomic_write_text
+
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old != fingerprint:
+            changed = sorted(
+                k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k)
+            )
+            raise ConfigError(
+                f"{path.parent} holds {what} (differs in {changed}); use another --out or delete it"
+            )
+    else:
+        atomic_write_text(path, json.dumps(fingerprint, indent=2) + "\n")

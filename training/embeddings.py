@@ -20,7 +20,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from apex_reward.errors import ApexError, ConfigError, require
+from apex_reward.errors import ApexError, ConfigError, DataIntegrityError, require
 from apex_reward.files import atomic_path, atomic_write_text, file_sha256
 from apex_reward.model import SegmentFeatures
 
@@ -29,6 +29,7 @@ __all__ = [
     "ShardWriter",
     "shard_name",
     "shard_complete",
+    "read_shard_record",
     "write_index",
 ]
 
@@ -70,12 +71,32 @@ class EmbeddingStore:
         return self.fingerprint["frontend"]["segment_weighting"]
 
     def _shard(self, name: str) -> torch.Tensor:
+        """The shard's embeddings, checked against the SHA-256 in its record on first read.
+
+        Raises:
+            DataIntegrityError: the shard file or its record is missing, unreadable, or the file
+                no longer matches the checksum recorded when extraction wrote it.
+        """
         if name not in self._shards:
             from safetensors.torch import load_file
 
-            self._shards[name] = load_file(str(self.dir / "shards" / f"{name}.safetensors"))[
-                "embeddings"
-            ]
+            data = self.dir / "shards" / f"{name}.safetensors"
+            record = read_shard_record(self.dir / "shards" / f"{name}.json")
+            fix = "rerun the same apex-reward extract command to redo it"
+            if record is None:
+                raise DataIntegrityError(
+                    f"{data}: its shard record is missing or unreadable; {fix}"
+                )
+            try:
+                actual = file_sha256(data)
+            except OSError as e:
+                raise DataIntegrityError(f"{data}: cannot read ({e.strerror or e}); {fix}") from e
+            if actual != record["sha256"]:
+                raise DataIntegrityError(
+                    f"{data}: checksum mismatch (sha256 {actual[:12]}..., its record expects "
+                    f"{record['sha256'][:12]}...): the file changed after extraction; {fix}"
+                )
+            self._shards[name] = load_file(str(data))["embeddings"]
         return self._shards[name]
 
     def segment_table(self, ids: Sequence[str] | None = None):
@@ -165,16 +186,35 @@ def shard_name(k: int) -> str:
     return f"shard-{k:06d}"
 
 
+def read_shard_record(path: Path) -> dict[str, Any] | None:
+    """A shard's completion record, or None when it is missing or malformed (not UTF-8 JSON,
+    not an object, or lacking its checksum, songs or errors in the expected shape)."""
+    try:
+        rec = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError):  # JSON and UTF-8 errors are ValueErrors
+        return None
+    song_keys = ("id", "row", "segment_duration_s", "duration_s")
+    if not (
+        isinstance(rec, dict)
+        and isinstance(rec.get("sha256"), str)
+        and isinstance(rec.get("songs"), list)
+        and isinstance(rec.get("errors"), list)
+        and all(isinstance(s, dict) and all(k in s for k in song_keys) for s in rec["songs"])
+        and all(isinstance(e, dict) for e in rec["errors"])
+    ):
+        return None
+    return rec
+
+
 def shard_complete(shards_dir: Path, k: int) -> dict[str, Any] | None:
+    """Shard ``k``'s record when the shard is complete (a well-formed record whose checksum
+    matches the data file), else None: the shard is (re)done."""
     rec_path = shards_dir / f"{shard_name(k)}.json"
     data_path = shards_dir / f"{shard_name(k)}.safetensors"
     if not rec_path.is_file() or not data_path.is_file():
         return None
-    try:
-        rec = json.loads(rec_path.read_text())
-    except json.JSONDecodeError:
-        return None
-    if rec.get("sha256") != file_sha256(data_path):
+    rec = read_shard_record(rec_path)
+    if rec is None or rec["sha256"] != file_sha256(data_path):
         return None
     return rec
 

@@ -40,16 +40,16 @@ from apex_reward.checkpoint import ENCODER_DIGEST_KEY
 from apex_reward.cli import Command
 from apex_reward.dataclass_io import add_dataclass_arguments, to_dict
 from apex_reward.errors import ApexError, ConfigError, require
-from apex_reward.files import atomic_write_text
+from apex_reward.files import atomic_write_text, remove_stale_temporaries
 from apex_reward.loading import ModelOptions, load_model
 
-from .distributed import accelerator_cpu, check_launch, finish_distributed
+from .distributed import accelerator_cpu, check_launch, claim_output, finish_distributed
 from .embeddings import ShardWriter, shard_complete, write_index
 from .flags import CPU, add_renamed_flags, config_from_args
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ExtractConfig", "run_extraction", "read_songs"]
+__all__ = ["ExtractConfig", "AudioDataset", "run_extraction", "read_songs"]
 
 
 @dataclass
@@ -133,7 +133,7 @@ def read_songs(
     return songs[:limit] if limit is not None else songs
 
 
-class _AudioDataset(torch.utils.data.Dataset):
+class AudioDataset(torch.utils.data.Dataset):
     """Decodes, checks, downmixes and resamples one song per item (runs in DataLoader workers)."""
 
     def __init__(self, items: list[tuple[int, str, str]], frontend) -> None:
@@ -216,18 +216,11 @@ def run_extraction(config: ExtractConfig, *, progress: bool = True) -> dict[str,
     fp_path = out / "extraction.json"
     if accelerator.is_main_process:
         shards_dir.mkdir(parents=True, exist_ok=True)
-        if fp_path.is_file():
-            old = json.loads(fp_path.read_text())
-            if old != fingerprint:
-                changed = sorted(
-                    k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k)
-                )
-                raise ConfigError(
-                    f"{out} holds embeddings from a different extraction (differs in {changed}); "
-                    "use another --out or delete it"
-                )
-        else:
-            atomic_write_text(fp_path, json.dumps(fingerprint, indent=2) + "\n")
+        # temporaries of a killed run (a live process's, e.g. another rank's, are kept)
+        stale = remove_stale_temporaries(shards_dir) + remove_stale_temporaries(out)
+        if stale:
+            logger.info("removed %d temporary files a killed run left behind", len(stale))
+        claim_output(fp_path, fingerprint, "embeddings from a different extraction")
     accelerator.wait_for_everyone()
     if not fp_path.is_file():
         raise ConfigError(f"{fp_path} was not written by the main process")
@@ -271,7 +264,7 @@ def _extract_items(
     model, items, shards_dir: Path, config: ExtractConfig, device, show: bool, world: int
 ) -> dict[str, float]:
     loader = torch.utils.data.DataLoader(
-        _AudioDataset(items, model.frontend),
+        AudioDataset(items, model.frontend),
         batch_size=None,
         num_workers=config.num_workers,
         prefetch_factor=4 if config.num_workers > 0 else None,
@@ -340,8 +333,9 @@ def _extract_items(
         if bar is not None:
             bar.update(1)
             dt = max(1e-9, time.perf_counter() - t0)
+            # tqdm shows the songs/s rate itself; the postfix adds the audio rate only
             bar.set_postfix_str(
-                f"{stats['songs'] / dt:.2f} songs/s, {stats['audio_s'] / dt:.1f} audio-h/h"
+                f"{stats['audio_s'] / dt:.1f} audio-h/h"
                 + (f" (x{world} processes)" if world > 1 else "")
             )
     finish_shard()

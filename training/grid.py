@@ -7,7 +7,9 @@ Conditions are named like the paper's models: letters A–F for (loss, depth) �
 B manual/2, C uncertainty/2, D equal/3, E manual/3, F uncertainty/3 — then mode and task set,
 e.g. ``C-song-full`` (the paper's best, "Model C"). Each runs the trainer in
 ``out/conditions/NAME``; a condition with ``metrics.json`` is finished and skipped when the grid
-is rerun, and an interrupted condition resumes from its own saved state. Outputs:
+is rerun when it was trained with the same configuration (recorded in its
+``grid_condition.json``; a changed ``--epochs``, ``--lr`` or other training option trains it
+again), and an interrupted condition resumes from its own saved state. Outputs:
 
 * ``table1.md``/``.csv`` — popularity metrics (streams and likes: MSE, MAE, Pearson, Spearman on
   the test split, native units) for all 24 conditions (paper Table 1);
@@ -162,10 +164,6 @@ def run_grid_experiment(
     ran, skipped = [], []
     for cond in conditions(config):
         cdir = out / "conditions" / cond["name"]
-        if (cdir / "metrics.json").is_file():
-            skipped.append(cond["name"])
-            continue
-        key = (cond["tasks"], cond["mode"])
         tcfg = TrainConfig(
             embeddings=config.embeddings,
             prepared=config.prepared,
@@ -189,6 +187,10 @@ def run_grid_experiment(
             resume=True,
             export=bool(config.model),
         )
+        if _reuse_condition(cdir, tcfg, cond["name"]):
+            skipped.append(cond["name"])
+            continue
+        key = (cond["tasks"], cond["mode"])
         if key not in cache:
             cache[key] = load_training_data(tcfg)
         logger.info("grid: training %s", cond["name"])
@@ -198,6 +200,46 @@ def run_grid_experiment(
     summary.update(ran=ran, skipped=skipped)
     (out / "grid_summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
     return summary
+
+
+#: Where a grid condition records the training configuration it ran with.
+CONDITION_KEY = "grid_condition.json"
+
+
+def condition_key(tcfg: TrainConfig) -> dict[str, Any]:
+    """What a condition's results depend on: its training configuration without the fields
+    that only say where and how it runs (output folder, device, tracker, resuming)."""
+    d = to_dict(tcfg)
+    for k in ("out", "resume", "export", "device", "log_with", "max_epochs_this_run"):
+        d.pop(k, None)
+    return d
+
+
+def _reuse_condition(cdir: Path, tcfg: TrainConfig, name: str) -> bool:
+    """True when ``cdir`` holds this configuration's finished results. A condition trained (or
+    started) with another configuration -- other epochs, learning rate, data -- is removed so it
+    is trained anew; an unfinished one with the same configuration resumes."""
+    key = condition_key(tcfg)
+    key_path = cdir / CONDITION_KEY
+    if cdir.exists():
+        try:
+            recorded = json.loads(key_path.read_text())
+        except (OSError, ValueError):
+            recorded = None
+        if recorded == key:
+            return (cdir / "metrics.json").is_file()
+        changed = sorted(
+            k for k in set(key) | set(recorded or {}) if (recorded or {}).get(k) != key.get(k)
+        )
+        logger.warning(
+            "grid: %s was trained with another configuration (%s); training it again",
+            name,
+            ", ".join(changed) if recorded else "no record of it",
+        )
+        shutil.rmtree(cdir)
+    cdir.mkdir(parents=True)
+    key_path.write_text(json.dumps(key, indent=2) + "\n")
+    return False
 
 
 def _load_results(config: GridConfig) -> list[dict[str, Any]]:
@@ -210,7 +252,10 @@ def _load_results(config: GridConfig) -> list[dict[str, Any]]:
 
 
 def _fmt(x: float | None, digits: int) -> str:
-    return "—" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.{digits}f}"
+    if x is None or (isinstance(x, float) and np.isnan(x)):
+        return "—"
+    text = f"{x:.{digits}f}"
+    return text[1:] if text.startswith("-") and float(text) == 0 else text  # no "-0.000"
 
 
 def write_tables(config: GridConfig) -> dict[str, Any]:
@@ -309,6 +354,8 @@ def _plot_learning_curves(rows: list[dict[str, Any]], path: Path, root: Path) ->
         ax.plot(ep, [h["val_loss"] for h in hist], label="val")
         ax.axvline(r["best_epoch"], color="grey", linestyle=":", linewidth=1)
         ax.set_title(r["name"], fontsize=9)
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.set_ylabel("loss (unit range)", fontsize=8)
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")

@@ -72,12 +72,14 @@ class ManifestReport:
         valid_rows: rows kept.
         invalid: ``[(row_number, reason), ...]`` for every excluded row (1-based file rows).
         has_labels: whether the aesthetic label columns are present.
+        invalid_ids: ``{row_number: id}`` for the excluded rows that have an id.
     """
 
     total_rows: int
     valid_rows: int
     invalid: list[tuple[int, str]] = field(default_factory=list)
     has_labels: bool = False
+    invalid_ids: dict[int, str] = field(default_factory=dict)
 
     @property
     def invalid_by_reason(self) -> dict[str, int]:
@@ -254,8 +256,9 @@ def load_manifest(
         )
         labels[col] = v
     ok = reasons.isna()
+    ids = text("id")
     out = df.loc[ok].copy()
-    out["id"] = text("id")[ok]
+    out["id"] = ids[ok]
     out["platform"] = text("platform")[ok].str.lower()
     # absolute, so that manifests written elsewhere (prepare's output) keep pointing at the files
     root = (Path(audio_root) if audio_root is not None else p.parent).absolute()
@@ -275,6 +278,9 @@ def load_manifest(
         valid_rows=int(ok.sum()),
         invalid=[(int(df.at[i, "row"]), str(reasons[i])) for i in df.index[~ok]],
         has_labels=bool(present),
+        invalid_ids={
+            int(df.at[i, "row"]): ids[i] for i in df.index[~ok] if ids[i] not in ("", "nan", "None")
+        },
     )
     if report.invalid:
         logger.warning(

@@ -45,7 +45,8 @@ from apex_reward.errors import ApexError, ConfigError, require
 from apex_reward.files import atomic_path, file_sha256
 from apex_reward.popularity import PopularityReference, popularity_scores
 
-from .manifest import REQUIRED_COLUMNS, load_manifest
+from .hub_data import ingest_hub_manifest, is_hub_uri, parse_hub_uri
+from .manifest import REQUIRED_COLUMNS, ManifestReport, load_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -65,11 +66,24 @@ __all__ = [
 class PrepareConfig:
     """Options of ``apex-reward prepare``."""
 
-    manifest: str = field(default="", metadata={"help": "manifest file (CSV, Parquet or JSONL)"})
+    manifest: str = field(
+        default="",
+        metadata={
+            "help": "manifest file (CSV, Parquet or JSONL), or a Hub dataset hf://owner/name[@rev] "
+            "(see docs/data.md#hub-datasets)"
+        },
+    )
     out: str = field(default="runs/prepared", metadata={"help": "output directory"})
     columns: str | None = field(
         default=None,
         metadata={"help": "column mapping schema=source,... (e.g. id=song_id,streams=play_count)"},
+    )
+    add_manifests: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "more manifests or hf:// datasets, combined with --manifest before filtering "
+            "(platforms are balanced across all; --columns applies to each)"
+        },
     )
     audio_root: str | None = field(
         default=None,
@@ -235,6 +249,44 @@ def stratified_split(
     return out
 
 
+def _read_sources(config: PrepareConfig, out: Path):
+    """Every manifest (``--manifest`` and ``--add-manifests``) validated and concatenated.
+
+    A ``hf://`` dataset is first streamed into ``out/hub/<owner>--<name>/`` (manifest + audio).
+    Returns ``(songs, report, sources)``; ``sources`` records each one (for a Hub dataset: repo,
+    commit, mapping version).
+    """
+    pd = require("pandas", "train", "apex-reward prepare")
+    frames, reports, sources = [], [], []
+    for src in [config.manifest, *config.add_manifests]:
+        manifest, column_map, record = src, config.columns, {"manifest": src}
+        if is_hub_uri(src):
+            folder = out / "hub" / parse_hub_uri(src)[0].replace("/", "--")
+            ingested = ingest_hub_manifest(src, folder, columns=config.columns)
+            manifest, column_map, record = str(ingested.manifest), None, ingested.provenance()
+        df, report = load_manifest(manifest, column_map=column_map, audio_root=config.audio_root)
+        frames.append(df)
+        reports.append(report)
+        sources.append(record)
+    if len(frames) == 1:
+        return frames[0], reports[0], sources
+    if len({r.has_labels for r in reports}) > 1:
+        raise ConfigError(
+            "prepare: some manifests have the five aesthetic label columns and others do not; "
+            "label them all (apex-reward label) or drop the labels"
+        )
+    merged = ManifestReport(
+        total_rows=sum(r.total_rows for r in reports),
+        valid_rows=sum(r.valid_rows for r in reports),
+        invalid=[item for r in reports for item in r.invalid],
+        has_labels=reports[0].has_labels,
+    )
+    songs = pd.concat(
+        frames, ignore_index=True
+    )  # ids repeated across sources: the duplicate_id filter
+    return songs, merged, sources
+
+
 def prepare_corpus(config: PrepareConfig, *, progress: bool = False) -> dict[str, Any]:
     """Run the whole preparation; writes the outputs and returns the report dict."""
     pd = require("pandas", "train", "apex-reward prepare")
@@ -243,11 +295,9 @@ def prepare_corpus(config: PrepareConfig, *, progress: bool = False) -> dict[str
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(config.seed)
-    df, mreport = load_manifest(
-        config.manifest, column_map=config.columns, audio_root=config.audio_root
-    )
+    df, mreport, sources = _read_sources(config, out)
     removed: list[dict[str, Any]] = [
-        {"id": None, "row": row, "filter": "invalid_row", "reason": reason}
+        {"id": mreport.invalid_ids.get(row), "row": row, "filter": "invalid_row", "reason": reason}
         for row, reason in mreport.invalid
     ]
     counts: dict[str, Any] = {"rows_read": mreport.total_rows, "invalid_rows": len(mreport.invalid)}
@@ -347,6 +397,7 @@ def prepare_corpus(config: PrepareConfig, *, progress: bool = False) -> dict[str
     prepared = df[columns + extra]
     report = {
         "config": to_dict(config),
+        "sources": sources,
         "manifest": mreport.to_dict(),
         "counts": counts,
         "distributions": _distributions(prepared),

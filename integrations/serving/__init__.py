@@ -16,7 +16,11 @@ The package reads as the architecture:
   :mod:`.schemas`, the JSON request bodies as pydantic models;
 * :mod:`.middleware`: API key, body limit and request metrics; :mod:`.metrics`: Prometheus;
 * :mod:`.errors`: the typed errors and the one mapping from error type to HTTP status;
-* :mod:`.decoding`: base64, ``--allow-dir`` paths, decoding and input limits;
+* :mod:`.decoding`: base64, ``--allow-dir`` paths, decoding and input limits; :mod:`.limits`:
+  the decoded-size budget (samples x channels per clip, request and queue); :mod:`.admission`:
+  headers first, then the budget, then decoding;
+* :mod:`.hosts`: the ``Host`` and ``Origin`` checks; :mod:`.transport`: uvicorn's HTTP protocol
+  with JSON 400s and header timeouts, and access-log key redaction;
 * :mod:`.state`: what the endpoints share, and the scoring of clips;
 * :mod:`.batcher`: the dynamic batcher; :mod:`.protocols.openrlhf`: ``POST /get_reward``;
 * :mod:`.command`: ``apex-reward serve``; :mod:`.client`: :class:`ApexRewardClient`, with
@@ -26,7 +30,8 @@ Security: binds 127.0.0.1 unless ``--host`` says otherwise; with ``--api-key-env
 endpoint but ``/health`` and ``/ready`` needs ``Authorization: Bearer KEY`` or ``X-API-Key: KEY``
 (compared in constant time); server-side paths are off unless ``--allow-dir`` names a directory,
 and never resolve outside it (symlinks included); request bodies, clip counts, audio length,
-channels and sample rates are bounded before audio is decoded.
+channels, sample rates and decoded size are bounded before audio is decoded; slow clients are
+timed out; foreign ``Host`` and ``Origin`` headers are refused.
 
 fastapi, uvicorn, python-multipart, prometheus-client and httpx come with
 ``pip install 'apex-reward[serve]'``; importing this package imports none of them (they are

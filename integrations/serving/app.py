@@ -3,8 +3,9 @@
 Endpoints (JSON in, JSON out; errors are ``{"error": {"type": ..., "message": ...}}`` with the
 status :mod:`~apex_reward.integrations.serving.errors` gives their type):
 
-* ``POST /v1/score``: one clip, as a multipart upload (one file part), a raw ``audio/*`` body, or
-  JSON ``{"base64": "...", "name": "x.wav"}`` / ``{"path": "rel/x.wav"}`` (server-side paths only
+* ``POST /v1/score``: one clip, as a multipart upload (one file part), an ``audio/*`` file body,
+  raw samples (``audio/pcm; rate=N[; channels=C][; format=f32le|s16le]``), or JSON
+  ``{"base64": "...", "name": "x.wav"}`` / ``{"path": "rel/x.wav"}`` (server-side paths only
   under ``--allow-dir``) -> ``{"name", "scores", "reward", "duration_s"}``; a clip that cannot be
   scored -> 422 naming the problem.
 * ``POST /v1/score/batch``: many clips (multipart with several file parts, or JSON
@@ -13,6 +14,8 @@ status :mod:`~apex_reward.integrations.serving.errors` gives their type):
 * ``POST /v1/compare``: clips ``a`` and ``b`` -> ``logit P(a > b)``, its probability, both rewards.
 * ``POST /get_reward``: OpenRLHF's remote reward protocol
   (:mod:`~apex_reward.integrations.serving.protocols.openrlhf`).
+* ``POST /v1/verl/score``: verl-omni's HTTP audio scorer protocol v1
+  (:mod:`~apex_reward.integrations.serving.protocols.verl_omni`).
 * ``GET /health`` (liveness), ``GET /ready`` (model warmed up and batch worker running),
   ``GET /metrics`` (Prometheus text), ``GET /v1/info`` (model and limits).
 
@@ -47,6 +50,7 @@ from .errors import (
     status_of,
     type_of,
 )
+from .hosts import HostPolicy
 from .middleware import ApiKeyAuth, BodyTooLarge, Guard, drain, too_large
 from .state import ServerState, preference_logit, sigmoid
 
@@ -80,7 +84,7 @@ def create_app(model: ApexRewardModel, config: ServeConfig | None = None) -> Any
     from starlette.requests import ClientDisconnect, Request
     from starlette.responses import JSONResponse, Response
 
-    from .protocols import openrlhf
+    from .protocols import openrlhf, verl_omni
 
     config = config or ServeConfig()
     state = ServerState(model, config)
@@ -183,13 +187,13 @@ def create_app(model: ApexRewardModel, config: ServeConfig | None = None) -> Any
         clip = await bodies.one_clip(request, state)
         if clip.error is not None:
             raise clip.error
-        res = await state.score_one(clip)
+        res = await state.score_one(clip, request.receive)
         return JSONResponse(with_untrained(state.result_json(res, clip.name)))
 
     async def score_batch(request: Request) -> Response:
         clips = await bodies.batch_clips(request, state)
         rows = []
-        for clip, res in zip(clips, await state.score_clips(clips)):
+        for clip, res in zip(clips, await state.score_clips(clips, receive=request.receive)):
             if isinstance(res, ClipError):
                 rows.append({"name": clip.name, "error": res.to_json()})
             else:
@@ -198,7 +202,11 @@ def create_app(model: ApexRewardModel, config: ServeConfig | None = None) -> Any
 
     async def compare(request: Request) -> Response:
         (a, b), instrumental = await bodies.compare_clips(request, state)
-        ra, rb = await asyncio.gather(state.score_one(a), state.score_one(b))
+        results = await state.score_clips([a, b], count_errors=False, receive=request.receive)
+        for res in results:
+            if isinstance(res, ClipError):
+                raise res
+        ra, rb = results
         # off the event loop: with the head on a GPU this waits for the device
         logit = await state.run_blocking(
             preference_logit, model, ra, rb, 1.0 if instrumental else 0.0
@@ -221,8 +229,16 @@ def create_app(model: ApexRewardModel, config: ServeConfig | None = None) -> Any
         if bodies.media_type(request.headers) != "application/json":
             raise bodies.unsupported(request, "application/json")
         return JSONResponse(
-            await openrlhf.get_reward(state, await bodies.read_json(request, state))
+            await openrlhf.get_reward(
+                state, await bodies.read_json(request, state), request.receive
+            )
         )
+
+    async def verl_score(request: Request) -> Response:
+        bodies.require_body(request)
+        if bodies.media_type(request.headers) != "application/json":
+            raise bodies.unsupported(request, "application/json")
+        return JSONResponse(await verl_omni.score(state, await bodies.read_json(request, state)))
 
     app.add_route("/health", health, methods=["GET"])
     app.add_route("/ready", ready, methods=["GET"])
@@ -232,6 +248,7 @@ def create_app(model: ApexRewardModel, config: ServeConfig | None = None) -> Any
     app.add_route("/v1/score/batch", score_batch, methods=["POST"])
     app.add_route("/v1/compare", compare, methods=["POST"])
     app.add_route("/get_reward", get_reward, methods=["POST"])
+    app.add_route("/v1/verl/score", verl_score, methods=["POST"])
 
     app.add_middleware(
         Guard,
@@ -241,5 +258,8 @@ def create_app(model: ApexRewardModel, config: ServeConfig | None = None) -> Any
         max_body_mb=config.max_body_mb,
         respond=respond,
         client_disconnect=ClientDisconnect,
+        hosts=HostPolicy(config.allowed_hosts, config.allowed_origins, config.host),
+        body_timeout_s=config.body_timeout_s,
+        idle_timeout_s=config.idle_timeout_s,
     )
     return app

@@ -50,6 +50,7 @@ class _Job:
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
     enqueued: float = field(default_factory=time.monotonic)
+    counted: bool = True  # still counted in ``pending`` (not taken, not cancelled)
 
 
 def _resolve(fut: asyncio.Future, result: Any, error: BaseException | None) -> None:
@@ -138,7 +139,7 @@ class DynamicBatcher:
 
     @property
     def pending(self) -> int:
-        """Clips submitted and not yet taken into a batch."""
+        """Clips submitted, not cancelled, and not yet taken into a batch."""
         return self._pending
 
     # -- submitting -----------------------------------------------------------------------------
@@ -166,8 +167,16 @@ class DynamicBatcher:
             self._pending += 1
         loop = asyncio.get_running_loop()
         job = _Job(name, wav, int(sample_rate), loop.create_future(), loop)
+        # a clip whose request gave up (client gone, timeout) stops counting at once
+        job.future.add_done_callback(lambda f, j=job: self._uncount(j) if f.cancelled() else None)
         self._queue.put(job)
         return job.future
+
+    def _uncount(self, job: _Job) -> None:
+        with self._lock:
+            if job.counted:
+                job.counted = False
+                self._pending -= 1
 
     async def score(self, name: str, wav: torch.Tensor, sample_rate: int) -> ScoreResult:
         """``await`` the result of one clip (see :meth:`submit`)."""
@@ -178,8 +187,7 @@ class DynamicBatcher:
     def _take(self, block: bool, timeout: float | None = None) -> _Job | None:
         job = self._queue.get(block=block, timeout=timeout)
         if job is not None:
-            with self._lock:
-                self._pending -= 1
+            self._uncount(job)
         return job
 
     def _collect(self, first: _Job) -> tuple[list[_Job], bool]:

@@ -10,7 +10,6 @@ decoded clips; a clip that cannot be decoded carries its
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Any
 
@@ -27,6 +26,8 @@ from .state import Clip, ServerState
 
 __all__ = [
     "media_type",
+    "PCM_MEDIA_TYPE",
+    "pcm_format",
     "unsupported",
     "require_body",
     "read_json",
@@ -42,6 +43,41 @@ _MAX_NAME = 200
 def media_type(headers: Any) -> str:
     """The Content-Type without parameters, lower case (``""`` when absent)."""
     return headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+#: Content-Type of a raw PCM body: ``audio/pcm; rate=24000`` with optional ``channels=2``
+#: (interleaved, default 1) and ``format=f32le`` (default ``s16le``, 16-bit little-endian).
+PCM_MEDIA_TYPE = "audio/pcm"
+
+
+def pcm_format(headers: Any) -> dict[str, Any]:
+    """The ``encoding``, ``sample_rate`` and ``channels`` of an ``audio/pcm`` body, from its
+    Content-Type parameters.
+
+    Raises:
+        InvalidRequest: no ``rate``, a non-integer ``rate``/``channels``, an unknown parameter.
+    """
+    params: dict[str, str] = {}
+    for part in headers.get("content-type", "").split(";")[1:]:
+        key, _, value = part.partition("=")
+        if key.strip():
+            params[key.strip().lower()] = value.strip().strip('"')
+    unknown = sorted(set(params) - {"rate", "channels", "format"})
+    if unknown:
+        raise InvalidRequest(
+            f"audio/pcm: unknown parameter(s) {unknown}; use rate, channels, format"
+        )
+    if "rate" not in params:
+        raise InvalidRequest("audio/pcm needs its sample rate: 'Content-Type: audio/pcm; rate=N'")
+    try:
+        rate, channels = int(params["rate"]), int(params.get("channels", "1"))
+    except ValueError:
+        raise InvalidRequest("audio/pcm: 'rate' and 'channels' must be integers") from None
+    return {
+        "encoding": params.get("format", "s16le").lower(),
+        "sample_rate": rate,
+        "channels": channels,
+    }
 
 
 def unsupported(request: Any, accepted: str) -> UnsupportedMediaType:
@@ -118,6 +154,10 @@ async def one_clip(request: Any, state: ServerState) -> Clip:
     if media == "application/json":
         name, src = _json_clip(state, await read_json(request, state), "clip")
         return await state.decode(name, src)
+    if media == PCM_MEDIA_TYPE:
+        body = await _read_body(request)
+        name = request.headers.get("x-audio-name", "upload")[:_MAX_NAME]
+        return await state.decode_pcm(name, body, **pcm_format(request.headers))
     if media.startswith("audio/") or media == "application/octet-stream":
         body = await _read_body(request)
         name = request.headers.get("x-audio-name", "upload")[:_MAX_NAME]
@@ -136,21 +176,20 @@ async def batch_clips(request: Any, state: ServerState) -> list[Clip]:
         _, files, _ = await _form(request, max_files=limit)
         if not files:
             raise InvalidRequest("no file parts in the multipart body")
-        return list(await asyncio.gather(*(state.decode(n, b) for n, b in files)))
+        return await state.decode_all(files)
     if media != "application/json":
         raise unsupported(request, "multipart/form-data or application/json")
     items = validate(BatchRequest, await read_json(request, state), "batch").clips
     if len(items) > limit:
         raise TooManyClips(f"{len(items)} clips in one request; the limit is {limit}")
 
-    async def one(i: int, item: Any) -> Clip:
+    def one(i: int, item: Any) -> tuple[str, Any]:
         try:
-            name, src = _json_clip(state, item, f"clips[{i}]")
+            return _json_clip(state, item, f"clips[{i}]")
         except RequestError as e:
-            return Clip(f"clips[{i}]", error=ClipError(f"clips[{i}]", e))
-        return await state.decode(name, src)
+            return f"clips[{i}]", ClipError(f"clips[{i}]", e)
 
-    return list(await asyncio.gather(*(one(i, it) for i, it in enumerate(items))))
+    return await state.decode_all([one(i, it) for i, it in enumerate(items)])
 
 
 async def compare_clips(request: Any, state: ServerState) -> tuple[list[Clip], bool]:
@@ -180,7 +219,7 @@ async def compare_clips(request: Any, state: ServerState) -> tuple[list[Clip], b
             sources.append((name, state.decoder.source_of(clip, name)))
     else:
         raise unsupported(request, "multipart/form-data or application/json")
-    clips = await asyncio.gather(*(state.decode(n, s) for n, s in sources))
+    clips = await state.decode_all(sources)
     for which, clip in zip("ab", clips):
         if clip.error is not None:
             raise clip.error.with_prefix(f"clip {which}: ")

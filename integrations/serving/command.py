@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 import time
 
 from apex_reward.cli import Command
@@ -18,23 +17,11 @@ from apex_reward.dataclass_io import add_dataclass_arguments, dataclass_from_arg
 from apex_reward.errors import require
 
 from .config import ServeConfig
+from .transport import RedactApiKey, configure, uvicorn_options
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["serve", "limit_malloc_arenas", "add_serve_arguments", "run_serve", "COMMAND"]
-
-
-class _RedactApiKey(logging.Filter):
-    """Hide ``api_key=...`` query parameters in uvicorn's access log lines."""
-
-    _pattern = re.compile(r"(api_key=)[^&\s\"]*")
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.args, tuple):
-            record.args = tuple(
-                self._pattern.sub(r"\1***", a) if isinstance(a, str) else a for a in record.args
-            )
-        return True
 
 
 def limit_malloc_arenas(n: int) -> bool:
@@ -86,19 +73,27 @@ def serve(config: ServeConfig) -> None:
             "(set --api-key-env)",
             config.host,
         )
+    if config.host in ("0.0.0.0", "::") and "*" not in config.allowed_hosts:
+        logger.warning(
+            "listening on every interface, but only requests addressed to %s are answered "
+            "(others get 400 HostNotAllowed); add the names clients use with --allowed-hosts",
+            ", ".join(config.allowed_hosts),
+        )
     if config.warmup:
         t0 = time.perf_counter()
         state.warmup()
         logger.info("warm-up forward pass took %.2f s", time.perf_counter() - t0)
-    logging.getLogger("uvicorn.access").addFilter(_RedactApiKey())
-    uvicorn.run(
+    logging.getLogger("uvicorn.access").addFilter(RedactApiKey())
+    server_config = uvicorn.Config(
         app,
         host=config.host,
         port=config.port,
         log_level=config.log_level,
         access_log=config.access_log,
         timeout_graceful_shutdown=30,
+        **uvicorn_options(config),
     )
+    uvicorn.Server(configure(server_config, config)).run()
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:

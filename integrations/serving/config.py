@@ -16,6 +16,8 @@ from apex_reward.errors import ConfigError
 from apex_reward.loading import ModelOptions
 from apex_reward.windows import WindowSpec
 
+from ..decoders import check_target
+
 __all__ = ["ServeConfig", "STANDARD_SAMPLE_RATES"]
 
 #: Sample rates accepted by default. The windowed-sinc resampler's filter grows with the reduced
@@ -117,6 +119,57 @@ class ServeConfig:
     max_channels: int = field(
         default=8, metadata={"help": "most audio channels per clip (checked before decoding)"}
     )
+    max_clip_samples: int = field(
+        default=64_000_000,
+        metadata={
+            "help": "most decoded samples x channels per clip (4 bytes each as float32; 600 s "
+            "of 48 kHz stereo is 57.6 M), read from the header before decoding; more gets 422"
+        },
+    )
+    max_request_samples: int = field(
+        default=256_000_000,
+        metadata={
+            "help": "most decoded samples x channels for all clips of one request, summed from "
+            "their headers before any is decoded; more gets 413"
+        },
+    )
+    max_queue_samples: int = field(
+        default=512_000_000,
+        metadata={
+            "help": "most decoded samples x channels being decoded or waiting for the model, "
+            "over all requests (bounds memory); beyond it requests get 503"
+        },
+    )
+    body_timeout_s: float = field(
+        default=120.0,
+        metadata={
+            "help": "a request body must arrive within this many seconds of its headers, else "
+            "408 and the connection is closed"
+        },
+    )
+    idle_timeout_s: float = field(
+        default=30.0,
+        metadata={
+            "help": "longest silence while a client sends a request (its headers or a body "
+            "chunk), in seconds; then 408 and the connection is closed"
+        },
+    )
+    allowed_hosts: list[str] = field(
+        default_factory=lambda: ["127.0.0.1", "localhost", "::1"],
+        metadata={
+            "help": "Host header names the server answers (a guard against DNS rebinding); "
+            "the --host address is added when it is a specific one; '*' allows any. Others "
+            "get 400 (/health and /ready excepted)"
+        },
+    )
+    allowed_origins: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "web origins (e.g. https://app.example.org) whose browser pages may POST "
+            "to the server; a POST carrying any other Origin header gets 403 (requests "
+            "without one, from scripts and trainers, are not affected)"
+        },
+    )
     sample_rates: list[int] = field(
         default_factory=lambda: list(STANDARD_SAMPLE_RATES),
         metadata={"help": "accepted input sample rates in Hz; others get 422"},
@@ -130,6 +183,16 @@ class ServeConfig:
     )
     decode_workers: int = field(
         default=4, metadata={"help": "clips decoded at once (bounds decode memory)"}
+    )
+    resampler: Literal["model", "soxr"] = field(
+        default="model",
+        metadata={
+            "help": "model = clips are queued as decoded and the model's own front end resamples "
+            "them on the batch worker (scores exactly as in-process model.score); soxr = the "
+            "decode threads measure each clip's guard signals and resample it to the encoder "
+            "rate with soxr, so the batch worker only runs the model (faster serving, not "
+            "differentiable; score differences to 'model' are in BENCHMARKS.md)"
+        },
     )
     guard: Literal["off", "flag", "penalize"] = field(
         default="penalize",
@@ -159,6 +222,21 @@ class ServeConfig:
         metadata={
             "help": "reward /get_reward returns for a sample whose audio cannot be scored (its "
             "'errors' entry and extra_logs.apex_ok = 0 say which)"
+        },
+    )
+    decoder: str | None = field(
+        default=None,
+        metadata={
+            "help": "'module:function' (importable by the server) turning a /get_reward "
+            "response (the query's text after the prompt: words, or codec tokens as text) into "
+            "audio: (waveform, sample_rate) or a file path; used instead of audio references"
+        },
+    )
+    failure_log: str | None = field(
+        default=None,
+        metadata={
+            "help": "append one JSON line per /get_reward sample that could not be scored "
+            "(time, sample, error type and message, response excerpt) to this file"
         },
     )
     openrlhf_score: str = field(
@@ -225,6 +303,11 @@ class ServeConfig:
             "max_clips_per_request",
             "max_audio_s",
             "max_channels",
+            "max_clip_samples",
+            "max_request_samples",
+            "max_queue_samples",
+            "body_timeout_s",
+            "idle_timeout_s",
             "decode_workers",
         ):
             positive(name, getattr(self, name))
@@ -236,6 +319,8 @@ class ServeConfig:
             raise ConfigError(
                 f"serve: --sample-rates must be positive integers, got {self.sample_rates!r}"
             )
+        if self.decoder is not None:
+            check_target(self.decoder, "serve: --decoder")
         if not math.isfinite(self.failure_reward):
             raise ConfigError(f"serve: --failure-reward must be finite, got {self.failure_reward}")
 

@@ -1,8 +1,9 @@
 """Turning what a request carries into a checked waveform: base64, server-side paths, decoding.
 
 :class:`ClipDecoder` holds the server's input policy: accepted sample rates, the channel and
-length limits (checked from the file header before any audio is decoded), and the directory
-requests may name files in (``--allow-dir``; paths never resolve outside it, symlinks
+length limits (checked from the file header by :meth:`ClipDecoder.probe` before any audio is
+decoded; the decoded-size budget of :mod:`.limits` is charged from the same header), and the
+directory requests may name files in (``--allow-dir``; paths never resolve outside it, symlinks
 included). Its methods block (run them on the decode pool); they raise typed errors: an
 :class:`~apex_reward.errors.AudioError` for audio that cannot be scored, a
 :class:`~apex_reward.integrations.serving.errors.RequestError` for a refused reference.
@@ -16,10 +17,12 @@ import io
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from apex_reward.audio import as_waveform_list, decode_audio_bytes, load_audio
 from apex_reward.errors import (
+    AudioDecodeError,
     AudioShapeError,
     AudioTooLongError,
     ConfigError,
@@ -29,16 +32,21 @@ from apex_reward.errors import (
 
 from .config import ServeConfig
 from .errors import InvalidBase64, InvalidRequest, PathNotAllowed
+from .limits import ClipHeader
 
 if TYPE_CHECKING:
     from apex_reward.model import ApexRewardModel
 
     from .schemas import ClipRef
 
-__all__ = ["ClipDecoder", "Source", "is_utf8"]
+__all__ = ["ClipDecoder", "Source", "PCM_ENCODINGS", "is_utf8"]
 
 #: Where a clip's audio comes from: the bytes of a whole file, or a file under ``--allow-dir``.
 Source = bytes | Path
+
+#: Raw PCM sample encodings the server reads (:meth:`ClipDecoder.decode_pcm`), as numpy dtypes:
+#: little-endian 32-bit float and 16-bit signed integer, channels interleaved.
+PCM_ENCODINGS: dict[str, str] = {"f32le": "<f4", "s16le": "<i2"}
 
 
 def is_utf8(text: str) -> bool:
@@ -104,8 +112,59 @@ class ClipDecoder:
 
     # -- decoding ---------------------------------------------------------------------------------
 
-    def decode(self, source: Source, name: str) -> tuple[torch.Tensor, int]:
+    def probe(self, source: Source, name: str) -> ClipHeader:
+        """Read a clip's header and refuse it on rate, channels or length (blocking, cheap: no
+        audio is decoded).
+
+        Returns:
+            the :class:`~.limits.ClipHeader` (``frames <= 0`` when the header does not say).
+
+        Raises:
+            AudioError: a typed error naming the clip and the problem (not a readable audio
+                file, a refused rate, too many channels, too long).
+        """
+        import soundfile as sf
+
+        if isinstance(source, (bytes, bytearray)):
+            if not source:
+                raise EmptyAudioError("no audio data (0 bytes)", name)
+            opened: object = io.BytesIO(source)
+        else:
+            opened = source
+        try:
+            info = sf.info(opened if not isinstance(opened, Path) else str(opened))
+        except Exception:
+            info = None
+        if info is None or info.samplerate <= 0:
+            # the decoder names the problem (missing file, not audio ...) and fails before it
+            # decodes anything: it reads the same header first
+            self._decode_unchecked(source, name)
+            raise AudioDecodeError("not a readable audio file", name)
+        header = ClipHeader(int(info.samplerate), int(info.channels), int(info.frames))
+        self.precheck(
+            header.sample_rate, header.channels, header.frames if header.known else 0, name
+        )
+        return header
+
+    def _decode_unchecked(
+        self, source: Source, name: str, max_s: float | None = None
+    ) -> tuple[torch.Tensor, int]:
+        limit = self.max_audio_s if max_s is None else min(max_s, self.max_audio_s)
+        if isinstance(source, (bytes, bytearray)):
+            return decode_audio_bytes(source, name=name, max_duration_s=limit)
+        return load_audio(source, max_duration_s=limit)
+
+    def decode(
+        self, source: Source, name: str, header: ClipHeader | None = None, max_frames: int = 0
+    ) -> tuple[torch.Tensor, int]:
         """Decode and check one clip (blocking; run it on the decode pool).
+
+        Args:
+            source: the file's bytes or an allowed path.
+            name: how errors name the clip.
+            header: its :meth:`probe` result (read here when None).
+            max_frames: when the header does not give the length, the clip is refused past
+                this many frames (as a duration limit on the decoder; 0: no extra limit).
 
         Returns:
             ``(waveform [C, T] float32, sample_rate)``.
@@ -113,28 +172,75 @@ class ClipDecoder:
         Raises:
             AudioError: a typed error naming the clip and the problem.
         """
-        import soundfile as sf
-
-        if isinstance(source, (bytes, bytearray)):
-            if not source:
-                raise EmptyAudioError("no audio data (0 bytes)", name)
-            try:
-                info = sf.info(io.BytesIO(source))
-            except Exception:  # decode_audio_bytes raises the typed error below
-                info = None
-            if info is not None:
-                self.precheck(info.samplerate, info.channels, info.frames, name)
-            wav, sr = decode_audio_bytes(source, name=name, max_duration_s=self.max_audio_s)
-        else:
-            try:
-                info = sf.info(str(source)) if source.is_file() else None
-            except Exception:
-                info = None
-            if info is not None:
-                self.precheck(info.samplerate, info.channels, info.frames, name)
-            wav, sr = load_audio(source, max_duration_s=self.max_audio_s)
+        if header is None:
+            header = self.probe(source, name)
+        cap = None
+        if not header.known and max_frames > 0:
+            cap = max_frames / header.sample_rate
+        wav, sr = self._decode_unchecked(source, name, cap)
         self.check(wav, sr, name)
         return wav, sr
+
+    def decode_pcm(
+        self,
+        data: bytes,
+        *,
+        encoding: str,
+        sample_rate: int,
+        channels: int,
+        name: str,
+        num_samples: int | None = None,
+    ) -> tuple[torch.Tensor, int]:
+        """Read and check raw PCM samples: no container, no header (blocking, but cheap).
+
+        Args:
+            data: the samples, channels interleaved (frame after frame).
+            encoding: a key of :data:`PCM_ENCODINGS` (``"f32le"`` or ``"s16le"``; 16-bit
+                integers are scaled by 1/32768).
+            sample_rate: Hz.
+            channels: interleaved channels.
+            name: how errors name the clip.
+            num_samples: when given, the frames the sender says it sent; must match the data.
+
+        Returns:
+            ``(waveform [C, T] float32, sample_rate)``.
+
+        Raises:
+            AudioError: empty data, a length that is not a whole number of frames or not
+                ``num_samples``, a rate or channel count the server does not accept, too long,
+                non-finite samples, too short for the model.
+        """
+        dtype = PCM_ENCODINGS.get(encoding)
+        if dtype is None:
+            raise AudioDecodeError(
+                f"PCM encoding {encoding!r} is not supported; use one of {sorted(PCM_ENCODINGS)}",
+                name,
+            )
+        if not data:
+            raise EmptyAudioError("no audio data (0 bytes)", name)
+        if channels < 1:
+            raise AudioShapeError(f"channels must be >= 1, got {channels}", name)
+        frame = np.dtype(dtype).itemsize * channels
+        if len(data) % frame:
+            raise AudioShapeError(
+                f"{len(data)} bytes is not a whole number of {encoding} frames of {channels} "
+                f"channel(s) ({frame} bytes each)",
+                name,
+            )
+        frames = len(data) // frame
+        if num_samples is not None and num_samples != frames:
+            raise AudioShapeError(
+                f"num_samples is {num_samples} but the data holds {frames} samples", name
+            )
+        self.precheck(sample_rate, channels, frames, name)
+        samples = np.frombuffer(data, dtype=dtype)
+        if encoding == "s16le":
+            samples = samples.astype(np.float32) * np.float32(1.0 / 32768.0)
+        else:
+            samples = samples.astype(np.float32)  # native order, and a writable copy
+        wav = torch.from_numpy(samples.reshape(frames, channels).T)
+        self.check(wav, sample_rate, name)
+        return wav, sample_rate
 
     # -- references -------------------------------------------------------------------------------
 

@@ -46,6 +46,10 @@ __all__ = [
     "MethodNotAllowed",
     "PayloadTooLarge",
     "UnsupportedMediaType",
+    "RequestTimeout",
+    "HostNotAllowed",
+    "OriginNotAllowed",
+    "ClientGone",
     "NotReady",
     "ScoringTimeout",
     "ModelOutputError",
@@ -115,6 +119,23 @@ class PayloadTooLarge(RequestError):
     """The request body exceeds ``--max-body-mb``."""
 
 
+class RequestTimeout(RequestError):
+    """The client sent its request too slowly (``--body-timeout-s``, ``--idle-timeout-s``)."""
+
+
+class HostNotAllowed(RequestError):
+    """The ``Host`` header names a host outside ``--allowed-hosts`` (DNS rebinding guard)."""
+
+
+class OriginNotAllowed(RequestError):
+    """A state-changing request from a web page whose ``Origin`` is not in
+    ``--allowed-origins``."""
+
+
+class ClientGone(ApexError):
+    """The client closed the connection before its clips were scored (they are dropped)."""
+
+
 class UnsupportedMediaType(RequestError):
     """The Content-Type is not one the endpoint takes."""
 
@@ -136,6 +157,8 @@ class ModelOutputError(RuntimeError):
 STATUS_BY_TYPE: tuple[tuple[type[BaseException], int], ...] = (
     (Unauthorized, 401),
     (PathNotAllowed, 403),
+    (OriginNotAllowed, 403),
+    (RequestTimeout, 408),
     (NotFound, 404),
     (MethodNotAllowed, 405),
     (PayloadTooLarge, 413),
@@ -145,6 +168,7 @@ STATUS_BY_TYPE: tuple[tuple[type[BaseException], int], ...] = (
     (BatcherStoppedError, 503),
     (NotReady, 503),
     (ScoringTimeout, 503),
+    (ClientGone, 499),
     (AudioError, 422),
     (ConfigError, 422),
     (CheckpointError, 500),

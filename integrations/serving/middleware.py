@@ -4,10 +4,12 @@ errors. Handlers never see a request this layer refused.
 * :class:`ApiKeyAuth`: ``Authorization: Bearer KEY`` or ``X-API-Key: KEY`` (and, with
   ``--allow-query-api-key``, ``?api_key=KEY``), compared in constant time; ``/health`` and
   ``/ready`` stay open for probes.
-* :class:`Guard`: refuses a body over ``--max-body-mb`` from its ``Content-Length`` before
-  reading it, and while reading one sent without (raising :class:`BodyTooLarge` into the app,
-  whose handler answers 413); counts every request in the metrics; answers an unhandled fault
-  with a 500 when no response has started.
+* :class:`Guard`: refuses a ``Host`` or ``Origin`` the :class:`~.hosts.HostPolicy` does not
+  allow; refuses a body over ``--max-body-mb`` from its ``Content-Length`` before reading it,
+  and while reading one sent without (raising :class:`BodyTooLarge` into the app, whose handler
+  answers 413); times the body out (``--body-timeout-s`` in all, ``--idle-timeout-s`` per
+  chunk: :class:`~.errors.RequestTimeout`, 408, connection closed); counts every request in the
+  metrics; answers an unhandled fault with a 500 when no response has started.
 
 No web framework is imported here: the guard builds its answers through the ``respond`` callable
 the app gives it.
@@ -15,9 +17,11 @@ the app gives it.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
+import math
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -26,7 +30,14 @@ from urllib.parse import parse_qs
 
 from apex_reward.errors import ConfigError
 
-from .errors import InvalidRequest, PayloadTooLarge, RequestError, Unauthorized
+from .errors import (
+    InvalidRequest,
+    PayloadTooLarge,
+    RequestError,
+    RequestTimeout,
+    Unauthorized,
+)
+from .hosts import HostPolicy
 from .metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
@@ -152,8 +163,14 @@ class Guard:
         max_body_mb: float,
         respond: Respond,
         client_disconnect: type[Exception],
+        hosts: HostPolicy | None = None,
+        body_timeout_s: float = math.inf,
+        idle_timeout_s: float = math.inf,
     ) -> None:
         self.app = app
+        self.hosts = hosts
+        self.body_timeout_s = body_timeout_s
+        self.idle_timeout_s = idle_timeout_s
         self.auth = auth
         self.metrics = metrics
         self.limit = max_body_bytes
@@ -161,8 +178,48 @@ class Guard:
         self.respond = respond
         self.client_disconnect = client_disconnect
 
-    def _refusal(self, path: str, headers: dict[str, str], query: str) -> RequestError | None:
+    def _timed(self, receive: Callable[[], Awaitable[dict]]) -> Callable[[], Awaitable[dict]]:
+        """``receive`` under the body deadline (``--body-timeout-s`` from the headers) and the
+        idle limit (``--idle-timeout-s`` per chunk); raises :class:`RequestTimeout` (408, closing
+        the connection) when the client is too slow. Once the body is complete, reads (the
+        wait for a disconnect) are not timed."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.body_timeout_s
+        done = [False]
+
+        async def timed_receive() -> dict:
+            if done[0]:
+                return await receive()
+            left = deadline - loop.time()
+            wait = min(self.idle_timeout_s, left)
+            try:
+                if wait <= 0:
+                    raise TimeoutError
+                message = await asyncio.wait_for(receive(), wait)
+            except (TimeoutError, asyncio.TimeoutError):
+                done[0] = True
+                which = (
+                    f"the body did not arrive within {self.body_timeout_s:g} s (--body-timeout-s)"
+                    if wait >= left
+                    else f"no data for {self.idle_timeout_s:g} s (--idle-timeout-s)"
+                )
+                raise RequestTimeout(
+                    f"request too slow: {which}", {"Connection": "close"}
+                ) from None
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                done[0] = True
+            return message
+
+        return timed_receive
+
+    def _refusal(
+        self, path: str, headers: dict[str, str], query: str, method: str = "POST"
+    ) -> RequestError | None:
         """The error refusing this request before the app sees it, or None."""
+        if self.hosts is not None:
+            refused = self.hosts.refusal(method, headers, path in OPEN_PATHS)
+            if refused is not None:
+                return refused
         if self.auth.required and path not in OPEN_PATHS:
             if not self.auth.authorized(headers, query):
                 return self.auth.refusal(headers, query)
@@ -195,20 +252,25 @@ class Guard:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         query = scope.get("query_string", b"").decode("latin-1")
         self.metrics.inflight.inc()
+        timed_receive = self._timed(receive)
         try:
-            refusal = self._refusal(path, headers, query)
+            refusal = self._refusal(path, headers, query, scope.get("method", "GET"))
             if refusal is not None:
                 if not isinstance(refusal, InvalidRequest):
-                    await drain(
-                        receive, 4 * limit if isinstance(refusal, PayloadTooLarge) else limit
-                    )
+                    try:
+                        await drain(
+                            timed_receive,
+                            4 * limit if isinstance(refusal, PayloadTooLarge) else limit,
+                        )
+                    except RequestTimeout:
+                        pass  # answer anyway; the connection closes after it
                 await self.respond(refusal)(scope, receive, send_wrapper)
                 return
             received = [0]
             over = [False]
 
             async def limited_receive() -> dict:
-                message = await receive()
+                message = await timed_receive()
                 if over[0] or message["type"] != "http.request":
                     return message
                 received[0] += len(message.get("body", b""))

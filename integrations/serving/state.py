@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
@@ -23,11 +23,15 @@ from apex_reward._version import __version__
 from apex_reward.errors import ConfigError
 from apex_reward.scoring import ScoreResult
 
+from ..decoders import import_decoder
+from ..reward_logs import FailureLog, RewardLogs
 from .batcher import DynamicBatcher, OverloadedError
 from .config import ServeConfig
 from .decoding import ClipDecoder, Source
-from .errors import ClipError, ModelOutputError, ScoringTimeout, type_of
+from .errors import ClientGone, ClipError, ModelOutputError, ScoringTimeout, type_of
+from .limits import DecodeBudget
 from .metrics import ServerMetrics
+from .prepare import InferencePrep, Prepared
 
 if TYPE_CHECKING:
     from apex_reward.model import ApexRewardModel
@@ -39,16 +43,30 @@ T = TypeVar("T")
 
 @dataclass
 class Clip:
-    """One clip of a request: decoded (``wav``, ``sample_rate``) or failed (``error``)."""
+    """One clip of a request: decoded (``wav``, ``sample_rate``) or failed (``error``);
+    ``prepared`` is what the decode pool made of it for the batch worker."""
 
     name: str
     wav: torch.Tensor | None = None
     sample_rate: int = 0
     error: ClipError | None = None
+    #: gives the clip's share of the decoded-size budget back (idempotent); None: nothing held
+    release: Callable[[], None] | None = field(default=None, repr=False, compare=False)
+    #: what the decode threads already did for the batch thread (:class:`InferencePrep`)
+    prepared: Prepared | None = None
 
     @property
     def ok(self) -> bool:
         return self.error is None
+
+
+async def _disconnected(receive: Callable[[], Awaitable[dict]]) -> None:
+    """Return when ``receive`` reports that the client disconnected (or cannot be read)."""
+    try:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+    except Exception:  # the connection is unusable: nobody will read the answer
+        return
 
 
 def _result_error(r: ScoreResult) -> ClipError:
@@ -73,23 +91,29 @@ class ServerState:
         self.model = model
         self.config = config
         self.decoder = ClipDecoder(model, config)
+        self.prep = InferencePrep(model, config)
         if config.openrlhf_score != "reward" and config.openrlhf_score not in model.score_names:
             raise ConfigError(
                 f"serve: --openrlhf-score {config.openrlhf_score!r} is not 'reward' or one of "
                 f"this model's scores {list(model.score_names)}"
             )
+        if config.decoder is not None:
+            import_decoder(config.decoder)  # fail at start-up, not on every sample
         self.warmed_up = not config.warmup
         # a small dedicated pool, not anyio's 40 threads: it bounds decode memory, and fewer
         # threads mean fewer glibc malloc arenas (RSS otherwise creeps up with each new thread)
         self.pool = ThreadPoolExecutor(config.decode_workers, thread_name_prefix="apex-decode")
         self._queued_audio_s = 0.0
+        self.budget = DecodeBudget(
+            config.max_clip_samples, config.max_request_samples, config.max_queue_samples
+        )
         self.batcher = DynamicBatcher(
             model,
             max_batch=config.max_batch,
             max_wait_s=config.max_wait_ms / 1000.0,
             max_queue=config.max_queue,
             segment_batch_size=config.max_batch,
-            guard=config.guard,
+            guard=self.prep.batcher_guard,
             windows=config.window_spec(),
         )
         self.metrics = ServerMetrics(
@@ -98,6 +122,8 @@ class ServerState:
             ready=lambda: self.ready,
         )
         self.batcher.on_batch = self.metrics.on_batch
+        #: /get_reward's per-sample logs and failure log (OpenRLHF)
+        self.reward_logs = RewardLogs(model.score_names, failure_log=FailureLog(config.failure_log))
 
     # -- readiness ------------------------------------------------------------------------------
 
@@ -133,19 +159,78 @@ class ServerState:
         """Run ``fn(*args)`` on the decode pool (keeps the event loop free)."""
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
+    def decode_prepared(self, source: Source, name: str, *args: Any) -> Prepared:
+        """Decode one clip (:meth:`ClipDecoder.decode` with ``args``) and prepare it for the batch
+        thread (:class:`InferencePrep`); blocking, runs on the decode pool."""
+        wav, sr = self.decoder.decode(source, name, *args)
+        return self.prep(wav, sr)
+
+    def decode_pcm_prepared(self, data: bytes, name: str, **pcm: Any) -> Prepared:
+        """:meth:`ClipDecoder.decode_pcm` then :class:`InferencePrep`; blocking."""
+        wav, sr = self.decoder.decode_pcm(data, name=name, **pcm)
+        return self.prep(wav, sr)
+
     async def decode(self, name: str, source: Source) -> Clip:
-        """Decode and check one clip on the decode pool; a failure is kept in the clip."""
-        try:
-            wav, sr = await self.run_blocking(self.decoder.decode, source, name)
-        except Exception as e:
-            return Clip(name, error=ClipError(name, e))
-        return Clip(name, wav, sr)
+        """Decode, check and prepare one clip on the decode pool; a failure is kept in the clip.
+
+        The clip is a request of its own for the decoded-size budget (see :meth:`decode_all`);
+        raises what :meth:`decode_all` raises.
+        """
+        (clip,) = await self.decode_all([(name, source)])
+        return clip
+
+    async def decode_all(self, items: Sequence[tuple[str, Source | ClipError]]) -> list[Clip]:
+        """Decode the clips of one request under the decoded-size budget (headers first, then
+        admission, then decoding; see :func:`~.admission.decode_request`).
+
+        Raises:
+            RequestDecodedTooLarge: the clips together exceed ``--max-request-samples`` (413).
+            OverloadedError: the decode/queue budget is full (503, retry later).
+        """
+        from .admission import decode_request
+
+        return await decode_request(self, items)
+
+    async def decode_pcm(
+        self,
+        name: str,
+        data: bytes,
+        *,
+        encoding: str,
+        sample_rate: int,
+        channels: int = 1,
+        num_samples: int | None = None,
+    ) -> Clip:
+        """Like :meth:`decode` for raw PCM samples
+        (:meth:`~apex_reward.integrations.serving.decoding.ClipDecoder.decode_pcm`), charged to
+        the decoded-size budget by the size of ``data`` before anything is read."""
+        from .admission import decode_pcm_request
+
+        return await decode_pcm_request(
+            self,
+            name,
+            data,
+            encoding=encoding,
+            sample_rate=sample_rate,
+            channels=channels,
+            num_samples=num_samples,
+        )
 
     # -- scoring ---------------------------------------------------------------------------------
 
     def _submit(self, clip: Clip) -> asyncio.Future | ClipError:
         if clip.error is not None or clip.wav is None:
             return clip.error or ClipError(clip.name, ModelOutputError("no audio decoded"))
+        fut = self._enqueue(clip)
+        if isinstance(fut, ClipError):
+            if clip.release is not None:
+                clip.release()
+        elif clip.release is not None:
+            fut.add_done_callback(lambda _f, release=clip.release: release())
+        return fut
+
+    def _enqueue(self, clip: Clip) -> asyncio.Future | ClipError:
+        assert clip.wav is not None
         seconds = clip.wav.numel() / clip.sample_rate
         limit = self.config.max_queue_audio_s
         if self._queued_audio_s > 0 and self._queued_audio_s + seconds > limit:
@@ -162,9 +247,15 @@ class ServerState:
         fut.add_done_callback(lambda _f, s=seconds: self._release_audio(s))
         return fut
 
-    def _outcome(self, clip: Clip, f: asyncio.Future | ClipError) -> ScoreResult | ClipError:
+    def _outcome(
+        self, clip: Clip, f: asyncio.Future | ClipError, gone: bool = False
+    ) -> ScoreResult | ClipError:
         if isinstance(f, ClipError):
             return f
+        if f.cancelled() and gone:
+            return ClipError(
+                clip.name, ClientGone(f"{clip.name}: the client went away; dropped unscored")
+            )
         if f.cancelled():
             timeout = self.config.request_timeout_s
             return ClipError(
@@ -173,23 +264,33 @@ class ServerState:
         if f.exception() is not None:
             return ClipError(clip.name, f.exception())  # type: ignore[arg-type]
         r: ScoreResult = f.result()
+        if clip.prepared is not None:
+            r = self.prep.finish(r, clip.prepared)
         return r if r.ok else _result_error(r)
 
     async def score_clips(
-        self, clips: Sequence[Clip], *, count_errors: bool = True
+        self,
+        clips: Sequence[Clip],
+        *,
+        count_errors: bool = True,
+        receive: Callable[[], Awaitable[dict]] | None = None,
     ) -> list[ScoreResult | ClipError]:
         """Queue the decoded clips for the batcher; each gets a ScoreResult or a ClipError.
 
         Every clip is counted in ``apex_clips_total``; its error in ``apex_errors_total`` too
         unless ``count_errors`` is False (the caller answers the error, which counts it).
+
+        Args:
+            receive: the request's ASGI ``receive``, its body already read: when it reports
+                ``http.disconnect`` before the clips are scored, the clips still waiting are
+                dropped from the queue (:class:`~.errors.ClientGone`) instead of scored.
         """
         futures = [self._submit(c) for c in clips]
         pending = [f for f in futures if isinstance(f, asyncio.Future)]
+        gone = False
         if pending:
-            _, not_done = await asyncio.wait(pending, timeout=self.config.request_timeout_s)
-            for f in not_done:
-                f.cancel()
-        out = [self._outcome(c, f) for c, f in zip(clips, futures)]
+            gone = await self._wait(pending, receive)
+        out = [self._outcome(c, f, gone) for c, f in zip(clips, futures)]
         for o in out:
             if isinstance(o, ScoreResult):
                 self.metrics.clips.labels(outcome="ok").inc()
@@ -200,10 +301,31 @@ class ServerState:
                     self.metrics.count_error(o.type)
         return out
 
-    async def score_one(self, clip: Clip) -> ScoreResult:
+    async def _wait(
+        self, pending: list[asyncio.Future], receive: Callable[[], Awaitable[dict]] | None
+    ) -> bool:
+        """Wait for the futures (at most ``--request-timeout-s``), cancelling those not done;
+        True when the client disconnected first."""
+        everything = asyncio.ensure_future(asyncio.wait(pending))
+        watch = asyncio.ensure_future(_disconnected(receive)) if receive is not None else None
+        waits = {everything} if watch is None else {everything, watch}
+        try:
+            await asyncio.wait(
+                waits, timeout=self.config.request_timeout_s, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            for w in waits:
+                w.cancel()
+            for f in pending:
+                f.cancel()  # no-op for those done: the batcher skips the rest
+        return watch is not None and watch.done() and not watch.cancelled()
+
+    async def score_one(
+        self, clip: Clip, receive: Callable[[], Awaitable[dict]] | None = None
+    ) -> ScoreResult:
         """Score one clip; raises its :class:`ClipError` (for the caller to answer) when it
         cannot be scored."""
-        (res,) = await self.score_clips([clip], count_errors=False)
+        (res,) = await self.score_clips([clip], count_errors=False, receive=receive)
         if isinstance(res, ClipError):
             raise res
         return res

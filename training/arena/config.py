@@ -33,7 +33,8 @@ class ArenaConfig:
     battles: str | None = field(
         default=None,
         metadata={
-            "help": "battles: the Music Arena dataset directory (battle_data/**/*.json), or a "
+            "help": "battles: the Music Arena dataset directory (battle_data/**/*.json), the "
+            "dataset on the Hub (hf://music-arena/music-arena-dataset[@rev]), or a "
             ".json/.jsonl/.parquet/.csv/.tsv file"
         },
     )

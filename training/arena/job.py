@@ -48,6 +48,7 @@ from apex_reward.errors import CheckpointError, ConfigError, require
 from apex_reward.loading import load_model
 from apex_reward.preference import PreferenceHead, pairwise_feature_names
 
+from ..hub_data import is_hub_uri, resolve_hub_dataset
 from .cache import (
     CachedScore,
     ScoreCache,
@@ -193,12 +194,14 @@ class BattleSet:
         battles: the kept A/B battles.
         report: what each filter removed, and every bad record.
         synthetic: ``{"battles", "true_auc"}`` of a ``--synthetic`` arena, else None.
+        hub: where a ``hf://`` source came from (repo, commit, mapping), else None.
     """
 
     source: str
     battles: list[Battle]
     report: BattleLoadReport
     synthetic: dict[str, Any] | None = None
+    hub: dict[str, Any] | None = None
 
 
 @dataclass
@@ -315,6 +318,10 @@ def load_battle_set(job: ArenaJob) -> BattleSet:
         synthetic = {"battles": source, "true_auc": syn.true_auc}
     if source is None:  # ArenaConfig asks for --battles or --synthetic
         raise ConfigError("battles: give a battles file/directory, or --synthetic for a demo")
+    hub = None
+    if is_hub_uri(source):  # the released dataset on the Hub: its files, pinned to a commit
+        hub = resolve_hub_dataset(source)
+        source = str(hub.path)
     battles, report = load_battles(
         source,
         field_map=cfg.field_map,
@@ -323,7 +330,7 @@ def load_battle_set(job: ArenaJob) -> BattleSet:
         date_to=cfg.date_to,
         last_days=cfg.last_days,
     )
-    return BattleSet(source, battles, report, synthetic)
+    return BattleSet(source, battles, report, synthetic, hub.provenance() if hub else None)
 
 
 def _synthetic_scores(job: ArenaJob, paths: list[Path]) -> dict[str, np.ndarray]:
@@ -580,6 +587,8 @@ def write_summary(
     summary: dict[str, Any] = {"config": to_dict(cfg), "untrained_model": job.model.untrained}
     if scored.battles.synthetic is not None:
         summary["synthetic"] = scored.battles.synthetic
+    if scored.battles.hub is not None:
+        summary["hub_source"] = scored.battles.hub
     summary["scoring"] = scored.stats.to_dict()
     summary["battles"] = {k: v for k, v in report.to_dict().items() if k != "issues"}
     summary["battles"]["issues"] = len(report.issues)

@@ -5,10 +5,16 @@ text) and reads ``rewards``, ``scores`` and ``extra_logs``. The audio of sample 
 audio reference (:func:`find_audio_reference`) in the response part of ``query[i]`` (the text
 after ``prompts[i]`` when the query starts with it), else in ``labels[i]``.
 
+With ``--decoder module:function`` the server instead turns each response (the text after the
+prompt: words, or codec tokens spelled as text) into audio with that function
+(:func:`~apex_reward.integrations.decoders.decode_response`), checked under the server's limits.
+
 The reply has one entry per query: ``rewards``, ``scores`` (the ``--openrlhf-score`` score),
-``extra_logs`` (``apex_ok`` and ``apex_<score>`` per sample) and ``errors`` (null, or the
-problem). A sample without scoreable audio gets ``--failure-reward``, ``apex_ok = 0`` and its
-error, so one bad rollout never fails the batch.
+``extra_logs`` (``apex_ok``, ``apex_flagged`` and ``apex_<score>`` per sample) and ``errors``
+(null, or the problem); it is built by :class:`~apex_reward.integrations.reward_logs.RewardLogs`.
+A sample without scoreable audio gets ``--failure-reward``, ``apex_ok = 0``, its error, and the
+mean of scored samples in its score logs (so failures do not drag logged means down); it is
+counted and written to ``--failure-log``. One bad rollout never fails the batch.
 """
 
 from __future__ import annotations
@@ -18,15 +24,20 @@ import re
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import unquote
 
+import torch
+
+from apex_reward.errors import AudioShapeError
 from apex_reward.scoring import ScoreResult
 
+from ...decoders import decode_response
+from ...reward_logs import response_text
 from ..errors import ClipError, NoAudioReference, RequestError, TooManyClips
 from ..state import Clip
 
 if TYPE_CHECKING:
     from ..state import ServerState
 
-__all__ = ["find_audio_reference", "reference_for", "get_reward"]
+__all__ = ["find_audio_reference", "reference_for", "get_reward", "decode_checked"]
 
 _DATA_URI = re.compile(
     r"data:(?:audio/[A-Za-z0-9.+-]+|application/octet-stream)(?:;[A-Za-z0-9.+-]+=[A-Za-z0-9.+-]+)*"
@@ -60,15 +71,15 @@ def find_audio_reference(text: str) -> tuple[Literal["base64", "path"], str] | N
 def reference_for(query: str, prompt: Any, label: Any) -> tuple[str, str] | None:
     """The audio reference of one OpenRLHF sample: in the response part of the query (the text
     after the prompt, when the query starts with it), else in the label."""
-    text = query[len(prompt) :] if isinstance(prompt, str) and query.startswith(prompt) else query
-    ref = find_audio_reference(text)
+    ref = find_audio_reference(response_text(query, prompt))
     if ref is None and isinstance(label, str):
         ref = find_audio_reference(label)
     return ref
 
 
-async def get_reward(state: ServerState, body: Any) -> dict[str, Any]:
-    """Answer one ``/get_reward`` request whose parsed JSON is ``body``.
+async def get_reward(state: ServerState, body: Any, receive: Any = None) -> dict[str, Any]:
+    """Answer one ``/get_reward`` request whose parsed JSON is ``body`` (``receive``: the
+    request's ASGI receive, to drop its clips if the client goes away).
 
     Raises:
         InvalidRequest: not ``{"query": [str, ...]}``, or ``prompts``/``labels`` of another length.
@@ -85,7 +96,7 @@ async def get_reward(state: ServerState, body: Any) -> dict[str, Any]:
         )
     prompts, labels = request.column("prompts"), request.column("labels")
 
-    async def one(i: int) -> Clip:
+    def one(i: int) -> tuple[str, Any]:
         name = f"query[{i}]"
         try:
             ref = reference_for(queries[i], prompts[i], labels[i])
@@ -102,45 +113,46 @@ async def get_reward(state: ServerState, body: Any) -> dict[str, Any]:
                 else decoder.resolve_path(value, name)
             )
         except RequestError as e:
+            return name, ClipError(name, e)
+        return name, src
+
+    async def decoded(name: str, response: str) -> Clip:
+        """The ``--decoder``'s audio for one response, checked like an upload."""
+        try:
+            wav, sr = await state.run_blocking(
+                decode_checked, state, config.decoder, response, name
+            )
+        except Exception as e:
             return Clip(name, error=ClipError(name, e))
-        return await state.decode(name, src)
+        return Clip(name, wav, sr)
 
-    clips = await asyncio.gather(*(one(i) for i in range(len(queries))))
-    return reply(state, await state.score_clips(clips))
+    if config.decoder is not None:  # text/token responses: the decoder makes their audio
+        clips = list(
+            await asyncio.gather(
+                *(
+                    decoded(f"query[{i}]", response_text(queries[i], prompts[i]))
+                    for i in range(len(queries))
+                )
+            )
+        )
+    else:  # audio references: headers, the decoded-size budget, then decoding
+        clips = await state.decode_all([one(i) for i in range(len(queries))])
+    results = await state.score_clips(clips, receive=receive)
+    return state.reward_logs.reply(
+        [r if isinstance(r, ScoreResult) else r.to_json() for r in results],
+        score_key=config.openrlhf_score,
+        failure_reward=config.failure_reward,
+        names=[c.name for c in clips],
+        responses=[response_text(q, p) for q, p in zip(queries, prompts)],
+    )
 
 
-def reply(state: ServerState, results: list[ScoreResult | ClipError]) -> dict[str, Any]:
-    """The ``/get_reward`` answer for the scored (or failed) samples, in order."""
-    config = state.config
-    names = state.model.score_names
-    rewards: list[float] = []
-    scores: list[float] = []
-    ok: list[float] = []
-    flagged: list[float] = []
-    per_score: dict[str, list[float]] = {s: [] for s in names}
-    errors: list[dict[str, str] | None] = []
-    for res in results:
-        if isinstance(res, ScoreResult):
-            reward, values = float(res.reward or 0.0), res.scores or {}  # set: the clip is ok
-            key = config.openrlhf_score
-            rewards.append(reward)
-            scores.append(reward if key == "reward" else float(values[key]))
-            ok.append(1.0)
-            flagged.append(1.0 if res.flags else 0.0)
-            for s in names:
-                per_score[s].append(float(values[s]))
-            errors.append(None)
-        else:
-            rewards.append(config.failure_reward)
-            scores.append(config.failure_reward)
-            ok.append(0.0)
-            flagged.append(0.0)
-            for s in names:
-                per_score[s].append(0.0)
-            errors.append(res.to_json())
-    extra_logs = {
-        "apex_ok": ok,
-        "apex_flagged": flagged,
-        **{f"apex_{s}": v for s, v in per_score.items()},
-    }
-    return {"rewards": rewards, "scores": scores, "extra_logs": extra_logs, "errors": errors}
+def decode_checked(state: ServerState, target: str, response: str, name: str):
+    """Run the server's decoder on one response (blocking) and check the audio under the
+    server's limits: ``(waveform float32, sample_rate)``."""
+    wav, sr = decode_response(target, response, where=name)
+    if not isinstance(sr, int) or sr <= 0:
+        raise AudioShapeError(f"the decoder returned sample rate {sr!r}", name)
+    wav = wav.to(torch.float32)
+    state.decoder.check(wav, sr, name)
+    return wav, sr

@@ -1,0 +1,84 @@
+"""Getting a decoded clip ready for the batch worker, on the decode pool.
+
+The batch worker is one thread; whatever it does per clip besides the forward pass caps the
+server. With ``--resampler soxr`` (the default) each decode thread, right after decoding and
+checking a clip, measures its guard signals on the audio as sent (as the model's own guard
+does) and brings it to the encoder's rate as mono with soxr
+(:func:`apex_reward.fast_resample.to_encoder_rate`); the batch worker then runs the front end
+with nothing left to resample and the model with its guard off, and
+:meth:`InferencePrep.finish` applies the guard policy to the result from the signals measured
+earlier. With ``--resampler model`` clips are queued as decoded and the model does all of it
+(julius, the differentiable front end, exactly what in-process ``model.score`` computes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from apex_reward import guard as guard_policy
+from apex_reward.fast_resample import to_encoder_rate
+from apex_reward.scoring import ScoreResult
+
+if TYPE_CHECKING:
+    from apex_reward.model import ApexRewardModel
+
+    from .config import ServeConfig
+
+__all__ = ["InferencePrep", "Prepared"]
+
+
+@dataclass
+class Prepared:
+    """A clip ready to queue: ``wav`` at ``sample_rate`` (mono at the encoder rate on the soxr
+    path), its guard ``signals``/``flags`` when measured here, and its duration as sent."""
+
+    wav: torch.Tensor
+    sample_rate: int
+    duration_s: float
+    signals: dict[str, float] | None = None
+    flags: list[str] | None = None
+
+
+class InferencePrep:
+    """The server's per-clip preparation policy (see the module docstring).
+
+    Args:
+        model: the served model (its front end rate, guard thresholds and reward floor).
+        config: the server options (``resampler``, ``guard``).
+    """
+
+    def __init__(self, model: ApexRewardModel, config: ServeConfig) -> None:
+        self.fast = config.resampler == "soxr"
+        self.policy = guard_policy.resolve_policy(model.config, config.guard)
+        self.guard_config = model.config.guard
+        self.floor = guard_policy.reward_floor(model.config)
+        self.target_rate = int(model.config.frontend.sample_rate)
+        #: the guard the batch worker runs the model with
+        self.batcher_guard: str = "off" if self.fast else self.policy
+
+    def __call__(self, wav: torch.Tensor, sample_rate: int) -> Prepared:
+        """Prepare one decoded, checked clip (blocking; run it on the decode pool)."""
+        duration = wav.shape[-1] / sample_rate
+        if not self.fast:
+            return Prepared(wav, sample_rate, duration)
+        signals = flags = None
+        if self.policy != "off":
+            (signals,), (flags,) = guard_policy.check([wav], [sample_rate], self.guard_config)
+        mono = to_encoder_rate(wav, sample_rate, self.target_rate)
+        return Prepared(mono, self.target_rate, duration, signals, flags)
+
+    def finish(self, result: ScoreResult, prepared: Prepared) -> ScoreResult:
+        """``result`` (scored with the guard off on the soxr path) with the clip's duration as
+        sent, its signals and flags, and under ``penalize`` the floor reward when flagged."""
+        if not self.fast or not result.ok:
+            return result
+        changes: dict = {"duration_s": prepared.duration_s}
+        if prepared.signals is not None:
+            changes["signals"], changes["flags"] = prepared.signals, list(prepared.flags or [])
+            if self.policy == "penalize" and prepared.flags:
+                changes["reward"] = self.floor
+        return dataclasses.replace(result, **changes)
