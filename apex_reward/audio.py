@@ -455,10 +455,17 @@ class AudioFrontEnd(torch.nn.Module):
         makes a song shorter than the front end accepts; a song that is silent throughout is
         returned whole (it still gets a score, and the signal checks flag it).
         """
+        start, stop = self.trim_span(x, sample_rate)
+        if start == 0 and stop == x.shape[-1]:
+            return x
+        return x[start:stop]
+
+    def trim_span(self, x: torch.Tensor, sample_rate: int) -> tuple[int, int]:
+        """``(start, stop)``: the sample range of mono ``x`` ``[T]`` that :meth:`trim` keeps."""
         n = x.shape[-1]
         loud = x.detach().abs() > 10.0 ** (self.config.trim_threshold_db / 20.0)
         if n == 0 or not bool(loud.any()):
-            return x
+            return 0, n
         start = int(loud.to(torch.uint8).argmax())
         stop = n - int(loud.flip(0).to(torch.uint8).argmax())
         keep = min(n, int(round(self.config.min_duration_s * sample_rate)))
@@ -466,9 +473,7 @@ class AudioFrontEnd(torch.nn.Module):
             centre = (start + stop) // 2
             start = min(max(0, centre - keep // 2), n - keep)
             stop = start + keep
-        if start == 0 and stop == n:
-            return x
-        return x[start:stop]
+        return start, stop
 
     def segment(self, songs: Sequence[torch.Tensor]) -> Segments:
         """Cut mono songs at the encoder rate (``[T_b]`` each) into ``[N, S]`` segments.

@@ -97,8 +97,18 @@ def save_checkpoint(
     return out
 
 
-def resolve_checkpoint_dir(path_or_id: str | Path, revision: str | None = None) -> Path:
-    """A local checkpoint directory, downloading a hub repo id if ``path_or_id`` is not a path."""
+def resolve_checkpoint_dir(
+    path_or_id: str | Path,
+    revision: str | None = None,
+    *,
+    token: str | bool | None = None,
+    cache_dir: str | Path | None = None,
+    local_files_only: bool = False,
+) -> Path:
+    """A local checkpoint directory, downloading a hub repo id if ``path_or_id`` is not a path.
+
+    ``revision``, ``token``, ``cache_dir`` and ``local_files_only`` go to
+    ``huggingface_hub.snapshot_download`` (hub ids only)."""
     p = Path(path_or_id).expanduser()
     if p.exists():
         if not p.is_dir():
@@ -121,7 +131,14 @@ def resolve_checkpoint_dir(path_or_id: str | Path, revision: str | None = None) 
 
     try:
         return Path(
-            snapshot_download(s, revision=revision, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME])
+            snapshot_download(
+                s,
+                revision=revision,
+                allow_patterns=[CONFIG_NAME, WEIGHTS_NAME],
+                token=token,
+                cache_dir=cache_dir,
+                local_files_only=local_files_only,
+            )
         )
     except Exception as e:
         raise CheckpointError(
@@ -136,8 +153,10 @@ def read_checkpoint(
     revision: str | None = None,
     verify: bool = True,
     trust_unverified: bool = False,
+    **hub: Any,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor], Path]:
-    """Read a checkpoint.
+    """Read a checkpoint (``hub``: ``token``/``cache_dir``/``local_files_only`` for hub ids,
+    see :func:`resolve_checkpoint_dir`).
 
     Args:
         verify: check ``model.safetensors`` against ``weights_sha256`` in ``config.json``.
@@ -157,7 +176,7 @@ def read_checkpoint(
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    directory = resolve_checkpoint_dir(path_or_id, revision)
+    directory = resolve_checkpoint_dir(path_or_id, revision, **hub)
     cfg_path = directory / CONFIG_NAME
     w_path = directory / WEIGHTS_NAME
     for f in (cfg_path, w_path):

@@ -230,6 +230,25 @@ def add_score_arguments(p: argparse.ArgumentParser) -> None:
         "--output", "-o", default=None, metavar="FILE", help="write results here instead of stdout"
     )
     add_guard_argument(p, "flag")
+    p.add_argument(
+        "--windows",
+        action="store_true",
+        help="also score time windows (jsonl only): the 30 s segments, or see --window-seconds",
+    )
+    p.add_argument(
+        "--window-seconds",
+        type=float,
+        default=None,
+        metavar="S",
+        help="with --windows: windows of S seconds instead of the segments",
+    )
+    p.add_argument(
+        "--window-hop",
+        type=float,
+        default=None,
+        metavar="S",
+        help="with --window-seconds: seconds between window starts (default: no overlap)",
+    )
 
 
 def _format_table(rows: list[dict[str, Any]], names: Sequence[str]) -> str:
@@ -306,6 +325,15 @@ def run_score(args: argparse.Namespace) -> int:
 
     files = expand_inputs(args.files)
     output = check_output(args.output, files) if args.output else None
+    windows = None
+    if args.windows:
+        from .windows import WindowSpec
+
+        if args.format != "jsonl":
+            raise ConfigError(f"--windows needs --format jsonl, not {args.format}")
+        windows = WindowSpec(args.window_seconds, args.window_hop)
+    elif args.window_seconds is not None or args.window_hop is not None:
+        raise ConfigError("--window-seconds and --window-hop need --windows")
     model = model_from_args(args)
     results = model.score(
         files,
@@ -313,6 +341,7 @@ def run_score(args: argparse.Namespace) -> int:
         num_workers=args.num_workers,
         progress=True,
         guard=args.guard,
+        windows=windows,
     )
     rows = []
     for r in results:

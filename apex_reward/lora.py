@@ -35,7 +35,17 @@ __all__ = [
     "has_lora",
     "lora_parameters",
     "split_lora_state_dict",
+    "save_peft_adapter",
+    "load_peft_adapter",
+    "PEFT_CONFIG_NAME",
+    "PEFT_WEIGHTS_NAME",
 ]
+
+#: PEFT's own adapter layout (what ``PeftModel.save_pretrained`` writes)
+PEFT_CONFIG_NAME = "adapter_config.json"
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+#: key prefix of a ``PeftModel`` wrapping the encoder's HubertModel
+_PEFT_PREFIX = "base_model.model."
 
 _ADAPTER = "default"
 
@@ -152,3 +162,91 @@ def lora_parameters(model: ApexRewardModel | MertEncoder) -> list[nn.Parameter]:
         for n, p in encoder.model.named_parameters()  # type: ignore[union-attr]
         if any(part.startswith("lora_") for part in n.split("."))
     ]
+
+
+def save_peft_adapter(encoder: MertEncoder, directory: str | Path) -> Path:
+    """Write ``encoder``'s adapter in PEFT's own layout: ``adapter_config.json`` +
+    ``adapter_model.safetensors``, keyed as ``PeftModel.save_pretrained`` keys a LoRA on the
+    encoder's HubertModel (``base_model.model.<module>.lora_A.weight``). ``ApexRewardModel.
+    save_pretrained`` writes these next to its own files for a model with an adapter.
+
+    The adapter config names the encoder's weight source as ``base_model_name_or_path``, so
+    ``peft.PeftConfig.from_pretrained(directory)`` describes the adapter and
+    ``peft.PeftModel.from_pretrained(HubertModel, directory)`` rebuilds it on a plain encoder.
+
+    Raises:
+        ConfigError: the encoder has no adapter.
+    """
+    cfg = encoder.config.lora
+    if cfg is None or not has_lora(encoder):
+        raise ConfigError("the encoder has no LoRA adapter to save")
+    from safetensors.torch import save_file
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    peft_cfg = _peft_config(cfg)
+    peft_cfg.base_model_name_or_path = encoder.config.source
+    peft_cfg.revision = encoder.config.revision
+    peft_cfg.inference_mode = True
+    peft_cfg.save_pretrained(str(out))
+    state = {
+        _PEFT_PREFIX + k: v.detach().to("cpu").contiguous().clone()
+        for k, v in _adapter_keys(encoder).items()
+    }
+    tmp = out / (PEFT_WEIGHTS_NAME + ".tmp")
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    tmp.replace(out / PEFT_WEIGHTS_NAME)
+    return out
+
+
+def load_peft_adapter(encoder: MertEncoder, directory: str | Path) -> LoraAdapterConfig:
+    """Attach an adapter saved in PEFT's layout (by :func:`save_peft_adapter` or by PEFT for
+    this encoder) to ``encoder``, frozen; returns the :class:`LoraAdapterConfig` it describes
+    (record it as ``config.encoder.lora`` so that ``save_pretrained`` keeps it).
+
+    Raises:
+        CheckpointError: missing files, an adapter type other than LoRA, options APEX's adapter
+            does not rebuild, or tensors that do not fit the encoder.
+    """
+    peft = require("peft", "trl", "LoRA adapters")
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    src = Path(directory)
+    for name in (PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME):
+        if not (src / name).is_file():
+            raise CheckpointError(f"{src}: not a PEFT adapter directory, {name} is missing")
+    try:
+        pc = peft.PeftConfig.from_pretrained(str(src))
+    except Exception as e:  # PEFT raises ValueError/TypeError/JSON errors for bad files
+        raise CheckpointError(f"{src / PEFT_CONFIG_NAME}: {type(e).__name__}: {e}") from e
+    if str(getattr(pc, "peft_type", "")).upper().rsplit(".", 1)[-1] != "LORA":
+        raise CheckpointError(f"{src}: a {pc.peft_type} adapter; only LoRA adapters are supported")
+    unsupported = [
+        k
+        for k, default in (("use_dora", False), ("use_rslora", False), ("bias", "none"))
+        if getattr(pc, k, default) != default
+    ]
+    if getattr(pc, "rank_pattern", None) or getattr(pc, "alpha_pattern", None):
+        unsupported.append("rank_pattern/alpha_pattern")
+    if unsupported:
+        raise CheckpointError(f"{src}: LoRA options APEX does not rebuild: {unsupported}")
+    targets = pc.target_modules
+    if isinstance(targets, str):
+        raise CheckpointError(f"{src}: target_modules as a regex ({targets!r}) is not supported")
+    try:
+        cfg = LoraAdapterConfig(
+            r=int(pc.r),
+            alpha=float(pc.lora_alpha),
+            dropout=float(pc.lora_dropout),
+            target_modules=tuple(sorted(targets)),
+        )
+    except ConfigError as e:
+        raise CheckpointError(f"{src / PEFT_CONFIG_NAME}: {e}") from e
+    try:
+        raw = load_file(str(src / PEFT_WEIGHTS_NAME))
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise CheckpointError(f"{src / PEFT_WEIGHTS_NAME}: corrupt safetensors file ({e})") from e
+    state = {k[len(_PEFT_PREFIX) :] if k.startswith(_PEFT_PREFIX) else k: v for k, v in raw.items()}
+    attach_lora(encoder, cfg, state, where=src)
+    return cfg

@@ -31,6 +31,7 @@ from .encoder import MertEncoder
 from .errors import CheckpointError, ConfigError
 from .guard import GuardPolicy
 from .heads import ApexHead, combine_scores, weighted_song_mean
+from .windows import WindowScores, WindowSpec, window_scores
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +74,8 @@ class ApexOutput:
             (:mod:`apex_reward.signals`); None under the guard policy ``off``.
         flags: per song, the names of the flags its signals raised (``[]`` when none); None
             under ``off``. Under ``penalize`` a flagged song's ``reward`` is the floor.
+        windows: per-window scores ``[B, W]`` with their times
+            (:class:`~apex_reward.windows.WindowScores`), when requested with ``return_windows``.
     """
 
     scores: dict[str, torch.Tensor]
@@ -81,6 +84,7 @@ class ApexOutput:
     features: SegmentFeatures | None = None
     signals: dict[str, torch.Tensor] | None = None
     flags: list[list[str]] | None = None
+    windows: WindowScores | None = None
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.reward if name == "reward" else self.scores[name]
@@ -191,7 +195,12 @@ class ApexRewardModel(nn.Module):
                     k: self._fp32_encoder_state.get(k, v) for k, v in encoder_state.items()
                 }
             tensors.update({f"encoder.{k}": v for k, v in encoder_state.items()})
-        return save_checkpoint(directory, cfg.to_dict(), tensors)
+        out = save_checkpoint(directory, cfg.to_dict(), tensors)
+        if cfg.encoder.lora is not None:  # the adapter also in PEFT's own layout
+            from .lora import save_peft_adapter
+
+            save_peft_adapter(self.encoder, out)
+        return out
 
     @classmethod
     def from_pretrained(
@@ -205,6 +214,9 @@ class ApexRewardModel(nn.Module):
         verify: bool = True,
         fast: bool | None = None,
         trust_unverified: bool = False,
+        token: str | bool | None = None,
+        cache_dir: str | Path | None = None,
+        local_files_only: bool = False,
     ) -> ApexRewardModel:
         """Load a checkpoint directory (or hub repo id).
 
@@ -222,6 +234,8 @@ class ApexRewardModel(nn.Module):
                 otherwise).
             fast: the GPU fast path (:meth:`set_fast_path`); None = on when the model runs on
                 CUDA, False = never (exact float32 everywhere).
+            token, cache_dir, local_files_only: passed to ``huggingface_hub.snapshot_download``
+                for hub ids (access token, download cache, no network).
 
         Returns:
             The model in eval mode.
@@ -230,7 +244,13 @@ class ApexRewardModel(nn.Module):
             CheckpointError, ConfigError: missing/corrupt/tampered files or invalid config fields.
         """
         raw, tensors, directory = read_checkpoint(
-            path_or_id, revision=revision, verify=verify, trust_unverified=trust_unverified
+            path_or_id,
+            revision=revision,
+            verify=verify,
+            trust_unverified=trust_unverified,
+            token=token,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
         )
         try:
             config = ApexConfig.from_dict(raw)
@@ -296,6 +316,13 @@ class ApexRewardModel(nn.Module):
         if fast:
             model.set_fast_path(True)
         return model.eval()
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
+        """Upload this model (checkpoint + generated model card) to the Hub repo ``repo_id``;
+        returns the commit URL. Keyword arguments: :func:`apex_reward.hub.push_to_hub`."""
+        from .hub import push_to_hub
+
+        return push_to_hub(self, repo_id, **kwargs)
 
     # ------------------------------------------------------------------------------------------
     # properties
@@ -504,6 +531,7 @@ class ApexRewardModel(nn.Module):
         guard: GuardPolicy | None = None,
         robust: int | None = None,
         seed: int | None = None,
+        return_windows: bool | WindowSpec = False,
     ) -> ApexOutput:
         """Score waveforms; differentiable with respect to them.
 
@@ -521,6 +549,9 @@ class ApexRewardModel(nn.Module):
                 noise); 0 or None: off. Costs K encoder passes.
             seed: seed of the robust transforms (deterministic for a given seed; None: drawn
                 from torch's global generator).
+            return_windows: also score time windows (``out.windows``, ``[B, W]``): ``True`` the
+                30 s segments, a :class:`~apex_reward.windows.WindowSpec` windows of its length
+                and hop (:mod:`apex_reward.windows`).
 
         Returns:
             :class:`ApexOutput` with ``scores`` (each ``[B]``) and ``reward`` ``[B]``, and the
@@ -533,6 +564,12 @@ class ApexRewardModel(nn.Module):
         policy = guard_policy.resolve_policy(self.config, guard)
         if policy != "off":  # the same list of songs the encoder sees, measured as given
             waveforms = as_waveform_list(waveforms)
+        spec = WindowSpec.coerce(return_windows)
+        if robust and spec is not None:
+            raise ConfigError(
+                "return_windows and robust cannot be combined: score the windows of the song "
+                "as given (robust=0)"
+            )
         if robust:
             from .robust import robust_predict
 
@@ -552,6 +589,15 @@ class ApexRewardModel(nn.Module):
             )
             out = self.predict_from_features(features, return_embeddings=return_embeddings)
         if policy == "off":
+            if spec is not None:
+                out.windows = window_scores(
+                    self,
+                    waveforms,
+                    sample_rate,
+                    spec,
+                    features=features,
+                    segment_batch_size=segment_batch_size,
+                )
             return out
         rates = per_song_rates(sample_rate, len(waveforms), "sample_rate")
         signals, flags = guard_policy.check(waveforms, rates, self.config.guard)
@@ -562,6 +608,17 @@ class ApexRewardModel(nn.Module):
         out.flags = flags
         floor = guard_policy.reward_floor(self.config)
         out.reward = guard_policy.apply_policy(out.reward, flags, policy, floor)
+        if spec is not None:
+            out.windows = window_scores(
+                self,
+                waveforms,
+                sample_rate,
+                spec,
+                features=features,
+                flags=flags,
+                policy=policy,
+                segment_batch_size=segment_batch_size,
+            )
         return out
 
     # ------------------------------------------------------------------------------------------
@@ -662,6 +719,7 @@ class ApexRewardModel(nn.Module):
         guard: GuardPolicy | None = None,
         robust: int = 0,
         seed: int | None = None,
+        windows: bool | WindowSpec | None = None,
     ) -> list:
         """Score files and/or arrays in batches under ``inference_mode``.
 
@@ -675,6 +733,7 @@ class ApexRewardModel(nn.Module):
             guard: the guard policy (:mod:`apex_reward.guard`); None: the checkpoint's.
             robust, seed: the robust reward over ``robust`` random transforms (see
                 :meth:`forward`; 0: off).
+            windows: also score time windows (``ScoreResult.windows``), as ``return_windows``.
 
         Returns:
             One :class:`~apex_reward.scoring.ScoreResult` per input, in input order: scores,
@@ -693,6 +752,7 @@ class ApexRewardModel(nn.Module):
             guard=guard,
             robust=robust,
             seed=seed,
+            windows=windows,
         )
 
 

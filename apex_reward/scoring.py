@@ -25,6 +25,7 @@ from .errors import ApexError, AudioShapeError
 
 if TYPE_CHECKING:
     from .model import ApexRewardModel
+    from .windows import WindowSpec
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,9 @@ class ScoreResult:
             None under the guard policy ``off`` (and on error).
         flags: the flags the signals raised (``[]`` when none), or None as ``signals``. Under
             ``penalize`` a flagged input's ``reward`` is the floor.
+        windows: per-window scores when requested (``windows=``): one
+            ``{"start_s", "end_s", "scores", "reward"}`` dict per window
+            (:mod:`apex_reward.windows`); None otherwise.
         exception: the exception that stopped it, when one did (not part of the record,
             :meth:`to_dict`, equality or the repr; the reward server maps it to a status).
     """
@@ -58,6 +62,7 @@ class ScoreResult:
     duration_s: float | None = None
     signals: dict[str, float] | None = None
     flags: list[str] | None = None
+    windows: list[dict[str, Any]] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     exception: BaseException | None = field(default=None, repr=False, compare=False)
 
@@ -72,6 +77,8 @@ class ScoreResult:
             d: dict[str, Any] = {"path": self.input, "scores": self.scores, "reward": self.reward}
             if self.signals is not None:
                 d["signals"], d["flags"] = self.signals, self.flags
+            if self.windows is not None:
+                d["windows"] = self.windows
         else:
             d = {"path": self.input, "error": self.error, "error_type": self.error_type}
         d.update(self.extra)
@@ -190,6 +197,7 @@ def _run_batch(
     check: bool,
     guard: str | None,
     robust: tuple[int, int | None] = (0, None),
+    windows: bool | WindowSpec | None = None,
 ) -> None:
     try:
         with torch.inference_mode():
@@ -201,14 +209,16 @@ def _run_batch(
                 guard=guard,
                 robust=robust[0],
                 seed=robust[1],
+                return_windows=windows or False,
             )
         records = out.to_records()
+        per_window = None if out.windows is None else out.windows.to_records()
     except Exception as e:
         if len(batch) > 1:
             # isolate the failing song: score the batch members one by one
             logger.debug("batch failed (%s); retrying items one by one", e)
             for it in batch:
-                _run_batch(model, [it], batch_size, results, check, guard, robust)
+                _run_batch(model, [it], batch_size, results, check, guard, robust, windows)
             return
         reason, kind = describe_error(e)
         it = batch[0]
@@ -233,6 +243,7 @@ def _run_batch(
             if out.signals is None
             else {k: float(v[i]) for k, v in out.signals.items()},
             flags=None if out.flags is None else list(out.flags[i]),
+            windows=None if per_window is None else per_window[i],
         )
 
 
@@ -245,6 +256,7 @@ def score_waveforms(
     guard: str | None = None,
     robust: int = 0,
     seed: int | None = None,
+    windows: bool | WindowSpec | None = None,
 ) -> list[ScoreResult]:
     """Score already decoded and validated waveforms in one forward pass (the reward server's batch).
 
@@ -255,6 +267,8 @@ def score_waveforms(
             decode threads): skip that full pass over the samples here.
         guard: the guard policy (:mod:`apex_reward.guard`); None: the checkpoint's.
         robust, seed: the robust reward (:mod:`apex_reward.robust`; 0: off).
+        windows: also score time windows (``ScoreResult.windows``): ``True`` the segments, a
+            :class:`~apex_reward.windows.WindowSpec` windows of its length and hop.
 
     Returns:
         One :class:`ScoreResult` per item, in order. If the batched forward raises, the items are
@@ -271,6 +285,7 @@ def score_waveforms(
             not checked,
             guard,
             (robust, seed),
+            windows,
         )
     return [r for r in results if r is not None]
 
@@ -286,6 +301,7 @@ def score_inputs(
     guard: str | None = None,
     robust: int = 0,
     seed: int | None = None,
+    windows: bool | WindowSpec | None = None,
 ) -> list[ScoreResult]:
     """See :meth:`apex_reward.ApexRewardModel.score`."""
     if batch_size < 1:
@@ -304,7 +320,7 @@ def score_inputs(
         nonlocal batch, segs
         if batch:
             # _load checked each item
-            _run_batch(model, batch, batch_size, results, False, guard, (robust, seed))
+            _run_batch(model, batch, batch_size, results, False, guard, (robust, seed), windows)
             if bar is not None:
                 bar.update(len(batch))
         batch, segs = [], 0

@@ -24,19 +24,26 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from apex_reward.config import LoraAdapterConfig
 from apex_reward.dataclass_io import to_dict
 from apex_reward.errors import ConfigError
-from apex_reward.lora import has_lora, inject_lora, lora_parameters
+from apex_reward.lora import (
+    has_lora,
+    inject_lora,
+    load_peft_adapter,
+    lora_parameters,
+    save_peft_adapter,
+)
 
 if TYPE_CHECKING:
     from apex_reward.model import ApexRewardModel
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["add_lora", "merge_lora", "lora_parameters", "has_lora"]
+__all__ = ["add_lora", "merge_lora", "load_adapter", "save_adapter", "lora_parameters", "has_lora"]
 
 
 def add_lora(
@@ -72,6 +79,39 @@ def add_lora(
     model.encoder.trainable = True
     n = sum(p.numel() for p in lora_parameters(model))
     logger.info("LoRA r=%d on %s: %d trainable encoder parameters", r, list(target_modules), n)
+    return model
+
+
+def save_adapter(model: ApexRewardModel, directory: str | Path) -> Path:
+    """Write only the adapter, in PEFT's layout (``adapter_config.json`` +
+    ``adapter_model.safetensors``), to ``directory`` (``save_pretrained`` writes the same files
+    next to the checkpoint). Returns the directory."""
+    return save_peft_adapter(model.encoder, directory)
+
+
+def load_adapter(
+    model: ApexRewardModel, directory: str | Path, *, trainable: bool = False
+) -> ApexRewardModel:
+    """Attach a LoRA adapter saved in PEFT's layout to ``model``'s encoder, in place.
+
+    ``directory`` holds ``adapter_config.json`` + ``adapter_model.safetensors`` (from
+    :func:`save_adapter`, ``save_pretrained``, or PEFT's ``PeftModel.save_pretrained`` on this
+    encoder). The model must not have an adapter yet, and its base encoder must be the one the
+    adapter was trained on. ``config.encoder.lora`` records the adapter, so ``save_pretrained``
+    keeps it. With ``trainable=True`` the adapter's parameters require gradients and the encoder
+    follows ``train()``, as after :func:`add_lora`.
+
+    Raises:
+        ConfigError: the model already has an adapter.
+        CheckpointError: missing or unusable adapter files.
+    """
+    if has_lora(model.encoder):
+        raise ConfigError("this model already has a LoRA adapter (merge_lora it first)")
+    model.config.encoder.lora = load_peft_adapter(model.encoder, directory)
+    if trainable:
+        for p in lora_parameters(model):
+            p.requires_grad_(True)
+        model.encoder.trainable = True
     return model
 
 

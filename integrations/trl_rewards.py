@@ -43,6 +43,7 @@ from apex_reward.guard import POLICIES, reward_floor
 from apex_reward.loading import ModelOptions, load_model
 from apex_reward.robust import check_robust
 from apex_reward.scoring import ScoreResult, describe_error
+from apex_reward.windows import WindowSpec
 
 if TYPE_CHECKING:
     from apex_reward.config import ApexConfig
@@ -253,6 +254,14 @@ def _as_waveform(wav: Any, where: str) -> torch.Tensor:
     return wav.detach().to("cpu")
 
 
+def windows_column(result: ScoreResult) -> str | None:
+    """A completion's windows as one table cell: JSON ``[[start_s, end_s, reward], ...]``, or
+    None when it was not scored (or without windows)."""
+    if not result.ok or result.windows is None:
+        return None
+    return json.dumps([[w["start_s"], w["end_s"], round(w["reward"], 6)] for w in result.windows])
+
+
 # ----------------------------------------------------------------------------------------------
 # the reward function
 
@@ -296,6 +305,11 @@ class ApexRewardFunction:
         log_scores: report the batch mean of every score and signal, the failed and flagged
             fractions and each flag's rate through TRL's
             ``log_metric`` hook, as ``<name>/<score>``.
+        windows: also score time windows (:mod:`apex_reward.windows`; ``True`` the 30 s
+            segments, or a :class:`~apex_reward.windows.WindowSpec`) and hand them to TRL's
+            ``log_extra`` hook as the completions-table column ``<name>/windows``: per
+            completion, a JSON list of ``[start_s, end_s, window reward]`` (``None`` for a
+            failed one). The returned reward stays the song's.
         failure_value: what a completion that cannot be decoded or scored gets. ``None`` (the
             default) or a number (e.g. the bottom of the score's range, to penalise it).
             What TRL's GRPO and RLOO trainers (as of TRL 1.16) do with ``None``: they turn it
@@ -340,6 +354,7 @@ class ApexRewardFunction:
         failure_value: float | None = None,
         robust: int = 0,
         robust_seed: int | None = None,
+        windows: bool | WindowSpec | None = None,
     ) -> None:
         from apex_reward.model import ApexRewardModel
 
@@ -396,6 +411,7 @@ class ApexRewardFunction:
                 f"failure_value must be None or a finite number, got {failure_value!r}"
             )
         self.failure_value = failure_value
+        self.windows = WindowSpec.coerce(windows)
         self.__name__ = name or "apex_" + (
             self.score if isinstance(self.score, str) else "weighted"
         )
@@ -521,6 +537,7 @@ class ApexRewardFunction:
                     guard=self.guard,
                     robust=self.robust,
                     seed=self.robust_seed,
+                    windows=self.windows,
                 )
             for i, a, r in zip(where, audio, scored):
                 if not isinstance(a, str):  # name in-memory audio by its completion, not "array[k]"
@@ -584,6 +601,9 @@ class ApexRewardFunction:
                 first.error,
             )
         self._log(results, log_metric)
+        log_extra = kwargs.get("log_extra")
+        if self.windows is not None and callable(log_extra):
+            log_extra(f"{self.__name__}/windows", [windows_column(r) for r in results])
         values = self.values(results)
         if self.failure_value is not None:
             values = [self.failure_value if v is None else v for v in values]

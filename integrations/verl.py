@@ -20,8 +20,10 @@ concurrently share model batches.
 Both return ``{"score": float, **extras}``, every value a finite float: ``apex_<name>`` per score
 of the checkpoint, ``apex_reward`` (the checkpoint's configured reward), ``apex_flagged`` (1.0
 when a signal check fired), ``apex_failed`` (0.0), and under a guard other than ``off`` one
-``apex_signal_<name>`` per signal (:data:`apex_reward.signals.SIGNAL_NAMES`). The key set depends
-only on the checkpoint and the guard, so verl can stack extras across samples.
+``apex_signal_<name>`` per signal (:data:`apex_reward.signals.SIGNAL_NAMES`), and with
+``windows`` in ``reward_kwargs`` the per-window rewards and times (dense rewards, see
+:mod:`apex_reward.windows`). The key set depends only on the checkpoint and ``reward_kwargs``, so
+verl can stack extras across samples.
 
 Failures fail closed, as verl-omni's own scorers do: input that cannot be scored (no audio,
 empty, non-finite, a bad sample rate, too short, a decoder error) raises a typed
@@ -58,6 +60,7 @@ from apex_reward.guard import POLICIES
 from apex_reward.loading import ModelOptions
 from apex_reward.scoring import ScoreResult
 from apex_reward.signals import SIGNAL_NAMES
+from apex_reward.windows import WindowSpec
 
 from .decoders import check_target, decode_response
 from .serving.batcher import DynamicBatcher
@@ -99,6 +102,8 @@ class _Settings:
     failure_value: float | None = None
     max_batch: int = 16
     max_wait_s: float = 0.01
+    windows: WindowSpec | None = None
+    max_windows: int = 8
 
     def model_options(self) -> ModelOptions:
         model, encoder, device, dtype = self.options
@@ -118,6 +123,8 @@ def _settings(
     failure_value: float | None = None,
     max_batch: int = 16,
     max_wait_s: float = 0.01,
+    windows: Any = None,
+    max_windows: int = 8,
     **unknown: Any,
 ) -> _Settings:
     if model is None or model == "":
@@ -142,6 +149,8 @@ def _settings(
         raise ConfigError(f"failure_value must be a finite number, got {failure_value!r}")
     if isinstance(score, Mapping):  # OmegaConf DictConfig -> a hashable, plain form
         score = tuple(sorted((str(k), float(v)) for k, v in score.items()))
+    if isinstance(max_windows, bool) or not isinstance(max_windows, int) or max_windows < 1:
+        raise ConfigError(f"max_windows must be an integer >= 1, got {max_windows!r}")
     if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
         raise ConfigError(f"max_batch must be an integer >= 1, got {max_batch!r}")
     return _Settings(
@@ -153,7 +162,35 @@ def _settings(
         failure_value=None if failure_value is None else float(failure_value),
         max_batch=max_batch,
         max_wait_s=float(max_wait_s),
+        windows=_window_setting(windows),
+        max_windows=max_windows,
     )
+
+
+def _window_setting(value: Any) -> WindowSpec | None:
+    """``windows`` in reward_kwargs: ``true`` (the segments), or ``{length_s, hop_s}``."""
+    if isinstance(value, Mapping):
+        unknown = sorted(set(value) - {"length_s", "hop_s"})
+        if unknown:
+            raise ConfigError(f"windows: unknown keys {unknown}; expected length_s, hop_s")
+        return WindowSpec(value.get("length_s"), value.get("hop_s"))
+    return WindowSpec.coerce(value)
+
+
+def _window_extras(result: ScoreResult | None, settings: _Settings) -> dict[str, float]:
+    """``apex_num_windows`` and, for the first ``max_windows`` windows, ``apex_window_<k>_reward``
+    / ``_start_s`` / ``_end_s`` (padding: 0.0 reward and -1.0 times, past ``apex_num_windows``);
+    empty without windows. A fixed key set, so verl can stack it across samples."""
+    if settings.windows is None:
+        return {}
+    windows = (result.windows if result is not None else None) or []
+    out = {"apex_num_windows": float(len(windows))}
+    for k in range(settings.max_windows):
+        w = windows[k] if k < len(windows) else None
+        out[f"apex_window_{k}_reward"] = float(w["reward"]) if w else 0.0
+        out[f"apex_window_{k}_start_s"] = float(w["start_s"]) if w else -1.0
+        out[f"apex_window_{k}_end_s"] = float(w["end_s"]) if w else -1.0
+    return out
 
 
 def _spec(settings: _Settings, model: ApexRewardModel) -> str | dict[str, float]:
@@ -243,6 +280,7 @@ def _to_dict(result: ScoreResult, settings: _Settings, model: ApexRewardModel) -
         signals = result.signals or {}
         for name in SIGNAL_NAMES:
             out[f"apex_signal_{name}"] = float(signals.get(name, 0.0))
+    out.update(_window_extras(result, settings))
     bad = [k for k, v in out.items() if not math.isfinite(v)]
     if bad:
         raise ApexError(f"{_WHERE}: non-finite values for {bad}")
@@ -265,6 +303,7 @@ def _failure(
     if settings.guard != "off":
         for name in SIGNAL_NAMES:
             out[f"apex_signal_{name}"] = 0.0
+    out.update(_window_extras(None, settings))
     return out
 
 
@@ -293,7 +332,9 @@ def compute_score(
             ``guard`` (``"penalize"``, ``"flag"`` or ``"off"``), ``device``, ``dtype``,
             ``encoder``, ``decoder`` (``"module:function"``: text -> ``(waveform, rate)``, a
             waveform with ``sample_rate``, or an audio file path), ``sample_rate``,
-            ``failure_value``.
+            ``failure_value``, ``windows`` (``true`` for the 30 s segments, or
+            ``{length_s, hop_s}``) and ``max_windows`` (default 8): per-window rewards and
+            times as extras (``apex_num_windows``, ``apex_window_<k>_reward/_start_s/_end_s``).
 
     Returns:
         ``{"score": float, **extras}`` (see the module docstring).
@@ -309,7 +350,9 @@ def compute_score(
         wav, sr = _solution(settings, solution_audio, solution_str)
         model.frontend.check(wav, sr, _WHERE)
         with lock:
-            [result] = model.score([(wav, int(sr))], num_workers=0, guard=settings.guard)
+            [result] = model.score(
+                [(wav, int(sr))], num_workers=0, guard=settings.guard, windows=settings.windows
+            )
         return _to_dict(result, settings, model)
     except ApexError as e:
         if settings.failure_value is None or isinstance(e, ConfigError):
@@ -356,6 +399,7 @@ def _batcher_key(settings: _Settings) -> _Settings:
         guard=settings.guard,
         max_batch=settings.max_batch,
         max_wait_s=settings.max_wait_s,
+        windows=settings.windows,
     )
 
 
@@ -371,6 +415,7 @@ def _get_batcher(settings: _Settings) -> tuple[CountingBatcher, ApexRewardModel]
                 max_batch=settings.max_batch,
                 max_wait_s=settings.max_wait_s,
                 guard=settings.guard,
+                windows=settings.windows,
             )
             batcher.start()
             _BATCHERS[key] = batcher

@@ -25,6 +25,7 @@ import torch
 from apex_reward.errors import ApexError
 from apex_reward.robust import check_robust
 from apex_reward.scoring import ScoreResult, score_waveforms
+from apex_reward.windows import WindowSpec
 
 if TYPE_CHECKING:
     from apex_reward.model import ApexRewardModel
@@ -89,6 +90,7 @@ class DynamicBatcher:
         guard: str | None = None,
         robust: int = 0,
         robust_seed: int | None = None,
+        windows: WindowSpec | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -103,6 +105,7 @@ class DynamicBatcher:
         self.guard = guard
         self.robust = check_robust(robust)  # robust reward (apex_reward.robust); 0: off
         self.robust_seed = robust_seed
+        self.windows = windows  # per-window scores with every result (apex_reward.windows)
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._pending = 0
         self._lock = threading.Lock()
@@ -231,6 +234,7 @@ class DynamicBatcher:
                 guard=self.guard,
                 robust=self.robust,
                 seed=self.robust_seed,
+                windows=self.windows,
             )
         except BaseException as e:  # never let the worker die: fail this batch, keep serving
             logger.exception("batch of %d clips failed unexpectedly", len(batch))

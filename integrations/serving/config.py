@@ -14,6 +14,7 @@ from typing import Literal
 
 from apex_reward.errors import ConfigError
 from apex_reward.loading import ModelOptions
+from apex_reward.windows import WindowSpec
 
 from ..decoders import check_target
 
@@ -212,6 +213,21 @@ class ServeConfig:
         default=None,
         metadata={"help": "seed of the robust transforms (unset: fresh ones for every batch)"},
     )
+    windows: bool = field(
+        default=False,
+        metadata={
+            "help": "also score time windows: scored clips get 'windows', a list of "
+            "{start_s, end_s, scores, reward} (the 30 s segments, or see --window-seconds)"
+        },
+    )
+    window_seconds: float | None = field(
+        default=None,
+        metadata={"help": "with --windows: windows of this many seconds instead of the segments"},
+    )
+    window_hop: float | None = field(
+        default=None,
+        metadata={"help": "with --window-seconds: seconds between window starts (no overlap)"},
+    )
     failure_reward: float = field(
         default=0.0,
         metadata={
@@ -282,6 +298,14 @@ class ServeConfig:
         },
     )
 
+    def window_spec(self) -> WindowSpec | None:
+        """The windows every scored clip gets (None: no windows)."""
+        if not self.windows:
+            if self.window_seconds is not None or self.window_hop is not None:
+                raise ConfigError("serve: --window-seconds and --window-hop need --windows")
+            return None
+        return WindowSpec(self.window_seconds, self.window_hop)
+
     def __post_init__(self) -> None:
         if self.robust < 0:
             raise ConfigError(f"robust: must be >= 0 transforms, got {self.robust}")
@@ -295,6 +319,7 @@ class ServeConfig:
             if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
                 raise ConfigError(f"serve: --{name.replace('_', '-')} must be > 0, got {value!r}")
 
+        self.window_spec()  # a bad window length or hop fails at startup
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"serve: --port must be in 0..65535, got {self.port}")
         for name in (

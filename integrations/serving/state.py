@@ -116,6 +116,7 @@ class ServerState:
             guard=self.prep.batcher_guard,
             robust=config.robust,
             robust_seed=config.robust_seed,
+            windows=config.window_spec(),
         )
         self.metrics = ServerMetrics(
             queue_clips=lambda: self.batcher.pending,
@@ -327,10 +328,13 @@ class ServerState:
 
     def result_json(self, r: ScoreResult, name: str) -> dict[str, Any]:
         """The JSON of one scored clip: ``{"name", "scores", "reward", "duration_s"}``, and its
-        ``"signals"`` and ``"flags"`` unless the server's guard is ``off``."""
+        ``"signals"`` and ``"flags"`` unless the server's guard is ``off``, and ``"windows"``
+        when it serves them (``--windows``)."""
         out = {"name": name, "scores": r.scores, "reward": r.reward, "duration_s": r.duration_s}
         if r.signals is not None:
             out["signals"], out["flags"] = r.signals, r.flags
+        if r.windows is not None:
+            out["windows"] = r.windows
         return out
 
     def info(self, auth_required: bool) -> dict[str, Any]:

@@ -212,4 +212,5 @@ def score_result(name: str, row: dict[str, Any]) -> ScoreResult:
         if row.get("signals") is None
         else {k: float(v) for k, v in row["signals"].items()},
         flags=None if row.get("flags") is None else [str(f) for f in row["flags"]],
+        windows=row.get("windows"),
     )
