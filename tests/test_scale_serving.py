@@ -88,7 +88,7 @@ def test_client_takes_a_list_of_urls_and_names_a_bad_one():
     assert client.urls == ["http://127.0.0.1:1", "http://127.0.0.1:2"]
     assert client.url == "http://127.0.0.1:1"
     # round-robin: each request starts at the next server
-    assert client._servers()[0] != client._servers()[0]
+    assert client._rotation.order()[0] != client._rotation.order()[0]
     with pytest.raises(ValueError, match="server URL"):
         ApexRewardClient([])
 

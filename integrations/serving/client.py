@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -44,6 +43,7 @@ from typing import Any
 from apex_reward.errors import ApexError, require
 from apex_reward.scoring import ScoreResult
 
+from .rotation import ServerRotation, backoff_delay
 from .wire import (
     AudioLike,
     Comparison,
@@ -121,8 +121,7 @@ class ApexRewardClient:
         self.urls = [u.rstrip("/") for u in urls]
         self.url = self.urls[0]
         self.down_s = float(down_s)
-        self._turn = 0
-        self._down_until: dict[str, float] = {}
+        self._rotation = ServerRotation(self.urls, down_s)
         self.api_key = api_key
         self.timeout = float(timeout)
         self.retries = int(retries)
@@ -182,15 +181,6 @@ class ApexRewardClient:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def _delay(self, attempt: int, retry_after: str | None) -> float:
-        base = self.backoff_s * (2**attempt)
-        if retry_after:
-            try:
-                base = max(base, float(retry_after))
-            except ValueError:
-                pass
-        return min(30.0, base + random.uniform(0, self.backoff_s))
-
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
         """Send a request with retries; returns the decoded JSON (or text for non-JSON answers).
 
@@ -205,14 +195,14 @@ class ApexRewardClient:
         status: int | None = None
         for attempt in range(self.retries + 1):
             retry_after = None
-            for base in self._servers():  # one server, or each of several once, in turn
+            for base in self._rotation.order():  # one server, or each of several once, in turn
                 url = f"{base}{path}"
                 try:
                     resp = http.request(method, url, headers=self._headers(), **kwargs)
                 except httpx.TransportError as e:  # connect, read/write timeouts, protocol errors
                     last, status = f"{type(e).__name__}: {e}", None
                     if isinstance(e, httpx.ConnectError):
-                        self._mark_down(base)
+                        self._rotation.mark_down(base)
                     continue
                 if resp.status_code < 400:
                     if resp.headers.get("content-type", "").startswith("application/json"):
@@ -224,7 +214,7 @@ class ApexRewardClient:
                 last, status = f"{kind}: {message}", resp.status_code
                 retry_after = resp.headers.get("retry-after")
             if attempt < self.retries:
-                delay = self._delay(attempt, retry_after)
+                delay = backoff_delay(attempt, retry_after, self.backoff_s)
                 logger.warning(
                     "%s %s failed (%s); retry %d/%d in %.1f s",
                     method,
@@ -240,24 +230,6 @@ class ApexRewardClient:
             "Unavailable",
             f"{method} {url} failed after {self.retries + 1} attempts: {last}",
         )
-
-    def _servers(self) -> list[str]:
-        """The servers to try for one attempt, the next in the round-robin first; servers that
-        refused a connection less than ``down_s`` ago go last."""
-        if len(self.urls) == 1:
-            return self.urls
-        with self._lock:
-            start = self._turn
-            self._turn = (self._turn + 1) % len(self.urls)
-        order = self.urls[start:] + self.urls[:start]
-        now = time.monotonic()
-        up = [u for u in order if self._down_until.get(u, 0.0) <= now]
-        return up + [u for u in order if u not in up]
-
-    def _mark_down(self, base: str) -> None:
-        if len(self.urls) > 1:
-            logger.warning("%s cannot be reached; trying the other servers", base)
-            self._down_until[base] = time.monotonic() + self.down_s
 
     # -- endpoints ----------------------------------------------------------------------------------
 
