@@ -44,6 +44,7 @@ COMMANDS: tuple[str, ...] = (
     "apex_reward.cli:INIT",
     "apex_reward.cli:SCORE",
     "apex_reward.cli:COMPARE",
+    "apex_reward.publish:COMMAND",
     "apex_reward.training.synthetic:COMMAND",
     "apex_reward.training.prepare:COMMAND",
     "apex_reward.training.extract:COMMAND",

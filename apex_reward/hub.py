@@ -260,7 +260,7 @@ def model_card(
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _read_audit(audit: str | Path) -> tuple[dict[str, Any], list[Path]]:
+def read_audit(audit: str | Path) -> tuple[dict[str, Any], list[Path]]:
     """An ``apex-reward audit`` output directory (or its ``report.json``) -> (summary, files)."""
     p = Path(audit)
     directory = p.parent if p.is_file() else p
@@ -317,7 +317,7 @@ def push_to_hub(
 
     if not isinstance(repo_id, str) or repo_id.count("/") != 1 or not all(repo_id.split("/")):
         raise ConfigError(f"repo_id: expected 'org/name', got {repo_id!r}")
-    summary, audit_files = _read_audit(audit) if audit is not None else (None, [])
+    summary, audit_files = read_audit(audit) if audit is not None else (None, [])
     api = HfApi(endpoint=endpoint, token=token)
     with tempfile.TemporaryDirectory(prefix="apex-push-") as tmp:
         folder = Path(tmp)

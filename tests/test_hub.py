@@ -247,3 +247,18 @@ def test_model_card_reports_what_the_checkpoint_records(tiny_model):
     bare = model_card(tiny_model.config.to_dict())
     assert f"Audit: {NOT_RECORDED}" in bare and f"Weights: {NOT_RECORDED}." in bare
     assert "license: other" in bare
+
+
+def test_push_command_writes_the_card_or_names_what_is_missing(tmp_path, capsys):
+    from conftest import make_tiny_model
+
+    from apex_reward.cli import main
+
+    d = tmp_path / "ckpt"
+    make_tiny_model(seed=3).save_pretrained(d)
+    assert main(["push", "--model", str(d), "--write-card", "--license", "cc-by-nc-4.0"]) == 0
+    card = (d / "README.md").read_text()
+    assert capsys.readouterr().out.strip() == str(d / "README.md")
+    assert "license: cc-by-nc-4.0" in card and "not recorded" in card
+    assert main(["push", "--model", str(d)]) != 0
+    assert "--repo-id org/name" in capsys.readouterr().err

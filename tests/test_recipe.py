@@ -119,7 +119,8 @@ def test_resumes_reruns_changed_stages_and_names_failures(tmp_path):
 def test_paper_recipe_dry_run_lists_every_stage_with_estimates(capsys):
     assert main(["recipe", "--recipe", str(PAPER / "recipe.yaml"), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    for stage in ("init", "prepare", "label", "extract", "grid", "arena", "calibrate", "audit"):
+    stages = ("init", "prepare", "label", "extract", "grid", "arena", "calibrate", "audit", "card")
+    for stage in (*stages, "push"):
         assert f"] {stage}: " in out
     assert "hf://sleeping-ai/Udio-126K --add-manifests hf://sleeping-ai/suno-307K" in out
     assert "accelerate launch --multi_gpu --num_processes 4 -m apex_reward extract" in out
@@ -143,6 +144,8 @@ def test_synthetic_recipe_end_to_end(tmp_path):
         "arena": "ran",
         "calibrate": "skipped",
         "audit": "ran",
+        "card": "ran",
+        "push": "skipped",
     }
     labelled = pd.read_parquet(work / "labels" / "labelled.parquet")
     prepared = pd.read_parquet(work / "prepared" / "prepared.parquet")
@@ -150,5 +153,7 @@ def test_synthetic_recipe_end_to_end(tmp_path):
     final = json.loads((work / "final" / "config.json").read_text())
     assert final["preference"]["head"]["features"][0] == "streams_diff"  # the arena's fitted head
     assert (work / "audit" / "report.md").is_file()
+    card = (work / "final" / "README.md").read_text()  # the model card, with the audit's verdict
+    assert card.startswith("---") and "audit" in card.lower()
     again = run_recipe(cfg, echo=lambda line: None)  # everything complete: nothing reruns
     assert {s["status"] for s in again["stages"]} == {"done", "skipped"}
