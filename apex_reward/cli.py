@@ -53,6 +53,7 @@ COMMANDS: tuple[str, ...] = (
     "apex_reward.training.demo:COMMAND",
     "apex_reward.training.arena.command:COMMAND",
     "apex_reward.training.audit.command:COMMAND",
+    "apex_reward.training.ood_stats:COMMAND",
     "apex_reward.integrations.pairs:COMMAND",
     "apex_reward.integrations.serving.command:COMMAND",
 )

@@ -44,8 +44,13 @@ class ScoreResult:
         duration_s: the audio's duration in seconds, when it was decoded.
         signals: ``{name: value}`` signal checks of the input (:mod:`apex_reward.signals`), or
             None under the guard policy ``off`` (and on error).
-        flags: the flags the signals raised (``[]`` when none), or None as ``signals``. Under
-            ``penalize`` a flagged input's ``reward`` is the floor.
+        flags: the flags the signals raised (``[]`` when none; ``"ood"`` beyond the OOD
+            threshold), or None as ``signals``. Under ``penalize`` a flagged input's ``reward``
+            is the floor.
+        ood: percentile (0–100) of the input's OOD distance among the training songs
+            (:mod:`apex_reward.ood`); None when the checkpoint has no OOD statistics.
+        std: ``{name: value}`` standard deviation over an ensemble's heads of each score and of
+            the reward; None for single-head checkpoints.
         exception: the exception that stopped it, when one did (not part of the record,
             :meth:`to_dict`, equality or the repr; the reward server maps it to a status).
     """
@@ -58,6 +63,8 @@ class ScoreResult:
     duration_s: float | None = None
     signals: dict[str, float] | None = None
     flags: list[str] | None = None
+    ood: float | None = None
+    std: dict[str, float] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     exception: BaseException | None = field(default=None, repr=False, compare=False)
 
@@ -66,12 +73,16 @@ class ScoreResult:
         return self.error is None
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able record: ``{"path", "scores", "reward"}`` (with ``"signals"`` and ``"flags"``
-        unless the guard was off) or ``{"path", "error", "error_type"}``."""
+        """JSON-able record: ``{"path", "scores", "reward", "ood"}`` (with ``"signals"`` and
+        ``"flags"`` unless the guard was off, ``"std"`` for ensembles) or
+        ``{"path", "error", "error_type"}``."""
         if self.ok:
             d: dict[str, Any] = {"path": self.input, "scores": self.scores, "reward": self.reward}
             if self.signals is not None:
                 d["signals"], d["flags"] = self.signals, self.flags
+            d["ood"] = self.ood
+            if self.std is not None:
+                d["std"] = self.std
         else:
             d = {"path": self.input, "error": self.error, "error_type": self.error_type}
         d.update(self.extra)
@@ -230,6 +241,8 @@ def _run_batch(
             if out.signals is None
             else {k: float(v[i]) for k, v in out.signals.items()},
             flags=None if out.flags is None else list(out.flags[i]),
+            ood=None if out.ood is None else float(out.ood[i]),
+            std=None if out.std is None else {k: float(v[i]) for k, v in out.std.items()},
         )
 
 

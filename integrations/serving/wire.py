@@ -212,4 +212,6 @@ def score_result(name: str, row: dict[str, Any]) -> ScoreResult:
         if row.get("signals") is None
         else {k: float(v) for k, v in row["signals"].items()},
         flags=None if row.get("flags") is None else [str(f) for f in row["flags"]],
+        ood=None if row.get("ood") is None else float(row["ood"]),
+        std=None if row.get("std") is None else {k: float(v) for k, v in row["std"].items()},
     )

@@ -64,6 +64,7 @@ from .report import (
     report_markdown,
     snr_ladder,
 )
+from .uncertainty import uncertainty_summary
 
 if TYPE_CHECKING:
     from apex_reward.model import ApexRewardModel
@@ -152,6 +153,8 @@ class ClipScore:
     checks: list[str]
     flagged: bool
     signals: dict[str, float]
+    ood: float | None = None
+    reward_std: float | None = None
 
     @classmethod
     def from_batch(cls, batch: GuardedBatch, i: int) -> ClipScore:
@@ -161,6 +164,8 @@ class ClipScore:
             list(batch.checks[i]),
             bool(batch.flags[i]),
             dict(batch.signals[i]),
+            None if batch.ood is None else batch.ood[i],
+            None if batch.reward_std is None else batch.reward_std[i],
         )
 
 
@@ -234,6 +239,8 @@ class ProbeScore:
             "failing": self.failing,
             "delta_vs_clean": self.delta_vs_clean,
             "signals": s.signals,
+            "ood": s.ood,
+            "reward_std": s.reward_std,
         }
 
 
@@ -455,11 +462,14 @@ def write_report(
                     "checks": s.checks,
                     "flagged": s.flagged,
                     "signals": s.signals,
+                    "ood": s.ood,
+                    "reward_std": s.reward_std,
                 }
                 for c, s in zip(reference.clips, reference.scores)
             ],
         },
         "probes": [p.to_dict() for p in probes],
+        "uncertainty": uncertainty_summary(job.model, reference.scores, probes),
         "ladders": _ladders(reference, probes),
         "attack": attacked.to_dict(cfg),
         "verdict": {
