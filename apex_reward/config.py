@@ -543,11 +543,20 @@ class OodConfig:
             "training songs' distances; None = never flag"
         },
     )
+    lower_tail: bool = field(
+        default=False,
+        metadata={
+            "help": "also flag distances below the (100 - flag_percentile)th percentile: in many "
+            "dimensions a song closer to the mean than almost every training song is as atypical "
+            "as one far away (a typicality test; it also flags that share of in-distribution songs)"
+        },
+    )
     penalty_weight: float = field(
         default=0.0,
         metadata={
             "help": "under guard policy penalize, > 0 replaces the floor for 'ood' by the smooth "
-            "penalty reward -= penalty_weight * relu(distance / threshold - 1) ** 2"
+            "penalty reward -= penalty_weight * (relu(d / t_high - 1) ** 2 + relu(t_low / d - 1) "
+            "** 2), d the distance, t_high/t_low the flag thresholds"
         },
     )
     features: Literal["layer_mean", "layers"] = field(

@@ -13,10 +13,14 @@ to the mean over layers (``features="layer_mean"``, ``D = H``) or concatenated (
 ``D = L*H``). Its distance ``d = sqrt((x - mean)^T precision (x - mean))`` is a torch expression
 of the waveform (differentiable); ``ood`` is its percentile among the training distances (0–100,
 not differentiable). ``"ood"`` joins the flags when ``d`` exceeds the threshold
-``t = quantile(train_distances, flag_percentile / 100)``. Under the guard policy ``penalize`` a
-flagged song gets the floor, or, with ``penalty_weight = w > 0``, the smooth penalty
-``reward - w * relu(d / t - 1) ** 2`` instead (zero inside the threshold, gradient pointing back
-towards the training distribution beyond it).
+``t_high = quantile(train_distances, flag_percentile / 100)`` or, with ``lower_tail`` (off by
+default), falls below ``t_low = quantile(train_distances, 1 - flag_percentile / 100)``: in many dimensions
+the training songs lie on a shell around their mean, and an input much closer to the mean than
+any of them (white noise, near-silence) is as atypical as one far outside (a typicality test).
+Under the guard policy ``penalize`` a flagged song gets the floor, or, with
+``penalty_weight = w > 0``, the smooth penalty
+``reward - w * (relu(d / t_high - 1) ** 2 + relu(t_low / d - 1) ** 2)`` instead (zero between the
+thresholds, gradient pointing back towards the training distribution beyond them).
 
 Fitting needs scikit-learn (the ``train`` extra); scoring needs only torch.
 """
@@ -222,11 +226,19 @@ def load_statistics(
 
 
 def threshold_of(model: ApexRewardModel) -> float | None:
-    """The flag threshold distance, or None (no statistics, or ``flag_percentile`` None)."""
+    """The upper flag threshold distance, or None (no statistics, or ``flag_percentile`` None)."""
     p = model.config.ood.flag_percentile
     if model.ood_stats is None or p is None:
         return None
     return model.ood_stats.threshold(p)
+
+
+def lower_threshold_of(model: ApexRewardModel) -> float | None:
+    """The lower flag threshold distance (``lower_tail``), or None."""
+    p = model.config.ood.flag_percentile
+    if model.ood_stats is None or p is None or not model.config.ood.lower_tail:
+        return None
+    return model.ood_stats.threshold(100.0 - p)
 
 
 def attach_ood(model: ApexRewardModel, out: ApexOutput, features: SegmentFeatures) -> None:
@@ -242,13 +254,17 @@ def attach_ood(model: ApexRewardModel, out: ApexOutput, features: SegmentFeature
 
 
 def beyond_threshold(model: ApexRewardModel, out: ApexOutput) -> list[bool] | None:
-    """Per song, whether its distance exceeds the flag threshold; None without statistics."""
+    """Per song, whether its distance lies beyond a flag threshold; None without statistics."""
     if out.ood_distance is None:
         return None
-    t = threshold_of(model)
-    if t is None:
-        return [False] * int(out.ood_distance.shape[0])
-    return [bool(v) for v in (out.ood_distance.detach().double() > t).tolist()]
+    d = out.ood_distance.detach().double()
+    beyond = torch.zeros_like(d, dtype=torch.bool)
+    high, low = threshold_of(model), lower_threshold_of(model)
+    if high is not None:
+        beyond |= d > high
+    if low is not None:
+        beyond |= d < low
+    return [bool(v) for v in beyond.tolist()]
 
 
 def merge_flags(flags: list[list[str]], beyond: Sequence[bool] | None) -> list[list[str]]:
@@ -258,10 +274,16 @@ def merge_flags(flags: list[list[str]], beyond: Sequence[bool] | None) -> list[l
     return [list(f) + (["ood"] if b else []) for f, b in zip(flags, beyond)]
 
 
-def ood_penalty(distance: torch.Tensor, threshold: float, weight: float) -> torch.Tensor:
-    """``weight * relu(distance / threshold - 1) ** 2`` ``[B]``: zero up to the threshold,
-    smooth (continuous first derivative) beyond it."""
-    return weight * torch.relu(distance / threshold - 1.0) ** 2
+def ood_penalty(
+    distance: torch.Tensor, threshold: float, weight: float, lower: float | None = None
+) -> torch.Tensor:
+    """``weight * (relu(distance / threshold - 1) ** 2 + relu(lower / distance - 1) ** 2)``
+    ``[B]`` (the second term only with a ``lower`` threshold): zero between the thresholds,
+    smooth (continuous first derivative) beyond them."""
+    penalty = torch.relu(distance / threshold - 1.0) ** 2
+    if lower is not None:
+        penalty = penalty + torch.relu(lower / distance - 1.0) ** 2
+    return weight * penalty
 
 
 def guarded_reward(
@@ -282,7 +304,8 @@ def guarded_reward(
     weight = model.config.ood.penalty_weight
     t = threshold_of(model)
     if weight > 0 and distance is not None and t is not None:
-        reward = reward - ood_penalty(distance.to(reward.dtype), t, weight)
+        low = lower_threshold_of(model)
+        reward = reward - ood_penalty(distance.to(reward.dtype), t, weight, low)
         flags = [[f for f in fl if f != "ood"] for fl in flags]
     return apply_policy(reward, flags, policy, floor)
 

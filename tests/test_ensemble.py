@@ -27,9 +27,10 @@ K = 3
 def runs(tmp_path_factory):
     from conftest import make_tiny_model
 
+    torch.set_num_threads(1)  # a module fixture runs before the one_thread fixture
     root = tmp_path_factory.mktemp("ensemble")
     corpus = synthetic_embedding_corpus(
-        root / "c", num_songs=500, seed=0, split=(0.6, 0.2, 0.2), noise_std=[0.05] * 7
+        root / "c", num_songs=300, seed=0, split=(0.6, 0.2, 0.2), noise_std=[0.05] * 7
     )
     base = root / "base"
     make_tiny_model(seed=0).save_pretrained(base)
@@ -37,12 +38,13 @@ def runs(tmp_path_factory):
         embeddings=str(root / "c" / "embeddings"),
         prepared=str(root / "c" / "prepared" / "prepared.parquet"),
         model=str(base),
-        epochs=25,
-        patience=25,
+        epochs=12,
+        patience=12,
         batch_size=64,
         lr=3e-3,
         device="cpu",
         log_with="none",
+        save_interval_s=1e9,  # resumable state at the end only
     )
     single = train(TrainConfig(out=str(root / "single"), **common), progress=False)
     ensemble = train(TrainConfig(out=str(root / "ens"), ensemble=K, **common), progress=False)

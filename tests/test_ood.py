@@ -15,7 +15,14 @@ from apex_reward import ApexConfig, ApexRewardModel
 from apex_reward.checkpoint import read_checkpoint, save_checkpoint
 from apex_reward.cli import main
 from apex_reward.errors import CheckpointError, ConfigError
-from apex_reward.ood import fit_statistics, ood_penalty, set_statistics, song_features
+from apex_reward.model import ApexOutput
+from apex_reward.ood import (
+    beyond_threshold,
+    fit_statistics,
+    ood_penalty,
+    set_statistics,
+    song_features,
+)
 from apex_reward.training.audit.probes import PROBE_RATE, signal_probes
 from apex_reward.training.synthetic import QUALITY_PARAMS, render_song
 
@@ -88,8 +95,8 @@ def test_training_songs_lie_below_the_threshold(fitted):
     model, train, x = fitted
     stats = model.ood_stats
     d = stats.distance(x)
-    threshold = stats.threshold(model.config.ood.flag_percentile)
-    assert float((d > threshold).double().mean()) <= 0.05
+    beyond = beyond_threshold(model, ApexOutput({}, torch.zeros(len(d)), ood_distance=d.float()))
+    assert np.mean(beyond) <= 0.05
     median_song = int(torch.argsort(d)[len(d) // 2])
     with torch.inference_mode():
         out = model([train[median_song]], PROBE_RATE, guard="flag")
@@ -127,8 +134,7 @@ def test_penalize_floors_ood_or_applies_the_smooth_penalty(fitted):
         ood.penalty_weight = 0.5
         waves = [s.clone().requires_grad_(True) for s in songs]
         out = model(waves, PROBE_RATE, guard="penalize")
-        threshold = model.ood_stats.threshold(50.0)
-        penalty = ood_penalty(out.ood_distance, threshold, 0.5)
+        penalty = ood_penalty(out.ood_distance, model.ood_stats.threshold(50.0), 0.5, None)
         torch.testing.assert_close(out.reward, model.reward_from_scores(out.scores) - penalty)
         i = only_ood.index(True)
         assert float(penalty[i].detach()) > 0 and out.flags[i] == ["ood"]
@@ -136,6 +142,25 @@ def test_penalize_floors_ood_or_applies_the_smooth_penalty(fitted):
         assert waves[i].grad.abs().sum() > 0  # not floored: the gradient leads back
     finally:
         ood.flag_percentile, ood.penalty_weight = 99.0, 0.0
+
+
+def test_both_tails_flag_and_the_penalty_pushes_back_inside(fitted):
+    model, _, _ = fitted
+    stats = model.ood_stats
+    low, high = stats.threshold(1.0), stats.threshold(99.0)
+    d = torch.tensor([0.5 * low, 0.5 * (low + high), 2.0 * high], requires_grad=True)
+    out = ApexOutput({}, torch.zeros(3), ood_distance=d)
+    assert beyond_threshold(model, out) == [False, False, True]  # the default: upper tail only
+    penalty = ood_penalty(d, high, 1.0, low)
+    assert float(penalty[1]) == 0.0 and float(penalty[0]) == pytest.approx(1.0)
+    assert float(penalty[2]) == pytest.approx(1.0)
+    penalty.sum().backward()  # the reward (minus the penalty) rises towards the inside
+    assert d.grad[0] < 0 and d.grad[1] == 0 and d.grad[2] > 0
+    model.config.ood.lower_tail = True
+    try:
+        assert beyond_threshold(model, out) == [True, False, True]
+    finally:
+        model.config.ood.lower_tail = False
 
 
 def test_statistics_round_trip_through_the_checkpoint(fitted, held_out, tmp_path):
@@ -186,13 +211,14 @@ def test_fit_rejects_too_few_songs_and_bad_percentiles():
 
 
 def test_ood_stats_command_adds_statistics_from_a_store(tmp_path):
-    from conftest import make_tiny_model
-
     from apex_reward.training.synthetic import synthetic_embedding_corpus
 
     corpus = synthetic_embedding_corpus(tmp_path / "c", num_songs=120, seed=0)
     base = tmp_path / "base"
-    make_tiny_model(seed=0).save_pretrained(base)
+    torch.manual_seed(0)
+    ApexRewardModel.from_config(ApexConfig.from_preset("tiny"), encoder="random").save_pretrained(
+        base
+    )
     prepared = tmp_path / "c" / "prepared" / "prepared.parquet"
     assert ApexRewardModel.from_pretrained(base).ood_stats is None
     code = main(
