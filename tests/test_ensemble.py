@@ -30,7 +30,7 @@ def runs(tmp_path_factory):
     torch.set_num_threads(1)  # a module fixture runs before the one_thread fixture
     root = tmp_path_factory.mktemp("ensemble")
     corpus = synthetic_embedding_corpus(
-        root / "c", num_songs=300, seed=0, split=(0.6, 0.2, 0.2), noise_std=[0.05] * 7
+        root / "c", num_songs=500, seed=0, split=(0.6, 0.2, 0.2), noise_std=[0.05] * 7
     )
     base = root / "base"
     make_tiny_model(seed=0).save_pretrained(base)
@@ -38,8 +38,8 @@ def runs(tmp_path_factory):
         embeddings=str(root / "c" / "embeddings"),
         prepared=str(root / "c" / "prepared" / "prepared.parquet"),
         model=str(base),
-        epochs=12,
-        patience=12,
+        epochs=25,
+        patience=25,
         batch_size=64,
         lr=3e-3,
         device="cpu",
