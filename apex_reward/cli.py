@@ -56,6 +56,7 @@ COMMANDS: tuple[str, ...] = (
     "apex_reward.training.audit.command:COMMAND",
     "apex_reward.training.recipe:COMMAND",
     "apex_reward.training.calibrate:COMMAND",
+    "apex_reward.training.ood_stats:COMMAND",
     "apex_reward.integrations.pairs:COMMAND",
     "apex_reward.integrations.serving.command:COMMAND",
 )

@@ -609,6 +609,57 @@ class GuardConfig:
 
 
 @dataclass
+class OodConfig:
+    """Out-of-distribution score (docs/model.md#out-of-distribution-score): how far a song's
+    embedding lies from the training songs' (Mahalanobis distance under a Ledoit-Wolf covariance
+    stored in the checkpoint), as a percentile of the training songs' own distances."""
+
+    flag_percentile: float | None = field(
+        default=99.0,
+        metadata={
+            "help": "'ood' joins a song's flags when its distance exceeds this percentile of the "
+            "training songs' distances; None = never flag"
+        },
+    )
+    lower_tail: bool = field(
+        default=False,
+        metadata={
+            "help": "also flag distances below the (100 - flag_percentile)th percentile: in many "
+            "dimensions a song closer to the mean than almost every training song is as atypical "
+            "as one far away (a typicality test; it also flags that share of in-distribution songs)"
+        },
+    )
+    penalty_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "under guard policy penalize, > 0 replaces the floor for 'ood' by the smooth "
+            "penalty reward -= penalty_weight * (relu(d / t_high - 1) ** 2 + relu(t_low / d - 1) "
+            "** 2), d the distance, t_high/t_low the flag thresholds"
+        },
+    )
+    features: Literal["layer_mean", "layers"] = field(
+        default="layer_mean",
+        metadata={
+            "help": "song feature the statistics describe: the mean of the pooled layers [H], or "
+            "all pooled layers concatenated [L*H]"
+        },
+    )
+    fitted_on: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={"help": "provenance of the stored statistics (songs, dimension, source)"},
+    )
+
+    def __post_init__(self) -> None:
+        p = self.flag_percentile
+        if p is not None and not (math.isfinite(p) and 0 < p <= 100):
+            raise ConfigError(f"ood.flag_percentile: must be in (0, 100] or None, got {p!r}")
+        if not (math.isfinite(self.penalty_weight) and self.penalty_weight >= 0):
+            raise ConfigError(
+                f"ood.penalty_weight: must be a finite number >= 0, got {self.penalty_weight!r}"
+            )
+
+
+@dataclass
 class ApexConfig:
     """Complete configuration of an :class:`~apex_reward.ApexRewardModel` checkpoint."""
 
@@ -625,6 +676,23 @@ class ApexConfig:
         default_factory=GuardConfig,
         metadata={"help": "reward guards: signal-check thresholds and policy"},
     )
+    ood: OodConfig = field(
+        default_factory=OodConfig,
+        metadata={"help": "out-of-distribution score: flag percentile and smooth penalty"},
+    )
+    ensemble_size: int = field(
+        default=1, metadata={"help": "number of trained heads (members) sharing the encoder"}
+    )
+    reward_mode: Literal["mean", "pessimistic"] = field(
+        default="mean",
+        metadata={
+            "help": "ensembles: mean = reward of the members' mean scores; pessimistic = that "
+            "minus pessimism_k times the members' standard deviation of the reward"
+        },
+    )
+    pessimism_k: float = field(
+        default=1.0, metadata={"help": "k of reward_mode pessimistic (mean - k * std)"}
+    )
     untrained: bool = field(
         default=True, metadata={"help": "True until the heads have been trained"}
     )
@@ -639,6 +707,12 @@ class ApexConfig:
             raise ConfigError(
                 f"format_version {self.format_version} is newer than this apex-reward "
                 f"({__version__}) understands ({FORMAT_VERSION}); upgrade apex-reward"
+            )
+        if isinstance(self.ensemble_size, bool) or self.ensemble_size < 1:
+            raise ConfigError(f"ensemble_size: must be an integer >= 1, got {self.ensemble_size!r}")
+        if not (math.isfinite(self.pessimism_k) and self.pessimism_k >= 0):
+            raise ConfigError(
+                f"pessimism_k: must be a finite number >= 0, got {self.pessimism_k!r}"
             )
         names = set(self.score_names)
         if not self.reward_weights:

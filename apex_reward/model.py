@@ -18,7 +18,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from . import ensemble as ensemble_heads
 from . import guard as guard_policy
+from . import ood as ood_score
 from .audio import AudioFrontEnd, Segments, WaveformInput, as_waveform_list, per_song_rates
 from .checkpoint import (
     read_checkpoint,
@@ -30,7 +32,7 @@ from .config import ApexConfig
 from .encoder import MertEncoder
 from .errors import CheckpointError, ConfigError
 from .guard import GuardPolicy
-from .heads import ApexHead, combine_scores, weighted_song_mean
+from .heads import ApexHead, weighted_song_mean
 from .windows import WindowScores, WindowSpec, window_scores
 
 logger = logging.getLogger(__name__)
@@ -72,8 +74,15 @@ class ApexOutput:
         features: the per-segment :class:`SegmentFeatures`, when requested.
         signals: ``{name: [B]}`` float64 signal checks of each input waveform
             (:mod:`apex_reward.signals`); None under the guard policy ``off``.
-        flags: per song, the names of the flags its signals raised (``[]`` when none); None
-            under ``off``. Under ``penalize`` a flagged song's ``reward`` is the floor.
+        flags: per song, the names of the flags its signals raised (``[]`` when none), with
+            ``"ood"`` beyond the OOD threshold; None under ``off``. Under ``penalize`` a flagged
+            song's ``reward`` is the floor (or, for ``ood`` with ``ood.penalty_weight > 0``,
+            reduced by the smooth penalty, :mod:`apex_reward.ood`).
+        ood: ``[B]`` percentile (0–100) of the song's OOD distance among the training songs';
+            None when the checkpoint has no OOD statistics.
+        ood_distance: ``[B]`` the Mahalanobis distance itself (differentiable); None likewise.
+        std: ``{name: [B]}`` standard deviation over the ensemble's heads of every score and of
+            the reward (``"reward"``); None for a single-head checkpoint.
         windows: per-window scores ``[B, W]`` with their times
             (:class:`~apex_reward.windows.WindowScores`), when requested with ``return_windows``.
     """
@@ -85,6 +94,9 @@ class ApexOutput:
     signals: dict[str, torch.Tensor] | None = None
     flags: list[list[str]] | None = None
     windows: WindowScores | None = None
+    ood: torch.Tensor | None = None
+    ood_distance: torch.Tensor | None = None
+    std: dict[str, torch.Tensor] | None = None
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.reward if name == "reward" else self.scores[name]
@@ -126,6 +138,8 @@ class ApexRewardModel(nn.Module):
             from .preference import PreferenceHead
 
             self.preference_head = PreferenceHead(config.preference.head)
+        self.ensemble_heads = ensemble_heads.build_members(config)  # members 1..K-1
+        self.ood_stats: ood_score.OodStatistics | None = None
         self.segment_batch_size = 8
         #: GPU fast path: None = on automatically for CUDA (see set_fast_path), True/False = set
         self.fast_path: bool | None = None
@@ -181,6 +195,9 @@ class ApexRewardModel(nn.Module):
             tensors.update(
                 {f"preference.{k}": v for k, v in self.preference_head.state_dict().items()}
             )
+        tensors.update(ensemble_heads.member_tensors(self))
+        if self.ood_stats is not None:
+            tensors.update(self.ood_stats.to_tensors())
         encoder_state = self.encoder.model.state_dict()
         if cfg.encoder.lora is not None or hasattr(self.encoder.model, "peft_config"):
             # LoRA (apex_reward.lora): base weights under their plain names,
@@ -261,6 +278,8 @@ class ApexRewardModel(nn.Module):
             "encoder": {},
             "encoder_lora": {},
             "preference": {},
+            "ensemble": {},
+            "ood": {},
         }
         for key, value in tensors.items():
             prefix, _, rest = key.partition(".")
@@ -298,6 +317,8 @@ class ApexRewardModel(nn.Module):
             raise CheckpointError(f"{directory}: LoRA weights without encoder.lora in config.json")
         model = cls(config, encoder)
         _load_strict(model.head, groups["head"], "head", directory)
+        ensemble_heads.load_members(model, groups["ensemble"], directory)
+        ood_score.load_statistics(model, groups["ood"], directory)
         if model.preference_head is not None:
             _load_strict(model.preference_head, groups["preference"], "preference", directory)
         elif groups["preference"]:
@@ -501,10 +522,7 @@ class ApexRewardModel(nn.Module):
         self, features: SegmentFeatures, *, return_embeddings: bool = False
     ) -> ApexOutput:
         """Head, combined scores and reward from encoder features (e.g. cached embeddings)."""
-        pred = self.head(
-            features.layer_features, features.song_index, features.weights, features.num_songs
-        )
-        scores = {k: v.float() for k, v in combine_scores(pred).items()}
+        scores, reward, std = ensemble_heads.predict_members(self, features)
         embeddings = None
         if return_embeddings:
             embeddings = weighted_song_mean(
@@ -513,12 +531,15 @@ class ApexRewardModel(nn.Module):
                 features.weights,
                 features.num_songs,
             ).float()
-        return ApexOutput(
+        out = ApexOutput(
             scores=scores,
-            reward=self.reward_from_scores(scores),
+            reward=reward,
             embeddings=embeddings,
             features=features if return_embeddings else None,
+            std=std,
         )
+        ood_score.attach_ood(self, out, features)
+        return out
 
     def forward(
         self,
@@ -605,9 +626,11 @@ class ApexRewardModel(nn.Module):
             name: torch.tensor([s[name] for s in signals], dtype=torch.float64)
             for name in signals[0]
         }
-        out.flags = flags
+        out.flags = ood_score.merge_flags(flags, ood_score.beyond_threshold(self, out))
         floor = guard_policy.reward_floor(self.config)
-        out.reward = guard_policy.apply_policy(out.reward, flags, policy, floor)
+        out.reward = ood_score.guarded_reward(
+            self, out.reward, out.flags, policy, floor, out.ood_distance
+        )
         if spec is not None:
             out.windows = window_scores(
                 self,
@@ -615,7 +638,7 @@ class ApexRewardModel(nn.Module):
                 sample_rate,
                 spec,
                 features=features,
-                flags=flags,
+                flags=out.flags,
                 policy=policy,
                 segment_batch_size=segment_batch_size,
             )

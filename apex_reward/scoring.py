@@ -45,8 +45,13 @@ class ScoreResult:
         duration_s: the audio's duration in seconds, when it was decoded.
         signals: ``{name: value}`` signal checks of the input (:mod:`apex_reward.signals`), or
             None under the guard policy ``off`` (and on error).
-        flags: the flags the signals raised (``[]`` when none), or None as ``signals``. Under
-            ``penalize`` a flagged input's ``reward`` is the floor.
+        flags: the flags the signals raised (``[]`` when none; ``"ood"`` beyond the OOD
+            threshold), or None as ``signals``. Under ``penalize`` a flagged input's ``reward``
+            is the floor.
+        ood: percentile (0–100) of the input's OOD distance among the training songs
+            (:mod:`apex_reward.ood`); None when the checkpoint has no OOD statistics.
+        std: ``{name: value}`` standard deviation over an ensemble's heads of each score and of
+            the reward; None for single-head checkpoints.
         windows: per-window scores when requested (``windows=``): one
             ``{"start_s", "end_s", "scores", "reward"}`` dict per window
             (:mod:`apex_reward.windows`); None otherwise.
@@ -63,6 +68,8 @@ class ScoreResult:
     signals: dict[str, float] | None = None
     flags: list[str] | None = None
     windows: list[dict[str, Any]] | None = None
+    ood: float | None = None
+    std: dict[str, float] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     exception: BaseException | None = field(default=None, repr=False, compare=False)
 
@@ -71,14 +78,18 @@ class ScoreResult:
         return self.error is None
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able record: ``{"path", "scores", "reward"}`` (with ``"signals"`` and ``"flags"``
-        unless the guard was off) or ``{"path", "error", "error_type"}``."""
+        """JSON-able record: ``{"path", "scores", "reward", "ood"}`` (with ``"signals"`` and
+        ``"flags"`` unless the guard was off, ``"std"`` for ensembles) or
+        ``{"path", "error", "error_type"}``."""
         if self.ok:
             d: dict[str, Any] = {"path": self.input, "scores": self.scores, "reward": self.reward}
             if self.signals is not None:
                 d["signals"], d["flags"] = self.signals, self.flags
             if self.windows is not None:
                 d["windows"] = self.windows
+            d["ood"] = self.ood
+            if self.std is not None:
+                d["std"] = self.std
         else:
             d = {"path": self.input, "error": self.error, "error_type": self.error_type}
         d.update(self.extra)
@@ -244,6 +255,8 @@ def _run_batch(
             else {k: float(v[i]) for k, v in out.signals.items()},
             flags=None if out.flags is None else list(out.flags[i]),
             windows=None if per_window is None else per_window[i],
+            ood=None if out.ood is None else float(out.ood[i]),
+            std=None if out.std is None else {k: float(v[i]) for k, v in out.std.items()},
         )
 
 

@@ -41,6 +41,7 @@ from apex_reward.config import SCORE_RANGES
 from apex_reward.errors import ApexError, AudioDecodeError, ConfigError
 from apex_reward.guard import POLICIES, reward_floor
 from apex_reward.loading import ModelOptions, load_model
+from apex_reward.ood import floors
 from apex_reward.robust import check_robust
 from apex_reward.scoring import ScoreResult, describe_error
 from apex_reward.windows import WindowSpec
@@ -550,9 +551,10 @@ class ApexRewardFunction:
         :func:`spec_floor` for a flagged one under the guard policy ``penalize``)."""
         values = [score_value(r, self.score) for r in results]
         if self.guard == "penalize" and any(r.flags for r in results if r is not None):
-            floor = spec_floor(self.score, self.model.config)
+            config = self.model.config
+            floor = spec_floor(self.score, config)
             values = [
-                floor if v is not None and r is not None and r.flags else v
+                floor if v is not None and r is not None and floors(config, r.flags) else v
                 for v, r in zip(values, results)
             ]
         return values
@@ -576,6 +578,12 @@ class ApexRewardFunction:
         for name in self.score_names:
             log_metric(f"{self.__name__}/{name}", float(np.mean([r.scores[name] for r in ok])))
         log_metric(f"{self.__name__}/reward", float(np.mean([r.reward for r in ok])))
+        ood = [r.ood for r in ok if r.ood is not None]
+        if ood:  # mean OOD percentile of the batch (checkpoints with statistics)
+            log_metric(f"{self.__name__}/ood", float(np.mean(ood)))
+        spread = [r.std["reward"] for r in ok if r.std is not None]
+        if spread:  # mean ensemble spread of the reward (ensemble checkpoints)
+            log_metric(f"{self.__name__}/reward_std", float(np.mean(spread)))
 
     def compute(
         self,

@@ -62,6 +62,10 @@ class DemoConfig:
     )
     epochs: int = field(default=200, metadata={"help": "training epochs (early stopping applies)"})
     seed: int = field(default=0, metadata={"help": "random seed for everything"})
+    ensemble: int = field(
+        default=1,
+        metadata={"help": "heads to train (train --ensemble: bootstrap members, one checkpoint)"},
+    )
     workers: int = field(
         default=2, metadata={"help": "threads/processes for audio checks and decoding"}
     )
@@ -155,6 +159,7 @@ def run_demo_pipeline(config: DemoConfig, *, progress: bool = True) -> dict[str,
                 batch_size=512,
                 lr=1e-3,
                 seed=config.seed,
+                ensemble=config.ensemble,
                 device="cpu",
                 log_with="none",
                 resume=False,

@@ -101,6 +101,9 @@ class GridConfig:
     log_with: Literal["auto", "tensorboard", "none"] = field(
         default="auto", metadata={"help": "experiment tracker"}
     )
+    ensemble: int = field(
+        default=1, metadata={"help": "heads per condition (train --ensemble: bootstrap members)"}
+    )
 
     def __post_init__(self) -> None:
         bad = [x for x in self.losses if x not in ("equal", "manual", "uncertainty")]
@@ -184,6 +187,7 @@ def run_grid_experiment(
             seed=config.seed,
             device=config.device,
             log_with=config.log_with,
+            ensemble=config.ensemble,
             resume=True,
             export=bool(config.model),
         )

@@ -327,12 +327,15 @@ class ServerState:
     # -- answers ---------------------------------------------------------------------------------
 
     def result_json(self, r: ScoreResult, name: str) -> dict[str, Any]:
-        """The JSON of one scored clip: ``{"name", "scores", "reward", "duration_s"}``, and its
-        ``"signals"`` and ``"flags"`` unless the server's guard is ``off``, and ``"windows"``
-        when it serves them (``--windows``)."""
+        """The JSON of one scored clip: ``{"name", "scores", "reward", "duration_s", "ood"}``,
+        its ``"signals"`` and ``"flags"`` unless the server's guard is ``off``, ``"std"`` for an
+        ensemble model, and ``"windows"`` when it serves them (``--windows``)."""
         out = {"name": name, "scores": r.scores, "reward": r.reward, "duration_s": r.duration_s}
         if r.signals is not None:
             out["signals"], out["flags"] = r.signals, r.flags
+        out["ood"] = r.ood
+        if r.std is not None:
+            out["std"] = r.std
         if r.windows is not None:
             out["windows"] = r.windows
         return out

@@ -213,4 +213,6 @@ def score_result(name: str, row: dict[str, Any]) -> ScoreResult:
         else {k: float(v) for k, v in row["signals"].items()},
         flags=None if row.get("flags") is None else [str(f) for f in row["flags"]],
         windows=row.get("windows"),
+        ood=None if row.get("ood") is None else float(row["ood"]),
+        std=None if row.get("std") is None else {k: float(v) for k, v in row["std"].items()},
     )

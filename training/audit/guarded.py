@@ -40,6 +40,10 @@ class GuardedBatch:
             (also under ``off``: what the guard *would* flag).
         flags: per clip, the flags under the policy (``[]`` for every clip under ``off``).
         signals: per clip, ``{signal name: value}`` (:func:`apex_reward.signals.measure_signals`).
+        ood: per clip, the OOD percentile (None without OOD statistics; the ``ood`` flag is
+            among the checks beyond the threshold).
+        reward_std: per clip, the ensemble's standard deviation of the reward (None for a
+            single head).
     """
 
     raw_reward: torch.Tensor
@@ -47,6 +51,8 @@ class GuardedBatch:
     checks: list[list[str]]
     flags: list[list[str]]
     signals: list[dict[str, float]]
+    ood: list[float | None] | None = None
+    reward_std: list[float | None] | None = None
 
 
 def guarded_forward(
@@ -86,4 +92,7 @@ def guarded_forward(
     checks = [list(f) for f in out.flags]
     flags = [list(c) if policy != "off" else [] for c in checks]
     signals = [{name: float(v[i]) for name, v in out.signals.items()} for i in range(len(checks))]
-    return GuardedBatch(raw, reward, checks, flags, signals)
+    n = len(checks)
+    ood = [None] * n if out.ood is None else [float(v) for v in out.ood]
+    spread = [None] * n if out.std is None else [float(v) for v in out.std["reward"]]
+    return GuardedBatch(raw, reward, checks, flags, signals, ood, spread)

@@ -65,6 +65,7 @@ from .report import (
     report_markdown,
     snr_ladder,
 )
+from .uncertainty import uncertainty_summary
 
 if TYPE_CHECKING:
     from apex_reward.model import ApexRewardModel
@@ -154,6 +155,8 @@ class ClipScore:
     checks: list[str]
     flagged: bool
     signals: dict[str, float]
+    ood: float | None = None
+    reward_std: float | None = None
 
     @classmethod
     def from_batch(cls, batch: GuardedBatch, i: int) -> ClipScore:
@@ -163,6 +166,8 @@ class ClipScore:
             list(batch.checks[i]),
             bool(batch.flags[i]),
             dict(batch.signals[i]),
+            None if batch.ood is None else batch.ood[i],
+            None if batch.reward_std is None else batch.reward_std[i],
         )
 
 
@@ -236,6 +241,8 @@ class ProbeScore:
             "failing": self.failing,
             "delta_vs_clean": self.delta_vs_clean,
             "signals": s.signals,
+            "ood": s.ood,
+            "reward_std": s.reward_std,
         }
 
 
@@ -487,11 +494,14 @@ def write_report(
                     "checks": s.checks,
                     "flagged": s.flagged,
                     "signals": s.signals,
+                    "ood": s.ood,
+                    "reward_std": s.reward_std,
                 }
                 for c, s in zip(reference.clips, reference.scores)
             ],
         },
         "probes": [p.to_dict() for p in probes],
+        "uncertainty": uncertainty_summary(job.model, reference.scores, probes),
         "ladders": _ladders(reference, probes),
         "attack": attacked.to_dict(cfg),
         "attack_defences": defended or [],

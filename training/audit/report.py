@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from .uncertainty import uncertainty_markdown
+
 __all__ = [
     "percentile_of",
     "snr_ladder",
@@ -203,8 +205,8 @@ def report_markdown(summary: dict[str, Any]) -> str:
         "(Δ raw). Probes are mono at 24 kHz.",
         "",
         "| probe | kind | counted | raw reward | reward | percentile | Δ raw vs clean | flags | "
-        "verdict |",
-        "|---|---|---|---:|---:|---:|---:|---|---|",
+        "OOD | spread | verdict |",
+        "|---|---|---|---:|---:|---:|---:|---|---:|---:|---|",
     ]
     for p in summary["probes"]:
         if p["kind"] == "clean":
@@ -214,7 +216,8 @@ def report_markdown(summary: dict[str, Any]) -> str:
             f"| {p['name']} | {p['kind']} | {'yes' if p['counts'] else 'no'} | "
             f"{_f(p['raw_reward'])} | {_f(p['reward'])} | {p['percentile']:.0f} | "
             f"{_f(p['delta_vs_clean'], 4) if p['delta_vs_clean'] is not None else ''} | "
-            f"{_flags_cell(p['checks'], p['flagged'], policy)} | {verdict} |"
+            f"{_flags_cell(p['checks'], p['flagged'], policy)} | "
+            f"{_f(p.get('ood'), 0)} | {_f(p.get('reward_std'), 4)} | {verdict} |"
         )
     raised = v["transforms_above_clean"]
     lines += [
@@ -223,7 +226,8 @@ def report_markdown(summary: dict[str, Any]) -> str:
         + (", ".join(f"`{n}`" for n in raised) if raised else "none")
         + ". A degradation (noise, low-pass, quantisation, clipping) should not raise it.",
     ]
-    lines += ["", "![probes](probes.png)", "", "## Ladders", "", "### SNR (white noise)", ""]
+    lines += ["", "![probes](probes.png)", ""] + uncertainty_markdown(summary)
+    lines += ["## Ladders", "", "### SNR (white noise)", ""]
     snr = summary["ladders"]["snr"]
     if snr["per_clip"]:
         header = " | ".join(str(lv) if lv == "clean" else f"{lv:g} dB" for lv in snr["levels"])

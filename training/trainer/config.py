@@ -87,8 +87,16 @@ class TrainConfig:
         metadata={"help": "stop (resumably) after this many epochs in this invocation"},
     )
 
+    ensemble: int = field(
+        default=1,
+        metadata={
+            "help": "train K heads on bootstrap resamples of the training songs (seeds seed..seed+K-1) "
+            "and export them as one checkpoint sharing the encoder"
+        },
+    )
+
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "patience"):
+        for name in ("epochs", "batch_size", "patience", "ensemble"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:

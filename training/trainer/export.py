@@ -4,26 +4,35 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 
 from apex_reward.checkpoint import read_checkpoint, save_checkpoint
 from apex_reward.config import ApexConfig, PopularityReferenceConfig, PreferenceCalibration
 from apex_reward.dataclass_io import from_dict, to_dict
 from apex_reward.errors import ConfigError
-from apex_reward.heads import ApexHead
+from apex_reward.heads import ApexHead, weighted_song_mean
+from apex_reward.ood import fit_statistics, song_feature_matrix
 
 from .calibration import fit_validation_temperature
 from .config import TrainConfig
 from .state import TrainState, atomic_json
 
 if TYPE_CHECKING:
+    from .data import SplitData
     from .steps import BestEvaluation, TrainingRun
 
-__all__ = ["export_run", "export_checkpoint"]
+__all__ = ["export_run", "export_checkpoint", "song_level_features"]
+
+logger = logging.getLogger(__name__)
+
+#: fewest training songs OOD statistics are fitted on (5 cross-fitting folds of 2+ songs)
+MIN_OOD_SONGS = 10
 
 
 def export_run(
@@ -69,6 +78,7 @@ def export_run(
                     source=str(config.prepared or config.embeddings or "the training data"),
                     seed=config.seed,
                 ),
+                ood_songs=song_level_features(run.data.splits["train"]),
             )
     accelerator.wait_for_everyone()
     if checkpoint is None and config.export and config.model:
@@ -76,27 +86,41 @@ def export_run(
     return checkpoint
 
 
+def song_level_features(split: SplitData) -> torch.Tensor:
+    """``[S, L, H]`` float32 song features of a split (segment mode: the weighted mean of each
+    song's segments, as the model averages them)."""
+    return weighted_song_mean(
+        split.features.float(), split.song_index, split.weights, len(split.song_ids)
+    )
+
+
 def export_checkpoint(
-    head: ApexHead,
+    head: ApexHead | Sequence[ApexHead],
     config: TrainConfig,
     out: Path,
     *,
     metrics: dict[str, Any] | None = None,
     best_epoch: int | None = None,
+    ood_songs: torch.Tensor | None = None,
+    extra_training: dict[str, Any] | None = None,
     calibrate: Callable[[dict[str, float]], tuple[float, PreferenceCalibration] | None]
     | None = None,
 ) -> Path:
-    """Write a trained :class:`~apex_reward.ApexRewardModel` checkpoint: the trained ``head``, the
-    front end and encoder of ``config.model`` (its stored encoder weights are copied; a referenced
-    encoder stays referenced), and the popularity reference of ``config.prepared``.
+    """Write a trained :class:`~apex_reward.ApexRewardModel` checkpoint: the trained ``head`` (or
+    the heads of an ensemble, member 0 first), the front end and encoder of ``config.model`` (its
+    stored encoder weights are copied; a referenced encoder stays referenced), the popularity
+    reference of ``config.prepared``, and OOD statistics fitted on ``ood_songs`` (``[S, L, H]``
+    training song features; :mod:`apex_reward.ood`).
 
     ``calibrate`` (given the checkpoint's ``reward_weights``) returns the fitted Bradley–Terry
     temperature and its provenance (:mod:`.calibration`), stored in ``preference``; None keeps
     the base checkpoint's temperature."""
+    heads = [head] if isinstance(head, ApexHead) else list(head)
     raw, tensors, _ = read_checkpoint(config.model)
     base = ApexConfig.from_dict(raw)
     cfg = copy.deepcopy(base)
-    cfg.head = copy.deepcopy(head.config)
+    cfg.head = copy.deepcopy(heads[0].config)
+    cfg.ensemble_size = len(heads)
     cfg.untrained = False
     cfg.preference.head = None  # a preference head is fitted for specific heads (apex-reward arena)
     fitted = calibrate(dict(cfg.reward_weights)) if calibrate is not None else None
@@ -114,11 +138,28 @@ def export_checkpoint(
         "best_epoch": best_epoch,
         "test_metrics": (metrics or {}).get("test"),
         "base_checkpoint": str(config.model),
+        **(extra_training or {}),
     }
     out_tensors = {k: v for k, v in tensors.items() if k.startswith("encoder.")}
     out_tensors.update(
-        {f"head.{k}": v.detach().float().cpu() for k, v in head.state_dict().items()}
+        {f"head.{k}": v.detach().float().cpu() for k, v in heads[0].state_dict().items()}
     )
+    for i, member in enumerate(heads[1:]):
+        out_tensors.update(
+            {f"ensemble.{i}.{k}": v.detach().float().cpu() for k, v in member.state_dict().items()}
+        )
+    if ood_songs is not None and len(ood_songs) >= MIN_OOD_SONGS:
+        x = song_feature_matrix(ood_songs.double(), cfg.ood.features)
+        stats, info = fit_statistics(x, seed=config.seed)
+        cfg.ood.fitted_on = {**info, "source": "training split", "embeddings": config.embeddings}
+        out_tensors.update(stats.to_tensors())
+    elif ood_songs is not None:
+        logger.warning(
+            "%d training songs are too few for OOD statistics (need %d); the model reports "
+            "ood null",
+            len(ood_songs),
+            MIN_OOD_SONGS,
+        )
     if cfg.encoder.source is None and not any(k.startswith("encoder.") for k in out_tensors):
         raise ConfigError(f"{config.model} neither references nor stores its encoder weights")
     save_checkpoint(out, cfg.to_dict(), out_tensors)

@@ -85,6 +85,8 @@ def resume_key(config: TrainConfig) -> dict[str, Any]:
         "mixed_precision",
     ):
         d.pop(k, None)
+    if d.get("ensemble") == 1:  # a single head: the key of runs saved before ensembles existed
+        d.pop("ensemble")
     return d
 
 

@@ -82,6 +82,7 @@ class TrainResult:
     log_vars: list[float]
     out: Path
     checkpoint: Path | None = None
+    member_metrics: list[dict[str, Any]] | None = None
 
 
 @dataclass
@@ -501,7 +502,12 @@ def train(
 ) -> TrainResult:
     """Train one condition: :func:`setup`, :func:`resume`, :func:`train_epochs`, then (once
     finished) :func:`evaluate_best` and :func:`export_run`. ``data`` overrides loading from
-    ``config.embeddings``/``config.prepared`` (tests)."""
+    ``config.embeddings``/``config.prepared`` (tests). ``config.ensemble > 1`` trains that many
+    heads (:func:`~.ensemble.train_ensemble`)."""
+    if config.ensemble > 1:
+        from .ensemble import train_ensemble
+
+        return train_ensemble(config, data, progress=progress)
     run = setup(config, data)
     state = resume(run)
     seconds = train_epochs(run, state, progress=progress)

@@ -1,0 +1,320 @@
+"""Out-of-distribution score: how far a song lies from the songs the heads were trained on.
+
+The checkpoint stores statistics of the training songs' embeddings (docs/model.md#out-of-distribution-score):
+
+* ``ood.mean`` ``[D]`` and ``ood.precision`` ``[D, D]`` (float64): location and inverse of a
+  Ledoit-Wolf shrinkage covariance of the song features (scikit-learn, at fit time);
+* ``ood.train_distances`` ``[N]`` (float64, sorted): each training song's Mahalanobis distance,
+  measured *cross-fitted* (statistics fitted without the song's fold), so the distribution is that
+  of a new song from the training distribution, not the optimistic in-sample one.
+
+A song's feature is its segment-weighted mean of the pooled encoder layers (``[L, H]``), reduced
+to the mean over layers (``features="layer_mean"``, ``D = H``) or concatenated (``"layers"``,
+``D = L*H``). Its distance ``d = sqrt((x - mean)^T precision (x - mean))`` is a torch expression
+of the waveform (differentiable); ``ood`` is its percentile among the training distances (0–100,
+not differentiable). ``"ood"`` joins the flags when ``d`` exceeds the threshold
+``t_high = quantile(train_distances, flag_percentile / 100)`` or, with ``lower_tail`` (off by
+default), falls below ``t_low = quantile(train_distances, 1 - flag_percentile / 100)``: in many dimensions
+the training songs lie on a shell around their mean, and an input much closer to the mean than
+any of them (white noise, near-silence) is as atypical as one far outside (a typicality test).
+Under the guard policy ``penalize`` a flagged song gets the floor, or, with
+``penalty_weight = w > 0``, the smooth penalty
+``reward - w * (relu(d / t_high - 1) ** 2 + relu(t_low / d - 1) ** 2)`` instead (zero between the
+thresholds, gradient pointing back towards the training distribution beyond them).
+
+Fitting needs scikit-learn (the ``train`` extra); scoring needs only torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import CheckpointError, ConfigError
+from .heads import weighted_song_mean
+
+if TYPE_CHECKING:
+    from .config import ApexConfig
+    from .model import ApexOutput, ApexRewardModel, SegmentFeatures
+
+__all__ = [
+    "OodStatistics",
+    "fit_statistics",
+    "song_features",
+    "attach_ood",
+    "ood_penalty",
+    "guarded_reward",
+    "set_statistics",
+]
+
+#: tensor names (under the ``ood.`` prefix of ``model.safetensors``)
+TENSOR_NAMES = ("mean", "precision", "train_distances")
+
+
+class OodStatistics(nn.Module):
+    """The stored statistics (buffers, float64) and the distance they define.
+
+    Args:
+        mean: ``[D]`` location of the training song features.
+        precision: ``[D, D]`` inverse shrinkage covariance (symmetric positive definite).
+        train_distances: ``[N]`` cross-fitted distances of the training songs (sorted here).
+    """
+
+    def __init__(
+        self, mean: torch.Tensor, precision: torch.Tensor, train_distances: torch.Tensor
+    ) -> None:
+        super().__init__()
+        self.register_buffer("mean", mean.detach().to(torch.float64).clone())
+        self.register_buffer("precision", precision.detach().to(torch.float64).clone())
+        self.register_buffer(
+            "train_distances", torch.sort(train_distances.detach().to(torch.float64)).values
+        )
+
+    @property
+    def dim(self) -> int:
+        return int(self.mean.shape[0])
+
+    @property
+    def num_songs(self) -> int:
+        return int(self.train_distances.shape[0])
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor], where: Any) -> OodStatistics:
+        """Validate and wrap the ``ood.*`` tensors of a checkpoint.
+
+        Raises:
+            CheckpointError: a missing or unexpected tensor, inconsistent shapes, non-finite values.
+        """
+        names = set(tensors)
+        if names != set(TENSOR_NAMES):
+            raise CheckpointError(
+                f"{where}: OOD statistics need tensors {sorted(TENSOR_NAMES)} under 'ood.', got "
+                f"{sorted(names)}"
+            )
+        mean, precision, dist = (tensors[n] for n in TENSOR_NAMES)
+        d = mean.shape[0] if mean.ndim == 1 else -1
+        if d < 1 or tuple(precision.shape) != (d, d) or dist.ndim != 1 or dist.shape[0] < 2:
+            raise CheckpointError(
+                f"{where}: OOD statistics have inconsistent shapes: mean {tuple(mean.shape)}, "
+                f"precision {tuple(precision.shape)}, train_distances {tuple(dist.shape)}"
+            )
+        for name, t in zip(TENSOR_NAMES, (mean, precision, dist)):
+            if not torch.isfinite(t).all():
+                raise CheckpointError(f"{where}: ood.{name} holds non-finite values")
+        return cls(mean, precision, dist)
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        """``{"ood.mean", "ood.precision", "ood.train_distances"}`` for ``model.safetensors``."""
+        return {f"ood.{n}": getattr(self, n).detach().cpu() for n in TENSOR_NAMES}
+
+    def distance(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, D]`` song features -> ``[B]`` Mahalanobis distances (float64, differentiable)."""
+        if x.shape[-1] != self.dim:
+            raise ConfigError(
+                f"OOD statistics describe {self.dim}-dimensional features, got {x.shape[-1]}"
+            )
+        diff = x.to(torch.float64) - self.mean
+        m = torch.einsum("bi,ij,bj->b", diff, self.precision, diff)
+        return m.clamp_min(1e-12).sqrt()
+
+    def percentile(self, distance: torch.Tensor) -> torch.Tensor:
+        """``[B]`` percentage (0–100) of training songs at or below each distance (float32)."""
+        ref = self.train_distances
+        count = torch.searchsorted(ref, distance.detach().to(ref.dtype).contiguous(), right=True)
+        return (100.0 * count.to(torch.float64) / ref.shape[0]).float()
+
+    def threshold(self, percentile: float) -> float:
+        """The distance at ``percentile`` (0–100) of the training distances (linear interpolation)."""
+        return float(torch.quantile(self.train_distances.cpu(), percentile / 100.0))
+
+
+def song_features(features: SegmentFeatures, kind: str = "layer_mean") -> torch.Tensor:
+    """Per-segment encoder features -> ``[B, D]`` float64 song features (see module doc)."""
+    pooled = weighted_song_mean(
+        features.layer_features.to(torch.float64),
+        features.song_index,
+        features.weights,
+        features.num_songs,
+    )
+    return song_feature_matrix(pooled, kind)
+
+
+def song_feature_matrix(pooled: torch.Tensor, kind: str) -> torch.Tensor:
+    """``[B, L, H]`` song-averaged layer features -> ``[B, D]`` (``layer_mean``: ``D = H``;
+    ``layers``: ``D = L*H``)."""
+    if kind == "layer_mean":
+        return pooled.mean(dim=1)
+    if kind == "layers":
+        return pooled.flatten(1)
+    raise ConfigError(f"ood.features: expected layer_mean or layers, got {kind!r}")
+
+
+def fit_statistics(
+    x: np.ndarray | torch.Tensor, *, folds: int = 5, seed: int = 0
+) -> tuple[OodStatistics, dict[str, Any]]:
+    """Fit the statistics on ``[N, D]`` training song features.
+
+    Mean and precision come from scikit-learn's ``LedoitWolf`` on all N songs; the reference
+    distances are cross-fitted: each song's distance under statistics fitted on the other
+    ``folds - 1`` folds.
+
+    Returns:
+        ``(statistics, info)`` with ``info`` = songs, dimension, folds, shrinkage, seed.
+
+    Raises:
+        ConfigError: fewer than ``2 * folds`` songs, or non-finite features.
+        MissingDependencyError: scikit-learn is not installed.
+    """
+    from .errors import require
+
+    require("sklearn", "train", "fitting OOD statistics")
+    from sklearn.covariance import LedoitWolf
+    from sklearn.model_selection import KFold
+
+    arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    arr = arr.astype(np.float64, copy=False)
+    if arr.ndim != 2:
+        raise ConfigError(f"OOD statistics: expected [N, D] song features, got {arr.shape}")
+    n = arr.shape[0]
+    if n < 2 * folds:
+        raise ConfigError(f"OOD statistics need at least {2 * folds} training songs, got {n}")
+    if not np.isfinite(arr).all():
+        raise ConfigError("OOD statistics: the training song features hold non-finite values")
+    full = LedoitWolf().fit(arr)
+    dist = np.empty(n)
+    for fit_idx, held_idx in KFold(folds, shuffle=True, random_state=seed).split(arr):
+        part = LedoitWolf().fit(arr[fit_idx])
+        diff = arr[held_idx] - part.location_
+        dist[held_idx] = np.sqrt(np.einsum("bi,ij,bj->b", diff, part.precision_, diff))
+    stats = OodStatistics(
+        torch.from_numpy(full.location_), torch.from_numpy(full.precision_), torch.from_numpy(dist)
+    )
+    info = {
+        "songs": int(n),
+        "dimension": int(arr.shape[1]),
+        "folds": int(folds),
+        "shrinkage": float(full.shrinkage_),
+        "seed": int(seed),
+    }
+    return stats, info
+
+
+def set_statistics(
+    model: ApexRewardModel, stats: OodStatistics | None, info: dict[str, Any] | None = None
+) -> None:
+    """Attach (or with None remove) statistics on ``model``; ``info`` goes to
+    ``config.ood.fitted_on``."""
+    if stats is None:
+        model.ood_stats = None
+        model.config.ood.fitted_on = {}
+        return
+    model.ood_stats = stats.to(model.device)
+    model.config.ood.fitted_on = dict(info or {})
+
+
+def load_statistics(
+    model: ApexRewardModel, tensors: Mapping[str, torch.Tensor], where: Path | str
+) -> None:
+    """``from_pretrained``'s hook: the ``ood.*`` tensors (none: no statistics, ``ood`` null)."""
+    if tensors:
+        model.ood_stats = OodStatistics.from_tensors(tensors, where)
+
+
+def threshold_of(model: ApexRewardModel) -> float | None:
+    """The upper flag threshold distance, or None (no statistics, or ``flag_percentile`` None)."""
+    p = model.config.ood.flag_percentile
+    if model.ood_stats is None or p is None:
+        return None
+    return model.ood_stats.threshold(p)
+
+
+def lower_threshold_of(model: ApexRewardModel) -> float | None:
+    """The lower flag threshold distance (``lower_tail``), or None."""
+    p = model.config.ood.flag_percentile
+    if model.ood_stats is None or p is None or not model.config.ood.lower_tail:
+        return None
+    return model.ood_stats.threshold(100.0 - p)
+
+
+def attach_ood(model: ApexRewardModel, out: ApexOutput, features: SegmentFeatures) -> None:
+    """Set ``out.ood`` (``[B]`` percentile) and ``out.ood_distance`` (``[B]``, differentiable)
+    from the segment features (both None when the model has no statistics)."""
+    stats = model.ood_stats
+    if stats is None:
+        out.ood, out.ood_distance = None, None
+        return
+    d = stats.distance(song_features(features, model.config.ood.features))
+    out.ood_distance = d.float()
+    out.ood = stats.percentile(d)
+
+
+def beyond_threshold(model: ApexRewardModel, out: ApexOutput) -> list[bool] | None:
+    """Per song, whether its distance lies beyond a flag threshold; None without statistics."""
+    if out.ood_distance is None:
+        return None
+    d = out.ood_distance.detach().double()
+    beyond = torch.zeros_like(d, dtype=torch.bool)
+    high, low = threshold_of(model), lower_threshold_of(model)
+    if high is not None:
+        beyond |= d > high
+    if low is not None:
+        beyond |= d < low
+    return [bool(v) for v in beyond.tolist()]
+
+
+def merge_flags(flags: list[list[str]], beyond: Sequence[bool] | None) -> list[list[str]]:
+    """``flags`` with ``"ood"`` appended for every song beyond the threshold."""
+    if beyond is None:
+        return flags
+    return [list(f) + (["ood"] if b else []) for f, b in zip(flags, beyond)]
+
+
+def ood_penalty(
+    distance: torch.Tensor, threshold: float, weight: float, lower: float | None = None
+) -> torch.Tensor:
+    """``weight * (relu(distance / threshold - 1) ** 2 + relu(lower / distance - 1) ** 2)``
+    ``[B]`` (the second term only with a ``lower`` threshold): zero between the thresholds,
+    smooth (continuous first derivative) beyond them."""
+    penalty = torch.relu(distance / threshold - 1.0) ** 2
+    if lower is not None:
+        penalty = penalty + torch.relu(lower / distance - 1.0) ** 2
+    return weight * penalty
+
+
+def guarded_reward(
+    model: ApexRewardModel,
+    reward: torch.Tensor,
+    flags: Sequence[Sequence[str]],
+    policy: str,
+    floor: float,
+    distance: torch.Tensor | None,
+) -> torch.Tensor:
+    """The reward under the guard ``policy`` with the OOD flag: under ``penalize`` a flagged
+    song gets ``floor`` (zero gradient), except that with ``ood.penalty_weight > 0`` the ``ood``
+    flag alone does not floor: the smooth :func:`ood_penalty` is subtracted instead."""
+    from .guard import apply_policy
+
+    if policy != "penalize":
+        return reward
+    weight = model.config.ood.penalty_weight
+    t = threshold_of(model)
+    if weight > 0 and distance is not None and t is not None:
+        low = lower_threshold_of(model)
+        reward = reward - ood_penalty(distance.to(reward.dtype), t, weight, low)
+        flags = [[f for f in fl if f != "ood"] for fl in flags]
+    return apply_policy(reward, flags, policy, floor)
+
+
+def floors(config: ApexConfig, flags: Sequence[str] | None) -> bool:
+    """Whether these flags floor a reward under ``penalize`` (``ood`` does not when the smooth
+    penalty is on)."""
+    if not flags:
+        return False
+    if config.ood.penalty_weight > 0:
+        return any(f != "ood" for f in flags)
+    return True
