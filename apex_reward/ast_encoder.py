@@ -20,8 +20,7 @@ from typing import Any
 import torch
 
 from .config import EncoderConfig
-from .encoder import _checkpointed, _resolve_source
-from .errors import CheckpointError
+from .encoder import FrozenEncoder, _checkpointed, load_stock_weights
 from .filterbank import LogMelFilterbank, fbank_frames
 
 logger = logging.getLogger(__name__)
@@ -62,43 +61,16 @@ def load_ast_weights(
     """
     from transformers import ASTModel
 
-    if not config.source:
-        raise CheckpointError(
-            "encoder has no source (hub id or local path) and its weights are not stored in the "
-            "checkpoint; pass an encoder source"
-        )
-    path, commit = _resolve_source(config.source, config.revision)
-    if not (any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin"))):
-        raise CheckpointError(
-            f"encoder source {config.source!r}: no model.safetensors or pytorch_model.bin in {path}"
-        )
-    try:
-        model, info = ASTModel.from_pretrained(
-            str(path),
-            config=_ast_config(config),
-            output_loading_info=True,
-            attn_implementation=attn_implementation,
-        )
-    except (OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"cannot load encoder weights from {str(path)!r}: {e}") from e
-    problems = []
-    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
-        keys = sorted(str(k) for k in info.get(kind, ()))
-        if kind == "unexpected_keys":
-            keys = [k for k in keys if not k.startswith(IGNORED_PREFIXES)]
-        if keys:
-            problems.append(
-                f"{kind.replace('_', ' ')}: {keys[:8]}{' ...' if len(keys) > 8 else ''}"
-            )
-    if problems:
-        raise CheckpointError(
-            f"encoder weights in {str(path)!r} do not match the {config.preset!r} architecture; "
-            + "; ".join(problems)
-        )
-    return model.eval(), commit
+    return load_stock_weights(
+        config,
+        ASTModel,
+        _ast_config(config),
+        ignore_unexpected=IGNORED_PREFIXES,
+        attn_implementation=attn_implementation,
+    )
 
 
-class AstEncoder(torch.nn.Module):
+class AstEncoder(FrozenEncoder):
     """Frozen AST: ``[N, S]`` 16 kHz segments -> ``[N, len(layers), hidden]`` pooled features.
 
     Same interface as :class:`~apex_reward.encoder.MertEncoder` (``model``, ``layers``,
@@ -112,45 +84,14 @@ class AstEncoder(torch.nn.Module):
     """
 
     def __init__(self, config: EncoderConfig, model: Any | None = None) -> None:
-        super().__init__()
-        self.config = config
-        self.model = model if model is not None else build_ast(config)
+        super().__init__(config, model if model is not None else build_ast(config))
         c = self.model.config
         self.filterbank = LogMelFilterbank(c.num_mel_bins, c.max_length)
-        self.layers = tuple(config.layers)
-        self.trainable = False
-        self._compiled: Any = None
-        self.activation_checkpointing = False
-        self.fast_kernels = False
         self.freeze()
 
-    @classmethod
-    def from_pretrained(cls, config: EncoderConfig) -> AstEncoder:
-        """Load the weights named by ``config.source``/``config.revision`` (see
-        :func:`load_ast_weights`); the resolved hub commit is written to ``config.revision``."""
-        model, commit = load_ast_weights(config)
-        if commit and commit != config.revision:
-            logger.info("encoder %s resolved to revision %s", config.source, commit)
-            config.revision = commit
-        return cls(config, model)
-
-    def freeze(self) -> AstEncoder:
-        """Frozen: no parameter gradients, eval mode (no dropout)."""
-        self.model.requires_grad_(False)
-        self.trainable = False
-        self.model.eval()
-        return self
-
-    def train(self, mode: bool = True) -> AstEncoder:
-        """Keeps the frozen encoder in eval mode whatever the parent module's mode is."""
-        super().train(mode)
-        if not self.trainable:
-            self.model.eval()
-        return self
-
-    @property
-    def hidden_size(self) -> int:
-        return self.config.hidden_size
+    @staticmethod
+    def _load_weights(config: EncoderConfig) -> tuple[Any, str | None]:
+        return load_ast_weights(config)
 
     @property
     def patch_grid(self) -> tuple[int, int]:
@@ -172,10 +113,6 @@ class AstEncoder(torch.nn.Module):
         eager. Returns self."""
         self._compiled = torch.compile(self.model, dynamic=False, mode=mode) if enabled else None
         return self
-
-    @property
-    def compiled(self) -> bool:
-        return self._compiled is not None
 
     def set_fast_kernels(self, enabled: bool = True) -> AstEncoder:
         """The GEMM/FFT kernels replace MERT's convolutions; AST has none of them, so this only
