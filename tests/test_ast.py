@@ -3,6 +3,7 @@ weights, and ``init --preset ast-tiny`` through scoring, extraction + training, 
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import re
@@ -68,9 +69,7 @@ def test_ast_tiny_config_and_gradient_reaches_the_waveform(ast_model):
     # layer pooling follows encoder.layers: one feature row per selected hidden state
     feats = ast_model.encode([wave.detach()], 16000)
     assert feats.layer_features.shape[1:] == (4, 64)
-    one = ast_model.encoder.__class__(
-        cfg.encoder.__class__(**{**vars(cfg.encoder), "layers": (1,)})
-    )
+    one = AstEncoder(dataclasses.replace(cfg.encoder, layers=(1,)))  # only hidden state 1
     one.model.load_state_dict(ast_model.encoder.model.state_dict())
     seg = torch.from_numpy(synth_music(2.0, 16000, 1, seed=2))[0][None]
     both = ast_model.encoder(seg, torch.tensor([seg.shape[1]]))
