@@ -1,5 +1,6 @@
 """The AST encoder option: torch filterbank parity, gradients to the waveform, official-layout
-weights, and ``init --preset ast-tiny`` through scoring, extraction + training, and the server."""
+weights, and ``init --preset ast-tiny`` through scoring, extraction + training, the TRL reward
+function and the server."""
 
 from __future__ import annotations
 
@@ -231,6 +232,15 @@ def test_init_ast_tiny_scores_trains_and_serves(tmp_path, capsys):
     with torch.no_grad():
         local = {k: v.item() for k, v in trained([wave], sr).scores.items()}
     assert all(np.isfinite(v) for v in local.values())
+
+    # TRL calls its reward functions with keyword arguments, completions as the decoder gave them
+    from apex_reward.integrations.trl_rewards import ApexRewardFunction
+
+    fn = ApexRewardFunction(trained, score="overall", guard="off")
+    got = fn(
+        prompts=["a song"], completions=[str(clip)], completion_ids=[[1, 2]], trainer_state=None
+    )
+    assert abs(got[0] - local["overall"]) <= 1e-5
 
     app = create_app(trained, ServeConfig(warmup=False))
     with ThreadServer(app) as url, httpx.Client(base_url=url, timeout=120) as http:
