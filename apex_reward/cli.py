@@ -144,7 +144,8 @@ def run_init(args: argparse.Namespace) -> int:
     import torch
 
     from .config import ApexConfig
-    from .encoder import MertEncoder, looks_like_path
+    from .encoder import looks_like_path
+    from .encoders import build_encoder, load_encoder
     from .model import ApexRewardModel
 
     out = Path(args.out)
@@ -164,12 +165,12 @@ def run_init(args: argparse.Namespace) -> int:
     )
     torch.manual_seed(args.seed)
     if config.encoder.source is None:
-        encoder = MertEncoder(config.encoder)  # random weights, stored in the checkpoint
+        encoder = build_encoder(config.encoder)  # random weights, stored in the checkpoint
     elif args.include_encoder:
-        encoder = MertEncoder.from_pretrained(config.encoder)
+        encoder = load_encoder(config.encoder)
     else:
         with torch.device("meta"):  # referenced, not stored: no need to materialise weights
-            encoder = MertEncoder(config.encoder)
+            encoder = build_encoder(config.encoder)
     model = ApexRewardModel(config, encoder)
     model.save_pretrained(
         out, include_encoder=args.include_encoder or config.encoder.source is None

@@ -123,7 +123,52 @@ ENCODER_PRESETS: dict[str, dict[str, Any]] = {
             mask_time_prob=0.05,
         ),
     ),
+    # Audio Spectrogram Transformer (apex_reward/ast_encoder.py): 16 kHz log-mel input, the
+    # dicts are ASTConfig keyword arguments, the front end is the preset's own.
+    "ast-audioset": dict(
+        family="ast",
+        source="MIT/ast-finetuned-audioset-10-10-0.4593",
+        revision="f826b80d28226b62986cc218e5cec390b1096902",
+        layers=(3, 6, 9, -1),
+        frontend=dict(sample_rate=16000, segment_seconds=10.24, normalize=False),
+        hubert=dict(
+            hidden_size=768,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            intermediate_size=3072,
+            hidden_act="gelu",
+            layer_norm_eps=1e-12,
+            qkv_bias=True,
+            patch_size=16,
+            frequency_stride=10,
+            time_stride=10,
+            max_length=1024,
+            num_mel_bins=128,
+        ),
+    ),
+    # Randomly initialised, AST-shaped, for tests (weights stored in the checkpoint).
+    "ast-tiny": dict(
+        family="ast",
+        source=None,
+        revision=None,
+        layers=(0, 1, 2, -1),
+        frontend=dict(sample_rate=16000, segment_seconds=10.24, normalize=False),
+        hubert=dict(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=128,
+            patch_size=16,
+            frequency_stride=10,
+            time_stride=10,
+            max_length=1024,
+            num_mel_bins=128,
+        ),
+    ),
 }
+
+#: Encoder families (apex_reward/encoders.py); ``encoder.hubert`` holds that family's config.
+ENCODER_FAMILIES: tuple[str, ...] = ("mert", "ast")
 
 
 def list_presets() -> list[str]:
@@ -326,7 +371,10 @@ class EncoderConfig:
     preset: str = field(default="mert-v1-95m", metadata={"help": "encoder preset name"})
     hubert: dict[str, Any] = field(
         default_factory=dict,
-        metadata={"help": "HubertConfig keyword arguments (the architecture); filled from preset"},
+        metadata={
+            "help": "architecture: HubertConfig (mert) or ASTConfig (ast) keyword arguments; "
+            "filled from preset"
+        },
     )
     layers: tuple[int, ...] = field(
         default=(3, 6, 9, -1),
@@ -353,8 +401,19 @@ class EncoderConfig:
             "help": "LoRA adapter on the encoder (weights under encoder_lora. in the checkpoint)"
         },
     )
+    family: str | None = field(
+        default=None,
+        metadata={"help": "encoder family: mert or ast; empty: the preset's (mert if none)"},
+    )
 
     def __post_init__(self) -> None:
+        if self.family is None:
+            self.family = ENCODER_PRESETS.get(self.preset, {}).get("family", "mert")
+        if self.family not in ENCODER_FAMILIES:
+            raise ConfigError(
+                f"encoder.family: unknown family {self.family!r}; expected one of "
+                f"{list(ENCODER_FAMILIES)}"
+            )
         if not self.hubert:
             if self.preset not in ENCODER_PRESETS:
                 raise ConfigError(
@@ -397,6 +456,7 @@ class EncoderConfig:
             layers=tuple(p["layers"]),
             source=p["source"] if source == "preset" else source,
             revision=revision,
+            family=p.get("family", "mert"),
         )
 
     @property
@@ -714,6 +774,11 @@ class ApexConfig:
             raise ConfigError(
                 f"pessimism_k: must be a finite number >= 0, got {self.pessimism_k!r}"
             )
+        if self.encoder.family == "ast" and self.frontend.sample_rate != 16000:
+            raise ConfigError(
+                f"frontend.sample_rate: the AST encoder reads 16 kHz audio, got "
+                f"{self.frontend.sample_rate}"
+            )
         names = set(self.score_names)
         if not self.reward_weights:
             raise ConfigError("reward_weights: must name at least one score")
@@ -748,8 +813,9 @@ class ApexConfig:
         **head: Any,
     ) -> ApexConfig:
         """An untrained config for an encoder preset; ``head`` overrides :class:`HeadConfig`."""
+        frontend = {**NEW_FRONTEND, **ENCODER_PRESETS.get(preset, {}).get("frontend", {})}
         return cls(
-            frontend=FrontendConfig(**NEW_FRONTEND),
+            frontend=FrontendConfig(**frontend),
             encoder=EncoderConfig.from_preset(preset, source=encoder_source, revision=revision),
             head=HeadConfig(**head),
         )

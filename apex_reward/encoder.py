@@ -26,7 +26,13 @@ from .errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MertEncoder", "build_hubert", "load_hubert_weights"]
+__all__ = [
+    "FrozenEncoder",
+    "MertEncoder",
+    "build_hubert",
+    "load_hubert_weights",
+    "load_stock_weights",
+]
 
 
 def _hubert_config(config: EncoderConfig):
@@ -97,6 +103,27 @@ def load_hubert_weights(
     """
     from transformers import HubertModel
 
+    return load_stock_weights(
+        config, HubertModel, _hubert_config(config), attn_implementation=attn_implementation
+    )
+
+
+def load_stock_weights(
+    config: EncoderConfig,
+    model_class: Any,
+    model_config: Any,
+    *,
+    ignore_unexpected: tuple[str, ...] = (),
+    attn_implementation: str = "sdpa",
+) -> tuple[Any, str | None]:
+    """Load ``config.source`` (hub id or local dir) into the stock transformers ``model_class``
+    built from ``model_config``; keys starting with ``ignore_unexpected`` may be left over (a
+    task head the encoder does not use). Returns ``(model in eval mode, resolved commit)``.
+
+    Raises:
+        CheckpointError: unreachable source, pickled objects, or any key missing, unexpected or
+            of the wrong shape.
+    """
     if not config.source:
         raise CheckpointError(
             "encoder has no source (hub id or local path) and its weights are not stored in the "
@@ -107,11 +134,10 @@ def load_hubert_weights(
         raise CheckpointError(
             f"encoder source {config.source!r}: no model.safetensors or pytorch_model.bin in {path}"
         )
-    hcfg = _hubert_config(config)
     try:
-        model, info = HubertModel.from_pretrained(
+        model, info = model_class.from_pretrained(
             str(path),
-            config=hcfg,
+            config=model_config,
             output_loading_info=True,
             attn_implementation=attn_implementation,
         )
@@ -126,6 +152,8 @@ def load_hubert_weights(
     problems = []
     for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
         keys = sorted(str(k) for k in info.get(kind, ()))
+        if kind == "unexpected_keys":
+            keys = [k for k in keys if not k.startswith(ignore_unexpected)]
         if keys:
             problems.append(
                 f"{kind.replace('_', ' ')}: {keys[:8]}{' ...' if len(keys) > 8 else ''}"
@@ -138,46 +166,43 @@ def load_hubert_weights(
     return model.eval(), commit
 
 
-class MertEncoder(torch.nn.Module):
-    """Frozen MERT: ``[N, S]`` segments -> ``[N, len(layers), hidden]`` time-pooled layer features.
+class FrozenEncoder(torch.nn.Module):
+    """What every encoder family shares: a stock transformers model in ``self.model``, frozen
+    (no parameter gradients, eval mode) unless ``trainable`` (LoRA), and weights loaded by the
+    family's ``_load_weights(config) -> (model, commit)``."""
 
-    Args:
-        config: architecture, weight source and pooled layers.
-        model: a ``HubertModel`` to wrap; built randomly from ``config`` when omitted.
-    """
-
-    def __init__(self, config: EncoderConfig, model: Any | None = None) -> None:
+    def __init__(self, config: EncoderConfig, model: Any) -> None:
         super().__init__()
         self.config = config
-        self.model = model if model is not None else build_hubert(config)
-        # LayerDrop (active only in training mode, e.g. LoRA fine-tuning) skips whole layers and
-        # leaves them out of `hidden_states`, which the layer pooling indexes: keep every layer.
-        self.model.config.layerdrop = 0.0
+        self.model = model
         self.layers = tuple(config.layers)
         self.trainable = False
         self._compiled: Any = None
         self.activation_checkpointing = False
         self.fast_kernels = False
-        self.freeze()
+
+    @staticmethod
+    def _load_weights(config: EncoderConfig) -> tuple[Any, str | None]:
+        raise NotImplementedError
 
     @classmethod
-    def from_pretrained(cls, config: EncoderConfig) -> MertEncoder:
-        """Load the weights named by ``config.source``/``config.revision`` (see
-        :func:`load_hubert_weights`); the resolved hub commit is written to ``config.revision``."""
-        model, commit = load_hubert_weights(config)
+    def from_pretrained(cls, config: EncoderConfig) -> Any:
+        """Load the weights named by ``config.source``/``config.revision``; the resolved hub
+        commit is written to ``config.revision``."""
+        model, commit = cls._load_weights(config)
         if commit and commit != config.revision:
             logger.info("encoder %s resolved to revision %s", config.source, commit)
             config.revision = commit
         return cls(config, model)
 
-    def freeze(self) -> MertEncoder:
+    def freeze(self) -> Any:
         """Frozen: no parameter gradients, eval mode (no dropout, no SpecAugment masking)."""
         self.model.requires_grad_(False)
         self.trainable = False
         self.model.eval()
         return self
 
-    def train(self, mode: bool = True) -> MertEncoder:
+    def train(self, mode: bool = True) -> Any:
         """Keeps the frozen encoder in eval mode whatever the parent module's mode is."""
         super().train(mode)
         if not self.trainable:
@@ -187,6 +212,30 @@ class MertEncoder(torch.nn.Module):
     @property
     def hidden_size(self) -> int:
         return self.config.hidden_size
+
+    @property
+    def compiled(self) -> bool:
+        return self._compiled is not None
+
+
+class MertEncoder(FrozenEncoder):
+    """Frozen MERT: ``[N, S]`` segments -> ``[N, len(layers), hidden]`` time-pooled layer features.
+
+    Args:
+        config: architecture, weight source and pooled layers.
+        model: a ``HubertModel`` to wrap; built randomly from ``config`` when omitted.
+    """
+
+    def __init__(self, config: EncoderConfig, model: Any | None = None) -> None:
+        super().__init__(config, model if model is not None else build_hubert(config))
+        # LayerDrop (active only in training mode, e.g. LoRA fine-tuning) skips whole layers and
+        # leaves them out of `hidden_states`, which the layer pooling indexes: keep every layer.
+        self.model.config.layerdrop = 0.0
+        self.freeze()
+
+    @staticmethod
+    def _load_weights(config: EncoderConfig) -> tuple[Any, str | None]:
+        return load_hubert_weights(config)
 
     def frame_lengths(self, valid: torch.Tensor) -> torch.Tensor:
         """Number of encoder frames (75 Hz) covering ``valid`` samples, at least 1. ``[N]``."""
@@ -210,10 +259,6 @@ class MertEncoder(torch.nn.Module):
             self.model.config._attn_implementation = "sdpa"
         self._compiled = torch.compile(self.model, dynamic=False, mode=mode) if enabled else None
         return self
-
-    @property
-    def compiled(self) -> bool:
-        return self._compiled is not None
 
     def set_fast_kernels(self, enabled: bool = True) -> MertEncoder:
         """Replace the forwards of the feature extractor and the positional convolution by the

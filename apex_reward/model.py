@@ -29,7 +29,7 @@ from .checkpoint import (
     state_mismatch,
 )
 from .config import ApexConfig
-from .encoder import MertEncoder
+from .encoders import Encoder, build_encoder, load_encoder
 from .errors import CheckpointError, ConfigError
 from .guard import GuardPolicy
 from .heads import ApexHead, weighted_song_mean
@@ -122,11 +122,11 @@ class ApexRewardModel(nn.Module):
             memory for long songs; does not change the scores).
     """
 
-    def __init__(self, config: ApexConfig, encoder: MertEncoder | None = None) -> None:
+    def __init__(self, config: ApexConfig, encoder: Encoder | None = None) -> None:
         super().__init__()
         self.config = config
         self.frontend = AudioFrontEnd(config.frontend)
-        self.encoder = encoder if encoder is not None else MertEncoder(config.encoder)
+        self.encoder = encoder if encoder is not None else build_encoder(config.encoder)
         # The head is tiny next to the encoder; running it in float64 makes a song's score
         # independent of which other songs share its batch (float32 GEMM kernels differ by batch
         # size), at no measurable cost. Checkpoints store it as it is (a few MB).
@@ -152,7 +152,7 @@ class ApexRewardModel(nn.Module):
 
     @classmethod
     def from_config(
-        cls, config: ApexConfig, *, encoder: Literal["load", "random"] | MertEncoder = "load"
+        cls, config: ApexConfig, *, encoder: Literal["load", "random"] | Encoder = "load"
     ) -> ApexRewardModel:
         """A model with freshly initialised heads.
 
@@ -160,16 +160,16 @@ class ApexRewardModel(nn.Module):
         random weights, with a warning, only for an encoder without a source); ``"random"``
         initialises the encoder randomly (tests, the tiny demo).
         """
-        if isinstance(encoder, MertEncoder):
+        if isinstance(encoder, torch.nn.Module):
             enc = encoder
         elif encoder == "load" and config.encoder.source:
-            enc = MertEncoder.from_pretrained(config.encoder)
+            enc = load_encoder(config.encoder)
         else:
             if encoder == "load":
                 logger.warning(
                     "encoder %r has no weight source: using random weights", config.encoder.preset
                 )
-            enc = MertEncoder(config.encoder)
+            enc = build_encoder(config.encoder)
         return cls(config, enc).eval()
 
     def save_pretrained(
@@ -294,7 +294,7 @@ class ApexRewardModel(nn.Module):
                     f"{directory} stores its encoder weights; an encoder source (--encoder "
                     f"{encoder_source}) applies only to checkpoints that reference their encoder"
                 )
-            encoder = MertEncoder(config.encoder)
+            encoder = build_encoder(config.encoder)
             _load_strict(encoder.model, groups["encoder"], "encoder", directory)
         else:
             if groups["encoder"]:
@@ -307,7 +307,7 @@ class ApexRewardModel(nn.Module):
                 config.encoder.source, config.encoder.revision = encoder_source, None
             else:
                 config.encoder.source = resolve_encoder_source(directory, config.encoder.source)
-            encoder = MertEncoder.from_pretrained(config.encoder)
+            encoder = load_encoder(config.encoder)
         if config.encoder.lora is not None:
             # LoRA hook: rebuild the adapter recorded in config.json (needs peft)
             from .lora import attach_lora
