@@ -243,6 +243,8 @@ def model_card(
     ]
     for key in ("calibration", "ood"):  # recorded by newer versions; absent in older ones
         value = config.get(key)
+        if key == "ood" and isinstance(value, Mapping) and not value.get("fitted_on"):
+            value = None  # OOD settings without fitted statistics: nothing was measured
         calib.append(
             f"- {key}: " + (json.dumps(value, sort_keys=True)[:400] if value else NOT_RECORDED)
         )

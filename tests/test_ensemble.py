@@ -69,6 +69,8 @@ def test_checkpoint_holds_all_heads_one_encoder_and_statistics(runs):
     _, ensemble, _ = runs
     raw, tensors, _ = read_checkpoint(ensemble.checkpoint)
     assert raw["ensemble_size"] == K and raw["training"]["ensemble"] == K
+    # every trained checkpoint carries a fitted Bradley-Terry temperature, ensembles included
+    assert raw["preference"]["calibration"]["pairs"] > 0 and raw["preference"]["temperature"] != 1.0
     assert {k.split(".")[1] for k in tensors if k.startswith("ensemble.")} == {"0", "1"}
     assert any(k.startswith("ood.") for k in tensors) and raw["ood"]["fitted_on"]["songs"] > 0
     model = ApexRewardModel.from_pretrained(ensemble.checkpoint)

@@ -20,7 +20,7 @@ endpoint can raise it.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from apex_reward.errors import (
     ApexError,
@@ -31,6 +31,9 @@ from apex_reward.errors import (
 )
 
 from .batcher import BatcherStoppedError, OverloadedError
+
+if TYPE_CHECKING:
+    from apex_reward.scoring import ScoreResult
 
 __all__ = [
     "RequestError",
@@ -246,3 +249,13 @@ class ClipError(Exception):
 def error_payload(type: str, message: str) -> dict[str, Any]:
     """The body of an error response: ``{"error": {"type", "message"}}``."""
     return {"error": {"type": type, "message": message}}
+
+
+def result_error(r: ScoreResult) -> ClipError:
+    """The typed error of a clip the model could not score."""
+    message = f"{r.input}: {r.error}" if r.error and r.input else (r.error or "failed")
+    # no exception: the model's output was unusable (e.g. non-finite scores), a server fault
+    error = r.exception if r.exception is not None else ModelOutputError(message)
+    if type_of(error) == "InternalError":
+        message = f"{r.error_type}: {message}"
+    return ClipError(r.input, error, message)

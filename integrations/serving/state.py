@@ -28,7 +28,7 @@ from ..reward_logs import FailureLog, RewardLogs
 from .batcher import DynamicBatcher, OverloadedError
 from .config import ServeConfig
 from .decoding import ClipDecoder, Source
-from .errors import ClientGone, ClipError, ModelOutputError, ScoringTimeout, type_of
+from .errors import ClientGone, ClipError, ModelOutputError, ScoringTimeout, result_error
 from .limits import DecodeBudget
 from .metrics import ServerMetrics
 from .prepare import InferencePrep, Prepared
@@ -67,16 +67,6 @@ async def _disconnected(receive: Callable[[], Awaitable[dict]]) -> None:
             pass
     except Exception:  # the connection is unusable: nobody will read the answer
         return
-
-
-def _result_error(r: ScoreResult) -> ClipError:
-    """The typed error of a clip the model could not score."""
-    message = f"{r.input}: {r.error}" if r.error and r.input else (r.error or "failed")
-    # no exception: the model's output was unusable (e.g. non-finite scores), a server fault
-    error = r.exception if r.exception is not None else ModelOutputError(message)
-    if type_of(error) == "InternalError":
-        message = f"{r.error_type}: {message}"
-    return ClipError(r.input, error, message)
 
 
 class ServerState:
@@ -257,7 +247,7 @@ class ServerState:
         r: ScoreResult = f.result()
         if clip.prepared is not None:
             r = self.prep.finish(r, clip.prepared)
-        return r if r.ok else _result_error(r)
+        return r if r.ok else result_error(r)
 
     async def score_clips(
         self,
@@ -327,9 +317,8 @@ class ServerState:
     # -- answers ---------------------------------------------------------------------------------
 
     def result_json(self, r: ScoreResult, name: str) -> dict[str, Any]:
-        """The JSON of one scored clip: ``{"name", "scores", "reward", "duration_s", "ood"}``,
-        its ``"signals"`` and ``"flags"`` unless the server's guard is ``off``, ``"std"`` for an
-        ensemble model, and ``"windows"`` when it serves them (``--windows``)."""
+        """One scored clip's JSON: name, scores, reward, duration_s, ood; signals and flags
+        unless the guard is off; std (ensembles); windows (``--windows``)."""
         out = {"name": name, "scores": r.scores, "reward": r.reward, "duration_s": r.duration_s}
         if r.signals is not None:
             out["signals"], out["flags"] = r.signals, r.flags

@@ -26,6 +26,7 @@ from apex_reward.config import HeadConfig
 from apex_reward.dataclass_io import to_dict
 from apex_reward.heads import ApexHead
 
+from .calibration import fit_validation_temperature
 from .config import TrainConfig
 from .data import SplitData, TrainingData, load_training_data
 from .export import export_checkpoint, song_level_features
@@ -131,6 +132,15 @@ def train_ensemble(config: TrainConfig, data: TrainingData | None = None, *, pro
                 metrics=metrics,
                 best_epoch=results[0].best_epoch,
                 ood_songs=song_level_features(data.splits["train"]),
+                # the ensemble's mean reward is what preference_logits compares
+                calibrate=lambda weights: fit_validation_temperature(
+                    ensemble,
+                    data,
+                    torch.device("cpu"),
+                    weights,
+                    source=str(config.prepared or config.embeddings or "the training data"),
+                    seed=config.seed,
+                ),
                 extra_training={
                     "ensemble": config.ensemble,
                     "member_seeds": [config.seed + i for i in range(config.ensemble)],
