@@ -93,6 +93,6 @@ def guarded_forward(
     flags = [list(c) if policy != "off" else [] for c in checks]
     signals = [{name: float(v[i]) for name, v in out.signals.items()} for i in range(len(checks))]
     n = len(checks)
-    ood = [None] * n if out.ood is None else [float(v) for v in out.ood]
+    ood = [None] * n if out.ood is None else [float(v) for v in out.ood.detach()]
     spread = [None] * n if out.std is None else [float(v) for v in out.std["reward"].detach()]
     return GuardedBatch(raw, reward, checks, flags, signals, ood, spread)
