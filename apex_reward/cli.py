@@ -423,7 +423,7 @@ def run_compare(args: argparse.Namespace) -> int:
 
 
 def _split_output(out):
-    from .model import ApexOutput
+    from .outputs import ApexOutput
 
     a = ApexOutput(scores={k: v[:1] for k, v in out.scores.items()}, reward=out.reward[:1])
     b = ApexOutput(scores={k: v[1:] for k, v in out.scores.items()}, reward=out.reward[1:])

@@ -26,7 +26,8 @@ from .heads import ApexHead, combine_scores
 
 if TYPE_CHECKING:
     from .config import ApexConfig
-    from .model import ApexRewardModel, SegmentFeatures
+    from .model import ApexRewardModel
+    from .outputs import SegmentFeatures
 
 __all__ = ["build_members", "members", "predict_members", "load_members", "member_tensors"]
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,91 +22,19 @@ from . import guard as guard_policy
 from . import ood as ood_score
 from .audio import AudioFrontEnd, Segments, WaveformInput, as_waveform_list, per_song_rates
 from .checkpoint import (
-    read_checkpoint,
-    resolve_encoder_source,
     save_checkpoint,
-    state_mismatch,
 )
 from .config import ApexConfig
 from .encoders import Encoder, build_encoder, load_encoder
-from .errors import CheckpointError, ConfigError
+from .errors import ConfigError
 from .guard import GuardPolicy
 from .heads import ApexHead, weighted_song_mean
-from .windows import WindowScores, WindowSpec, window_scores
+from .outputs import ApexOutput, SegmentFeatures
+from .windows import WindowSpec, window_scores
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["ApexRewardModel", "ApexOutput", "SegmentFeatures"]
-
-
-@dataclass
-class SegmentFeatures:
-    """Encoder output for a batch of songs, before the head.
-
-    Attributes:
-        layer_features: ``[N, L, H]`` float32 time-pooled hidden states of the L selected layers,
-            one row per 30 s segment.
-        song_index: ``[N]`` int64 song of each segment.
-        weights: ``[N]`` float32 weight of each segment in its song's average.
-        durations_s: ``[B]`` float32 song durations in seconds.
-        num_songs: B.
-    """
-
-    layer_features: torch.Tensor
-    song_index: torch.Tensor
-    weights: torch.Tensor
-    durations_s: torch.Tensor
-    num_songs: int
-
-
-@dataclass
-class ApexOutput:
-    """Named outputs of :class:`ApexRewardModel`; every tensor is ``[B]`` unless noted.
-
-    Attributes:
-        scores: ``{name: [B]}`` — the predicted tasks (streams, likes in 0–100; coherence,
-            musicality, memorability, clarity, naturalness in 1–5) and the combined scores
-            popularity (0–100), songeval (1–5, full models) and overall (0–1).
-        reward: ``[B]`` the configured weighted sum of scores.
-        embeddings: ``[B, H]`` song embeddings (aggregated layers, averaged over segments), when
-            requested with ``return_embeddings=True``.
-        features: the per-segment :class:`SegmentFeatures`, when requested.
-        signals: ``{name: [B]}`` float64 signal checks of each input waveform
-            (:mod:`apex_reward.signals`); None under the guard policy ``off``.
-        flags: per song, the names of the flags its signals raised (``[]`` when none), with
-            ``"ood"`` beyond the OOD threshold; None under ``off``. Under ``penalize`` a flagged
-            song's ``reward`` is the floor (or, for ``ood`` with ``ood.penalty_weight > 0``,
-            reduced by the smooth penalty, :mod:`apex_reward.ood`).
-        ood: ``[B]`` percentile (0–100) of the song's OOD distance among the training songs';
-            None when the checkpoint has no OOD statistics.
-        ood_distance: ``[B]`` the Mahalanobis distance itself (differentiable); None likewise.
-        std: ``{name: [B]}`` standard deviation over the ensemble's heads of every score and of
-            the reward (``"reward"``); None for a single-head checkpoint.
-        windows: per-window scores ``[B, W]`` with their times
-            (:class:`~apex_reward.windows.WindowScores`), when requested with ``return_windows``.
-    """
-
-    scores: dict[str, torch.Tensor]
-    reward: torch.Tensor
-    embeddings: torch.Tensor | None = None
-    features: SegmentFeatures | None = None
-    signals: dict[str, torch.Tensor] | None = None
-    flags: list[list[str]] | None = None
-    windows: WindowScores | None = None
-    ood: torch.Tensor | None = None
-    ood_distance: torch.Tensor | None = None
-    std: dict[str, torch.Tensor] | None = None
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        return self.reward if name == "reward" else self.scores[name]
-
-    def to_records(self) -> list[dict[str, float]]:
-        """One ``{score name: float, ..., "reward": float}`` dict per song."""
-        names = list(self.scores)
-        values = torch.stack([self.scores[n] for n in names] + [self.reward], dim=1)
-        return [
-            dict(zip(names + ["reward"], row)) for row in values.detach().float().cpu().tolist()
-        ]
 
 
 class ApexRewardModel(nn.Module):
@@ -260,83 +187,22 @@ class ApexRewardModel(nn.Module):
         Raises:
             CheckpointError, ConfigError: missing/corrupt/tampered files or invalid config fields.
         """
-        raw, tensors, directory = read_checkpoint(
+        from .pretrained import load_pretrained
+
+        return load_pretrained(
+            cls,
             path_or_id,
             revision=revision,
+            encoder_source=encoder_source,
+            device=device,
+            freeze=freeze,
             verify=verify,
+            fast=fast,
             trust_unverified=trust_unverified,
             token=token,
             cache_dir=cache_dir,
             local_files_only=local_files_only,
         )
-        try:
-            config = ApexConfig.from_dict(raw)
-        except ConfigError as e:
-            raise ConfigError(f"{directory / 'config.json'}: {e}") from e
-        groups: dict[str, dict[str, torch.Tensor]] = {
-            "head": {},
-            "encoder": {},
-            "encoder_lora": {},
-            "preference": {},
-            "ensemble": {},
-            "ood": {},
-        }
-        for key, value in tensors.items():
-            prefix, _, rest = key.partition(".")
-            if prefix not in groups:
-                raise CheckpointError(
-                    f"{directory}: unexpected tensor {key!r} in model.safetensors"
-                )
-            groups[prefix][rest] = value
-        if config.encoder.stored:
-            if encoder_source is not None:
-                raise ConfigError(
-                    f"{directory} stores its encoder weights; an encoder source (--encoder "
-                    f"{encoder_source}) applies only to checkpoints that reference their encoder"
-                )
-            encoder = build_encoder(config.encoder)
-            _load_strict(encoder.model, groups["encoder"], "encoder", directory)
-        else:
-            if groups["encoder"]:
-                raise CheckpointError(
-                    f"{directory}: config says the encoder is not stored, but model.safetensors "
-                    "holds encoder weights"
-                )
-            if encoder_source is not None and encoder_source != config.encoder.source:
-                # the recorded revision belongs to the recorded source, not to this one
-                config.encoder.source, config.encoder.revision = encoder_source, None
-            else:
-                config.encoder.source = resolve_encoder_source(directory, config.encoder.source)
-            encoder = load_encoder(config.encoder)
-        if config.encoder.lora is not None:
-            # LoRA hook: rebuild the adapter recorded in config.json (needs peft)
-            from .lora import attach_lora
-
-            attach_lora(encoder, config.encoder.lora, groups["encoder_lora"], where=directory)
-        elif groups["encoder_lora"]:
-            raise CheckpointError(f"{directory}: LoRA weights without encoder.lora in config.json")
-        model = cls(config, encoder)
-        _load_strict(model.head, groups["head"], "head", directory)
-        ensemble_heads.load_members(model, groups["ensemble"], directory)
-        ood_score.load_statistics(model, groups["ood"], directory)
-        if model.preference_head is not None:
-            _load_strict(model.preference_head, groups["preference"], "preference", directory)
-        elif groups["preference"]:
-            raise CheckpointError(f"{directory}: preference weights without a preference config")
-        if freeze:
-            model.requires_grad_(False)
-        elif config.encoder.lora is not None:
-            from .lora import lora_parameters
-
-            for p in lora_parameters(model):
-                p.requires_grad_(True)
-            model.encoder.trainable = True
-        if device is not None:
-            model.to(device)
-        model.fast_path = fast
-        if fast:
-            model.set_fast_path(True)
-        return model.eval()
 
     def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
         """Upload this model (checkpoint + generated model card) to the Hub repo ``repo_id``;
@@ -805,12 +671,3 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
         return _DTYPES[str(dtype).lower()]
     except KeyError:
         raise ConfigError(f"unknown dtype {dtype!r}; expected one of fp32, bf16, fp16") from None
-
-
-def _load_strict(
-    module: nn.Module, state: dict[str, torch.Tensor], name: str, directory: Path
-) -> None:
-    problem = state_mismatch(module.state_dict(), state)
-    if problem:
-        raise CheckpointError(f"{directory}: {name} weights do not match config.json: {problem}")
-    module.load_state_dict(state, strict=True)

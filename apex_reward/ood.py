@@ -40,7 +40,8 @@ from .heads import weighted_song_mean
 
 if TYPE_CHECKING:
     from .config import ApexConfig
-    from .model import ApexOutput, ApexRewardModel, SegmentFeatures
+    from .model import ApexRewardModel
+    from .outputs import ApexOutput, SegmentFeatures
 
 __all__ = [
     "OodStatistics",

@@ -37,7 +37,8 @@ from .audio import WaveformInput, as_waveform_list, per_song_rates
 from .errors import ConfigError
 
 if TYPE_CHECKING:
-    from .model import ApexOutput, ApexRewardModel
+    from .model import ApexRewardModel
+    from .outputs import ApexOutput
 
 __all__ = [
     "GAIN_DB",

@@ -35,7 +35,8 @@ from .errors import ConfigError
 from .heads import combine_scores
 
 if TYPE_CHECKING:
-    from .model import ApexRewardModel, SegmentFeatures
+    from .model import ApexRewardModel
+    from .outputs import SegmentFeatures
 
 __all__ = ["WindowSpec", "WindowScores", "window_scores", "window_token_spans"]
 

@@ -22,7 +22,7 @@ import torch
 
 from apex_reward.errors import ApexError, ConfigError, DataIntegrityError, require
 from apex_reward.files import atomic_path, atomic_write_text, file_sha256
-from apex_reward.model import SegmentFeatures
+from apex_reward.outputs import SegmentFeatures
 
 __all__ = [
     "EmbeddingStore",
