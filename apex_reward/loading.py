@@ -6,7 +6,7 @@ options and loads it through :func:`load_model`. That makes the device choice, t
 switch, the error for an unusable device and the warning for an untrained model the same
 everywhere. Job configs embed the options as a field ``model: ModelOptions`` marked
 ``flatten``, so their flags stay ``--model``, ``--encoder``, ``--revision``, ``--device`` and
-``--dtype`` (see :mod:`apex_reward.dataclass_io`).
+``--dtype``, ``--cache-dir`` and ``--local-files-only`` (see :mod:`apex_reward.dataclass_io`).
 """
 
 from __future__ import annotations
@@ -64,6 +64,21 @@ class ModelOptions:
             "help": "encoder precision: auto = the GPU fast path (fp16 weights, fast kernels) on "
             "CUDA and exact float32 on CPU; fp32 = exact float32 (turns the fast path off); "
             "fp16/bf16 = the fast path in that dtype"
+        },
+    )
+
+    cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "where hub downloads are cached (unset: the Hugging Face default cache)",
+            "metavar": "DIR",
+        },
+    )
+    local_files_only: bool = field(
+        default=False,
+        metadata={
+            "help": "never reach the network: load a hub id only from the local cache (like "
+            "HF_HUB_OFFLINE=1 for this model)"
         },
     )
 
@@ -160,6 +175,8 @@ def load_model(
         encoder_source=options.encoder,
         device=device,
         freeze=freeze,
+        cache_dir=options.cache_dir,
+        local_files_only=options.local_files_only,
     ).set_precision(options.dtype)
     warn_if_untrained(model, path, heads=heads)
     return model

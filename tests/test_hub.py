@@ -22,6 +22,7 @@ from conftest import fast_model, synth_music
 from apex_reward import ApexRewardModel
 from apex_reward.errors import CheckpointError, ConfigError
 from apex_reward.hub import NOT_RECORDED, model_card
+from apex_reward.loading import ModelOptions, load_model
 
 TOKEN = "hf_test_token_abc"
 
@@ -194,6 +195,16 @@ def test_push_to_hub_uploads_checkpoint_and_card_and_from_pretrained_reads_it(
     )
     assert hub.requests == []
     torch.testing.assert_close(rewards(again), rewards(tiny_model))
+    # the jobs' loader (every command's --cache-dir/--local-files-only) takes the same path
+    opts = ModelOptions(
+        model="apex-org/tiny-apex",
+        revision="v1",
+        device="cpu",
+        cache_dir=str(cache),
+        local_files_only=True,
+    )
+    torch.testing.assert_close(rewards(load_model(opts)), rewards(tiny_model))
+    assert hub.requests == []
     # ...and a repo that is not in the cache is an error naming it, still without a request
     with pytest.raises(CheckpointError, match="apex-org/other"):
         ApexRewardModel.from_pretrained("apex-org/other", cache_dir=cache, local_files_only=True)

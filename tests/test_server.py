@@ -489,7 +489,7 @@ def test_get_reward_answers_openrlhf_shaped_request(server, clips, reference, au
         "prompts": prompts,
         "labels": labels,
     }
-    # exactly what openrlhf.utils.remote_rm_utils.request_api_wrapper sends: requests.post(
+    # what OpenRLHF's remote reward client (openrlhf.utils.remote_rm_utils) sends: requests.post(
     # url=url, json=data, headers={"Content-Type": "application/json"}, timeout=180); the key
     # rides in the URL because OpenRLHF sends no other header
     resp = httpx.post(

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from apex_reward.errors import ApexError, ConfigError
+from apex_reward.inputs import AUDIO_SUFFIXES
 
 __all__ = [
     "AUDIO_SUFFIXES",
@@ -44,8 +45,6 @@ logger = logging.getLogger(__name__)
 
 #: Sample rate (Hz) of every probe.
 PROBE_RATE = 24_000
-#: Audio file suffixes read from a ``--reference`` directory.
-AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".opus", ".mp3")
 #: Gain ladder (dB) applied to one reference clip (0 dB is the clean clip).
 GAIN_LADDER_DB: tuple[float, ...] = (-40.0, -30.0, -20.0, -10.0, -6.0, 0.0, 6.0)
 #: SNR ladder (dB): white noise added to each probe clip, from mild to strong.
