@@ -57,7 +57,7 @@ COMMANDS: tuple[str, ...] = (
     "apex_reward.training.recipe:COMMAND",
     "apex_reward.training.calibrate:COMMAND",
     "apex_reward.training.ood_stats:COMMAND",
-    "apex_reward.integrations.pairs:COMMAND",
+    "apex_reward.integrations.pairs_job:COMMAND",
     "apex_reward.integrations.serving.command:COMMAND",
 )
 

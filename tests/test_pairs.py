@@ -19,10 +19,10 @@ from apex_reward.integrations.pairs import (
     PAIR_COLUMNS,
     PairStats,
     build_preference_pairs,
-    read_candidates,
     score_and_build_pairs,
     select_pairs,
 )
+from apex_reward.integrations.pairs_job import read_candidates
 
 # ----------------------------------------------------------------------------------------------
 # strategies
