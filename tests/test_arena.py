@@ -25,17 +25,19 @@ from apex_reward.training.arena.evaluation import (
     CLASSIFIERS,
     build_preference_data,
     cross_validate,
-    evaluate,
-    plot_reliability,
-    plot_roc,
     reliability,
     rule_scores,
-    write_metric_tables,
 )
 from apex_reward.training.arena.head import (
     fit_preference_head,
     fit_system_offsets,
     write_preference_to_checkpoint,
+)
+from apex_reward.training.arena.metrics import (
+    evaluate,
+    plot_reliability,
+    plot_roc,
+    write_metric_tables,
 )
 from apex_reward.training.arena.synthetic import TruePreference, make_synthetic_arena
 

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from apex_reward.calibration import Reliability
 from apex_reward.checkpoint import split_digests
 from apex_reward.config import ApexConfig, PreferenceHeadConfig
 from apex_reward.dataclass_io import finite_or_none, to_dict
@@ -63,24 +64,25 @@ from .evaluation import (
     CLASSIFIERS,
     RULE_SUBSETS,
     CVResult,
-    MetricRow,
     PreferenceData,
-    Reliability,
     build_preference_data,
     cross_validate,
-    evaluate,
-    metric_rows_to_markdown,
-    plot_reliability,
-    plot_roc,
     reliability,
     rule_scores,
-    write_metric_tables,
 )
 from .head import (
     fit_preference_head,
     fit_system_offsets,
     system_offset_logits,
     write_preference_to_checkpoint,
+)
+from .metrics import (
+    MetricRow,
+    evaluate,
+    metric_rows_to_markdown,
+    plot_reliability,
+    plot_roc,
+    write_metric_tables,
 )
 from .report import report_markdown
 from .synthetic import write_synthetic_arena
