@@ -108,6 +108,8 @@ def test_arena_steps_one_at_a_time(small_arena, tiny_checkpoint, tmp_path):
         "revision": None,
         "device": None,
         "dtype": "fp32",
+        "cache_dir": None,
+        "local_files_only": False,
     }
     assert summary["export"] == export and summary["seconds"] == 1.0
     on_disk = json.loads((tmp_path / "out" / "summary.json").read_text())
