@@ -216,6 +216,9 @@ def condition_key(tcfg: TrainConfig) -> dict[str, Any]:
     d = to_dict(tcfg)
     for k in ("out", "resume", "export", "device", "log_with", "max_epochs_this_run"):
         d.pop(k, None)
+    if d.get("condition") is None:  # unconditioned: the key recorded before conditioning
+        for k in ("condition", "condition_mode", "condition_dropout"):
+            d.pop(k, None)
     return d
 
 
