@@ -605,6 +605,9 @@ def synthetic_embedding_corpus(
     by_platform = {}
     for p in sorted(set(platforms.tolist())) if platform_tastes else ():
         rows = test & torch.as_tensor(platforms == p)
+        if int(rows.sum()) < 2:  # too few test songs to measure
+            by_platform[p] = float("nan")
+            continue
         v = clean[rows, 0].var()
         by_platform[p] = float(torch.sqrt(v / (v + sigma[0] ** 2)))
     return {
