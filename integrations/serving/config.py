@@ -220,13 +220,6 @@ class ServeConfig:
             "{start_s, end_s, scores, reward} (the 30 s segments, or see --window-seconds)"
         },
     )
-    condition: str | None = field(
-        default=None,
-        metadata={
-            "help": "a conditioned checkpoint's audience for every clip, one of the values it "
-            "was trained on (e.g. a platform); unset: its learned average"
-        },
-    )
     window_seconds: float | None = field(
         default=None,
         metadata={"help": "with --windows: windows of this many seconds instead of the segments"},
@@ -234,6 +227,13 @@ class ServeConfig:
     window_hop: float | None = field(
         default=None,
         metadata={"help": "with --window-seconds: seconds between window starts (no overlap)"},
+    )
+    condition: str | None = field(
+        default=None,
+        metadata={
+            "help": "a conditioned checkpoint's audience for every clip, one of the values it "
+            "was trained on (e.g. a platform); unset: its learned average"
+        },
     )
     failure_reward: float = field(
         default=0.0,
