@@ -480,7 +480,7 @@ class ConditionConfig:
     )
     column: str = field(default="platform", metadata={"help": "the manifest column"})
     mode: Literal["token", "embedding"] = field(
-        default="embedding",
+        default="token",
         metadata={
             "help": "token: a learned vector of width `dim` concatenated to the trunk's input; "
             "embedding: a learned vector added to the trunk's hidden state after its first block"

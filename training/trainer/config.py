@@ -104,7 +104,7 @@ class TrainConfig:
         },
     )
     condition_mode: Literal["token", "embedding"] = field(
-        default="embedding",
+        default="token",
         metadata={
             "help": "token: a learned vector concatenated to the trunk's input; embedding: a "
             "learned vector added to the trunk's hidden state after its first block"
