@@ -252,6 +252,13 @@ def add_score_arguments(p: argparse.ArgumentParser) -> None:
         metavar="S",
         help="with --window-seconds: seconds between window starts (default: no overlap)",
     )
+    p.add_argument(
+        "--condition",
+        default=None,
+        metavar="VALUE",
+        help="a conditioned checkpoint's audience, one of the values it was trained on (e.g. a "
+        "platform); default: its learned average",
+    )
 
 
 def _format_table(rows: list[dict[str, Any]], names: Sequence[str]) -> str:
@@ -345,6 +352,7 @@ def run_score(args: argparse.Namespace) -> int:
         progress=True,
         guard=args.guard,
         windows=windows,
+        condition=args.condition,
     )
     rows = []
     for r in results:

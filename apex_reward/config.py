@@ -470,6 +470,44 @@ class EncoderConfig:
 
 
 @dataclass
+class ConditionConfig:
+    """A categorical conditioning input of the head (docs/model.md#conditioning): one learned
+    vector per value of a manifest column (e.g. ``platform``), plus a learned average vector used
+    when no condition is given (trained by condition dropout)."""
+
+    values: list[str] = field(
+        metadata={"help": "the vocabulary, fixed at training time from the training split"}
+    )
+    column: str = field(default="platform", metadata={"help": "the manifest column"})
+    mode: Literal["token", "embedding"] = field(
+        default="token",
+        metadata={
+            "help": "token: a learned vector of width `dim` concatenated to the trunk's input; "
+            "embedding: a learned vector added to the trunk's hidden state after its first block"
+        },
+    )
+    dim: int = field(default=32, metadata={"help": "width of the token (mode token)"})
+    dropout: float = field(
+        default=0.15,
+        metadata={
+            "help": "probability that a training song's condition is replaced by the average "
+            "vector (which trains the average)"
+        },
+    )
+
+    def __post_init__(self) -> None:
+        self.values = [str(v) for v in self.values]
+        if not self.values or len(set(self.values)) != len(self.values):
+            raise ConfigError(f"head.condition.values: need distinct values, got {self.values!r}")
+        if isinstance(self.dim, bool) or not isinstance(self.dim, int) or self.dim < 1:
+            raise ConfigError(f"head.condition.dim: must be an integer >= 1, got {self.dim!r}")
+        if not (isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1):
+            raise ConfigError(
+                f"head.condition.dropout: must be a probability in [0, 1), got {self.dropout!r}"
+            )
+
+
+@dataclass
 class HeadConfig:
     """Aggregation, shared trunk and task heads (docs/model.md#prediction-head)."""
 
@@ -487,6 +525,10 @@ class HeadConfig:
     head_hidden: int = field(default=64, metadata={"help": "hidden width of each task head"})
     trunk_dropout: float = field(default=0.3, metadata={"help": "dropout in the shared trunk"})
     head_dropout: float = field(default=0.1, metadata={"help": "dropout in the task heads"})
+    condition: ConditionConfig | None = field(
+        default=None,
+        metadata={"help": "conditioning input (platform, region, ...); None = unconditioned"},
+    )
 
     def __post_init__(self) -> None:
         if not (isinstance(self.head_hidden, int) and 1 <= self.head_hidden <= MAX_HEAD_HIDDEN):

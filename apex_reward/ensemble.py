@@ -48,16 +48,23 @@ def members(model: ApexRewardModel) -> list[ApexHead]:
 
 
 def predict_members(
-    model: ApexRewardModel, features: SegmentFeatures
+    model: ApexRewardModel, features: SegmentFeatures, condition: torch.Tensor | None = None
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor] | None]:
-    """Every member's prediction from the shared encoder features.
+    """Every member's prediction from the shared encoder features (``condition``: ``[B]``
+    condition indices of a conditioned head, None: its average).
 
     Returns:
         ``(scores, reward, std)``: mean scores ``{name: [B]}`` float32, the reward ``[B]`` under
         ``config.reward_mode``, and ``{name: [B]}`` member standard deviations (with
         ``"reward"``), None for a single head.
     """
-    args = (features.layer_features, features.song_index, features.weights, features.num_songs)
+    args = (
+        features.layer_features,
+        features.song_index,
+        features.weights,
+        features.num_songs,
+        condition,
+    )
     heads = members(model)
     if len(heads) == 1:
         scores = {k: v.float() for k, v in combine_scores(heads[0](*args)).items()}

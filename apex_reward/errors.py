@@ -56,6 +56,11 @@ class ConfigError(ApexError, ValueError):
     """A configuration (``config.json``, YAML, CLI flags) has a missing, unknown or invalid field."""
 
 
+class UnknownConditionError(ConfigError):
+    """A condition (e.g. a platform) that a conditioned checkpoint was not trained on, or a
+    condition given to a checkpoint without conditioning; the message names the known values."""
+
+
 class CheckpointError(ApexError, OSError):
     """A checkpoint directory is missing files, or its weights are truncated or do not match."""
 
@@ -101,6 +106,7 @@ ERROR_TYPES: dict[str, type[ApexError]] = {
         AudioRangeError,
         UnsupportedSampleRateError,
         ConfigError,
+        UnknownConditionError,
         CheckpointError,
         DataIntegrityError,
         MissingDependencyError,

@@ -13,7 +13,9 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from .conditioning import ConditionInput, trunk_input_width
 from .config import AESTHETIC_TASKS, POPULARITY_TASKS, HeadConfig
+from .errors import ConfigError
 
 __all__ = ["ApexHead", "combine_scores", "weighted_song_mean", "scale_task_output"]
 
@@ -69,7 +71,8 @@ class ApexHead(nn.Module):
     Args:
         hidden_size: H, the encoder width (768 for MERT-v1-95M).
         num_layer_features: L, the number of pooled encoder layers (4).
-        config: trunk depth, task set, mode, dropout.
+        config: trunk depth, task set, mode, dropout, and the optional conditioning input
+            (:mod:`apex_reward.conditioning`).
     """
 
     def __init__(self, hidden_size: int, num_layer_features: int, config: HeadConfig) -> None:
@@ -78,7 +81,7 @@ class ApexHead(nn.Module):
         self.hidden_size = hidden_size
         self.aggregate = nn.Conv1d(num_layer_features, 1, kernel_size=1)
         layers: list[nn.Module] = []
-        width = hidden_size
+        width = trunk_input_width(hidden_size, config.condition)
         for out in config.trunk_widths:
             layers += [
                 nn.Linear(width, out),
@@ -100,6 +103,10 @@ class ApexHead(nn.Module):
                 for task in config.task_names
             }
         )
+        # built last, so the trunk and heads draw the same initial weights as without it
+        self.condition: ConditionInput | None = None
+        if config.condition is not None:
+            self.condition = ConditionInput(config.condition, config.trunk_widths)
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -112,14 +119,27 @@ class ApexHead(nn.Module):
         """
         return self.aggregate(layer_features.to(self.aggregate.weight.dtype)).squeeze(1)
 
-    def logits(self, embeddings: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``[M, H]`` embeddings -> per-task logits ``{task: [M]}`` (before range scaling)."""
-        h = self.trunk(embeddings)
+    def logits(
+        self, embeddings: torch.Tensor, condition: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """``[M, H]`` embeddings -> per-task logits ``{task: [M]}`` (before range scaling).
+
+        ``condition``: ``[M]`` int64 condition indices of a conditioned head (None: the learned
+        average; :func:`apex_reward.conditioning.condition_indices`).
+        """
+        if self.condition is None:
+            if condition is not None:
+                raise ConfigError("this head has no conditioning input; condition must be None")
+            h = self.trunk(embeddings)
+        else:
+            h = self.condition.run_trunk(self.trunk, embeddings, condition)
         return {task: head(h).squeeze(-1) for task, head in self.heads.items()}
 
-    def predict(self, embeddings: torch.Tensor) -> dict[str, torch.Tensor]:
+    def predict(
+        self, embeddings: torch.Tensor, condition: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """``[M, H]`` embeddings -> per-task predictions ``{task: [M]}`` in native units."""
-        return {t: scale_task_output(t, z) for t, z in self.logits(embeddings).items()}
+        return {t: scale_task_output(t, z) for t, z in self.logits(embeddings, condition).items()}
 
     def forward(
         self,
@@ -127,6 +147,7 @@ class ApexHead(nn.Module):
         song_index: torch.Tensor,
         weights: torch.Tensor,
         num_songs: int,
+        condition: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Per-segment layer features -> per-song task predictions.
 
@@ -135,6 +156,7 @@ class ApexHead(nn.Module):
             song_index: ``[N]`` song of each segment (0..B-1).
             weights: ``[N]`` weight of each segment in its song's average.
             num_songs: B.
+            condition: ``[B]`` condition index of each song (conditioned heads; None: average).
 
         Returns:
             ``{task: [B]}`` in native units. Song mode averages segment embeddings, then predicts;
@@ -142,8 +164,8 @@ class ApexHead(nn.Module):
         """
         emb = self.embed(layer_features)
         if self.config.mode == "song":
-            return self.predict(weighted_song_mean(emb, song_index, weights, num_songs))
-        per_segment = self.predict(emb)
+            return self.predict(weighted_song_mean(emb, song_index, weights, num_songs), condition)
+        per_segment = self.predict(emb, None if condition is None else condition[song_index])
         return {
             t: weighted_song_mean(v, song_index, weights, num_songs) for t, v in per_segment.items()
         }

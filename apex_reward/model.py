@@ -24,6 +24,7 @@ from .audio import AudioFrontEnd, Segments, WaveformInput, as_waveform_list, per
 from .checkpoint import (
     save_checkpoint,
 )
+from .conditioning import ConditionArg, condition_indices
 from .config import ApexConfig
 from .encoders import Encoder, build_encoder, load_encoder
 from .errors import ConfigError
@@ -385,10 +386,20 @@ class ApexRewardModel(nn.Module):
         return total
 
     def predict_from_features(
-        self, features: SegmentFeatures, *, return_embeddings: bool = False
+        self,
+        features: SegmentFeatures,
+        *,
+        return_embeddings: bool = False,
+        condition: ConditionArg | torch.Tensor = None,
     ) -> ApexOutput:
-        """Head, combined scores and reward from encoder features (e.g. cached embeddings)."""
-        scores, reward, std = ensemble_heads.predict_members(self, features)
+        """Head, combined scores and reward from encoder features (e.g. cached embeddings).
+
+        ``condition``: as in :meth:`forward`, or ``[B]`` condition indices."""
+        if not isinstance(condition, torch.Tensor):
+            condition = condition_indices(
+                self.config.head.condition, condition, features.num_songs, self.device
+            )
+        scores, reward, std = ensemble_heads.predict_members(self, features, condition)
         embeddings = None
         if return_embeddings:
             embeddings = weighted_song_mean(
@@ -419,6 +430,7 @@ class ApexRewardModel(nn.Module):
         robust: int | None = None,
         seed: int | None = None,
         return_windows: bool | WindowSpec = False,
+        condition: ConditionArg = None,
     ) -> ApexOutput:
         """Score waveforms; differentiable with respect to them.
 
@@ -439,6 +451,9 @@ class ApexRewardModel(nn.Module):
             return_windows: also score time windows (``out.windows``, ``[B, W]``): ``True`` the
                 30 s segments, a :class:`~apex_reward.windows.WindowSpec` windows of its length
                 and hop (:mod:`apex_reward.windows`).
+            condition: a conditioned checkpoint's audience (:mod:`apex_reward.conditioning`):
+                one value of its ``head.condition.values`` (e.g. ``"udio"``) for every song, one
+                value (or None) per song, or None for the learned average condition.
 
         Returns:
             :class:`ApexOutput` with ``scores`` (each ``[B]``) and ``reward`` ``[B]``, and the
@@ -446,11 +461,18 @@ class ApexRewardModel(nn.Module):
 
         Raises:
             AudioError subclasses for empty, non-finite, too-short or too-long input, and
-            AudioShapeError for tensors of the wrong shape.
+            AudioShapeError for tensors of the wrong shape; UnknownConditionError for a
+            condition the checkpoint does not know.
         """
         policy = guard_policy.resolve_policy(self.config, guard)
-        if policy != "off":  # the same list of songs the encoder sees, measured as given
+        if policy != "off" or condition is not None:  # the songs the encoder sees, as given
             waveforms = as_waveform_list(waveforms)
+        cond = condition_indices(
+            self.config.head.condition,
+            condition,
+            len(waveforms) if condition is not None else 0,
+            self.device,
+        )
         spec = WindowSpec.coerce(return_windows)
         if robust and spec is not None:
             raise ConfigError(
@@ -469,12 +491,15 @@ class ApexRewardModel(nn.Module):
                 return_embeddings=return_embeddings,
                 segment_batch_size=segment_batch_size,
                 check=check,
+                condition=cond,
             )
         else:
             features = self.encode(
                 waveforms, sample_rate, segment_batch_size=segment_batch_size, check=check
             )
-            out = self.predict_from_features(features, return_embeddings=return_embeddings)
+            out = self.predict_from_features(
+                features, return_embeddings=return_embeddings, condition=cond
+            )
         if policy == "off":
             if spec is not None:
                 out.windows = window_scores(
@@ -484,6 +509,7 @@ class ApexRewardModel(nn.Module):
                     spec,
                     features=features,
                     segment_batch_size=segment_batch_size,
+                    condition=cond,
                 )
             return out
         rates = per_song_rates(sample_rate, len(waveforms), "sample_rate")
@@ -507,6 +533,7 @@ class ApexRewardModel(nn.Module):
                 flags=out.flags,
                 policy=policy,
                 segment_batch_size=segment_batch_size,
+                condition=cond,
             )
         return out
 
@@ -609,6 +636,7 @@ class ApexRewardModel(nn.Module):
         robust: int = 0,
         seed: int | None = None,
         windows: bool | WindowSpec | None = None,
+        condition: ConditionArg = None,
     ) -> list:
         """Score files and/or arrays in batches under ``inference_mode``.
 
@@ -623,6 +651,8 @@ class ApexRewardModel(nn.Module):
             robust, seed: the robust reward over ``robust`` random transforms (see
                 :meth:`forward`; 0: off).
             windows: also score time windows (``ScoreResult.windows``), as ``return_windows``.
+            condition: a conditioned checkpoint's condition (see :meth:`forward`): one value
+                for all inputs, one value (or None) per input, or None (the learned average).
 
         Returns:
             One :class:`~apex_reward.scoring.ScoreResult` per input, in input order: scores,
@@ -642,6 +672,7 @@ class ApexRewardModel(nn.Module):
             robust=robust,
             seed=seed,
             windows=windows,
+            condition=condition,
         )
 
 

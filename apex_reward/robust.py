@@ -168,6 +168,7 @@ def robust_predict(
     return_embeddings: bool = False,
     segment_batch_size: int | None = None,
     check: bool = True,
+    condition: torch.Tensor | None = None,
 ) -> ApexOutput:
     """Front end, encoder and head on ``robust`` transformed copies of every song, averaged.
 
@@ -180,6 +181,7 @@ def robust_predict(
         return_embeddings: also average the song embeddings ``[B, H]`` over the draws.
         segment_batch_size: segments per encoder call.
         check: validate each song as given with ``frontend.check`` first.
+        condition: ``[B]`` condition indices of a conditioned head (None: its average).
 
     Returns:
         An :class:`~apex_reward.model.ApexOutput` whose ``scores`` (each ``[B]``), ``reward``
@@ -210,7 +212,11 @@ def robust_predict(
     features = model.encode(
         transformed, rates * k, segment_batch_size=segment_batch_size, check=False
     )
-    out = model.predict_from_features(features, return_embeddings=return_embeddings)
+    if condition is not None:  # the draws are ordered draw-major: song i of draw d is d * b + i
+        condition = condition.repeat(k)
+    out = model.predict_from_features(
+        features, return_embeddings=return_embeddings, condition=condition
+    )
     fields: dict[str, Any] = {}
     for f in dataclasses.fields(out):
         if f.name == "features":

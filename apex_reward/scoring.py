@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .audio import as_waveform_list, check_sample_rate, load_audio
+from .conditioning import ConditionArg, per_input_conditions
 from .errors import ApexError, AudioShapeError
 
 if TYPE_CHECKING:
@@ -209,6 +210,7 @@ def _run_batch(
     guard: str | None,
     robust: tuple[int, int | None] = (0, None),
     windows: bool | WindowSpec | None = None,
+    conditions: Sequence[str | None] | None = None,
 ) -> None:
     try:
         with torch.inference_mode():
@@ -221,6 +223,7 @@ def _run_batch(
                 robust=robust[0],
                 seed=robust[1],
                 return_windows=windows or False,
+                condition=None if conditions is None else [conditions[it.index] for it in batch],
             )
         records = out.to_records()
         per_window = None if out.windows is None else out.windows.to_records()
@@ -229,7 +232,9 @@ def _run_batch(
             # isolate the failing song: score the batch members one by one
             logger.debug("batch failed (%s); retrying items one by one", e)
             for it in batch:
-                _run_batch(model, [it], batch_size, results, check, guard, robust, windows)
+                _run_batch(
+                    model, [it], batch_size, results, check, guard, robust, windows, conditions
+                )
             return
         reason, kind = describe_error(e)
         it = batch[0]
@@ -270,6 +275,7 @@ def score_waveforms(
     robust: int = 0,
     seed: int | None = None,
     windows: bool | WindowSpec | None = None,
+    condition: ConditionArg = None,
 ) -> list[ScoreResult]:
     """Score already decoded and validated waveforms in one forward pass (the reward server's batch).
 
@@ -282,12 +288,15 @@ def score_waveforms(
         robust, seed: the robust reward (:mod:`apex_reward.robust`; 0: off).
         windows: also score time windows (``ScoreResult.windows``): ``True`` the segments, a
             :class:`~apex_reward.windows.WindowSpec` windows of its length and hop.
+        condition: a conditioned checkpoint's condition: one value for all items, one (or
+            None) per item, or None (the learned average).
 
     Returns:
         One :class:`ScoreResult` per item, in order. If the batched forward raises, the items are
         scored one by one, so only the song that fails gets an error.
     """
     batch = [_Item(i, name, wav, int(sr)) for i, (name, wav, sr) in enumerate(items)]
+    conditions = per_input_conditions(model.config.head.condition, condition, len(batch))
     results: list[ScoreResult | None] = [None] * len(batch)
     if batch:
         _run_batch(
@@ -299,6 +308,7 @@ def score_waveforms(
             guard,
             (robust, seed),
             windows,
+            conditions,
         )
     return [r for r in results if r is not None]
 
@@ -315,11 +325,14 @@ def score_inputs(
     robust: int = 0,
     seed: int | None = None,
     windows: bool | WindowSpec | None = None,
+    condition: ConditionArg = None,
 ) -> list[ScoreResult]:
     """See :meth:`apex_reward.ApexRewardModel.score`."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     entries = _normalise_inputs(inputs, sample_rate)
+    # checked here, not per item: a wrong condition is the caller's error, not the audio's
+    conditions = per_input_conditions(model.config.head.condition, condition, len(entries))
     results: list[ScoreResult | None] = [None] * len(entries)
     bar = None
     if progress:
@@ -333,7 +346,17 @@ def score_inputs(
         nonlocal batch, segs
         if batch:
             # _load checked each item
-            _run_batch(model, batch, batch_size, results, False, guard, (robust, seed), windows)
+            _run_batch(
+                model,
+                batch,
+                batch_size,
+                results,
+                False,
+                guard,
+                (robust, seed),
+                windows,
+                conditions,
+            )
             if bar is not None:
                 bar.update(len(batch))
         batch, segs = [], 0

@@ -173,9 +173,12 @@ def window_token_spans(
 # ----------------------------------------------------------------------------------------------
 
 
-def _predict(model: ApexRewardModel, layer_features: torch.Tensor) -> dict[str, torch.Tensor]:
-    """``[N, L, H]`` window features -> ``{name: [N]}`` scores plus ``"reward"``."""
-    pred = model.head.predict(model.head.embed(layer_features))
+def _predict(
+    model: ApexRewardModel, layer_features: torch.Tensor, condition: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """``[N, L, H]`` window features (``[N]`` condition indices) -> ``{name: [N]}`` scores plus
+    ``"reward"``."""
+    pred = model.head.predict(model.head.embed(layer_features), condition)
     scores = {k: v.float() for k, v in combine_scores(pred).items()}
     scores["reward"] = model.reward_from_scores(scores)
     return scores
@@ -243,6 +246,7 @@ def window_scores(
     segment_batch_size: int | None = None,
     flags: Sequence[Sequence[str]] | None = None,
     policy: str = "off",
+    condition: torch.Tensor | None = None,
 ) -> WindowScores:
     """Score the windows ``spec`` describes of each song (the work behind ``return_windows``).
 
@@ -255,6 +259,7 @@ def window_scores(
         segment_batch_size: windows per encoder call for windows of a configured length.
         flags, policy: the guard's flags per song and the policy; under ``penalize`` a flagged
             song's window rewards are the floor.
+        condition: ``[B]`` condition indices of a conditioned head (None: its average).
 
     Returns:
         :class:`WindowScores` with ``[B, W]`` tensors.
@@ -290,7 +295,9 @@ def window_scores(
         weights = fe.segment_weights(segments)
         index = segments.song_index.cpu().tolist()
         valid = segments.valid.cpu().tolist()
-    values = _predict(model, layer_features)
+    if condition is not None:
+        condition = condition[torch.tensor(index, dtype=torch.long, device=condition.device)]
+    values = _predict(model, layer_features, condition)
     # position of each window within its song
     pos, seen = [], [0] * len(songs)
     for b in index:

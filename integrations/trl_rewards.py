@@ -37,8 +37,9 @@ import numpy as np
 import torch
 
 from apex_reward.checkpoint import CONFIG_NAME, WEIGHTS_DIGEST_KEY, split_digests
+from apex_reward.conditioning import per_input_conditions
 from apex_reward.config import SCORE_RANGES
-from apex_reward.errors import ApexError, AudioDecodeError, ConfigError
+from apex_reward.errors import ApexError, AudioDecodeError, ConfigError, UnknownConditionError
 from apex_reward.guard import POLICIES, reward_floor
 from apex_reward.loading import ModelOptions, load_model
 from apex_reward.ood import floors
@@ -123,6 +124,11 @@ def clear_model_cache() -> None:
 
 def _read_score_names(path: str | Path) -> tuple[str, ...]:
     """Score names of a checkpoint, from its ``config.json`` only (cheap; no weights)."""
+    return _read_config(path).score_names
+
+
+def _read_config(path: str | Path) -> ApexConfig:
+    """A checkpoint's configuration, from its ``config.json`` only (cheap; no weights)."""
     from apex_reward.checkpoint import CONFIG_NAME, resolve_checkpoint_dir, split_digests
     from apex_reward.config import ApexConfig
 
@@ -131,7 +137,7 @@ def _read_score_names(path: str | Path) -> tuple[str, ...]:
         raw = json.loads((directory / CONFIG_NAME).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigError(f"{directory / CONFIG_NAME}: cannot read ({e})") from e
-    return ApexConfig.from_dict(split_digests(raw)[0]).score_names
+    return ApexConfig.from_dict(split_digests(raw)[0])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -311,6 +317,11 @@ class ApexRewardFunction:
             ``log_extra`` hook as the completions-table column ``<name>/windows``: per
             completion, a JSON list of ``[start_s, end_s, window reward]`` (``None`` for a
             failed one). The returned reward stays the song's.
+        condition: a conditioned checkpoint's audience (:mod:`apex_reward.conditioning`), one
+            of the values it was trained on (e.g. ``"udio"``); None: its learned average.
+        condition_column: read each completion's condition from this dataset column (TRL
+            passes the dataset's columns to reward functions as keyword arguments, one value
+            per completion; a missing value gets ``condition``). Unknown values are errors.
         failure_value: what a completion that cannot be decoded or scored gets. ``None`` (the
             default) or a number (e.g. the bottom of the score's range, to penalise it).
             What TRL's GRPO and RLOO trainers (as of TRL 1.16) do with ``None``: they turn it
@@ -356,6 +367,8 @@ class ApexRewardFunction:
         robust: int = 0,
         robust_seed: int | None = None,
         windows: bool | WindowSpec | None = None,
+        condition: str | None = None,
+        condition_column: str | None = None,
     ) -> None:
         from apex_reward.model import ApexRewardModel
 
@@ -380,6 +393,7 @@ class ApexRewardFunction:
                 )
             self._model, self._lock = model, threading.Lock()
             names = model.score_names
+            conditioning = model.config.head.condition
         else:
             if isinstance(model, ModelOptions):
                 if given:
@@ -392,8 +406,17 @@ class ApexRewardFunction:
                     device=None if device is None else str(device),
                     dtype=dtype or "auto",  # type: ignore[arg-type]
                 )
-            names = _read_score_names(self.options.require_model())
+            config = _read_config(self.options.require_model())
+            names, conditioning = config.score_names, config.head.condition
         self.score_names: tuple[str, ...] = tuple(names)
+        # checked now (UnknownConditionError names the checkpoint's values), not at every call
+        per_input_conditions(conditioning, condition, 1)
+        if condition_column is not None and conditioning is None:
+            raise UnknownConditionError(
+                f"condition_column={condition_column!r}: this checkpoint has no conditioning input"
+            )
+        self.condition = condition
+        self.condition_column = condition_column
         self.score = _check_spec(score, self.score_names)
         self.decoder = decoder
         self.decode_from = decode_from
@@ -501,12 +524,17 @@ class ApexRewardFunction:
         return out
 
     def score_completions(
-        self, completions: Sequence[Any], *, completion_ids: Sequence[Any] | None = None
+        self,
+        completions: Sequence[Any],
+        *,
+        completion_ids: Sequence[Any] | None = None,
+        conditions: Sequence[str | None] | None = None,
     ) -> list[ScoreResult]:
         """Decode and score completions; one :class:`ScoreResult` each, in order.
 
         Completions that fail to decode get a result with ``error``/``error_type`` (the
-        decoder's exception class name) and are not sent to the model.
+        decoder's exception class name) and are not sent to the model. ``conditions``: one
+        condition (or None: ``self.condition``) per completion; default ``self.condition``.
         """
         if self.decode_from == "completion_ids":
             if completion_ids is None:
@@ -530,6 +558,11 @@ class ApexRewardFunction:
                 where.append(i)
         if audio:
             model, lock = self.load()
+            condition: Any = self.condition
+            if conditions is not None:
+                condition = [
+                    self.condition if conditions[i] is None else conditions[i] for i in where
+                ]
             with lock:
                 scored = model.score(
                     audio,
@@ -539,6 +572,7 @@ class ApexRewardFunction:
                     robust=self.robust,
                     seed=self.robust_seed,
                     windows=self.windows,
+                    condition=condition,
                 )
             for i, a, r in zip(where, audio, scored):
                 if not isinstance(a, str):  # name in-memory audio by its completion, not "array[k]"
@@ -597,7 +631,22 @@ class ApexRewardFunction:
         """The synchronous computation behind ``__call__`` (see the class docstring)."""
         if prompts is not None and len(prompts) != len(completions):
             raise ConfigError(f"got {len(prompts)} prompts for {len(completions)} completions")
-        results = self.score_completions(completions, completion_ids=completion_ids)
+        conditions = None
+        if self.condition_column is not None:
+            if self.condition_column not in kwargs:
+                raise ConfigError(
+                    f"condition_column={self.condition_column!r}: the trainer passed no such "
+                    f"column (it passes the dataset's columns; got {sorted(kwargs)})"
+                )
+            conditions = list(kwargs[self.condition_column])
+            if len(conditions) != len(completions):
+                raise ConfigError(
+                    f"column {self.condition_column!r} has {len(conditions)} values for "
+                    f"{len(completions)} completions"
+                )
+        results = self.score_completions(
+            completions, completion_ids=completion_ids, conditions=conditions
+        )
         failed = sum(not r.ok for r in results)
         if results and failed == len(results):
             first = results[0]

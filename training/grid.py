@@ -15,6 +15,11 @@ again), and an interrupted condition resumes from its own saved state. Outputs:
   the test split, native units) for all 24 conditions (paper Table 1);
 * ``table2.md``/``.csv`` — aesthetic metrics for all 24 conditions (popularity-only conditions
   have no aesthetic heads: "—") (paper Table 2);
+* ``table3.md``/``.csv`` — streams and likes Pearson and MSE on the test split per value of
+  ``--condition-column`` (``platform``), when the prepared data has two or more; with
+  ``--conditioning none token embedding`` every condition is also trained conditioned on that
+  column (``C-song-full+platform-token``, ...), so the table compares conditioned and
+  unconditioned models (:mod:`.grid_conditions`);
 * ``learning_curves.png`` and ``pred_vs_true.png`` (test split, best condition);
 * ``best_model/`` — the best condition's exported checkpoint. "Best" is chosen on the
   validation split (mean Pearson of streams and likes), never on the test split.
@@ -40,6 +45,7 @@ from apex_reward.errors import ConfigError, require
 
 from .distributed import DEVICE_HELP, accelerator_cpu, finish_distributed
 from .flags import CPU, add_renamed_flags, config_from_args
+from .grid_conditions import write_condition_table
 from .trainer import TrainConfig, TrainingData, load_training_data, train
 
 logger = logging.getLogger(__name__)
@@ -104,18 +110,37 @@ class GridConfig:
     ensemble: int = field(
         default=1, metadata={"help": "heads per condition (train --ensemble: bootstrap members)"}
     )
+    conditioning: list[str] = field(
+        default_factory=lambda: ["none"],
+        metadata={
+            "help": "variants of every condition: none (unconditioned), token, embedding "
+            "(conditioned on --condition-column; train --condition-mode); named e.g. "
+            "C-song-full+platform-token"
+        },
+    )
+    condition_column: str = field(
+        default="platform",
+        metadata={
+            "help": "the categorical column of the prepared data that conditioned variants "
+            "learn, and by which table3 breaks the test metrics down"
+        },
+    )
 
     def __post_init__(self) -> None:
         bad = [x for x in self.losses if x not in ("equal", "manual", "uncertainty")]
         bad += [str(x) for x in self.trunk_layers if x not in (2, 3)]
         bad += [x for x in self.modes if x not in ("song", "segment")]
         bad += [x for x in self.tasks if x not in ("popularity", "full")]
+        bad += [x for x in self.conditioning if x not in ("none", "token", "embedding")]
         if bad:
             raise ConfigError(f"grid: unknown values {bad}")
 
 
-def condition_name(loss: str, layers: int, mode: str, tasks: str) -> str:
-    return f"{LETTERS[(loss, layers)]}-{mode}-{tasks}"
+def condition_name(
+    loss: str, layers: int, mode: str, tasks: str, conditioning: str = "none", column: str = ""
+) -> str:
+    base = f"{LETTERS[(loss, layers)]}-{mode}-{tasks}"
+    return base if conditioning == "none" else f"{base}+{column}-{conditioning}"
 
 
 def conditions(config: GridConfig) -> list[dict[str, Any]]:
@@ -125,20 +150,27 @@ def conditions(config: GridConfig) -> list[dict[str, Any]]:
         for loss in config.losses:
             for mode in config.modes:
                 for tasks in config.tasks:
-                    out.append(
-                        {
-                            "name": condition_name(loss, layers, mode, tasks),
-                            "loss": loss,
-                            "trunk_layers": layers,
-                            "mode": mode,
-                            "tasks": tasks,
-                        }
-                    )
+                    for variant in config.conditioning:
+                        name = condition_name(
+                            loss, layers, mode, tasks, variant, config.condition_column
+                        )
+                        out.append(
+                            {
+                                "name": name,
+                                "loss": loss,
+                                "trunk_layers": layers,
+                                "mode": mode,
+                                "tasks": tasks,
+                                "conditioning": variant,
+                            }
+                        )
+    variants = ["none", "token", "embedding"]
     out.sort(
         key=lambda c: (
             c["name"][0],
             ["song", "segment"].index(c["mode"]),
             c["tasks"] != "popularity",
+            variants.index(c["conditioning"]),
         )
     )
     if config.only:
@@ -153,9 +185,12 @@ def run_grid_experiment(
     config: GridConfig,
     *,
     progress: bool = True,
-    data: dict[tuple[str, str], TrainingData] | None = None,
+    data: dict[tuple, TrainingData] | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) every condition, then write the tables, plots and best model.
+
+    ``data``: training data already loaded, keyed ``(tasks, mode)`` (or ``(tasks, mode,
+    condition column)`` for conditioned variants).
 
     Raises:
         ConfigError: invalid options, e.g. a ``device`` this machine lacks (checked before any
@@ -163,7 +198,9 @@ def run_grid_experiment(
     """
     accelerator_cpu(config.device)
     out = Path(config.out)
-    cache: dict[tuple[str, str], TrainingData] = dict(data or {})
+    cache: dict[tuple, TrainingData] = {
+        (k if len(k) == 3 else (*k, None)): v for k, v in (data or {}).items()
+    }
     ran, skipped = [], []
     for cond in conditions(config):
         cdir = out / "conditions" / cond["name"]
@@ -190,11 +227,13 @@ def run_grid_experiment(
             ensemble=config.ensemble,
             resume=True,
             export=bool(config.model),
+            condition=None if cond["conditioning"] == "none" else config.condition_column,
+            condition_mode="token" if cond["conditioning"] == "token" else "embedding",
         )
         if _reuse_condition(cdir, tcfg, cond["name"]):
             skipped.append(cond["name"])
             continue
-        key = (cond["tasks"], cond["mode"])
+        key = (cond["tasks"], cond["mode"], tcfg.condition)
         if key not in cache:
             cache[key] = load_training_data(tcfg)
         logger.info("grid: training %s", cond["name"])
@@ -216,6 +255,9 @@ def condition_key(tcfg: TrainConfig) -> dict[str, Any]:
     d = to_dict(tcfg)
     for k in ("out", "resume", "export", "device", "log_with", "max_epochs_this_run"):
         d.pop(k, None)
+    if d.get("condition") is None:  # unconditioned: the key recorded before conditioning
+        for k in ("condition", "condition_mode", "condition_dropout"):
+            d.pop(k, None)
     return d
 
 
@@ -333,11 +375,13 @@ def write_tables(config: GridConfig) -> dict[str, Any]:
     _plot_pred_vs_true(
         best_dir / "test_predictions.parquet", out / "pred_vs_true.png", best["name"]
     )
+    by_column = write_condition_table(out, config.prepared, config.condition_column, rows)
     return {
         "conditions": len(rows),
         "best": best["name"],
         "best_val_popularity_pearson": val_score(best),
         "config": to_dict(config),
+        "by_condition_column": by_column,
     }
 
 
@@ -414,6 +458,8 @@ def run_grid(args: argparse.Namespace) -> int:
     if accelerate.state.PartialState().is_main_process:
         sys.stdout.write((Path(config.out) / "table1.md").read_text() + "\n")
         sys.stdout.write((Path(config.out) / "table2.md").read_text() + "\n")
+        if summary.get("by_condition_column"):
+            sys.stdout.write((Path(config.out) / "table3.md").read_text() + "\n")
         sys.stderr.write(
             f"grid: {len(summary['ran'])} conditions trained, {len(summary['skipped'])} already finished; "
             f"best on validation: {summary['best']}\n"

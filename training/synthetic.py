@@ -53,6 +53,11 @@ LABEL_WEIGHTS: dict[str, dict[str, float]] = {
     "naturalness": {"noise": 0.4, "clipping": 0.4, "dynamics": 0.2, "detune": 0.2},
 }
 
+#: Platform tastes (``synth --platform-tastes``, ``synthetic_embedding_corpus(platform_tastes=True)``):
+#: which quality each platform's audience streams. Suno's listeners reward clean production
+#: (clarity: no noise, no clipping), Udio's a memorable, steady song (memorability: even levels).
+PLATFORM_TASTES: dict[str, str] = {"suno": "clarity", "udio": "memorability"}
+
 _PROGRESSIONS = [(0, 7, 9, 5), (0, 5, 7, 0), (9, 5, 0, 7), (0, 9, 5, 7), (2, 7, 0, 0)]
 _MAJOR = np.array([0, 2, 4, 5, 7, 9, 11])
 
@@ -107,6 +112,13 @@ class SynthConfig:
         default=0.01, metadata={"help": "extra rows with invalid fields"}
     )
     stereo_fraction: float = field(default=0.5, metadata={"help": "fraction of stereo files"})
+    platform_tastes: bool = field(
+        default=False,
+        metadata={
+            "help": "platforms prefer different qualities: streams rise with clarity on suno "
+            "and with memorability on udio (instead of the mean quality, the same for both)"
+        },
+    )
 
 
 @functools.lru_cache(maxsize=256)
@@ -306,6 +318,8 @@ def generate_corpus(config: SynthConfig, *, progress: bool = False) -> dict[str,
         labels = true_labels(params, rng, config.label_noise)
         quality = (np.mean(list(labels.values())) - 1.0) / 4.0
         platform = "suno" if rng.random() < config.suno_fraction else "udio"
+        if config.platform_tastes:  # what this platform's audience streams (no extra draws)
+            quality = (labels[PLATFORM_TASTES[platform]] - 1.0) / 4.0
         mu = 3.0 + 4.0 * quality + (0.5 if platform == "suno" else 0.0)
         streams = max(1, int(np.round(rng.lognormal(mu, 1.0))))
         defect = rng.random()  # at most one of: zero streams, recent release
@@ -452,6 +466,7 @@ __all__ = [
     "SynthConfig",
     "QUALITY_PARAMS",
     "LABEL_WEIGHTS",
+    "PLATFORM_TASTES",
     "AESTHETIC_TASKS",
     "render_song",
     "true_labels",
@@ -475,6 +490,7 @@ def synthetic_embedding_corpus(
     split: Sequence[float] = (0.85, 0.10, 0.05),
     seed: int = 0,
     shard_size: int = 4096,
+    platform_tastes: bool = False,
 ) -> dict[str, Any]:
     """Write an extraction directory and a prepared manifest whose targets are a known function of
     the embeddings plus Gaussian noise of known variance.
@@ -490,10 +506,16 @@ def synthetic_embedding_corpus(
             ``prepared/prepared.parquet`` (+ ``popularity_reference.json``).
         model_config: the :class:`~apex_reward.ApexConfig` the embeddings pretend to come from
             (hidden size, layers, front end); default the ``tiny`` preset.
+        platform_tastes: songs are split between the platforms ``suno`` and ``udio`` (half
+            each, independently of their features) whose audiences prefer different qualities:
+            a song's noiseless streams target is its noiseless clarity target on suno and its
+            memorability target on udio (:data:`PLATFORM_TASTES`). Off (the default): one
+            platform, ``synthetic``, and the targets above, unchanged.
 
     Returns:
         paths, the noise variances (unit range) and the noise ceilings (best achievable Pearson
-        per task, from the noiseless targets of the test split).
+        per task, from the noiseless targets of the test split; with ``platform_tastes`` also
+        per platform, ``ceiling_pearson_by_platform``).
     """
     import pandas as pd
     import torch
@@ -532,6 +554,13 @@ def synthetic_embedding_corpus(
             writer.add_song(ids[i], f"synthetic://{ids[i]}", x, durs, sum(durs))
         writer.write()
     clean = torch.sigmoid(torch.tanh(torch.einsum("l,nlh->nh", a, song_feats) @ w1) @ w2)
+    platforms = np.array(["synthetic"] * num_songs, dtype=object)
+    if platform_tastes:  # a generator of its own: the draws above and below stay the same
+        pg = torch.Generator().manual_seed(seed + 7919)
+        on_udio = torch.rand(num_songs, generator=pg) < 0.5
+        platforms = np.where(on_udio.numpy(), "udio", "suno").astype(object)
+        taste = {p: ALL_TASKS.index(t) for p, t in PLATFORM_TASTES.items()}
+        clean[:, 0] = torch.where(on_udio, clean[:, taste["udio"]], clean[:, taste["suno"]])
     noisy = (clean + sigma * torch.randn(num_songs, len(ALL_TASKS), generator=g)).clamp(0.0, 1.0)
     lo = torch.tensor([SCORE_RANGES[t][0] for t in ALL_TASKS])
     span = torch.tensor([SCORE_RANGES[t][1] - SCORE_RANGES[t][0] for t in ALL_TASKS])
@@ -556,7 +585,7 @@ def synthetic_embedding_corpus(
     df = pd.DataFrame(
         {
             "id": ids,
-            "platform": "synthetic",
+            "platform": platforms,
             "split": [SPLITS[j] for j in split_idx],
             "streams_score": native[:, 0].numpy(),
             "likes_score": native[:, 1].numpy(),
@@ -573,9 +602,18 @@ def synthetic_embedding_corpus(
     test = torch.as_tensor(split_idx == SPLITS.index("test"))
     vc = clean[test].var(dim=0)
     ceiling = torch.sqrt(vc / (vc + sigma**2))
+    by_platform = {}
+    for p in sorted(set(platforms.tolist())) if platform_tastes else ():
+        rows = test & torch.as_tensor(platforms == p)
+        if int(rows.sum()) < 2:  # too few test songs to measure
+            by_platform[p] = float("nan")
+            continue
+        v = clean[rows, 0].var()
+        by_platform[p] = float(torch.sqrt(v / (v + sigma[0] ** 2)))
     return {
         "embeddings": str(emb_dir),
         "prepared": str(prep_dir / "prepared.parquet"),
         "noise_var_unit": dict(zip(ALL_TASKS, (sigma**2).tolist())),
         "ceiling_pearson": dict(zip(ALL_TASKS, ceiling.tolist())),
+        **({"ceiling_pearson_by_platform": {"streams": by_platform}} if platform_tastes else {}),
     }

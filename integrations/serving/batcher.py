@@ -91,6 +91,7 @@ class DynamicBatcher:
         robust: int = 0,
         robust_seed: int | None = None,
         windows: WindowSpec | None = None,
+        condition: str | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -106,6 +107,7 @@ class DynamicBatcher:
         self.robust = check_robust(robust)  # robust reward (apex_reward.robust); 0: off
         self.robust_seed = robust_seed
         self.windows = windows  # per-window scores with every result (apex_reward.windows)
+        self.condition = condition  # a conditioned checkpoint's audience (None: the average)
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._pending = 0
         self._lock = threading.Lock()
@@ -235,6 +237,7 @@ class DynamicBatcher:
                 robust=self.robust,
                 seed=self.robust_seed,
                 windows=self.windows,
+                condition=self.condition,
             )
         except BaseException as e:  # never let the worker die: fail this batch, keep serving
             logger.exception("batch of %d clips failed unexpectedly", len(batch))

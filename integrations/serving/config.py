@@ -228,6 +228,13 @@ class ServeConfig:
         default=None,
         metadata={"help": "with --window-seconds: seconds between window starts (no overlap)"},
     )
+    condition: str | None = field(
+        default=None,
+        metadata={
+            "help": "a conditioned checkpoint's audience for every clip, one of the values it "
+            "was trained on (e.g. a platform); unset: its learned average"
+        },
+    )
     failure_reward: float = field(
         default=0.0,
         metadata={

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 
 from apex_reward._version import __version__
+from apex_reward.conditioning import per_input_conditions
 from apex_reward.errors import ConfigError
 from apex_reward.scoring import ScoreResult
 
@@ -89,6 +90,8 @@ class ServerState:
             )
         if config.decoder is not None:
             import_decoder(config.decoder)  # fail at start-up, not on every sample
+        # an unknown --condition fails at start-up (UnknownConditionError names the known ones)
+        per_input_conditions(model.config.head.condition, config.condition, 1)
         self.warmed_up = not config.warmup
         # a small dedicated pool, not anyio's 40 threads: it bounds decode memory, and fewer
         # threads mean fewer glibc malloc arenas (RSS otherwise creeps up with each new thread)
@@ -107,6 +110,7 @@ class ServerState:
             robust=config.robust,
             robust_seed=config.robust_seed,
             windows=config.window_spec(),
+            condition=config.condition,
         )
         self.metrics = ServerMetrics(
             queue_clips=lambda: self.batcher.pending,

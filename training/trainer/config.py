@@ -95,6 +95,29 @@ class TrainConfig:
         },
     )
 
+    condition: str | None = field(
+        default=None,
+        metadata={
+            "help": "condition the popularity heads on this categorical column of the prepared "
+            "data (e.g. platform): one learned vector per value of the training split, plus "
+            "a learned average (docs/training.md#conditioning); unset: unconditioned"
+        },
+    )
+    condition_mode: Literal["token", "embedding"] = field(
+        default="token",
+        metadata={
+            "help": "token: a learned vector concatenated to the trunk's input; embedding: a "
+            "learned vector added to the trunk's hidden state after its first block"
+        },
+    )
+    condition_dropout: float = field(
+        default=0.15,
+        metadata={
+            "help": "probability that a training song's condition is replaced by the learned "
+            "average (which trains the average used by unconditioned calls)"
+        },
+    )
+
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "patience", "ensemble"):
             if getattr(self, name) < 1:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from apex_reward.checkpoint import ENCODER_DIGEST_KEY
+from apex_reward.conditioning import column_indices, column_vocabulary
 from apex_reward.config import AESTHETIC_TASKS, SCORE_RANGES, TASK_SETS
 from apex_reward.errors import ConfigError, require
 
@@ -52,6 +53,9 @@ class SplitData:
         song_index: ``[M]`` int64 song of each sample (index into ``song_ids``).
         weights: ``[M]`` float32 weight of each sample in its song's average (segment mode).
         song_ids: the songs, in index order.
+        conditions: ``[M]`` int64 condition index of each sample (conditioned training,
+            :mod:`apex_reward.conditioning`; the average index for a missing or unseen value),
+            or None.
     """
 
     features: torch.Tensor
@@ -59,9 +63,14 @@ class SplitData:
     song_index: torch.Tensor
     weights: torch.Tensor
     song_ids: list[str]
+    conditions: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.features.shape[0])
+
+    def conditions_at(self, rows: torch.Tensor | slice) -> torch.Tensor | None:
+        """The condition indices of ``rows`` (None when unconditioned)."""
+        return None if self.conditions is None else self.conditions[rows]
 
     @property
     def song_targets(self) -> torch.Tensor:
@@ -73,11 +82,15 @@ class SplitData:
 
 @dataclass
 class TrainingData:
-    """Train/val/test splits for one task set and input mode."""
+    """Train/val/test splits for one task set and input mode; with ``condition_values`` (the
+    vocabulary of the manifest column ``condition_column``) each split carries its samples'
+    condition indices."""
 
     tasks: tuple[str, ...]
     mode: str
     splits: dict[str, SplitData]
+    condition_column: str | None = None
+    condition_values: list[str] | None = None
 
     @property
     def num_layers(self) -> int:
@@ -88,11 +101,16 @@ class TrainingData:
         return int(self.splits["train"].features.shape[2])
 
     @classmethod
-    def from_extraction(cls, store, prepared, tasks: str, mode: str) -> TrainingData:
-        """Join an :class:`EmbeddingStore` with ``prepared`` (DataFrame) on song id."""
+    def from_extraction(
+        cls, store, prepared, tasks: str, mode: str, condition: str | None = None
+    ) -> TrainingData:
+        """Join an :class:`EmbeddingStore` with ``prepared`` (DataFrame) on song id;
+        ``condition`` names a categorical column to condition on (its vocabulary is the
+        training split's values)."""
         names = TASK_SETS[tasks]
         cols = [TARGET_COLUMNS[t] for t in names]
-        missing = [c for c in cols + ["split"] if c not in prepared.columns]
+        missing = [c for c in cols + ["split"] + ([condition] if condition else [])]
+        missing = [c for c in missing if c not in prepared.columns]
         if missing:
             raise ConfigError(
                 f"prepared data lacks column(s) {missing}"
@@ -107,6 +125,11 @@ class TrainingData:
             )
         if df[cols].isna().any().any():
             raise ConfigError("prepared data has missing target values")
+        vocab = None
+        if condition:
+            vocab = column_vocabulary(df.loc[df["split"] == "train", condition].tolist())
+            if not vocab:
+                raise ConfigError(f"the training split has no values in column {condition!r}")
         splits = {}
         for split in ("train", "val", "test"):
             part = df[df["split"] == split]
@@ -114,12 +137,23 @@ class TrainingData:
                 raise ConfigError(f"the {split} split is empty")
             ids = part["id"].tolist()
             y = torch.as_tensor(part[cols].to_numpy(dtype=np.float32, copy=True))
+            cond = None
+            if vocab is not None:
+                cond, unseen = column_indices(part[condition].tolist(), vocab)
+                if unseen:
+                    logger.warning(
+                        "%d %s songs have a %s the training split lacks; they get the average "
+                        "condition",
+                        unseen,
+                        split,
+                        condition,
+                    )
             if mode == "song":
                 # float32: rounding the averaged song features to fp16 would make the trainer's
                 # predictions differ from the exported model's (which averages fp16 segments)
                 feats = store.songs(ids)
                 n = len(ids)
-                splits[split] = SplitData(feats, y, torch.arange(n), torch.ones(n), ids)
+                splits[split] = SplitData(feats, y, torch.arange(n), torch.ones(n), ids, cond)
             else:
                 seg = store.segments(ids)
                 splits[split] = SplitData(
@@ -128,8 +162,9 @@ class TrainingData:
                     seg.song_index,
                     seg.weights,
                     ids,
+                    None if cond is None else cond[seg.song_index],
                 )
-        return cls(tuple(names), mode, splits)
+        return cls(tuple(names), mode, splits, condition, vocab)
 
     @classmethod
     def from_arrays(
@@ -137,17 +172,29 @@ class TrainingData:
         features: dict[str, torch.Tensor],
         targets: dict[str, torch.Tensor],
         tasks: tuple[str, ...],
+        *,
+        conditions: dict[str, torch.Tensor] | None = None,
+        condition_values: list[str] | None = None,
+        condition_column: str = "platform",
     ) -> TrainingData:
         """Song-mode data from in-memory tensors: ``features[split]`` ``[N, L, H]``,
-        ``targets[split]`` ``[N, T]`` in native units (tests, benchmarks)."""
+        ``targets[split]`` ``[N, T]`` in native units (tests, benchmarks); ``conditions[split]``
+        ``[N]`` int64 indices into ``condition_values`` for conditioned training."""
         splits = {}
         for split in ("train", "val", "test"):
             x, y = features[split], targets[split].float()
             n = x.shape[0]
             splits[split] = SplitData(
-                x, y, torch.arange(n), torch.ones(n), [f"{split}{i}" for i in range(n)]
+                x,
+                y,
+                torch.arange(n),
+                torch.ones(n),
+                [f"{split}{i}" for i in range(n)],
+                None if conditions is None else conditions[split].long(),
             )
-        return cls(tuple(tasks), "song", splits)
+        if conditions is None:
+            return cls(tuple(tasks), "song", splits)
+        return cls(tuple(tasks), "song", splits, condition_column, list(condition_values or []))
 
 
 def unit_scale(tasks: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,7 +215,9 @@ def load_training_data(config: TrainConfig) -> TrainingData:
     if config.model:
         _check_extraction_matches(store, config.model)
     prepared = pd.read_parquet(config.prepared)
-    return TrainingData.from_extraction(store, prepared, config.tasks, config.mode)
+    return TrainingData.from_extraction(
+        store, prepared, config.tasks, config.mode, config.condition
+    )
 
 
 def _check_extraction_matches(store, model_dir: str) -> None:

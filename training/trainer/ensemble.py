@@ -22,7 +22,6 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from apex_reward.config import HeadConfig
 from apex_reward.dataclass_io import to_dict
 from apex_reward.heads import ApexHead
 
@@ -46,8 +45,10 @@ class EnsembleModule(nn.Module):
         super().__init__()
         self.members = nn.ModuleList(members)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return torch.stack([m(features) for m in self.members]).mean(0)
+    def forward(
+        self, features: torch.Tensor, conditions: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return torch.stack([m(features, conditions) for m in self.members]).mean(0)
 
 
 def bootstrap_split(split: SplitData, seed: int) -> SplitData:
@@ -66,6 +67,7 @@ def bootstrap_split(split: SplitData, seed: int) -> SplitData:
         torch.repeat_interleave(torch.arange(n_songs), counts[drawn]),
         split.weights[rows],
         [split.song_ids[s] for s in drawn.tolist()],
+        split.conditions_at(rows),
     )
 
 
@@ -77,7 +79,7 @@ def train_ensemble(config: TrainConfig, data: TrainingData | None = None, *, pro
         each member's per-split metrics), or the unfinished member's result when a member
         stopped early (``max_epochs_this_run``; rerun to continue).
     """
-    from .steps import train
+    from .steps import head_config, train
 
     if data is None:
         data = load_training_data(config)
@@ -90,12 +92,11 @@ def train_ensemble(config: TrainConfig, data: TrainingData | None = None, *, pro
         member_cfg = dataclasses.replace(
             config, ensemble=1, seed=seed, out=str(out / f"member{i}"), export=False
         )
-        result = train(member_cfg, TrainingData(data.tasks, data.mode, splits), progress=progress)
+        member_data = dataclasses.replace(data, splits=splits)
+        result = train(member_cfg, member_data, progress=progress)
         if not result.finished:
             return result
-        head_cfg = HeadConfig(
-            trunk_layers=config.trunk_layers, tasks=config.tasks, mode=config.mode
-        )
+        head_cfg = head_config(config, data)
         module = TrainModule(ApexHead(data.hidden_size, data.num_layers, head_cfg), len(data.tasks))
         module.load_state_dict(load_file(str(out / f"member{i}" / "best" / "module.safetensors")))
         modules.append(module.eval())

@@ -38,9 +38,12 @@ class TrainModule(nn.Module):
         self.head = head
         self.log_vars = nn.Parameter(torch.zeros(num_tasks))
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """``[B, L, H]`` -> ``[B, T]`` predictions in [0, 1] (sigmoid of the head logits)."""
-        z = self.head.logits(self.head.embed(features))
+    def forward(
+        self, features: torch.Tensor, conditions: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``[B, L, H]`` (and ``[B]`` condition indices of a conditioned head) -> ``[B, T]``
+        predictions in [0, 1] (sigmoid of the head logits)."""
+        z = self.head.logits(self.head.embed(features), conditions)
         return torch.sigmoid(torch.stack(list(z.values()), dim=1))
 
 
@@ -58,7 +61,7 @@ def init_log_vars(
     idx = torch.randperm(len(split), generator=g)[:4096]
     was_training = module.training
     module.eval()
-    pred = module(split.features[idx]).float()
+    pred = module(split.features[idx], split.conditions_at(idx)).float()
     module.train(was_training)
     target = (split.targets[idx] - lo) / span
     mse = ((pred - target) ** 2).mean(dim=0).clamp_min(1e-8)
@@ -117,7 +120,8 @@ def predict_songs(
     outs = []
     for start in range(0, len(split), batch):
         x = split.features[start : start + batch].to(device)
-        outs.append(module(x).float().cpu())
+        c = split.conditions_at(slice(start, start + batch))
+        outs.append(module(x, None if c is None else c.to(device)).float().cpu())
     pred = torch.cat(outs)
     if split.song_index.numel() == len(split.song_ids) and torch.equal(
         split.song_index, torch.arange(len(split.song_ids))

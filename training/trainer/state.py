@@ -87,6 +87,9 @@ def resume_key(config: TrainConfig) -> dict[str, Any]:
         d.pop(k, None)
     if d.get("ensemble") == 1:  # a single head: the key of runs saved before ensembles existed
         d.pop("ensemble")
+    if d.get("condition") is None:  # unconditioned: the key of runs saved before conditioning
+        for k in ("condition", "condition_mode", "condition_dropout"):
+            d.pop(k, None)
     return d
 
 

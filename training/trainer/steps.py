@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from apex_reward.config import HeadConfig
+from apex_reward.config import ConditionConfig, HeadConfig
 from apex_reward.dataclass_io import to_dict
 from apex_reward.errors import ConfigError, require
 from apex_reward.heads import ApexHead
@@ -68,6 +68,7 @@ __all__ = [
     "train_epochs",
     "evaluate_best",
     "train",
+    "head_config",
 ]
 
 
@@ -206,6 +207,31 @@ def build_optimizer(module: TrainModule, config: TrainConfig) -> torch.optim.Ada
     )
 
 
+def head_config(config: TrainConfig, data: TrainingData) -> HeadConfig:
+    """The head a run trains: depth, tasks and mode of ``config``, and with ``config.condition``
+    the conditioning input over ``data``'s vocabulary of that column.
+
+    Raises:
+        ConfigError: ``config.condition`` names a column the data was not loaded with.
+    """
+    condition = None
+    if config.condition:
+        if data.condition_values is None or data.condition_column != config.condition:
+            raise ConfigError(
+                f"--condition {config.condition}: the training data carries no such column "
+                f"(it was loaded with {data.condition_column!r})"
+            )
+        condition = ConditionConfig(
+            values=list(data.condition_values),
+            column=config.condition,
+            mode=config.condition_mode,
+            dropout=config.condition_dropout,
+        )
+    return HeadConfig(
+        trunk_layers=config.trunk_layers, tasks=config.tasks, mode=config.mode, condition=condition
+    )
+
+
 def setup(config: TrainConfig, data: TrainingData | None = None) -> TrainingRun:
     """Step 1: the accelerator, the data (``data``, or ``config.embeddings`` joined with
     ``config.prepared``), the seeded module, the optimizer and the schedule.
@@ -221,7 +247,7 @@ def setup(config: TrainConfig, data: TrainingData | None = None) -> TrainingRun:
         data = load_training_data(config)
     tasks = data.tasks
     torch.manual_seed(config.seed)
-    head_cfg = HeadConfig(trunk_layers=config.trunk_layers, tasks=config.tasks, mode=config.mode)
+    head_cfg = head_config(config, data)
     if head_cfg.task_names != tasks:
         raise ConfigError(f"data has tasks {tasks} but the config asks for {head_cfg.task_names}")
     module = TrainModule(ApexHead(data.hidden_size, data.num_layers, head_cfg), len(tasks))
@@ -325,10 +351,11 @@ def resume(run: TrainingRun) -> TrainState:
 
 
 def _batch_loss(
-    run: TrainingRun, x: torch.Tensor, y: torch.Tensor
+    run: TrainingRun, x: torch.Tensor, y: torch.Tensor, c: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The strategy's loss on one batch, and the ``[T]`` unit-range per-task MSEs."""
-    pred = run.model(x).float()
+    """The strategy's loss on one batch (``c``: condition indices, conditioned runs), and the
+    ``[T]`` unit-range per-task MSEs."""
+    pred = (run.model(x) if c is None else run.model(x, c)).float()
     target = (y - run.lo.to(y.device)) / run.span.to(y.device)
     per_task = ((pred - target) ** 2).mean(dim=0)
     return combine_losses(per_task, run.config.loss, run.weights, run.module.log_vars), per_task
@@ -349,8 +376,11 @@ def train_epoch(run: TrainingRun, epoch: int) -> EpochStats:
         mine = idx.chunk(run.world)[run.rank]
         x = train_split.features[mine].to(run.device, non_blocking=True)
         y = train_split.targets[mine].to(run.device, non_blocking=True)
+        c = train_split.conditions_at(mine)
+        if c is not None:
+            c = c.to(run.device, non_blocking=True)
         with run.accelerator.autocast():
-            loss, _ = _batch_loss(run, x, y)
+            loss, _ = _batch_loss(run, x, y, c)
         run.accelerator.backward(loss)
         run.optimizer.step()
         run.scheduler.step()
@@ -375,8 +405,9 @@ def validation_loss(run: TrainingRun, split: SplitData) -> tuple[float, list[flo
     for start in range(0, len(split), 8192):
         x = split.features[start : start + 8192].to(device)
         y = split.targets[start : start + 8192].to(device)
+        c = split.conditions_at(slice(start, start + 8192))
         with run.accelerator.autocast():
-            pred = module(x).float()
+            pred = module(x, None if c is None else c.to(device)).float()
         target = (y - run.lo.to(device)) / run.span.to(device)
         per += ((pred - target) ** 2).sum(dim=0).cpu()
     per /= len(split)
