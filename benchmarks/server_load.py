@@ -125,7 +125,9 @@ def in_process_round(model, decoded, bs: int, seconds: float, guard: str) -> dic
     """``model.score`` on decoded clips in batches of ``bs`` for at least ``seconds`` (whole
     batches, at least one): clips/s and clips per CPU-second of this process."""
     n, times = 0, []
-    t0, cpu0 = time.perf_counter(), time.process_time()
+    # CPU time read as for the server (/proc/PID/stat), and the precise process clock beside it
+    t0, cpu0, pt0 = time.perf_counter(), _cpu_seconds(os.getpid()), time.process_time()
+    run0 = _runtime_seconds(os.getpid())
     while n == 0 or time.perf_counter() - t0 < seconds:
         start = n % max(1, len(decoded) - bs + 1)
         t = time.perf_counter()
@@ -133,11 +135,13 @@ def in_process_round(model, decoded, bs: int, seconds: float, guard: str) -> dic
         times.append(time.perf_counter() - t)
         assert all(r.ok for r in res)
         n += len(res)
-    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    wall, cpu = time.perf_counter() - t0, _cpu_seconds(os.getpid()) - cpu0
     return {
         "clips": n,
         "clips_per_s": n / wall,
         "cpu_s": cpu,
+        "process_time_s": time.process_time() - pt0,
+        "runtime_s": _runtime_seconds(os.getpid()) - run0,
         "clips_per_cpu_s": n / cpu if cpu > 0 else float("nan"),
         "batch_p50_s": pct(times, 50),
     }
@@ -250,6 +254,19 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _runtime_seconds(pid: int) -> float:
+    """The scheduler's precise run time (ns counters of ``/proc/PID/task/*/schedstat``) summed
+    over the live threads of ``pid``, seconds: a cross-check of the tick-based
+    :func:`_cpu_seconds` (threads that exited are missing here)."""
+    total = 0
+    for stat in Path(f"/proc/{pid}/task").glob("*/schedstat"):
+        try:
+            total += int(stat.read_text().split()[0])
+        except (OSError, ValueError, IndexError):  # the thread exited meanwhile
+            pass
+    return total / 1e9
+
+
 def load_level(server, path, headers, bodies, concurrency: int, procs: int, seconds: float) -> dict:
     """``concurrency`` closed-loop clients over ``procs`` processes for ``seconds``."""
     import httpx
@@ -270,9 +287,10 @@ def load_level(server, path, headers, bodies, concurrency: int, procs: int, seco
         w.start()
     time.sleep(max(0.0, start_at - time.time()))
     before = httpx.get(f"{server.url}/metrics").text
-    cpu0, t0 = _cpu_seconds(server.pid), time.perf_counter()
+    cpu0, t0, run0 = _cpu_seconds(server.pid), time.perf_counter(), _runtime_seconds(server.pid)
     results = [out.get() for _ in workers]
     wall, cpu = time.perf_counter() - t0, _cpu_seconds(server.pid) - cpu0
+    run = _runtime_seconds(server.pid) - run0
     after = httpx.get(f"{server.url}/metrics").text
     for w in workers:
         w.join()
@@ -287,6 +305,7 @@ def load_level(server, path, headers, bodies, concurrency: int, procs: int, seco
         "requests": total,
         "clips_per_s": total / wall,
         "server_cpu_s": cpu,
+        "server_runtime_s": run,
         "clips_per_cpu_s": total / cpu if cpu > 0 else float("nan"),
         "p50_s": pct(latencies, 50),
         "p99_s": pct(latencies, 99),
