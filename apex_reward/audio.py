@@ -38,6 +38,7 @@ from .errors import (
     NonFiniteAudioError,
     UnsupportedSampleRateError,
 )
+from .segment_rows import cut_rows
 
 __all__ = [
     "load_audio",
@@ -489,24 +490,19 @@ class AudioFrontEnd(torch.nn.Module):
         W = S
         if self.config.segment_padding == "none":
             W = max(self.config.encoded_samples(min(x.shape[-1], S)) for x in songs)
-        pieces, valid, index = [], [], []
+        spans, index = [], []
         for b, x in enumerate(songs):
             n = x.shape[-1]
             k = max(1, math.ceil(n / S))
-            width = S if k > 1 else W
-            pad = k * width - n
-            if pad:
-                x = torch.nn.functional.pad(x, (0, pad))
-            pieces.append(x.reshape(k, width))
-            valid.extend([S] * (k - 1) + [n - (k - 1) * S])
+            spans.extend((x, j * S, min(S, n - j * S)) for j in range(k))
             index.extend([b] * k)
-        device = pieces[0].device
-        audio = torch.cat(pieces, dim=0)
-        valid_t = torch.tensor(valid, dtype=torch.int64, device=device)
+        # one pass over each segment's real samples: copy, level and normalisation together
+        audio, level_db = cut_rows(
+            spans, W, normalize=self.config.normalize, floor=self.config.normalize_floor
+        )
+        device = audio.device
+        valid_t = torch.tensor([n for _, _, n in spans], dtype=torch.int64, device=device)
         index_t = torch.tensor(index, dtype=torch.int64, device=device)
-        level_db = self.segment_levels_db(audio, valid_t)
-        if self.config.normalize:
-            audio = self.normalize(audio, valid_t, floor=self.config.normalize_floor)
         if self.config.gradient_gate_db is not None:
             audio = gate_gradient(audio, level_db, self.config.gradient_gate_db)
         return Segments(
@@ -552,13 +548,8 @@ class AudioFrontEnd(torch.nn.Module):
         at most about ``1 / sqrt(floor)`` times that of the normalised segment, so a larger
         floor bounds it on (near-)silent input.
         """
-        S = audio.shape[-1]
-        mask = (torch.arange(S, device=audio.device)[None, :] < valid[:, None]).to(audio.dtype)
-        n = valid.to(audio.dtype)[:, None]
-        mean = (audio * mask).sum(dim=-1, keepdim=True) / n
-        centred = (audio - mean) * mask
-        var = (centred * centred).sum(dim=-1, keepdim=True) / n
-        return centred / torch.sqrt(var + floor)
+        spans = [(row, 0, int(n)) for row, n in zip(audio.unbind(0), valid.tolist())]
+        return cut_rows(spans, audio.shape[-1], normalize=True, floor=floor)[0]
 
     def segment_weights(self, segments: Segments) -> torch.Tensor:
         """``[N]`` float32 weight of each segment in its song's average.

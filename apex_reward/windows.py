@@ -33,6 +33,7 @@ import torch
 from .audio import AudioFrontEnd, Segments, WaveformInput, as_waveform_list, per_song_rates
 from .errors import ConfigError
 from .heads import combine_scores
+from .segment_rows import cut_rows
 
 if TYPE_CHECKING:
     from .model import ApexRewardModel
@@ -200,7 +201,7 @@ def _cut(
     """Windows of ``length`` samples every ``hop`` samples (the last one end-aligned) of each
     mono song at the encoder rate -> front-end :class:`Segments` and the start sample of each."""
     cfg = frontend.config
-    pieces, valid, index, starts = [], [], [], []
+    spans, index, starts = [], [], []
     for b, x in enumerate(mono):
         n = x.shape[-1]
         if n <= length:
@@ -208,20 +209,12 @@ def _cut(
         else:
             song_starts = list(range(0, n - length, hop)) + [n - length]
         for s in song_starts:
-            piece = x[s : s + length]
-            k = piece.shape[-1]
-            if k < length:
-                piece = torch.nn.functional.pad(piece, (0, length - k))
-            pieces.append(piece)
-            valid.append(k)
+            spans.append((x, s, min(length, n - s)))
             index.append(b)
             starts.append(s)
-    device = pieces[0].device
-    audio = torch.stack(pieces)
-    valid_t = torch.tensor(valid, dtype=torch.int64, device=device)
-    level_db = frontend.segment_levels_db(audio, valid_t)
-    if cfg.normalize:
-        audio = frontend.normalize(audio, valid_t, floor=cfg.normalize_floor)
+    audio, level_db = cut_rows(spans, length, normalize=cfg.normalize, floor=cfg.normalize_floor)
+    device = audio.device
+    valid_t = torch.tensor([k for _, _, k in spans], dtype=torch.int64, device=device)
     if cfg.gradient_gate_db is not None:
         from .audio import gate_gradient
 

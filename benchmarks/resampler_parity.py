@@ -1,18 +1,20 @@
-"""Inference-resampler parity: scores through the server's soxr path vs the model's own
-(differentiable, julius) front end, on real audio.
+"""Inference-resampler parity: scores through the server's decode-thread preparation
+(``--resampler exact`` and ``soxr``) vs the model's own (differentiable, julius) front end, on
+real audio.
 
 For each file of ``--audio-dir`` (default ``/work/shared/audio``, or ``$APEX_SHARED_AUDIO``), the
-decoded clip is scored twice with the same model:
+decoded clip is scored with the same model:
 
 * ``model``: in-process ``model.score`` (the front end downmixes, trims and resamples with
   julius), what ``apex-reward serve --resampler model`` computes;
-* ``soxr``: what ``apex-reward serve --resampler soxr`` computes: the server's
+* each of ``--resamplers``: what ``apex-reward serve --resampler R`` computes: the server's
   :class:`~apex_reward.integrations.serving.prepare.InferencePrep` (guard signals on the clip as
-  sent, downmix, soxr to the encoder rate) on a decode thread, then the model with its guard off,
-  then the guard policy applied from the signals measured earlier.
+  sent, downmix, then the model's own trim and julius resampler for ``exact`` or soxr for
+  ``soxr``) on a decode thread, then the model with its guard off, then the guard policy applied
+  from the signals measured earlier.
 
-Prints the max absolute difference of the reward and of each score (JSON, then a table), and the
-time each resampler takes per clip.
+Prints, per resampler, the max absolute difference of the reward and of each score (JSON, then a
+table), and the time each preparation takes per clip.
 
     python benchmarks/resampler_parity.py --preset tiny
 """
@@ -48,6 +50,7 @@ def main(argv=None) -> int:
     )
     p.add_argument("--guard", default="penalize", choices=["off", "flag", "penalize"])
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--resamplers", nargs="+", default=["exact", "soxr"], choices=["exact", "soxr"])
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     files = sorted(f for f in Path(args.audio_dir).iterdir() if f.suffix.lower() in SUFFIXES)
@@ -58,51 +61,67 @@ def main(argv=None) -> int:
     model = ApexRewardModel.from_config(
         ApexConfig.from_preset(args.preset, encoder_source=None), encoder="random"
     ).eval()
-    prep = InferencePrep(model, ServeConfig(resampler="soxr", guard=args.guard))
-    rows, t_model, t_soxr = [], 0.0, 0.0
+    preps = {
+        name: InferencePrep(model, ServeConfig(resampler=name, guard=args.guard))
+        for name in args.resamplers
+    }
+    rows = {name: [] for name in preps}
+    seconds = {name: 0.0 for name in ["model", *preps]}
     for f in files:
         wav, sr = load_audio(f)
         wav = wav[:, : int(args.max_seconds * sr)]
         (ref,) = model.score([(wav, sr)], num_workers=0, guard=args.guard)
         t = time.perf_counter()
         model.frontend.resample(model.frontend.downmix(wav), sr)
-        t_model += time.perf_counter() - t
-        t = time.perf_counter()
-        prepared = prep(wav, sr)
-        t_soxr += time.perf_counter() - t
-        (got,) = score_waveforms(
-            model, [(f.name, prepared.wav, prepared.sample_rate)], guard=prep.batcher_guard
-        )
-        got = prep.finish(got, prepared)
-        assert ref.ok and got.ok, (ref.error, got.error)
-        diff = {"reward": abs(got.reward - ref.reward)}
-        diff.update({k: abs(got.scores[k] - v) for k, v in ref.scores.items()})
-        rows.append(
-            {
-                "file": f.name,
-                "rate": sr,
-                "channels": wav.shape[0],
-                "flags_equal": got.flags == ref.flags,
-                **diff,
-            }
-        )
-    keys = [k for k in rows[0] if k not in ("file", "rate", "channels", "flags_equal")]
-    worst = {k: max(r[k] for r in rows) for k in keys}
+        seconds["model"] += time.perf_counter() - t
+        for name, prep in preps.items():
+            t = time.perf_counter()
+            prepared = prep(wav, sr)
+            seconds[name] += time.perf_counter() - t
+            (got,) = score_waveforms(
+                model, [(f.name, prepared.wav, prepared.sample_rate)], guard=prep.batcher_guard
+            )
+            got = prep.finish(got, prepared)
+            assert ref.ok and got.ok, (ref.error, got.error)
+            diff = {"reward": abs(got.reward - ref.reward)}
+            diff.update({k: abs(got.scores[k] - v) for k, v in ref.scores.items()})
+            rows[name].append(
+                {
+                    "file": f.name,
+                    "rate": sr,
+                    "channels": wav.shape[0],
+                    "flags_equal": got.flags == ref.flags,
+                    **diff,
+                }
+            )
+    skip = ("file", "rate", "channels", "flags_equal")
+    worst = {
+        name: {k: max(r[k] for r in rs) for k in rs[0] if k not in skip}
+        for name, rs in rows.items()
+    }
     print(
-        json.dumps({"preset": args.preset, "files": len(rows), "max_abs_diff": worst, "rows": rows})
+        json.dumps(
+            {"preset": args.preset, "files": len(files), "max_abs_diff": worst, "rows": rows}
+        )
     )
     print(
-        f"\n{len(rows)} files, first {args.max_seconds:g} s each, preset {args.preset}, guard {args.guard}",
+        f"\n{len(files)} files, first {args.max_seconds:g} s each, preset {args.preset}, "
+        f"guard {args.guard}",
         file=sys.stderr,
     )
-    print("| quantity | max abs difference (soxr path - model path) |", file=sys.stderr)
-    print("|---|---|", file=sys.stderr)
-    for k, v in worst.items():
-        print(f"| {k} | {v:.2e} |", file=sys.stderr)
-    print(f"flags equal on every file: {all(r['flags_equal'] for r in rows)}", file=sys.stderr)
+    names = list(preps)
+    print("| quantity | " + " | ".join(f"max abs diff, {n} - model" for n in names) + " |",
+          file=sys.stderr)  # fmt: skip
+    print("|---|" + "---|" * len(names), file=sys.stderr)
+    for k in worst[names[0]]:
+        print(f"| {k} | " + " | ".join(f"{worst[n][k]:.2e}" for n in names) + " |", file=sys.stderr)
+    for n in names:
+        flags = all(r["flags_equal"] for r in rows[n])
+        print(f"{n}: flags equal on every file: {flags}", file=sys.stderr)
     print(
-        f"front-end downmix+resample per file: julius {t_model / len(rows) * 1000:.1f} ms, "
-        f"soxr path (signals + downmix + soxr) {t_soxr / len(rows) * 1000:.1f} ms",
+        "per file, preparation time (one thread): "
+        + ", ".join(f"{n} {seconds[n] / len(files) * 1000:.1f} ms" for n in seconds)
+        + " (model = downmix + julius only; exact/soxr include the guard signals)",
         file=sys.stderr,
     )
     return 0

@@ -20,6 +20,14 @@ weights; nothing to download), saves it to a temporary checkpoint, then
     python benchmarks/server_load.py --preset tiny --device cpu --null-model --seconds 8
     python benchmarks/server_load.py --preset mert-v1-95m --device cuda --clip-seconds 10
 
+With ``--rounds R`` the in-process and server measurements alternate, R rounds of each
+(``--seconds`` per side per round), so both see the same machine load; the ratios of each round
+and their medians are printed (server clips per server CPU-second over in-process clips per CPU-
+second of the benchmark process, and the same for wall-clock clips/s):
+
+    python benchmarks/server_load.py --preset tiny --device cpu --threads 1 --rounds 3 \
+        --resamplers exact --seconds 20
+
 Every clip of up to 30 s costs one 30 s encoder segment (shorter clips are zero-padded).
 """
 
@@ -113,6 +121,62 @@ def in_process(args, ckpt: Path, clips: list[bytes], batch_sizes: list[int]) -> 
     return rows
 
 
+def in_process_round(model, decoded, bs: int, seconds: float, guard: str) -> dict:
+    """``model.score`` on decoded clips in batches of ``bs`` for at least ``seconds`` (whole
+    batches, at least one): clips/s and clips per CPU-second of this process."""
+    n, times = 0, []
+    # CPU time read as for the server (/proc/PID/stat), and the precise process clock beside it
+    t0, cpu0, pt0 = time.perf_counter(), _cpu_seconds(os.getpid()), time.process_time()
+    run0 = _runtime_seconds(os.getpid())
+    while n == 0 or time.perf_counter() - t0 < seconds:
+        start = n % max(1, len(decoded) - bs + 1)
+        t = time.perf_counter()
+        res = model.score(decoded[start : start + bs], batch_size=bs, num_workers=0, guard=guard)
+        times.append(time.perf_counter() - t)
+        assert all(r.ok for r in res)
+        n += len(res)
+    wall, cpu = time.perf_counter() - t0, _cpu_seconds(os.getpid()) - cpu0
+    return {
+        "clips": n,
+        "clips_per_s": n / wall,
+        "cpu_s": cpu,
+        "process_time_s": time.process_time() - pt0,
+        "runtime_s": _runtime_seconds(os.getpid()) - run0,
+        "clips_per_cpu_s": n / cpu if cpu > 0 else float("nan"),
+        "batch_p50_s": pct(times, 50),
+    }
+
+
+def interleaved(args, ckpt: Path, server, request, wav_clips: list[bytes]) -> list[dict]:
+    """``--rounds`` rounds of (in-process ``model.score`` for ``--seconds``, then the server under
+    load for ``--seconds``), alternating so that both see the same machine load; one row per
+    side per round, and the per-round ratios server / in-process."""
+    model = ApexRewardModel.from_pretrained(ckpt, device=args.device)
+    model.set_precision(args.dtype)
+    decoded = [decode_audio_bytes(c) for c in wav_clips]
+    bs = args.max_batch
+    model.score(decoded[:bs], batch_size=bs, num_workers=0, guard=args.guard)  # warm-up
+    path, headers, bodies = request
+    c = max(args.concurrency)
+    rows = []
+    for k in range(args.rounds):
+        load = os.getloadavg()[0]
+        ip = in_process_round(model, decoded, bs, args.seconds, args.guard)
+        sv = load_level(server, path, headers, bodies, c, args.client_procs, args.seconds)
+        rows.append(
+            {
+                "mode": f"round {k + 1}",
+                "load_1min": load,
+                "in_process": ip,
+                "server": sv,
+                "ratio_clips_per_s": sv["clips_per_s"] / ip["clips_per_s"],
+                "ratio_clips_per_cpu_s": sv["clips_per_cpu_s"] / ip["clips_per_cpu_s"],
+            }
+        )
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)  # progress
+    return rows
+
+
 def _metric(text: str, name: str) -> float:
     m = re.search(rf"^{re.escape(name)} (\S+)$", text, flags=re.M)
     return float(m.group(1)) if m else 0.0
@@ -190,6 +254,19 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _runtime_seconds(pid: int) -> float:
+    """The scheduler's precise run time (ns counters of ``/proc/PID/task/*/schedstat``) summed
+    over the live threads of ``pid``, seconds: a cross-check of the tick-based
+    :func:`_cpu_seconds` (threads that exited are missing here)."""
+    total = 0
+    for stat in Path(f"/proc/{pid}/task").glob("*/schedstat"):
+        try:
+            total += int(stat.read_text().split()[0])
+        except (OSError, ValueError, IndexError):  # the thread exited meanwhile
+            pass
+    return total / 1e9
+
+
 def load_level(server, path, headers, bodies, concurrency: int, procs: int, seconds: float) -> dict:
     """``concurrency`` closed-loop clients over ``procs`` processes for ``seconds``."""
     import httpx
@@ -210,9 +287,10 @@ def load_level(server, path, headers, bodies, concurrency: int, procs: int, seco
         w.start()
     time.sleep(max(0.0, start_at - time.time()))
     before = httpx.get(f"{server.url}/metrics").text
-    cpu0, t0 = _cpu_seconds(server.pid), time.perf_counter()
+    cpu0, t0, run0 = _cpu_seconds(server.pid), time.perf_counter(), _runtime_seconds(server.pid)
     results = [out.get() for _ in workers]
     wall, cpu = time.perf_counter() - t0, _cpu_seconds(server.pid) - cpu0
+    run = _runtime_seconds(server.pid) - run0
     after = httpx.get(f"{server.url}/metrics").text
     for w in workers:
         w.join()
@@ -227,6 +305,7 @@ def load_level(server, path, headers, bodies, concurrency: int, procs: int, seco
         "requests": total,
         "clips_per_s": total / wall,
         "server_cpu_s": cpu,
+        "server_runtime_s": run,
         "clips_per_cpu_s": total / cpu if cpu > 0 else float("nan"),
         "p50_s": pct(latencies, 50),
         "p99_s": pct(latencies, 99),
@@ -249,7 +328,7 @@ def main(argv=None) -> int:
     p.add_argument("--seconds", type=float, default=8.0, help="measured time per level")
     p.add_argument("--payloads", nargs="+", default=["wav", "pcm"], choices=["wav", "pcm", "verl"])
     p.add_argument(
-        "--resamplers", nargs="+", default=["model", "soxr"], choices=["model", "soxr"],
+        "--resamplers", nargs="+", default=["model", "soxr"], choices=["model", "exact", "soxr"],
         help="server --resampler values to compare",
     )  # fmt: skip
     p.add_argument(
@@ -262,6 +341,11 @@ def main(argv=None) -> int:
     p.add_argument("--max-wait-ms", type=float, default=10.0, help="server --max-wait-ms")
     p.add_argument("--decode-workers", type=int, default=4, help="server --decode-workers")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (both sides)")
+    p.add_argument(
+        "--rounds", type=int, default=0,
+        help="in-process vs server: this many alternating rounds (each side --seconds per round, "
+        "WAV uploads, the first --resamplers value) instead of one in-process row first",
+    )  # fmt: skip
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -276,7 +360,7 @@ def main(argv=None) -> int:
     t_start = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = build_checkpoint(args.preset, Path(tmp))
-        if not args.no_model:
+        if not args.no_model and not args.rounds:
             wav_clips = make_clips(
                 args.max_batch * 3, args.clip_seconds, args.sample_rate, args.channels
             )
@@ -285,6 +369,8 @@ def main(argv=None) -> int:
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)  # progress
         requests = {kind: make_requests(kind, n_bodies, args) for kind in args.payloads}
         servers = [(False, r) for r in args.resamplers] if not args.no_model else []
+        if args.rounds:
+            servers = [(False, args.resamplers[0])]
         if args.null_model or args.no_model:
             servers = [(True, r) for r in args.resamplers] + servers
         for null, resampler in servers:
@@ -304,6 +390,13 @@ def main(argv=None) -> int:
             program = [str(here / "null_serve.py")] if null else ["-m", "apex_reward"]
             env = {"HF_HUB_OFFLINE": "1"}
             with ServerProcess(ckpt, server_args, env=env, program=program) as server:
+                if args.rounds and not null:
+                    wav = make_requests("wav", n_bodies, args)
+                    load_level(server, *wav, 4, 1, 1.0)  # warm up
+                    clips = make_clips(args.max_batch * 2, args.clip_seconds, args.sample_rate,
+                                       args.channels)  # fmt: skip
+                    rows.extend(interleaved(args, ckpt, server, wav, clips))
+                    continue
                 for kind, (path, headers, bodies) in requests.items():
                     for c in args.concurrency:
                         load_level(server, path, headers, bodies, min(c, 4), 1, 1.0)  # warm up
@@ -351,7 +444,12 @@ def main(argv=None) -> int:
         file=sys.stderr,
     )
     print("|---|---|---|---|---|---|---|", file=sys.stderr)
+    rounds = [r for r in rows if r["mode"].startswith("round")]
+    if rounds:
+        print_rounds(rounds)
     for r in rows:
+        if r["mode"].startswith("round"):
+            continue
         if r["mode"].startswith("in-process"):
             print(
                 f"| in-process `model.score`, batches of {r['batch']} | "
@@ -368,6 +466,31 @@ def main(argv=None) -> int:
                 file=sys.stderr,
             )
     return 0
+
+
+def print_rounds(rounds: list[dict]) -> None:
+    """The interleaved comparison as a markdown table, with the medians over the rounds."""
+    print(
+        "| round | load | in-process clips/s | in-process clips per CPU-s | server clips/s | "
+        "server clips per CPU-s | server mean batch | ratio (wall) | ratio (CPU) |",
+        file=sys.stderr,
+    )
+    print("|---|---|---|---|---|---|---|---|---|", file=sys.stderr)
+    for r in rounds:
+        ip, sv = r["in_process"], r["server"]
+        print(
+            f"| {r['mode']} | {r['load_1min']:.1f} | {ip['clips_per_s']:.2f} | "
+            f"{ip['clips_per_cpu_s']:.2f} | {sv['clips_per_s']:.2f} | {sv['clips_per_cpu_s']:.2f} "
+            f"| {sv['mean_batch']:.1f} | {r['ratio_clips_per_s']:.2f} | "
+            f"{r['ratio_clips_per_cpu_s']:.2f} |",
+            file=sys.stderr,
+        )
+    med = {k: float(np.median([r[k] for r in rounds])) for k in rounds[0] if k.startswith("ratio")}
+    print(
+        f"median ratio server / in-process: wall {med['ratio_clips_per_s']:.2f}, "
+        f"CPU {med['ratio_clips_per_cpu_s']:.2f}",
+        file=sys.stderr,
+    )
 
 
 if __name__ == "__main__":

@@ -184,14 +184,15 @@ class ServeConfig:
     decode_workers: int = field(
         default=4, metadata={"help": "clips decoded at once (bounds decode memory)"}
     )
-    resampler: Literal["model", "soxr"] = field(
+    resampler: Literal["model", "exact", "soxr"] = field(
         default="model",
         metadata={
             "help": "model = clips are queued as decoded and the model's own front end resamples "
-            "them on the batch worker (scores exactly as in-process model.score); soxr = the "
-            "decode threads measure each clip's guard signals and resample it to the encoder "
-            "rate with soxr, so the batch worker only runs the model (faster serving, not "
-            "differentiable; score differences to 'model' are in BENCHMARKS.md)"
+            "them on the batch worker (scores exactly as in-process model.score); exact = the "
+            "decode threads measure each clip's guard signals and run the model's own downmix, "
+            "trim and resampler on it, so the batch worker only runs the model (the same scores "
+            "as 'model', faster serving); soxr = the same with soxr as the resampler (score "
+            "differences to 'model' are in BENCHMARKS.md)"
         },
     )
     guard: Literal["off", "flag", "penalize"] = field(

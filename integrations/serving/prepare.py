@@ -1,14 +1,16 @@
 """Getting a decoded clip ready for the batch worker, on the decode pool.
 
 The batch worker is one thread; whatever it does per clip besides the forward pass caps the
-server. With ``--resampler soxr`` (the default) each decode thread, right after decoding and
+server. With ``--resampler exact`` or ``soxr`` each decode thread, right after decoding and
 checking a clip, measures its guard signals on the audio as sent (as the model's own guard
-does) and brings it to the encoder's rate as mono with soxr
-(:func:`apex_reward.fast_resample.to_encoder_rate`); the batch worker then runs the front end
-with nothing left to resample and the model with its guard off, and
-:meth:`InferencePrep.finish` applies the guard policy to the result from the signals measured
-earlier. With ``--resampler model`` clips are queued as decoded and the model does all of it
-(julius, the differentiable front end, exactly what in-process ``model.score`` computes).
+does) and brings it to the encoder's rate as mono: ``exact`` with the model's own front-end
+steps (downmix, silence trim at the clip's rate, the julius resampler with its cached filter:
+the samples the batch worker would have computed, so scores equal in-process ``model.score``),
+``soxr`` with soxr (:func:`apex_reward.fast_resample.to_encoder_rate`, a different filter). The
+batch worker then runs the front end with nothing left to resample and the model with its guard
+off, and :meth:`InferencePrep.finish` applies the guard policy to the result from the signals
+measured earlier. With ``--resampler model`` clips are queued as decoded and the model does all
+of it on the batch worker.
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ __all__ = ["InferencePrep", "Prepared"]
 
 @dataclass
 class Prepared:
-    """A clip ready to queue: ``wav`` at ``sample_rate`` (mono at the encoder rate on the soxr
-    path), its guard ``signals``/``flags`` when measured here, and its duration as sent."""
+    """A clip ready to queue: ``wav`` at ``sample_rate`` (mono at the encoder rate on the exact
+    and soxr paths), its guard ``signals``/``flags`` when measured here, and its duration as
+    sent."""
 
     wav: torch.Tensor
     sample_rate: int
@@ -52,7 +55,9 @@ class InferencePrep:
     """
 
     def __init__(self, model: ApexRewardModel, config: ServeConfig) -> None:
-        self.fast = config.resampler == "soxr"
+        self.fast = config.resampler in ("exact", "soxr")
+        self.resampler = config.resampler
+        self.frontend = model.frontend
         self.policy = guard_policy.resolve_policy(model.config, config.guard)
         self.guard_config = model.config.guard
         self.floor = guard_policy.reward_floor(model.config)
@@ -68,12 +73,17 @@ class InferencePrep:
         signals = flags = None
         if self.policy != "off":
             (signals,), (flags,) = guard_policy.check([wav], [sample_rate], self.guard_config)
-        mono = to_encoder_rate(wav, sample_rate, self.target_rate)
+        if self.resampler == "exact":
+            with torch.no_grad():
+                mono = self.frontend.resample(self.frontend.downmix(wav), sample_rate)
+        else:
+            mono = to_encoder_rate(wav, sample_rate, self.target_rate)
         return Prepared(mono, self.target_rate, duration, signals, flags)
 
     def finish(self, result: ScoreResult, prepared: Prepared) -> ScoreResult:
-        """``result`` (scored with the guard off on the soxr path) with the clip's duration as
-        sent, its signals and flags, and under ``penalize`` the floor reward when flagged."""
+        """``result`` (scored with the guard off on the exact and soxr paths) with the clip's
+        duration as sent, its signals and flags, and under ``penalize`` the floor reward when
+        flagged."""
         if not self.fast or not result.ok:
             return result
         changes: dict = {"duration_s": prepared.duration_s}
