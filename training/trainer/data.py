@@ -52,6 +52,9 @@ class SplitData:
         song_index: ``[M]`` int64 song of each sample (index into ``song_ids``).
         weights: ``[M]`` float32 weight of each sample in its song's average (segment mode).
         song_ids: the songs, in index order.
+        extra_views: ``[V-1, M, L, H]`` song features of the augmented views 1..V-1 (song mode,
+            training split of a store extracted with ``--views V``), else None; ``features``
+            is view 0.
     """
 
     features: torch.Tensor
@@ -59,6 +62,7 @@ class SplitData:
     song_index: torch.Tensor
     weights: torch.Tensor
     song_ids: list[str]
+    extra_views: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.features.shape[0])
@@ -78,6 +82,8 @@ class TrainingData:
     tasks: tuple[str, ...]
     mode: str
     splits: dict[str, SplitData]
+    #: how the store's augmented views were made (``extraction.json``), when training uses them
+    views: dict | None = None
 
     @property
     def num_layers(self) -> int:
@@ -88,8 +94,19 @@ class TrainingData:
         return int(self.splits["train"].features.shape[2])
 
     @classmethod
-    def from_extraction(cls, store, prepared, tasks: str, mode: str) -> TrainingData:
-        """Join an :class:`EmbeddingStore` with ``prepared`` (DataFrame) on song id."""
+    def from_extraction(
+        cls, store, prepared, tasks: str, mode: str, *, sample_views: bool = False
+    ) -> TrainingData:
+        """Join an :class:`EmbeddingStore` with ``prepared`` (DataFrame) on song id.
+
+        ``sample_views``: also load the training songs' augmented views (song mode) when the
+        store has them (``extract --views N``)."""
+        use_views = sample_views and store.views > 1
+        if use_views and mode != "song":
+            raise ConfigError(
+                f"{store.dir} holds {store.views} views per song; sampling them is supported in "
+                "song mode (train on view 0 only with --no-sample-views)"
+            )
         names = TASK_SETS[tasks]
         cols = [TARGET_COLUMNS[t] for t in names]
         missing = [c for c in cols + ["split"] if c not in prepared.columns]
@@ -119,7 +136,10 @@ class TrainingData:
                 # predictions differ from the exported model's (which averages fp16 segments)
                 feats = store.songs(ids)
                 n = len(ids)
-                splits[split] = SplitData(feats, y, torch.arange(n), torch.ones(n), ids)
+                extra = None
+                if use_views and split == "train":
+                    extra = torch.stack([store.songs(ids, view=v) for v in range(1, store.views)])
+                splits[split] = SplitData(feats, y, torch.arange(n), torch.ones(n), ids, extra)
             else:
                 seg = store.segments(ids)
                 splits[split] = SplitData(
@@ -129,7 +149,9 @@ class TrainingData:
                     seg.weights,
                     ids,
                 )
-        return cls(tuple(names), mode, splits)
+        return cls(
+            tuple(names), mode, splits, store.fingerprint.get("views") if use_views else None
+        )
 
     @classmethod
     def from_arrays(
@@ -168,7 +190,9 @@ def load_training_data(config: TrainConfig) -> TrainingData:
     if config.model:
         _check_extraction_matches(store, config.model)
     prepared = pd.read_parquet(config.prepared)
-    return TrainingData.from_extraction(store, prepared, config.tasks, config.mode)
+    return TrainingData.from_extraction(
+        store, prepared, config.tasks, config.mode, sample_views=config.sample_views
+    )
 
 
 def _check_extraction_matches(store, model_dir: str) -> None:

@@ -32,6 +32,7 @@ from .data import SplitData, TrainingData, load_training_data
 from .export import export_checkpoint, song_level_features
 from .objective import TrainModule, evaluate
 from .state import atomic_json
+from .views import augmentation_provenance
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ def bootstrap_split(split: SplitData, seed: int) -> SplitData:
         torch.repeat_interleave(torch.arange(n_songs), counts[drawn]),
         split.weights[rows],
         [split.song_ids[s] for s in drawn.tolist()],
+        None if split.extra_views is None else split.extra_views[:, rows],
     )
 
 
@@ -90,7 +92,8 @@ def train_ensemble(config: TrainConfig, data: TrainingData | None = None, *, pro
         member_cfg = dataclasses.replace(
             config, ensemble=1, seed=seed, out=str(out / f"member{i}"), export=False
         )
-        result = train(member_cfg, TrainingData(data.tasks, data.mode, splits), progress=progress)
+        member_data = TrainingData(data.tasks, data.mode, splits, data.views)
+        result = train(member_cfg, member_data, progress=progress)
         if not result.finished:
             return result
         head_cfg = HeadConfig(
@@ -147,6 +150,7 @@ def train_ensemble(config: TrainConfig, data: TrainingData | None = None, *, pro
                     "member_best_epochs": [r.best_epoch for r in results],
                     "member_test_metrics": [m.get("test") for m in member_metrics],
                     "bootstrap": "training songs resampled with replacement, seed = member seed",
+                    **augmentation_provenance(config, data),
                 },
             )
     if config.export and config.model:

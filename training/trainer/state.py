@@ -87,6 +87,10 @@ def resume_key(config: TrainConfig) -> dict[str, Any]:
         d.pop(k, None)
     if d.get("ensemble") == 1:  # a single head: the key of runs saved before ensembles existed
         d.pop("ensemble")
+    # the defaults of options added later: runs saved before them resume
+    for k, default in (("sample_views", True), ("mask_features", 0.0), ("mask_layers", 0)):
+        if d.get(k) == default:
+            d.pop(k)
     return d
 
 
