@@ -19,6 +19,10 @@ and redoes the rest. When all shards are complete the main process writes ``inde
 row per segment: id, segment, duration_s, song_duration_s, shard, row), ``errors.jsonl`` and
 ``summary.json``. ``extraction.json`` fingerprints the front end, encoder and shard layout; a rerun
 with a different model refuses to mix embeddings.
+
+``--views N`` also stores N-1 augmented views of every song after its rows (random preview clips,
+gain and time shift, deterministic per song, view and seed; :mod:`.views`), listed under the
+song's ``views`` in the shard record and with a ``view`` column in the index.
 """
 
 from __future__ import annotations
