@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     out = Path(args.out)
     t0 = time.perf_counter()
+    load_before = os.getloadavg()
     synth = SynthConfig(
         out=str(out / "corpus"),
         num_songs=args.songs,
@@ -196,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "command": "python benchmarks/views_robustness.py " + " ".join(argv or sys.argv[1:]),
         "machine": f"{platform.machine()} {os.cpu_count()} CPUs, {platform.platform()}",
-        "load_before": os.getloadavg(),
+        "load_before": load_before,
         "songs": prep["counts"],
         "test_songs": len(test),
         "extraction": {**ext, "seconds": ext_s},
