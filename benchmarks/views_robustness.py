@@ -82,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-seconds", type=float, default=24.0)
     p.add_argument("--segment-seconds", type=float, default=6.0)
     p.add_argument("--views", type=int, default=4)
+    p.add_argument(
+        "--view-min-gain-db", type=float, default=ViewConfig.view_min_gain_db, help="extract's"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seeds", type=int, default=1, help="training seeds per arm")
     p.add_argument("--out", default="runs/views_bench")
@@ -123,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
             out=str(out / "embeddings"),
             num_workers=1,
             batch_size=8,
-            augment=ViewConfig(views=args.views, view_seed=args.seed),
+            augment=ViewConfig(
+                views=args.views, view_seed=args.seed, view_min_gain_db=args.view_min_gain_db
+            ),
         ),
         progress=False,
     )
