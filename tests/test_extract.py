@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 from conftest import accelerate_launch
+from interrupt import kill_after_shards
 
 from apex_reward import ApexRewardModel, ConfigError, load_audio
 from apex_reward.cli import main
@@ -192,20 +191,7 @@ def test_kill_and_resume(songs, model_dir, reference, tmp_path):
         "apex_reward",
         *_extract_cmd(manifest, model_dir, out, "--num-workers", "1"),
     ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
-    deadline = time.time() + 300
-    try:
-        while time.time() < deadline:
-            done = list((out / "shards").glob("*.json")) if (out / "shards").is_dir() else []
-            if len(done) >= 2:
-                break
-            time.sleep(0.02)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    assert not (out / "index.parquet").exists(), "the job finished before it could be killed"
-    completed_before = len(list((out / "shards").glob("*.json")))
+    completed_before = kill_after_shards(cmd, out, 2, ENV)
     assert 2 <= completed_before < 10
     rerun = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]

@@ -38,8 +38,11 @@ class EmbeddingStore:
     """An extraction directory.
 
     Attributes:
-        index: DataFrame, one row per segment (id, segment, duration_s, song_duration_s, shard, row).
+        index: DataFrame, one row per segment (id, segment, duration_s, song_duration_s, shard, row)
+            of view 0, the songs themselves.
         fingerprint: the ``extraction.json`` record (front end + encoder that produced the data).
+        views: views stored per song (``extract --views N``; 1 for a store without augmented
+            views). Every method reads view 0 unless given ``view=``.
     """
 
     def __init__(self, directory: str | Path) -> None:
@@ -50,12 +53,21 @@ class EmbeddingStore:
             raise ConfigError(
                 f"{self.dir} has no index.parquet: not a finished extraction (rerun apex-reward extract)"
             )
-        self.index = pd.read_parquet(index_path)
+        index = pd.read_parquet(index_path)
         self.fingerprint = json.loads((self.dir / "extraction.json").read_text())
+        self.views = int(self.fingerprint.get("views", {}).get("views", 1))
         self._shards: dict[str, torch.Tensor] = {}
-        ids = self.index["id"].to_numpy()
-        starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
-        self._song_rows = {ids[s]: (s, e) for s, e in zip(starts, np.r_[starts[1:], len(ids)])}
+        # per view: its rows (grouped by song) and each song's (start, stop) in them
+        self._views: dict[int, tuple[Any, dict[str, tuple[int, int]]]] = {}
+        for v in range(self.views):
+            table = index
+            if "view" in index.columns:
+                table = index[index["view"] == v].drop(columns="view").reset_index(drop=True)
+            ids = table["id"].to_numpy()
+            starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]]) if len(ids) else []
+            rows = {ids[s]: (s, e) for s, e in zip(starts, np.r_[starts[1:], len(ids)])}
+            self._views[v] = (table, rows)
+        self.index, self._song_rows = self._views[0]
 
     @property
     def song_ids(self) -> list[str]:
@@ -99,29 +111,35 @@ class EmbeddingStore:
             self._shards[name] = load_file(str(data))["embeddings"]
         return self._shards[name]
 
-    def segment_table(self, ids: Sequence[str] | None = None):
-        """Index rows of the given songs (all songs if None), grouped by song in ``ids`` order."""
+    def segment_table(self, ids: Sequence[str] | None = None, *, view: int = 0):
+        """Index rows of the given songs (all songs if None), grouped by song in ``ids`` order,
+        of view ``view`` (0: the songs themselves)."""
+        if view not in self._views:
+            raise ConfigError(
+                f"{self.dir} stores views 0..{self.views - 1}; there is no view {view}"
+            )
+        index, song_rows = self._views[view]
         if ids is None:
-            return self.index
-        missing = [i for i in ids if i not in self._song_rows]
+            return index
+        missing = [i for i in ids if i not in song_rows]
         if missing:
             raise KeyError(f"{len(missing)} songs are not in {self.dir}, e.g. {missing[0]!r}")
         order = (
-            np.concatenate([np.arange(*self._song_rows[i]) for i in ids])
+            np.concatenate([np.arange(*song_rows[i]) for i in ids])
             if len(ids)
             else np.zeros(0, int)
         )
-        return self.index.iloc[order]
+        return index.iloc[order]
 
-    def segments(self, ids: Sequence[str] | None = None) -> SegmentFeatures:
-        """Per-segment features of ``ids`` (all songs if None) in that order.
+    def segments(self, ids: Sequence[str] | None = None, *, view: int = 0) -> SegmentFeatures:
+        """Per-segment features of ``ids`` (all songs if None) in that order, of view ``view``.
 
         Returns :class:`SegmentFeatures` with ``layer_features`` ``[N, L, H]`` float32 (stored as
         fp16), ``song_index`` ``[N]``, ``weights`` ``[N]`` (the front end's segment weights as
         recorded at extraction; for older stores the segment duration in samples at the encoder
         rate, or 1 for uniform weighting) and ``durations_s`` ``[B]``.
         """
-        table = self.segment_table(ids)
+        table = self.segment_table(ids, view=view)
         song_ids = list(dict.fromkeys(table["id"])) if ids is None else list(ids)
         pos = {sid: k for k, sid in enumerate(song_ids)}
         feats = torch.empty((len(table), *self._shape_tail()), dtype=torch.float32)
@@ -156,17 +174,18 @@ class EmbeddingStore:
         ids: Sequence[str] | None = None,
         *,
         weighting: Literal["model", "uniform", "duration"] = "model",
+        view: int = 0,
     ) -> torch.Tensor:
-        """Per-song features ``[B, L, H]`` float32: each song's segment features averaged
-        (``weighting="model"``: the front end's weights as extraction recorded them;
-        ``"uniform"``: equal; ``"duration"``: by unpadded samples)."""
-        seg = self.segments(ids)
+        """Per-song features ``[B, L, H]`` float32 of view ``view``: each song's segment
+        features averaged (``weighting="model"``: the front end's weights as extraction recorded
+        them; ``"uniform"``: equal; ``"duration"``: by unpadded samples)."""
+        seg = self.segments(ids, view=view)
         w = seg.weights
         if weighting == "uniform":
             w = torch.ones_like(w)
         elif weighting == "duration":
             sr = self.fingerprint["frontend"]["sample_rate"]
-            durations = self.segment_table(ids)["duration_s"].to_numpy()
+            durations = self.segment_table(ids, view=view)["duration_s"].to_numpy()
             w = torch.as_tensor(np.round(durations * sr), dtype=torch.float32)
         from apex_reward.heads import weighted_song_mean
 
@@ -255,6 +274,29 @@ class ShardWriter:
         self.songs.append(song)
         self.rows += len(valid_s)
 
+    def add_view(
+        self, view, feats: torch.Tensor, valid_s: list[float], weights: list[float]
+    ) -> None:
+        """Add an augmented view (:class:`~apex_reward.training.views.View`) of the song added
+        last: ``feats`` ``[segments, L, H]``, each segment's unpadded seconds and weight. Its
+        rows follow the song's; the record keeps them, with the view's draws, under the song's
+        ``views``."""
+        if not self.songs:
+            raise ApexError("ShardWriter.add_view: no song to attach the view to")
+        self.chunks.append(feats.to(torch.float16).cpu())
+        self.songs[-1].setdefault("views", []).append(
+            {
+                "view": view.view,
+                "row": self.rows,
+                "segments": len(valid_s),
+                "segment_duration_s": valid_s,
+                "segment_weight": [float(w) for w in weights],
+                "duration_s": float(sum(valid_s)),
+                **view.record(),
+            }
+        )
+        self.rows += len(valid_s)
+
     def add_error(self, item: dict[str, Any]) -> None:
         self.errors.append(
             {
@@ -289,6 +331,7 @@ def write_index(out: Path, n_shards: int, n_songs: int) -> dict[str, Any]:
     pd = require("pandas", "train")
     shards_dir = out / "shards"
     rows, errors, missing = [], [], []
+    with_views = False
     for k in range(n_shards):
         rec = shard_complete(shards_dir, k)
         if rec is None:
@@ -298,18 +341,28 @@ def write_index(out: Path, n_shards: int, n_songs: int) -> dict[str, Any]:
             weights = s.get("segment_weight") or [math.nan] * len(s["segment_duration_s"])
             for j, (d, w) in enumerate(zip(s["segment_duration_s"], weights)):
                 rows.append((s["id"], j, d, s["duration_s"], shard_name(k), s["row"] + j, w))
+            for v in s.get("views", []):  # augmented views (extract --views N)
+                with_views = True
+                for j, (d, w) in enumerate(zip(v["segment_duration_s"], v["segment_weight"])):
+                    rows.append(
+                        (s["id"], j, d, v["duration_s"], shard_name(k), v["row"] + j, w, v["view"])
+                    )
         errors.extend(rec["errors"])
     if missing:
         raise ApexError(
             f"{len(missing)} of {n_shards} shards are not complete (e.g. {shard_name(missing[0])}); "
             "rerun the same command to finish them"
         )
-    index = pd.DataFrame(
-        rows, columns=["id", "segment", "duration_s", "song_duration_s", "shard", "row", "weight"]
-    )
+    columns = ["id", "segment", "duration_s", "song_duration_s", "shard", "row", "weight"]
+    if with_views:  # view 0 (the song) first in each song's rows, then its augmented views
+        columns.append("view")
+        rows = [r if len(r) == len(columns) else (*r, 0) for r in rows]
+    index = pd.DataFrame(rows, columns=columns)
     with atomic_path(out / "index.parquet") as tmp:
         index.to_parquet(tmp, index=False)
     atomic_write_text(out / "errors.jsonl", "".join(json.dumps(e) + "\n" for e in errors))
+    views = index[index["view"] > 0] if with_views else index.iloc[:0]
+    index = index[index["view"] == 0] if with_views else index
     n_ok = int(index["id"].nunique()) if len(index) else 0
     song_durations = index.drop_duplicates("id")["song_duration_s"] if len(index) else []
     return {
@@ -319,4 +372,5 @@ def write_index(out: Path, n_shards: int, n_songs: int) -> dict[str, Any]:
         "segments": len(index),
         "audio_hours": float(sum(song_durations) / 3600.0),
         "shards": n_shards,
+        **({"view_segments": len(views)} if with_views else {}),
     }

@@ -19,6 +19,10 @@ and redoes the rest. When all shards are complete the main process writes ``inde
 row per segment: id, segment, duration_s, song_duration_s, shard, row), ``errors.jsonl`` and
 ``summary.json``. ``extraction.json`` fingerprints the front end, encoder and shard layout; a rerun
 with a different model refuses to mix embeddings.
+
+``--views N`` also stores N-1 augmented views of every song after its rows (random preview clips,
+gain and time shift, deterministic per song, view and seed; :mod:`.views`), listed under the
+song's ``views`` in the shard record and with a ``view`` column in the index.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from apex_reward.loading import ModelOptions, load_model
 from .distributed import accelerator_cpu, check_launch, claim_output, finish_distributed
 from .embeddings import ShardWriter, shard_complete, write_index
 from .flags import CPU, add_renamed_flags, config_from_args
+from .views import ViewConfig, make_views
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +89,14 @@ class ExtractConfig:
     )
     limit: int | None = field(
         default=None, metadata={"help": "extract only the first N songs (by id)"}
+    )
+    augment: ViewConfig = field(
+        default_factory=ViewConfig,
+        metadata={
+            "flatten": True,
+            "help": "augmented views per song (--views N: view 0 is the song, views 1..N-1 "
+            "random preview clips with random gain and time shift; training samples one per epoch)",
+        },
     )
 
     def __post_init__(self) -> None:
@@ -136,9 +149,12 @@ def read_songs(
 class AudioDataset(torch.utils.data.Dataset):
     """Decodes, checks, downmixes and resamples one song per item (runs in DataLoader workers)."""
 
-    def __init__(self, items: list[tuple[int, str, str]], frontend) -> None:
+    def __init__(
+        self, items: list[tuple[int, str, str]], frontend, views: ViewConfig | None = None
+    ) -> None:
         self.items = items
         self.frontend = frontend
+        self.views = views or ViewConfig()
 
     def __len__(self) -> int:
         return len(self.items)
@@ -155,6 +171,10 @@ class AudioDataset(torch.utils.data.Dataset):
                 mono = self.frontend.resample(self.frontend.downmix(wav), sr).contiguous()
             out["audio"] = mono.clone()
             out["duration_s"] = wav.shape[-1] / sr
+            cfg = self.frontend.config
+            out["views"] = make_views(
+                out["audio"], cfg.sample_rate, sid, self.views, segment_seconds=cfg.segment_seconds
+            )
         except ApexError as e:
             out["error_type"], out["reason"] = type(e).__name__, getattr(e, "reason", str(e))
         except Exception as e:  # a decoder crash on one file must not stop the job
@@ -180,7 +200,17 @@ def _fingerprint(model, config: ExtractConfig, encoder_sha: str | None) -> dict[
         "encoder_weights_sha256": encoder_sha,
         "shard_size": config.shard_size,
         "dtype": "fp16 storage",
+        # only stores with augmented views carry the key: a views=1 store is as before
+        **({"views": _view_recipe(model, config)} if config.augment.views > 1 else {}),
     }
+
+
+def _view_recipe(model, config: ExtractConfig) -> dict[str, Any]:
+    """The views' settings with the clip length resolved (what the stored views depend on)."""
+    recipe = to_dict(config.augment)
+    if recipe["view_clip_seconds"] is None:
+        recipe["view_clip_seconds"] = model.config.frontend.segment_seconds
+    return recipe
 
 
 def run_extraction(config: ExtractConfig, *, progress: bool = True) -> dict[str, Any] | None:
@@ -264,7 +294,7 @@ def _extract_items(
     model, items, shards_dir: Path, config: ExtractConfig, device, show: bool, world: int
 ) -> dict[str, float]:
     loader = torch.utils.data.DataLoader(
-        AudioDataset(items, model.frontend),
+        AudioDataset(items, model.frontend, config.augment),
         batch_size=None,
         num_workers=config.num_workers,
         prefetch_factor=4 if config.num_workers > 0 else None,
@@ -296,14 +326,19 @@ def _extract_items(
         for p in pending:
             n = p["n_segments"]
             valid_s = (segs.valid[start : start + n].float() / sr).tolist()
-            writer.add_song(
-                p["id"],
-                p["path"],
-                feats[start : start + n],
-                valid_s,
-                p["duration_s"],
-                weights=weights[start : start + n],
-            )
+            if "view" in p:  # an augmented view of the song added just before
+                writer.add_view(
+                    p["view"], feats[start : start + n], valid_s, weights[start : start + n]
+                )
+            else:
+                writer.add_song(
+                    p["id"],
+                    p["path"],
+                    feats[start : start + n],
+                    valid_s,
+                    p["duration_s"],
+                    weights=weights[start : start + n],
+                )
             start += n
         pending, pending_segments = [], 0
 
@@ -322,10 +357,12 @@ def _extract_items(
         if item["audio"] is None:
             writer.add_error(item)
         else:
-            n = max(1, -(-item["audio"].shape[-1] // seg_len))
-            item["n_segments"] = n
-            pending.append(item)
-            pending_segments += n
+            # the song, then its augmented views: their rows follow the song's in the shard
+            for entry in [item] + [{"view": v, "audio": v.audio} for v in item.pop("views")]:
+                n = max(1, -(-entry["audio"].shape[-1] // seg_len))
+                entry["n_segments"] = n
+                pending.append(entry)
+                pending_segments += n
             if pending_segments >= config.batch_size:
                 encode_pending()
             stats["audio_s"] += item["duration_s"]

@@ -57,6 +57,28 @@ class TrainConfig:
     weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay"})
     epochs: int = field(default=100, metadata={"help": "maximum epochs (cosine schedule length)"})
     batch_size: int = field(default=512, metadata={"help": "samples per process per step"})
+    sample_views: bool = field(
+        default=True,
+        metadata={
+            "help": "with a store extracted with --views N: train each epoch on one view per "
+            "song drawn at random (seeded); evaluation always uses view 0 (--no-sample-views: "
+            "view 0 only)"
+        },
+    )
+    mask_features: float = field(
+        default=0.0,
+        metadata={
+            "help": "SpecAugment-style masking in training: the fraction of hidden dimensions "
+            "replaced, per sample, by the training mean (the same dimensions in every layer)"
+        },
+    )
+    mask_layers: int = field(
+        default=0,
+        metadata={
+            "help": "SpecAugment-style masking in training: encoder layers replaced, per sample, "
+            "by the training mean"
+        },
+    )
     patience: int = field(
         default=10, metadata={"help": "early stopping: epochs without validation improvement"}
     )
@@ -122,5 +144,9 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "patience", "ensemble"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.mask_features < 1.0:
+            raise ConfigError(f"mask_features: must be in [0, 1), got {self.mask_features}")
+        if self.mask_layers < 0:
+            raise ConfigError(f"mask_layers: must be >= 0, got {self.mask_layers}")
         if self.lr <= 0:
             raise ConfigError(f"lr: must be > 0, got {self.lr}")

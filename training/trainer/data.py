@@ -56,6 +56,9 @@ class SplitData:
         conditions: ``[M]`` int64 condition index of each sample (conditioned training,
             :mod:`apex_reward.conditioning`; the average index for a missing or unseen value),
             or None.
+        extra_views: ``[V-1, M, L, H]`` song features of the augmented views 1..V-1 (song mode,
+            training split of a store extracted with ``--views V``), else None; ``features``
+            is view 0.
     """
 
     features: torch.Tensor
@@ -64,6 +67,7 @@ class SplitData:
     weights: torch.Tensor
     song_ids: list[str]
     conditions: torch.Tensor | None = None
+    extra_views: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.features.shape[0])
@@ -91,6 +95,8 @@ class TrainingData:
     splits: dict[str, SplitData]
     condition_column: str | None = None
     condition_values: list[str] | None = None
+    #: how the store's augmented views were made (``extraction.json``), when training uses them
+    views: dict | None = None
 
     @property
     def num_layers(self) -> int:
@@ -102,11 +108,27 @@ class TrainingData:
 
     @classmethod
     def from_extraction(
-        cls, store, prepared, tasks: str, mode: str, condition: str | None = None
+        cls,
+        store,
+        prepared,
+        tasks: str,
+        mode: str,
+        condition: str | None = None,
+        *,
+        sample_views: bool = False,
     ) -> TrainingData:
         """Join an :class:`EmbeddingStore` with ``prepared`` (DataFrame) on song id;
         ``condition`` names a categorical column to condition on (its vocabulary is the
-        training split's values)."""
+        training split's values).
+
+        ``sample_views``: also load the training songs' augmented views (song mode) when the
+        store has them (``extract --views N``)."""
+        use_views = sample_views and store.views > 1
+        if use_views and mode != "song":
+            raise ConfigError(
+                f"{store.dir} holds {store.views} views per song; sampling them is supported in "
+                "song mode (train on view 0 only with --no-sample-views)"
+            )
         names = TASK_SETS[tasks]
         cols = [TARGET_COLUMNS[t] for t in names]
         missing = [c for c in cols + ["split"] + ([condition] if condition else [])]
@@ -153,7 +175,12 @@ class TrainingData:
                 # predictions differ from the exported model's (which averages fp16 segments)
                 feats = store.songs(ids)
                 n = len(ids)
-                splits[split] = SplitData(feats, y, torch.arange(n), torch.ones(n), ids, cond)
+                extra = None
+                if use_views and split == "train":
+                    extra = torch.stack([store.songs(ids, view=v) for v in range(1, store.views)])
+                splits[split] = SplitData(
+                    feats, y, torch.arange(n), torch.ones(n), ids, cond, extra_views=extra
+                )
             else:
                 seg = store.segments(ids)
                 splits[split] = SplitData(
@@ -164,7 +191,14 @@ class TrainingData:
                     ids,
                     None if cond is None else cond[seg.song_index],
                 )
-        return cls(tuple(names), mode, splits, condition, vocab)
+        return cls(
+            tuple(names),
+            mode,
+            splits,
+            condition,
+            vocab,
+            views=store.fingerprint.get("views") if use_views else None,
+        )
 
     @classmethod
     def from_arrays(
@@ -216,7 +250,12 @@ def load_training_data(config: TrainConfig) -> TrainingData:
         _check_extraction_matches(store, config.model)
     prepared = pd.read_parquet(config.prepared)
     return TrainingData.from_extraction(
-        store, prepared, config.tasks, config.mode, config.condition
+        store,
+        prepared,
+        config.tasks,
+        config.mode,
+        config.condition,
+        sample_views=config.sample_views,
     )
 
 

@@ -31,6 +31,7 @@ from .data import SplitData, TrainingData, load_training_data
 from .export import export_checkpoint, song_level_features
 from .objective import TrainModule, evaluate
 from .state import atomic_json
+from .views import augmentation_provenance
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ def bootstrap_split(split: SplitData, seed: int) -> SplitData:
         split.weights[rows],
         [split.song_ids[s] for s in drawn.tolist()],
         split.conditions_at(rows),
+        extra_views=None if split.extra_views is None else split.extra_views[:, rows],
     )
 
 
@@ -148,6 +150,7 @@ def train_ensemble(config: TrainConfig, data: TrainingData | None = None, *, pro
                     "member_best_epochs": [r.best_epoch for r in results],
                     "member_test_metrics": [m.get("test") for m in member_metrics],
                     "bootstrap": "training songs resampled with replacement, seed = member seed",
+                    **augmentation_provenance(config, data),
                 },
             )
     if config.export and config.model:

@@ -22,6 +22,7 @@ from apex_reward.ood import fit_statistics, song_feature_matrix
 from .calibration import fit_validation_temperature
 from .config import TrainConfig
 from .state import TrainState, atomic_json
+from .views import augmentation_provenance
 
 if TYPE_CHECKING:
     from .data import SplitData
@@ -79,6 +80,7 @@ def export_run(
                     seed=config.seed,
                 ),
                 ood_songs=song_level_features(run.data.splits["train"]),
+                extra_training=augmentation_provenance(config, run.data),
             )
     accelerator.wait_for_everyone()
     if checkpoint is None and config.export and config.model:

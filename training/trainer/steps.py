@@ -50,6 +50,7 @@ from .state import (
     set_rng_state,
     unflatten_optimizer,
 )
+from .views import InputAugment
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +102,7 @@ class TrainingRun:
         weights: ``[T]`` fixed task weights (:func:`~.objective.task_weights`).
         model: the module as accelerate prepared it (DDP-wrapped with several processes); set by
             :func:`resume`.
+        augment: the training inputs' views and masks (:mod:`.views`), or None.
     """
 
     config: TrainConfig
@@ -116,6 +118,7 @@ class TrainingRun:
     span: torch.Tensor
     weights: torch.Tensor
     model: nn.Module | None = None
+    augment: InputAugment | None = None
 
     @property
     def rank(self) -> int:
@@ -277,6 +280,7 @@ def setup(config: TrainConfig, data: TrainingData | None = None) -> TrainingRun:
         lo,
         span,
         task_weights(config, tasks),
+        augment=InputAugment.for_run(data.splits["train"], config),
     )
 
 
@@ -374,7 +378,10 @@ def train_epoch(run: TrainingRun, epoch: int) -> EpochStats:
     for step in range(run.steps_per_epoch):
         idx = perm[step * global_batch : (step + 1) * global_batch] if n >= global_batch else perm
         mine = idx.chunk(run.world)[run.rank]
-        x = train_split.features[mine].to(run.device, non_blocking=True)
+        if run.augment is None:
+            x = train_split.features[mine].to(run.device, non_blocking=True)
+        else:  # drawn over the global batch, so independent of the number of processes
+            x = run.augment.batch(idx, epoch, step).chunk(run.world)[run.rank].to(run.device)
         y = train_split.targets[mine].to(run.device, non_blocking=True)
         c = train_split.conditions_at(mine)
         if c is not None:
