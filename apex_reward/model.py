@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -431,6 +431,7 @@ class ApexRewardModel(nn.Module):
         seed: int | None = None,
         return_windows: bool | WindowSpec = False,
         condition: ConditionArg = None,
+        checks: Sequence[tuple[Mapping[str, float], Sequence[str]]] | None = None,
     ) -> ApexOutput:
         """Score waveforms; differentiable with respect to them.
 
@@ -454,6 +455,10 @@ class ApexRewardModel(nn.Module):
             condition: a conditioned checkpoint's audience (:mod:`apex_reward.conditioning`):
                 one value of its ``head.condition.values`` (e.g. ``"udio"``) for every song, one
                 value (or None) per song, or None for the learned average condition.
+            checks: the guard's signal checks already measured, one ``(signals, flags)`` per
+                song (:func:`apex_reward.guard.check`; the reward server measures them on the
+                audio as sent, before it resamples): used instead of measuring them again. The
+                OOD flag and the policy still apply. None: measured here.
 
         Returns:
             :class:`ApexOutput` with ``scores`` (each ``[B]``) and ``reward`` ``[B]``, and the
@@ -512,8 +517,14 @@ class ApexRewardModel(nn.Module):
                     condition=cond,
                 )
             return out
-        rates = per_song_rates(sample_rate, len(waveforms), "sample_rate")
-        signals, flags = guard_policy.check(waveforms, rates, self.config.guard)
+        if checks is None:
+            rates = per_song_rates(sample_rate, len(waveforms), "sample_rate")
+            signals, flags = guard_policy.check(waveforms, rates, self.config.guard)
+        else:
+            if len(checks) != out.reward.shape[0]:
+                raise ConfigError(f"checks: {len(checks)} entries for {out.reward.shape[0]} songs")
+            signals = [dict(s) for s, _ in checks]
+            flags = [list(f) for _, f in checks]
         out.signals = {
             name: torch.tensor([s[name] for s in signals], dtype=torch.float64)
             for name in signals[0]

@@ -104,6 +104,8 @@ class _Item:
     wav: torch.Tensor | None = None
     sample_rate: int = 0
     error: BaseException | None = None
+    #: the guard's ``(signals, flags)`` measured by the caller, or None
+    checks: tuple[dict[str, float], list[str]] | None = None
 
 
 def _bare(e: BaseException) -> BaseException:
@@ -212,6 +214,7 @@ def _run_batch(
     windows: bool | WindowSpec | None = None,
     conditions: Sequence[str | None] | None = None,
 ) -> None:
+    checks = [it.checks for it in batch]
     try:
         with torch.inference_mode():
             out = model(
@@ -224,6 +227,7 @@ def _run_batch(
                 seed=robust[1],
                 return_windows=windows or False,
                 condition=None if conditions is None else [conditions[it.index] for it in batch],
+                checks=None if any(c is None for c in checks) else checks,  # type: ignore[arg-type]
             )
         records = out.to_records()
         per_window = None if out.windows is None else out.windows.to_records()
@@ -276,6 +280,7 @@ def score_waveforms(
     seed: int | None = None,
     windows: bool | WindowSpec | None = None,
     condition: ConditionArg = None,
+    checks: Sequence[tuple[dict[str, float], list[str]] | None] | None = None,
 ) -> list[ScoreResult]:
     """Score already decoded and validated waveforms in one forward pass (the reward server's batch).
 
@@ -290,12 +295,17 @@ def score_waveforms(
             :class:`~apex_reward.windows.WindowSpec` windows of its length and hop.
         condition: a conditioned checkpoint's condition: one value for all items, one (or
             None) per item, or None (the learned average).
+        checks: per item, the guard's ``(signals, flags)`` already measured (the server measures
+            them on the audio as sent, before resampling), or None to measure them here.
 
     Returns:
         One :class:`ScoreResult` per item, in order. If the batched forward raises, the items are
         scored one by one, so only the song that fails gets an error.
     """
-    batch = [_Item(i, name, wav, int(sr)) for i, (name, wav, sr) in enumerate(items)]
+    batch = [
+        _Item(i, name, wav, int(sr), checks=None if checks is None else checks[i])
+        for i, (name, wav, sr) in enumerate(items)
+    ]
     conditions = per_input_conditions(model.config.head.condition, condition, len(batch))
     results: list[ScoreResult | None] = [None] * len(batch)
     if batch:

@@ -31,14 +31,16 @@ def _clips() -> list[tuple[torch.Tensor, int]]:
 
 def test_exact_preparation_scores_like_model_score(tiny_model):
     prep = InferencePrep(tiny_model, ServeConfig(resampler="exact", guard="penalize"))
-    assert prep.fast and prep.batcher_guard == "off"
+    assert prep.fast and prep.batcher_guard == "penalize"
     clips = _clips()
     ref = tiny_model.score(clips, num_workers=0, guard="penalize")
     got = []
     for wav, sr in clips:
         p = prep(wav, sr)
         assert p.sample_rate == 24000 and p.wav.ndim == 1
-        (r,) = score_waveforms(tiny_model, [("x", p.wav, p.sample_rate)], guard="off")
+        (r,) = score_waveforms(
+            tiny_model, [("x", p.wav, p.sample_rate)], guard=prep.batcher_guard, checks=[p.checks]
+        )
         got.append(prep.finish(r, p))
     for g, r in zip(got, ref):
         assert g.ok and r.ok

@@ -70,7 +70,9 @@ def _prepared_scores(model, prep, clips):
     out = []
     for wav, sr in clips:
         p = prep(wav, sr)
-        (r,) = score_waveforms(model, [("x", p.wav, p.sample_rate)], guard=prep.batcher_guard)
+        (r,) = score_waveforms(
+            model, [("x", p.wav, p.sample_rate)], guard=prep.batcher_guard, checks=[p.checks]
+        )
         out.append(prep.finish(r, p))
     return out
 
@@ -79,7 +81,7 @@ def test_soxr_preparation_equals_model_score_at_the_encoder_rate(tiny_model):
     """At the encoder's rate nothing is resampled: the soxr path computes what the model does,
     the guard included (the silent clip is flagged and gets the floor reward)."""
     prep = InferencePrep(tiny_model, ServeConfig(resampler="soxr", guard="penalize"))
-    assert prep.batcher_guard == "off"
+    assert prep.batcher_guard == "penalize"
     clips = [(torch.from_numpy(synth_music(2.0, 24000, channels=2, seed=s)), 24000) for s in (1, 2)]
     clips.append((torch.zeros(1, 24000), 24000))
     ref = tiny_model.score(clips, num_workers=0, guard="penalize")

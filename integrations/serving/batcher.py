@@ -52,6 +52,7 @@ class _Job:
     loop: asyncio.AbstractEventLoop
     enqueued: float = field(default_factory=time.monotonic)
     counted: bool = True  # still counted in ``pending`` (not taken, not cancelled)
+    checks: tuple[dict[str, float], list[str]] | None = None  # guard signals measured already
 
 
 def _resolve(fut: asyncio.Future, result: Any, error: BaseException | None) -> None:
@@ -151,7 +152,13 @@ class DynamicBatcher:
 
     # -- submitting -----------------------------------------------------------------------------
 
-    def submit(self, name: str, wav: torch.Tensor, sample_rate: int) -> asyncio.Future:
+    def submit(
+        self,
+        name: str,
+        wav: torch.Tensor,
+        sample_rate: int,
+        checks: tuple[dict[str, float], list[str]] | None = None,
+    ) -> asyncio.Future:
         """Queue one decoded, validated clip; returns an asyncio future for its
         :class:`~apex_reward.scoring.ScoreResult`. Call from the event loop.
 
@@ -159,6 +166,8 @@ class DynamicBatcher:
             name: how the clip is named in its result and errors.
             wav: ``[T]`` or ``[C, T]`` float32 waveform.
             sample_rate: Hz.
+            checks: the guard's ``(signals, flags)`` for this clip when already measured (on
+                the audio as sent); the model then applies the OOD flag and the policy to them.
 
         Raises:
             OverloadedError: ``max_queue`` clips are already waiting.
@@ -173,7 +182,7 @@ class DynamicBatcher:
                 )
             self._pending += 1
         loop = asyncio.get_running_loop()
-        job = _Job(name, wav, int(sample_rate), loop.create_future(), loop)
+        job = _Job(name, wav, int(sample_rate), loop.create_future(), loop, checks=checks)
         # a clip whose request gave up (client gone, timeout) stops counting at once
         job.future.add_done_callback(lambda f, j=job: self._uncount(j) if f.cancelled() else None)
         self._queue.put(job)
@@ -238,6 +247,7 @@ class DynamicBatcher:
                 seed=self.robust_seed,
                 windows=self.windows,
                 condition=self.condition,
+                checks=[j.checks for j in batch],
             )
         except BaseException as e:  # never let the worker die: fail this batch, keep serving
             logger.exception("batch of %d clips failed unexpectedly", len(batch))

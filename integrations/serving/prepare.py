@@ -7,10 +7,11 @@ does) and brings it to the encoder's rate as mono: ``exact`` with the model's ow
 steps (downmix, silence trim at the clip's rate, the julius resampler with its cached filter:
 the samples the batch worker would have computed, so scores equal in-process ``model.score``),
 ``soxr`` with soxr (:func:`apex_reward.fast_resample.to_encoder_rate`, a different filter). The
-batch worker then runs the front end with nothing left to resample and the model with its guard
-off, and :meth:`InferencePrep.finish` applies the guard policy to the result from the signals
-measured earlier. With ``--resampler model`` clips are queued as decoded and the model does all
-of it on the batch worker.
+batch worker then runs the front end with nothing left to resample, and the model takes the
+signals measured earlier (:attr:`Prepared.checks`) instead of measuring them again: the OOD flag
+and the guard policy (the floor, or the smooth OOD penalty) apply exactly as in-process.
+:meth:`InferencePrep.finish` restores the clip's duration as sent. With ``--resampler model``
+clips are queued as decoded and the model does all of it on the batch worker.
 """
 
 from __future__ import annotations
@@ -45,12 +46,19 @@ class Prepared:
     signals: dict[str, float] | None = None
     flags: list[str] | None = None
 
+    @property
+    def checks(self) -> tuple[dict[str, float], list[str]] | None:
+        """``(signals, flags)`` for the model's ``checks=``, or None when not measured here."""
+        if self.signals is None:
+            return None
+        return self.signals, list(self.flags or [])
+
 
 class InferencePrep:
     """The server's per-clip preparation policy (see the module docstring).
 
     Args:
-        model: the served model (its front end rate, guard thresholds and reward floor).
+        model: the served model (its front end rate and guard thresholds).
         config: the server options (``resampler``, ``guard``).
     """
 
@@ -60,10 +68,10 @@ class InferencePrep:
         self.frontend = model.frontend
         self.policy = guard_policy.resolve_policy(model.config, config.guard)
         self.guard_config = model.config.guard
-        self.floor = guard_policy.reward_floor(model.config)
         self.target_rate = int(model.config.frontend.sample_rate)
-        #: the guard the batch worker runs the model with
-        self.batcher_guard: str = "off" if self.fast else self.policy
+        #: the guard the batch worker runs the model with (on every path: the OOD flag and the
+        #: policy are the model's; on the fast paths it reads the signals measured here)
+        self.batcher_guard: str = self.policy
 
     def __call__(self, wav: torch.Tensor, sample_rate: int) -> Prepared:
         """Prepare one decoded, checked clip (blocking; run it on the decode pool)."""
@@ -81,14 +89,8 @@ class InferencePrep:
         return Prepared(mono, self.target_rate, duration, signals, flags)
 
     def finish(self, result: ScoreResult, prepared: Prepared) -> ScoreResult:
-        """``result`` (scored with the guard off on the exact and soxr paths) with the clip's
-        duration as sent, its signals and flags, and under ``penalize`` the floor reward when
-        flagged."""
+        """``result`` with the clip's duration as sent (the exact and soxr paths queue it
+        resampled to the encoder rate)."""
         if not self.fast or not result.ok:
             return result
-        changes: dict = {"duration_s": prepared.duration_s}
-        if prepared.signals is not None:
-            changes["signals"], changes["flags"] = prepared.signals, list(prepared.flags or [])
-            if self.policy == "penalize" and prepared.flags:
-                changes["reward"] = self.floor
-        return dataclasses.replace(result, **changes)
+        return dataclasses.replace(result, duration_s=prepared.duration_s)

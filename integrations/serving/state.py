@@ -225,7 +225,8 @@ class ServerState:
             )
             return ClipError(clip.name, overloaded)
         try:
-            fut = self.batcher.submit(clip.name, clip.wav, clip.sample_rate)
+            checks = None if clip.prepared is None else clip.prepared.checks
+            fut = self.batcher.submit(clip.name, clip.wav, clip.sample_rate, checks)
         except Exception as e:
             return ClipError(clip.name, e)
         self._queued_audio_s += seconds
