@@ -224,7 +224,7 @@ def run(args: argparse.Namespace) -> int:
 
 COMMAND = Command(
     "ood-stats",
-    "add out-of-distribution statistics to a checkpoint from an embeddings store",
+    "add out-of-distribution statistics to a checkpoint from an embeddings store or audio",
     add_arguments,
     run,
 )
