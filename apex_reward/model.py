@@ -377,6 +377,11 @@ class ApexRewardModel(nn.Module):
         self._maybe_fast_path()
         if dynamics is None:
             dynamics = ood_score.needs_dynamics(self)
+        if dynamics and not getattr(self.encoder, "supports_dynamics", False):
+            raise ConfigError(
+                f"{type(self.encoder).__name__} does not compute the frames' dynamics "
+                "(ood.features='moments')"
+            )
         segments = self.frontend(waveforms, sample_rate, device=self.device, check=check)
         chunks = list(self.iter_encoded_chunks(segments, segment_batch_size, dynamics=dynamics))
         encoded, moments = ood_score.split_dynamics(torch.cat(chunks, dim=0), dynamics)
