@@ -739,11 +739,12 @@ class OodConfig:
             "** 2), d the distance, t_high/t_low the flag thresholds"
         },
     )
-    features: Literal["layer_mean", "layers"] = field(
+    features: Literal["layer_mean", "layers", "moments"] = field(
         default="layer_mean",
         metadata={
-            "help": "song feature the statistics describe: the mean of the pooled layers [H], or "
-            "all pooled layers concatenated [L*H]"
+            "help": "song feature the statistics describe: the mean of the pooled layers [H], "
+            "all pooled layers concatenated [L*H], or moments: the layer mean plus the frames' "
+            "standard deviation and difference RMS within each segment [3H] (fitted from audio)"
         },
     )
     fitted_on: dict[str, Any] = field(

@@ -23,6 +23,7 @@ import torch
 from . import fast_kernels
 from .config import EncoderConfig
 from .errors import CheckpointError
+from .frame_moments import frame_moments
 
 logger = logging.getLogger(__name__)
 
@@ -299,16 +300,25 @@ class MertEncoder(FrozenEncoder):
             for block in (*blocks, *m.encoder.layers):
                 block.forward = _checkpointed(block.forward)
 
-    def forward(self, audio: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    #: ``forward(..., dynamics=True)`` is supported (the OOD ``moments`` feature)
+    supports_dynamics = True
+
+    def forward(
+        self, audio: torch.Tensor, valid: torch.Tensor | None = None, *, dynamics: bool = False
+    ) -> torch.Tensor:
         """Encode segments and mean-pool the selected hidden states over time.
 
         Args:
             audio: ``[N, S]`` float segments at 24 kHz (normalised by the front end).
             valid: ``[N]`` unpadded samples per segment; pooling covers only the frames computed
                 from those samples. ``None`` pools every frame.
+            dynamics: also return the frames' standard deviation and difference RMS per layer
+                (:func:`~apex_reward.frame_moments.frame_moments`).
 
         Returns:
-            ``[N, L, H]`` float32, L = ``len(config.layers)``, H = hidden size.
+            ``[N, L, H]`` float32, L = ``len(config.layers)``, H = hidden size; with
+            ``dynamics`` ``[N, 3L, H]``: the means, then the L standard deviations, then the L
+            difference RMS.
         """
         param = next(self.model.parameters())
         x = audio.to(dtype=param.dtype)
@@ -316,6 +326,7 @@ class MertEncoder(FrozenEncoder):
         out = run(x, output_hidden_states=True, return_dict=True)
         hidden = out.hidden_states
         frames = hidden[-1].shape[1]
+        mask = None
         if valid is None:
             pooled = [hidden[i].float().mean(dim=1) for i in self.layers]
         else:
@@ -325,6 +336,9 @@ class MertEncoder(FrozenEncoder):
             pooled = [
                 torch.einsum("nf,nfh->nh", mask, hidden[i].float()) / denom for i in self.layers
             ]
+        if dynamics:
+            moments = frame_moments(hidden, self.layers, mask).flatten(1, 2)
+            return torch.cat([torch.stack(pooled, dim=1), moments], dim=1)
         return torch.stack(pooled, dim=1)
 
 

@@ -9,6 +9,7 @@ convenience for files and arrays.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -319,30 +320,35 @@ class ApexRewardModel(nn.Module):
         return self.frontend.segment_weights(segments)
 
     def iter_encoded_chunks(
-        self, segments: Segments, segment_batch_size: int | None = None
+        self, segments: Segments, segment_batch_size: int | None = None, *, dynamics: bool = False
     ) -> Iterator[torch.Tensor]:
         """Encode ``segments.audio`` in chunks of ``segment_batch_size``; yields ``[n, L, H]``
-        covering the segments in order. Under ``segment_padding="none"`` segments of equal
-        encoded length are batched together (:func:`~apex_reward.buckets.encode_by_length`)."""
+        (``[n, 3L, H]`` with ``dynamics``: see ``MertEncoder.forward``) covering the segments in
+        order. Under ``segment_padding="none"`` segments of equal encoded length are batched
+        together (:func:`~apex_reward.buckets.encode_by_length`)."""
         bs = max(1, int(segment_batch_size or self.segment_batch_size))
+        encode = functools.partial(self._encode_chunk, dynamics=dynamics)
         if self.config.frontend.segment_padding != "full":
             from .buckets import encode_by_length
 
             lengths = self.frontend.encoded_lengths(segments.valid)
-            yield encode_by_length(self._encode_chunk, segments, lengths, bs)
+            yield encode_by_length(encode, segments, lengths, bs)
             return
         for start in range(0, segments.audio.shape[0], bs):
-            yield self._encode_chunk(
-                segments.audio[start : start + bs], segments.valid[start : start + bs], bs
-            )
+            yield encode(segments.audio[start : start + bs], segments.valid[start : start + bs], bs)
 
-    def _encode_chunk(self, audio: torch.Tensor, valid: torch.Tensor, bs: int) -> torch.Tensor:
-        """One encoder call on ``[n, S']`` segments (n <= bs) -> ``[n, L, H]``."""
+    def _encode_chunk(
+        self, audio: torch.Tensor, valid: torch.Tensor, bs: int, *, dynamics: bool = False
+    ) -> torch.Tensor:
+        """One encoder call on ``[n, S']`` segments (n <= bs) -> ``[n, L, H]`` (``[n, 3L, H]``
+        with ``dynamics``)."""
         n = audio.shape[0]
         size = _bucket(n, bs) if self.bucket_batches else n
         if size > n:  # pad with silent segments to a fixed batch size; their rows are dropped
             audio = torch.nn.functional.pad(audio, (0, 0, 0, size - n))
             valid = torch.nn.functional.pad(valid, (0, size - n), value=audio.shape[-1])
+        if dynamics:
+            return self.encoder(audio, valid, dynamics=True)[:n]
         return self.encoder(audio, valid)[:n]
 
     def encode(
@@ -352,6 +358,7 @@ class ApexRewardModel(nn.Module):
         *,
         segment_batch_size: int | None = None,
         check: bool = True,
+        dynamics: bool | None = None,
     ) -> SegmentFeatures:
         """Front end + encoder: waveforms -> per-segment pooled layer features.
 
@@ -361,15 +368,27 @@ class ApexRewardModel(nn.Module):
             segment_batch_size: segments per encoder call (default ``self.segment_batch_size``).
             check: run ``frontend.check`` on each song (``False`` when the caller already did:
                 it is a full pass over the samples).
+            dynamics: also compute the frames' ``dynamics`` (default: when the OOD statistics
+                need them, :func:`~apex_reward.ood.needs_dynamics`).
 
         Returns:
-            :class:`SegmentFeatures` with ``layer_features`` ``[N, L, H]``.
+            :class:`SegmentFeatures` with ``layer_features`` ``[N, L, H]`` (and ``dynamics``
+            ``[N, 2, L, H]`` when computed).
         """
         self._maybe_fast_path()
+        if dynamics is None:
+            dynamics = ood_score.needs_dynamics(self)
+        if dynamics and not getattr(self.encoder, "supports_dynamics", False):
+            raise ConfigError(
+                f"{type(self.encoder).__name__} does not compute the frames' dynamics "
+                "(ood.features='moments')"
+            )
         segments = self.frontend(waveforms, sample_rate, device=self.device, check=check)
-        chunks = list(self.iter_encoded_chunks(segments, segment_batch_size))
+        chunks = list(self.iter_encoded_chunks(segments, segment_batch_size, dynamics=dynamics))
+        encoded, moments = ood_score.split_dynamics(torch.cat(chunks, dim=0), dynamics)
         return SegmentFeatures(
-            layer_features=torch.cat(chunks, dim=0),
+            layer_features=encoded,
+            dynamics=moments,
             song_index=segments.song_index,
             weights=self._segment_weights(segments),
             durations_s=segments.durations.float() / self.config.frontend.sample_rate,

@@ -10,7 +10,10 @@ The checkpoint stores statistics of the training songs' embeddings (docs/model.m
 
 A song's feature is its segment-weighted mean of the pooled encoder layers (``[L, H]``), reduced
 to the mean over layers (``features="layer_mean"``, ``D = H``) or concatenated (``"layers"``,
-``D = L*H``). Its distance ``d = sqrt((x - mean)^T precision (x - mean))`` is a torch expression
+``D = L*H``); ``"moments"`` (``D = 3H``) adds how the frames move within each segment: the mean
+over layers of the frames' standard deviation and of their frame-to-frame difference RMS
+(:mod:`apex_reward.frame_moments`). Those need the encoder's frames, which an embeddings store does
+not keep, so ``moments`` statistics are fitted from audio (``ood-stats --from-audio``). Its distance ``d = sqrt((x - mean)^T precision (x - mean))`` is a torch expression
 of the waveform (differentiable); ``ood`` is its percentile among the training distances (0–100,
 not differentiable). ``"ood"`` joins the flags when ``d`` exceeds the threshold
 ``t_high = quantile(train_distances, flag_percentile / 100)`` or, with ``lower_tail`` (off by
@@ -134,15 +137,47 @@ class OodStatistics(nn.Module):
         return float(torch.quantile(self.train_distances.cpu(), percentile / 100.0))
 
 
+#: feature kinds that need the frames' dynamics (not in an embeddings store)
+DYNAMIC_KINDS = ("moments",)
+
+
+def needs_dynamics(model: ApexRewardModel) -> bool:
+    """Whether the model's OOD statistics describe a feature that needs the frames' dynamics."""
+    return model.ood_stats is not None and model.config.ood.features in DYNAMIC_KINDS
+
+
+def split_dynamics(
+    encoded: torch.Tensor, dynamics: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The encoder's ``[N, L, H]`` output, or with ``dynamics`` its ``[N, 3L, H]`` output, ->
+    ``(layer_features [N, L, H], dynamics [N, 2, L, H] or None)``."""
+    if not dynamics:
+        return encoded, None
+    n_layers = encoded.shape[1] // 3
+    return encoded[:, :n_layers], encoded[:, n_layers:].unflatten(1, (2, n_layers))
+
+
 def song_features(features: SegmentFeatures, kind: str = "layer_mean") -> torch.Tensor:
-    """Per-segment encoder features -> ``[B, D]`` float64 song features (see module doc)."""
-    pooled = weighted_song_mean(
-        features.layer_features.to(torch.float64),
-        features.song_index,
-        features.weights,
-        features.num_songs,
-    )
-    return song_feature_matrix(pooled, kind)
+    """Per-segment encoder features -> ``[B, D]`` float64 song features (see module doc).
+
+    Raises:
+        ConfigError: ``kind="moments"`` on features without ``dynamics``.
+    """
+
+    def pool(values: torch.Tensor) -> torch.Tensor:
+        return weighted_song_mean(
+            values.to(torch.float64), features.song_index, features.weights, features.num_songs
+        )
+
+    pooled = pool(features.layer_features)
+    if kind not in DYNAMIC_KINDS:
+        return song_feature_matrix(pooled, kind)
+    if features.dynamics is None:
+        raise ConfigError(
+            f"ood.features={kind!r} needs the frames' dynamics; encode with dynamics=True"
+        )
+    moving = pool(features.dynamics)  # [B, 2, L, H]
+    return torch.cat([pooled.mean(dim=1), moving[:, 0].mean(dim=1), moving[:, 1].mean(dim=1)], 1)
 
 
 def song_feature_matrix(pooled: torch.Tensor, kind: str) -> torch.Tensor:
@@ -152,11 +187,24 @@ def song_feature_matrix(pooled: torch.Tensor, kind: str) -> torch.Tensor:
         return pooled.mean(dim=1)
     if kind == "layers":
         return pooled.flatten(1)
-    raise ConfigError(f"ood.features: expected layer_mean or layers, got {kind!r}")
+    if kind in DYNAMIC_KINDS:
+        raise ConfigError(
+            f"ood.features={kind!r} needs the encoder's frames, which an embeddings store does not "
+            "keep: fit the statistics from audio (apex-reward ood-stats --from-audio)"
+        )
+    raise ConfigError(f"ood.features: expected layer_mean, layers or moments, got {kind!r}")
+
+
+#: shrinkages tried (after Ledoit-Wolf's own) when the in-sample share is bounded
+SHRINKAGE_GRID = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7)
 
 
 def fit_statistics(
-    x: np.ndarray | torch.Tensor, *, folds: int = 5, seed: int = 0
+    x: np.ndarray | torch.Tensor,
+    *,
+    folds: int = 5,
+    seed: int = 0,
+    in_sample_share: tuple[float, float] | None = None,
 ) -> tuple[OodStatistics, dict[str, Any]]:
     """Fit the statistics on ``[N, D]`` training song features.
 
@@ -164,8 +212,15 @@ def fit_statistics(
     distances are cross-fitted: each song's distance under statistics fitted on the other
     ``folds - 1`` folds.
 
+    With ``in_sample_share=(p, s)`` the shrinkage is raised (``SHRINKAGE_GRID``) until at most a
+    share ``s`` of the training songs themselves, measured in-sample (as a training song is
+    scored), fall below the ``100 - p`` percentile of the cross-fitted distances. In many
+    dimensions in-sample distances are much smaller than a new song's (the covariance was fitted
+    on the song), so a lower-tail (typicality) flag would otherwise fire on training songs.
+
     Returns:
-        ``(statistics, info)`` with ``info`` = songs, dimension, folds, shrinkage, seed.
+        ``(statistics, info)`` with ``info`` = songs, dimension, folds, shrinkage, seed (and
+        ``in_sample_below``, the measured share, with ``in_sample_share``).
 
     Raises:
         ConfigError: fewer than ``2 * folds`` songs, or non-finite features.
@@ -174,8 +229,7 @@ def fit_statistics(
     from .errors import require
 
     require("sklearn", "train", "fitting OOD statistics")
-    from sklearn.covariance import LedoitWolf
-    from sklearn.model_selection import KFold
+    from sklearn.covariance import LedoitWolf, ShrunkCovariance
 
     arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
     arr = arr.astype(np.float64, copy=False)
@@ -187,11 +241,20 @@ def fit_statistics(
     if not np.isfinite(arr).all():
         raise ConfigError("OOD statistics: the training song features hold non-finite values")
     full = LedoitWolf().fit(arr)
-    dist = np.empty(n)
-    for fit_idx, held_idx in KFold(folds, shuffle=True, random_state=seed).split(arr):
-        part = LedoitWolf().fit(arr[fit_idx])
-        diff = arr[held_idx] - part.location_
-        dist[held_idx] = np.sqrt(np.einsum("bi,ij,bj->b", diff, part.precision_, diff))
+    shrinkage = float(full.shrinkage_)
+    dist = _cross_fitted(arr, folds, seed, None)
+    info: dict[str, Any] = {}
+    if in_sample_share is not None:
+        percentile, share = in_sample_share
+        for candidate in (None, *(g for g in SHRINKAGE_GRID if g > shrinkage)):
+            fitted = full if candidate is None else ShrunkCovariance(shrinkage=candidate).fit(arr)
+            dist = _cross_fitted(arr, folds, seed, candidate)
+            low = np.quantile(dist, 1.0 - percentile / 100.0)
+            below = float(np.mean(_mahalanobis(fitted, arr) < low))
+            full, shrinkage = fitted, shrinkage if candidate is None else candidate
+            if below <= share:
+                break
+        info["in_sample_below"] = below
     stats = OodStatistics(
         torch.from_numpy(full.location_), torch.from_numpy(full.precision_), torch.from_numpy(dist)
     )
@@ -199,10 +262,29 @@ def fit_statistics(
         "songs": int(n),
         "dimension": int(arr.shape[1]),
         "folds": int(folds),
-        "shrinkage": float(full.shrinkage_),
+        "shrinkage": shrinkage,
         "seed": int(seed),
+        **info,
     }
     return stats, info
+
+
+def _mahalanobis(fitted: Any, x: np.ndarray) -> np.ndarray:
+    diff = x - fitted.location_
+    return np.sqrt(np.einsum("bi,ij,bj->b", diff, fitted.precision_, diff))
+
+
+def _cross_fitted(x: np.ndarray, folds: int, seed: int, shrinkage: float | None) -> np.ndarray:
+    """Each song's distance under statistics fitted without its fold (``shrinkage`` None:
+    Ledoit-Wolf's own per fold)."""
+    from sklearn.covariance import LedoitWolf, ShrunkCovariance
+    from sklearn.model_selection import KFold
+
+    dist = np.empty(x.shape[0])
+    for fit_idx, held_idx in KFold(folds, shuffle=True, random_state=seed).split(x):
+        est = LedoitWolf() if shrinkage is None else ShrunkCovariance(shrinkage=shrinkage)
+        dist[held_idx] = _mahalanobis(est.fit(x[fit_idx]), x[held_idx])
+    return dist
 
 
 def set_statistics(
@@ -244,9 +326,10 @@ def lower_threshold_of(model: ApexRewardModel) -> float | None:
 
 def attach_ood(model: ApexRewardModel, out: ApexOutput, features: SegmentFeatures) -> None:
     """Set ``out.ood`` (``[B]`` percentile) and ``out.ood_distance`` (``[B]``, differentiable)
-    from the segment features (both None when the model has no statistics)."""
+    from the segment features (both None when the model has no statistics, or when they need the
+    frames' dynamics and ``features`` comes without them, e.g. from an embeddings store)."""
     stats = model.ood_stats
-    if stats is None:
+    if stats is None or (needs_dynamics(model) and features.dynamics is None):
         out.ood, out.ood_distance = None, None
         return
     d = stats.distance(song_features(features, model.config.ood.features))

@@ -25,6 +25,9 @@ class SegmentFeatures:
         weights: ``[N]`` float32 weight of each segment in its song's average.
         durations_s: ``[B]`` float32 song durations in seconds.
         num_songs: B.
+        dynamics: ``[N, 2, L, H]`` float32 frame standard deviation and difference RMS of each
+            segment's layers (:mod:`apex_reward.frame_moments`), when the OOD statistics need
+            them; None otherwise.
     """
 
     layer_features: torch.Tensor
@@ -32,6 +35,7 @@ class SegmentFeatures:
     weights: torch.Tensor
     durations_s: torch.Tensor
     num_songs: int
+    dynamics: torch.Tensor | None = None
 
 
 @dataclass

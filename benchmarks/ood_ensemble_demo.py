@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from apex_reward import ApexRewardModel
-from apex_reward.ood import beyond_threshold
+from apex_reward.ood import beyond_threshold, needs_dynamics
 
 
 def _group(model: ApexRewardModel, out) -> dict[str, float | None]:
@@ -42,7 +42,12 @@ def _group(model: ApexRewardModel, out) -> dict[str, float | None]:
     }
 
 
-def _from_store(model: ApexRewardModel, store, ids: list[str]):
+def _from_store(model: ApexRewardModel, store, ids: list[str], paths: dict[str, str]):
+    if needs_dynamics(model):  # the store lacks the frames' dynamics: encode the audio again
+        from apex_reward.audio import load_audio
+
+        waves, rates = zip(*(load_audio(paths[i]) for i in ids))
+        return _from_audio(model, list(waves), [int(r) for r in rates])
     with torch.inference_mode():
         return model.predict_from_features(store.segments(ids))
 
@@ -97,11 +102,17 @@ def main(argv: list[str] | None = None) -> int:
     have = set(store.song_ids)
     split_ids = {
         s: [i for i in prepared.loc[prepared["split"] == s, "id"] if i in have]
-        for s in ("train", "test")
+        for s in ("train", "val", "test")
     }
+    paths = dict(zip(prepared["id"], prepared["audio_path"]))
     rows = {
-        "training songs": _group(model, _from_store(model, store, split_ids["train"])),
-        "held-out songs (test split)": _group(model, _from_store(model, store, split_ids["test"])),
+        "training songs": _group(model, _from_store(model, store, split_ids["train"], paths)),
+        "held-out songs (val split)": _group(
+            model, _from_store(model, store, split_ids["val"], paths)
+        ),
+        "held-out songs (test split)": _group(
+            model, _from_store(model, store, split_ids["test"], paths)
+        ),
     }
     # the audit without --reference: 8 synthetic songs; its counted probes: signals + 2 s loops of
     # the 4 best-scoring reference clips
@@ -145,8 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = model.config
     print(
         f"model {args.model}: {cfg.ensemble_size} head(s), OOD statistics of "
-        f"{cfg.ood.fitted_on.get('songs')} songs (flag above the {cfg.ood.flag_percentile}th "
-        "percentile)"
+        f"{cfg.ood.fitted_on.get('songs')} songs ({cfg.ood.features} features, flag above the "
+        f"{cfg.ood.flag_percentile}th percentile"
+        + (" and below the lower one)" if cfg.ood.lower_tail else ")")
     )
     print("| group | n | OOD flag | median OOD percentile | median reward std |")
     print("|---|---:|---:|---:|---:|")

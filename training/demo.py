@@ -69,6 +69,14 @@ class DemoConfig:
     workers: int = field(
         default=2, metadata={"help": "threads/processes for audio checks and decoding"}
     )
+    ood_features: Literal["layer_mean", "moments"] = field(
+        default="moments",
+        metadata={
+            "help": "OOD statistics of the exported model: moments = refitted from the training "
+            "songs' audio with the frames' dynamics and the two-sided flag (ood-stats "
+            "--from-audio); layer_mean = the trainer's, from the embeddings store"
+        },
+    )
 
 
 def default_audio_dir() -> Path | None:
@@ -170,6 +178,18 @@ def run_demo_pipeline(config: DemoConfig, *, progress: bool = True) -> dict[str,
     finally:
         torch.set_num_threads(threads)
     model_dir = result.checkpoint
+    if config.ood_features == "moments":
+        from .ood_stats import OodStatsConfig, add_ood_statistics
+
+        add_ood_statistics(
+            OodStatsConfig(
+                model=str(model_dir),
+                prepared=str(out / "prepared" / "prepared.parquet"),
+                from_audio=True,
+                features="moments",
+                lower_tail=True,
+            )
+        )
     _stage(f"5/6 exported {model_dir}; scoring audio", t0)
     model = load_model(ModelOptions(model=str(model_dir), device="cpu"))
     audio_dir = Path(config.audio_dir) if config.audio_dir else default_audio_dir()

@@ -17,7 +17,7 @@ from apex_reward.config import ApexConfig, PopularityReferenceConfig, Preference
 from apex_reward.dataclass_io import from_dict, to_dict
 from apex_reward.errors import ConfigError
 from apex_reward.heads import ApexHead, weighted_song_mean
-from apex_reward.ood import fit_statistics, song_feature_matrix
+from apex_reward.ood import DYNAMIC_KINDS, fit_statistics, song_feature_matrix
 
 from .calibration import fit_validation_temperature
 from .config import TrainConfig
@@ -150,7 +150,13 @@ def export_checkpoint(
         out_tensors.update(
             {f"ensemble.{i}.{k}": v.detach().float().cpu() for k, v in member.state_dict().items()}
         )
-    if ood_songs is not None and len(ood_songs) >= MIN_OOD_SONGS:
+    if ood_songs is not None and cfg.ood.features in DYNAMIC_KINDS:
+        logger.warning(
+            "ood.features=%s needs the encoder's frames, not in the embeddings store: no OOD "
+            "statistics written (add them with apex-reward ood-stats --from-audio)",
+            cfg.ood.features,
+        )
+    elif ood_songs is not None and len(ood_songs) >= MIN_OOD_SONGS:
         x = song_feature_matrix(ood_songs.double(), cfg.ood.features)
         stats, info = fit_statistics(x, seed=config.seed)
         cfg.ood.fitted_on = {**info, "source": "training split", "embeddings": config.embeddings}
