@@ -49,3 +49,45 @@ def test_exact_preparation_scores_like_model_score(tiny_model):
         assert g.flags == r.flags and g.signals == r.signals
         assert g.duration_s == pytest.approx(r.duration_s)
     assert got[-1].flags and not got[0].flags
+
+
+@pytest.mark.parametrize("resampler", ["exact", "soxr"])
+def test_fast_paths_apply_the_ood_flag_and_penalty_like_model_score(tiny_model, resampler):
+    """The decode thread measures the signal checks; the forward still adds the OOD flag and
+    applies the policy: the floor for an OOD-only flag, or the smooth penalty when asked."""
+    import copy
+
+    from apex_reward.ood import fit_statistics, set_statistics, song_features
+
+    model = copy.deepcopy(tiny_model)
+    songs = [synth_music(1.5, 24000, seed=s)[0] for s in range(24)]
+    with torch.no_grad():
+        x = song_features(model.encode([torch.from_numpy(s) for s in songs], 24000))
+    stats, info = fit_statistics(x, folds=3, seed=0)
+    set_statistics(model, stats, info)
+    model.config.ood.features = "layer_mean"
+    model.config.ood.flag_percentile = 50.0  # about half of these songs lie beyond it
+    clips = [(torch.from_numpy(synth_music(1.5, 24000, seed=100 + s)), 24000) for s in range(6)]
+    prep = InferencePrep(model, ServeConfig(resampler=resampler, guard="penalize"))
+    for weight in (0.0, 0.5):
+        model.config.ood.penalty_weight = weight
+        ref = model.score(clips, num_workers=0, guard="penalize")
+        assert any("ood" in r.flags for r in ref) and not all("ood" in r.flags for r in ref)
+        for (wav, sr), r in zip(clips, ref):
+            p = prep(wav, sr)
+            (g,) = score_waveforms(
+                model, [("x", p.wav, p.sample_rate)], guard=prep.batcher_guard, checks=[p.checks]
+            )
+            g = prep.finish(g, p)
+            assert g.flags == r.flags and g.ood == pytest.approx(r.ood, abs=1e-3)
+            assert g.reward == pytest.approx(r.reward, abs=1e-5)
+            if "ood" in r.flags and weight == 0.0:
+                assert g.reward == 0.0  # the floor of the reward "overall"
+            if "ood" in r.flags and weight > 0:
+                assert (
+                    0.0
+                    < g.reward
+                    < model.reward_from_scores(
+                        {k: torch.tensor([v]) for k, v in g.scores.items()}
+                    ).item()
+                )  # penalised, not floored
