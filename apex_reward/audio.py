@@ -525,20 +525,6 @@ class AudioFrontEnd(torch.nn.Module):
         )
 
     @staticmethod
-    def segment_levels_db(audio: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """RMS level in dBFS (mean removed) of each row of ``[N, S]`` over its first ``valid``
-        samples; ``[N]`` float32, no gradient, -200 for digital silence or pure DC."""
-        with torch.no_grad():
-            x = audio.detach()
-            var = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
-            # row by row over the unpadded samples: one fused pass each (no [N, S] mask and
-            # float64 temporaries; this runs once per batch on the server's batch worker)
-            for i, n in enumerate(valid.tolist()):
-                if n > 0:
-                    var[i] = torch.var_mean(x[i, :n].to(torch.float64), correction=0)[0]
-            return (10.0 * torch.log10(var + 1e-20)).to(torch.float32)
-
-    @staticmethod
     def normalize(audio: torch.Tensor, valid: torch.Tensor, floor: float = 1e-7) -> torch.Tensor:
         """``(x - mean) / sqrt(var + floor)`` per row of ``[N, S]`` over its first ``valid``
         samples.
