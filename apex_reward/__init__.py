@@ -51,7 +51,7 @@ _LAZY: dict[str, str] = {
     "FrontendConfig": ".config",
     "HeadConfig": ".config",
     "PreferenceConfig": ".config",
-    "list_presets": ".config",
+    "list_presets": ".presets",
     "ModelOptions": ".loading",
     "load_model": ".loading",
     "ApexOutput": ".model",
@@ -71,10 +71,10 @@ if TYPE_CHECKING:
         FrontendConfig,
         HeadConfig,
         PreferenceConfig,
-        list_presets,
     )
     from .loading import ModelOptions, load_model
     from .model import ApexOutput, ApexRewardModel
+    from .presets import list_presets
     from .scoring import ScoreResult
 
 

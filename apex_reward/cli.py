@@ -111,7 +111,7 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_init_arguments(p: argparse.ArgumentParser) -> None:
-    from .config import ENCODER_PRESETS
+    from .presets import ENCODER_PRESETS
 
     p.add_argument(
         "--preset", required=True, choices=sorted(ENCODER_PRESETS), help="encoder preset"

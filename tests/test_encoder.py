@@ -118,7 +118,7 @@ def test_released_presets_pin_their_hub_commit(tmp_path, monkeypatch):
     revision); a checkpoint config without a revision gets the pin, another source does not."""
     import re
 
-    from apex_reward.config import ENCODER_PRESETS
+    from apex_reward.presets import ENCODER_PRESETS
 
     for name in ("mert-v1-95m", "mert-v1-330m"):
         cfg = EncoderConfig.from_preset(name)
