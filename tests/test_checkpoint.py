@@ -46,6 +46,7 @@ def test_config_records_what_reproduces_a_score(tiny_checkpoint):
         "head_hidden": 64,
         "trunk_dropout": 0.3,
         "head_dropout": 0.1,
+        "condition": None,
     }
     assert cfg["reward_weights"] == {"overall": 1.0}
     assert "popularity_reference" in cfg and len(cfg["weights_sha256"]) == 64
