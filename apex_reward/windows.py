@@ -32,7 +32,6 @@ import torch
 
 from .audio import AudioFrontEnd, Segments, WaveformInput, as_waveform_list, per_song_rates
 from .errors import ConfigError
-from .heads import combine_scores
 from .segment_rows import cut_rows
 
 if TYPE_CHECKING:
@@ -178,11 +177,22 @@ def _predict(
     model: ApexRewardModel, layer_features: torch.Tensor, condition: torch.Tensor | None = None
 ) -> dict[str, torch.Tensor]:
     """``[N, L, H]`` window features (``[N]`` condition indices) -> ``{name: [N]}`` scores plus
-    ``"reward"``."""
-    pred = model.head.predict(model.head.embed(layer_features), condition)
-    scores = {k: v.float() for k, v in combine_scores(pred).items()}
-    scores["reward"] = model.reward_from_scores(scores)
-    return scores
+    ``"reward"``: every window scored as a one-segment song, through the same member heads,
+    ensemble mean and reward mode as the songs."""
+    from .ensemble import predict_members
+    from .outputs import SegmentFeatures
+
+    n = layer_features.shape[0]
+    dev = layer_features.device
+    features = SegmentFeatures(
+        layer_features,
+        torch.arange(n, device=dev),
+        torch.ones(n, device=dev),
+        torch.zeros(n, device=dev),
+        n,
+    )
+    scores, reward, _ = predict_members(model, features, condition)
+    return {**scores, "reward": reward}
 
 
 def _trim_offsets(
@@ -310,8 +320,11 @@ def window_scores(
     mask = scatter(torch.ones(len(index), dtype=torch.bool, device=dev))
     if policy == "penalize" and flags is not None and any(flags):
         from .guard import reward_floor
+        from .ood import floors
 
-        flagged = torch.tensor([bool(f) for f in flags], device=reward.device)[:, None]
+        # the song reward's rule: the "ood" flag alone does not floor under the smooth penalty
+        floored = [floors(model.config, f) for f in flags]
+        flagged = torch.tensor(floored, device=reward.device)[:, None]
         floor = torch.full_like(reward, reward_floor(model.config))
         reward = torch.where(flagged & mask, floor, reward)
     off = torch.tensor(offsets, dtype=torch.float64)[index]

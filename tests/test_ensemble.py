@@ -130,3 +130,19 @@ def test_commands_accept_ensemble(command):
     parser = build_parser(command)
     args = parser.parse_args([command, "--ensemble", "5"])
     assert args.ensemble == 5
+
+
+def test_windows_use_every_head_and_the_reward_mode(runs):
+    """A window is scored like a one-segment song: the heads' mean (and the pessimistic reward),
+    not the first head alone; a song shorter than one segment is its own single window."""
+    _, ensemble, _ = runs
+    model = ApexRewardModel.from_pretrained(ensemble.checkpoint)
+    model.config.reward_mode, model.config.pessimism_k = "pessimistic", 1.0
+    g = torch.Generator().manual_seed(1)
+    waves = [torch.randn(24000 * 2, generator=g) * 0.1 for _ in range(2)]
+    with torch.inference_mode():
+        out = model(waves, 24000, return_windows=True)
+    torch.testing.assert_close(out.windows.reward[:, 0], out.reward, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        out.windows.scores["overall"][:, 0], out.scores["overall"], rtol=1e-5, atol=1e-6
+    )
