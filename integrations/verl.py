@@ -58,6 +58,7 @@ from apex_reward.errors import (
 )
 from apex_reward.guard import POLICIES
 from apex_reward.loading import ModelOptions
+from apex_reward.ood import floors
 from apex_reward.scoring import ScoreResult
 from apex_reward.signals import SIGNAL_NAMES
 from apex_reward.windows import WindowSpec
@@ -264,7 +265,7 @@ def _to_dict(result: ScoreResult, settings: _Settings, model: ApexRewardModel) -
         _raise_failure(result)
     spec = _spec(settings, model)
     flagged = bool(result.flags)
-    if settings.guard == "penalize" and flagged:
+    if settings.guard == "penalize" and floors(model.config, result.flags):
         value: float | None = spec_floor(spec, model.config)
     else:
         value = score_value(result, spec)
