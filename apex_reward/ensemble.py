@@ -74,10 +74,11 @@ def predict_members(
     rewards = torch.stack([model.reward_from_scores(p) for p in per])  # [K, B]
     scores = {k: v.mean(0).float() for k, v in stacked.items()}
     std = {k: v.std(0).float() for k, v in stacked.items()}
-    std["reward"] = rewards.std(0).float()
+    reward_std = rewards.std(0)
+    std["reward"] = reward_std.float()
     reward = rewards.mean(0)
     if model.config.reward_mode == "pessimistic":
-        reward = reward - model.config.pessimism_k * rewards.std(0)
+        reward = reward - model.config.pessimism_k * reward_std
     return scores, reward.float(), std
 
 

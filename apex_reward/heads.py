@@ -17,7 +17,13 @@ from .conditioning import ConditionInput, trunk_input_width
 from .config import AESTHETIC_TASKS, POPULARITY_TASKS, HeadConfig
 from .errors import ConfigError
 
-__all__ = ["ApexHead", "combine_scores", "weighted_song_mean", "scale_task_output"]
+__all__ = [
+    "ApexHead",
+    "combine_scores",
+    "weighted_reward",
+    "weighted_song_mean",
+    "scale_task_output",
+]
 
 
 def scale_task_output(task: str, z: torch.Tensor) -> torch.Tensor:
@@ -63,6 +69,18 @@ def combine_scores(pred: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     else:
         out["overall"] = popularity / 100.0
     return out
+
+
+def weighted_reward(
+    scores: Mapping[str, torch.Tensor], reward_weights: Mapping[str, float]
+) -> torch.Tensor:
+    """The scalar reward ``sum_k w_k * scores[k]`` over ``reward_weights`` (non-empty). ``[B]``."""
+    total = None
+    for name, w in reward_weights.items():
+        term = w * scores[name]
+        total = term if total is None else total + term
+    assert total is not None  # reward_weights is validated to be non-empty
+    return total
 
 
 class ApexHead(nn.Module):

@@ -30,7 +30,7 @@ from .config import ApexConfig
 from .encoders import Encoder, build_encoder, load_encoder
 from .errors import ConfigError
 from .guard import GuardPolicy
-from .heads import ApexHead, weighted_song_mean
+from .heads import ApexHead, weighted_reward, weighted_song_mean
 from .outputs import ApexOutput, SegmentFeatures
 from .windows import WindowSpec, window_scores
 
@@ -397,12 +397,7 @@ class ApexRewardModel(nn.Module):
 
     def reward_from_scores(self, scores: dict[str, torch.Tensor]) -> torch.Tensor:
         """The scalar reward ``sum_k w_k * scores[k]`` (``config.reward_weights``). ``[B]``."""
-        total = None
-        for name, w in self.config.reward_weights.items():
-            term = w * scores[name]
-            total = term if total is None else total + term
-        assert total is not None  # reward_weights is validated to be non-empty
-        return total
+        return weighted_reward(scores, self.config.reward_weights)
 
     def predict_from_features(
         self,

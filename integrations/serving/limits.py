@@ -29,6 +29,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from apex_reward.containers import UNKNOWN_FRAMES
 from apex_reward.errors import AudioError
 
 from .batcher import OverloadedError
@@ -76,11 +77,6 @@ class ClipHeader:
     def samples(self) -> int:
         """Decoded values (frames × channels); 0 when the length is unknown."""
         return self.frames * max(self.channels, 1) if self.known else 0
-
-
-#: libsndfile reports 2^63 - 1 frames for a stream whose length it does not know (a FLAC written
-#: while streaming); a count this large is no real length.
-UNKNOWN_FRAMES = 1 << 62
 
 
 def _mega(n: int) -> str:

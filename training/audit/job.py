@@ -375,18 +375,25 @@ def score_probes(job: AuditJob, reference: ReferenceSet) -> list[ProbeScore]:
     return results
 
 
+def attack_starts(cfg: AuditConfig, reference: ReferenceSet) -> dict[str, torch.Tensor]:
+    """The attack's starting waveforms at the probe rate: -15 dBFS white noise and the reference
+    clip closest to the median, both ``cfg.attack_seconds`` long (shorter if that clip is)."""
+    clip = reference.clips[reference.median_clip()]
+    start = to_probe_rate(clip)[: int(round(cfg.attack_seconds * PROBE_RATE))]
+    rng = np.random.default_rng(cfg.seed + 2)
+    noise = torch.from_numpy((NOISE_RMS * rng.standard_normal(start.shape[0])).astype(np.float32))
+    return {"white_noise": noise, f"reference:{clip.name}": start}
+
+
 def attack(job: AuditJob, reference: ReferenceSet) -> AttackResult:
     """Step 4 (attack): Adam on the waveform from -15 dBFS white noise and from the reference
     clip closest to the median, ``cfg.attack_seconds`` long (shorter if that clip is)."""
     t0 = time.perf_counter()
     cfg = job.cfg
-    clip = reference.clips[reference.median_clip()]
-    start = to_probe_rate(clip)[: int(round(cfg.attack_seconds * PROBE_RATE))]
-    rng = np.random.default_rng(cfg.seed + 2)
-    noise = torch.from_numpy((NOISE_RMS * rng.standard_normal(start.shape[0])).astype(np.float32))
+    starts = attack_starts(cfg, reference)
     runs = run_attack(
         job.model,
-        {"white_noise": noise, f"reference:{clip.name}": start},
+        starts,
         PROBE_RATE,
         policy=job.policy,
         target=reference.best,
@@ -395,7 +402,7 @@ def attack(job: AuditJob, reference: ReferenceSet) -> AttackResult:
         progress=cfg.progress,
     )
     job.seconds["attack"] = time.perf_counter() - t0
-    return AttackResult(runs, reference.best, start.shape[0] / PROBE_RATE)
+    return AttackResult(runs, reference.best, starts["white_noise"].shape[0] / PROBE_RATE)
 
 
 def _ladders(reference: ReferenceSet, probes: list[ProbeScore]) -> dict[str, Any]:
@@ -431,15 +438,11 @@ def attack_defences(job: AuditJob, reference: ReferenceSet) -> list[dict[str, An
     if not cfg.attack_defences:
         return []
     t0 = time.perf_counter()
-    clip = reference.clips[reference.median_clip()]
-    start = to_probe_rate(clip)[: int(round(cfg.attack_seconds * PROBE_RATE))]
-    rng = np.random.default_rng(cfg.seed + 2)
-    noise = torch.from_numpy((NOISE_RMS * rng.standard_normal(start.shape[0])).astype(np.float32))
     rows = attack_under_defences(
         job.model,
         cfg.attack_defences,
         [(c.name, to_probe_rate(c)) for c in reference.clips],
-        {"white_noise": noise, f"reference:{clip.name}": start},
+        attack_starts(cfg, reference),
         steps=cfg.steps,
         lr=cfg.lr,
         robust=cfg.robust,

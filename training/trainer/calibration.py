@@ -17,7 +17,7 @@ import torch
 from apex_reward.calibration import calibrate_temperature, ordered_pairs
 from apex_reward.config import PreferenceCalibration
 from apex_reward.errors import ConfigError
-from apex_reward.heads import combine_scores
+from apex_reward.heads import combine_scores, weighted_reward
 
 from .data import TrainingData, unit_scale
 from .objective import TrainModule, predict_songs
@@ -32,10 +32,7 @@ def song_rewards(
 ) -> np.ndarray:
     """The configured reward of per-song task values ``[S, T]`` (native units). ``[S]``."""
     scores = combine_scores({t: values[:, j].double() for j, t in enumerate(tasks)})
-    total = torch.zeros(values.shape[0], dtype=torch.float64)
-    for name, w in reward_weights.items():
-        total = total + w * scores[name]
-    return total.numpy()
+    return weighted_reward(scores, reward_weights).numpy()
 
 
 def fit_validation_temperature(

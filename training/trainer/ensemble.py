@@ -88,6 +88,7 @@ def train_ensemble(config: TrainConfig, data: TrainingData | None = None, *, pro
     out = Path(config.out)
     modules: list[TrainModule] = []
     results = []
+    head_cfg = head_config(config, data)
     for i in range(config.ensemble):
         seed = config.seed + i
         splits = dict(data.splits, train=bootstrap_split(data.splits["train"], seed))
@@ -98,7 +99,6 @@ def train_ensemble(config: TrainConfig, data: TrainingData | None = None, *, pro
         result = train(member_cfg, member_data, progress=progress)
         if not result.finished:
             return result
-        head_cfg = head_config(config, data)
         module = TrainModule(ApexHead(data.hidden_size, data.num_layers, head_cfg), len(data.tasks))
         module.load_state_dict(load_file(str(out / f"member{i}" / "best" / "module.safetensors")))
         modules.append(module.eval())

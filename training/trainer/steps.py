@@ -359,7 +359,7 @@ def _batch_loss(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The strategy's loss on one batch (``c``: condition indices, conditioned runs), and the
     ``[T]`` unit-range per-task MSEs."""
-    pred = (run.model(x) if c is None else run.model(x, c)).float()
+    pred = run.model(x, c).float()
     target = (y - run.lo.to(y.device)) / run.span.to(y.device)
     per_task = ((pred - target) ** 2).mean(dim=0)
     return combine_losses(per_task, run.config.loss, run.weights, run.module.log_vars), per_task
