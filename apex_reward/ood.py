@@ -133,8 +133,16 @@ class OodStatistics(nn.Module):
         return (100.0 * count.to(torch.float64) / ref.shape[0]).float()
 
     def threshold(self, percentile: float) -> float:
-        """The distance at ``percentile`` (0–100) of the training distances (linear interpolation)."""
-        return float(torch.quantile(self.train_distances.cpu(), percentile / 100.0))
+        """The distance at ``percentile`` (0–100) of the training distances (linear interpolation).
+
+        Memoised per percentile while the stored distances are unchanged: every guarded forward
+        asks for it, and the quantile copies the distances to the CPU (a device sync on a GPU)."""
+        ref = self.train_distances
+        key = (float(percentile), ref.data_ptr(), ref._version)
+        cache = self.__dict__.setdefault("_thresholds", {})
+        if key not in cache:
+            cache[key] = float(torch.quantile(ref.cpu(), percentile / 100.0))
+        return cache[key]
 
 
 #: feature kinds that need the frames' dynamics (not in an embeddings store)
@@ -248,7 +256,8 @@ def fit_statistics(
         percentile, share = in_sample_share
         for candidate in (None, *(g for g in SHRINKAGE_GRID if g > shrinkage)):
             fitted = full if candidate is None else ShrunkCovariance(shrinkage=candidate).fit(arr)
-            dist = _cross_fitted(arr, folds, seed, candidate)
+            if candidate is not None:  # Ledoit-Wolf's own shrinkage: the distances above
+                dist = _cross_fitted(arr, folds, seed, candidate)
             low = np.quantile(dist, 1.0 - percentile / 100.0)
             below = float(np.mean(_mahalanobis(fitted, arr) < low))
             full, shrinkage = fitted, shrinkage if candidate is None else candidate
