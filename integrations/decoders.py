@@ -22,14 +22,53 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from apex_reward.audio import load_audio
 from apex_reward.errors import ApexError, AudioDecodeError, ConfigError
 
-from .trl_rewards import _as_audio  # the TRL decoders' output contract, shared by all
+__all__ = ["as_audio", "check_target", "import_decoder", "decode_response"]
 
-__all__ = ["check_target", "import_decoder", "decode_response"]
+
+def as_audio(obj: Any, sample_rate: int | None, where: str) -> Any:
+    """Decoder output / raw completion -> what ``model.score`` accepts (a path or (wave, sr)):
+    the output contract of every decoder (TRL reward functions, verl, OpenRLHF, the server)."""
+    if obj is None:
+        raise AudioDecodeError("the decoder returned None", where)
+    if isinstance(obj, (str, Path)):
+        return str(obj)
+    if isinstance(obj, tuple) and len(obj) == 2 and not isinstance(obj[0], (str, Path)):
+        wav, sr = obj
+        if isinstance(sr, bool) or not isinstance(sr, (int, np.integer)):
+            raise AudioDecodeError(
+                f"expected (waveform, sample_rate) with an integer rate, got rate {sr!r}", where
+            )
+        return (_as_waveform(wav, where), int(sr))
+    if isinstance(obj, (torch.Tensor, np.ndarray)):
+        if sample_rate is None:
+            raise AudioDecodeError(
+                "got a bare waveform; return (waveform, sample_rate) from the decoder or pass "
+                "sample_rate= to the reward function",
+                where,
+            )
+        return (_as_waveform(obj, where), int(sample_rate))
+    raise AudioDecodeError(
+        f"cannot use {type(obj).__name__} as audio; expected a path, (waveform, sample_rate) "
+        "or a waveform",
+        where,
+    )
+
+
+def _as_waveform(wav: Any, where: str) -> torch.Tensor:
+    if isinstance(wav, np.ndarray):
+        wav = torch.from_numpy(np.ascontiguousarray(wav))
+    if not isinstance(wav, torch.Tensor):
+        raise AudioDecodeError(
+            f"waveform must be a tensor or array, got {type(wav).__name__}", where
+        )
+    # rewards never need gradients; keep the caller's graph (and device memory) out of scoring
+    return wav.detach().to("cpu")
 
 
 def check_target(target: Any, what: str = "decoder") -> str:
@@ -89,7 +128,7 @@ def decode_response(
         raise
     except Exception as e:
         raise AudioDecodeError(f"the decoder raised {type(e).__name__}: {e}", where) from e
-    audio = _as_audio(decoded, sample_rate, where)
+    audio = as_audio(decoded, sample_rate, where)
     if isinstance(audio, str):
         return load_audio(Path(audio))
     wav, sr = audio

@@ -39,13 +39,15 @@ import torch
 from apex_reward.checkpoint import CONFIG_NAME, WEIGHTS_DIGEST_KEY, split_digests
 from apex_reward.conditioning import per_input_conditions
 from apex_reward.config import SCORE_RANGES
-from apex_reward.errors import ApexError, AudioDecodeError, ConfigError, UnknownConditionError
+from apex_reward.errors import ApexError, ConfigError, UnknownConditionError
 from apex_reward.guard import POLICIES, reward_floor
 from apex_reward.loading import ModelOptions, load_model
 from apex_reward.ood import floors
 from apex_reward.robust import check_robust
 from apex_reward.scoring import ScoreResult, describe_error
 from apex_reward.windows import WindowSpec
+
+from .decoders import as_audio
 
 if TYPE_CHECKING:
     from apex_reward.config import ApexConfig
@@ -220,45 +222,6 @@ def _message_content(completion: Any) -> Any:
     if isinstance(completion, list) and completion and isinstance(completion[-1], dict):
         return completion[-1].get("content")
     return completion
-
-
-def _as_audio(obj: Any, sample_rate: int | None, where: str) -> Any:
-    """Decoder output / raw completion -> what ``model.score`` accepts (a path or (wave, sr))."""
-    if obj is None:
-        raise AudioDecodeError("the decoder returned None", where)
-    if isinstance(obj, (str, Path)):
-        return str(obj)
-    if isinstance(obj, tuple) and len(obj) == 2 and not isinstance(obj[0], (str, Path)):
-        wav, sr = obj
-        if isinstance(sr, bool) or not isinstance(sr, (int, np.integer)):
-            raise AudioDecodeError(
-                f"expected (waveform, sample_rate) with an integer rate, got rate {sr!r}", where
-            )
-        return (_as_waveform(wav, where), int(sr))
-    if isinstance(obj, (torch.Tensor, np.ndarray)):
-        if sample_rate is None:
-            raise AudioDecodeError(
-                "got a bare waveform; return (waveform, sample_rate) from the decoder or pass "
-                "sample_rate= to the reward function",
-                where,
-            )
-        return (_as_waveform(obj, where), int(sample_rate))
-    raise AudioDecodeError(
-        f"cannot use {type(obj).__name__} as audio; expected a path, (waveform, sample_rate) "
-        "or a waveform",
-        where,
-    )
-
-
-def _as_waveform(wav: Any, where: str) -> torch.Tensor:
-    if isinstance(wav, np.ndarray):
-        wav = torch.from_numpy(np.ascontiguousarray(wav))
-    if not isinstance(wav, torch.Tensor):
-        raise AudioDecodeError(
-            f"waveform must be a tensor or array, got {type(wav).__name__}", where
-        )
-    # rewards never need gradients; keep the caller's graph (and device memory) out of scoring
-    return wav.detach().to("cpu")
 
 
 def windows_column(result: ScoreResult) -> str | None:
@@ -518,7 +481,7 @@ class ApexRewardFunction:
                 out.append(r)
                 continue
             try:
-                out.append(_as_audio(r, self.sample_rate, f"completion[{i}]"))
+                out.append(as_audio(r, self.sample_rate, f"completion[{i}]"))
             except ApexError as e:
                 out.append(e)
         return out
