@@ -301,6 +301,7 @@ def test_serve_decoder_turns_text_responses_into_rewards(env, checkpoint, refere
 
     log = tmp_path / "server-failures.jsonl"
     args = ["--threads", "1", "--decoder", "note_lm:decode_notes", "--failure-log", str(log)]
+    args += ["--resampler", "exact"]  # the decoder's audio is prepared on the decode threads
     pythonpath = f"{EXAMPLES}:{REPO / 'tests'}"
     with ServerProcess(checkpoint, args, env={"PYTHONPATH": pythonpath}) as server:
         responses = GOOD + BAD
@@ -317,3 +318,23 @@ def test_serve_decoder_turns_text_responses_into_rewards(env, checkpoint, refere
         check_rewards(infos, reference)
     kinds = sorted(json.loads(x)["type"] for x in log.read_text().splitlines())
     assert kinds == ["AudioDecodeError"] * 4 + ["AudioTooShortError"] * 2  # two runs of BAD
+
+
+def test_serve_decoder_audio_is_charged_to_the_decoded_size_budget(checkpoint, tmp_path):
+    """Audio a --decoder makes has no header to read first: it is charged once decoded, so a
+    clip over --max-clip-samples is refused with its typed error and the server stays up."""
+    pytest.importorskip("httpx")
+    from server_harness import ServerProcess
+
+    log = tmp_path / "server-failures.jsonl"
+    args = ["--threads", "1", "--decoder", "note_lm:decode_notes", "--failure-log", str(log)]
+    args += ["--max-clip-samples", "1000"]
+    pythonpath = f"{EXAMPLES}:{REPO / 'tests'}"
+    with ServerProcess(checkpoint, args, env={"PYTHONPATH": pythonpath}) as server:
+        infos = via_http(f"{server.url}/get_reward", [PROMPT + GOOD[0]], [PROMPT], [None])
+        assert infos[0]["apex_ok"].item() == 0.0
+        import httpx
+
+        assert httpx.get(f"{server.url}/ready", timeout=30).status_code == 200
+    kinds = [json.loads(x)["type"] for x in log.read_text().splitlines()]
+    assert kinds == ["DecodedSizeTooLarge"]

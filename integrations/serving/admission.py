@@ -22,9 +22,11 @@ from .prepare import Prepared
 from .state import Clip
 
 if TYPE_CHECKING:
+    import torch
+
     from .state import ServerState
 
-__all__ = ["decode_request"]
+__all__ = ["admit_decoded", "decode_request"]
 
 
 def _decode_prepared(state: ServerState, source: Source, name: str, *args) -> Prepared:
@@ -162,6 +164,11 @@ async def decode_pcm_request(
         if not isinstance(e, Exception):
             raise
         return Clip(name, error=ClipError(name, e))
+    return _held_clip(name, prepared, reservation)
+
+
+def _held_clip(name: str, prepared: Prepared, reservation: Reservation) -> Clip:
+    """The clip of a one-clip ``reservation``, holding its prepared size until released."""
     reservation.shrink(0, prepared.wav.numel())
     clip = Clip(
         name,
@@ -172,3 +179,19 @@ async def decode_pcm_request(
     )
     weakref.finalize(clip, reservation.release, 0)
     return clip
+
+
+def admit_decoded(state: ServerState, name: str, wav: torch.Tensor, sample_rate: int) -> Clip:
+    """A clip decoded without a header to read first (a ``--decoder``'s audio, ``[C, T]`` or
+    ``[T]``): prepared on the decode pool's terms and charged to the decoded-size budget now,
+    like every other clip. Blocking (prepares); call on the decode pool."""
+    frames = int(wav.shape[-1])
+    channels = int(wav.shape[0]) if wav.ndim > 1 else 1
+    cost = state.budget.cost(ClipHeader(sample_rate, channels, frames), name)
+    reservation = state.budget.admit([cost])
+    try:
+        prepared = state.prep(wav, sample_rate)
+    except BaseException:
+        reservation.release_all()
+        raise
+    return _held_clip(name, prepared, reservation)

@@ -31,6 +31,7 @@ from apex_reward.scoring import ScoreResult
 
 from ...decoders import decode_response
 from ...reward_logs import response_text
+from ..admission import admit_decoded
 from ..errors import ClipError, NoAudioReference, RequestError, TooManyClips
 from ..state import Clip
 
@@ -117,14 +118,17 @@ async def get_reward(state: ServerState, body: Any, receive: Any = None) -> dict
         return name, src
 
     async def decoded(name: str, response: str) -> Clip:
-        """The ``--decoder``'s audio for one response, checked like an upload."""
+        """The ``--decoder``'s audio for one response, checked, prepared and charged to the
+        decoded-size budget like an upload."""
+
+        def work() -> Clip:
+            wav, sr = decode_checked(state, config.decoder, response, name)
+            return admit_decoded(state, name, wav, sr)
+
         try:
-            wav, sr = await state.run_blocking(
-                decode_checked, state, config.decoder, response, name
-            )
+            return await state.run_blocking(work)
         except Exception as e:
             return Clip(name, error=ClipError(name, e))
-        return Clip(name, wav, sr)
 
     if config.decoder is not None:  # text/token responses: the decoder makes their audio
         clips = list(
