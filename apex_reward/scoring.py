@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ScoreResult", "score_inputs", "score_waveforms"]
+__all__ = ["ScoreResult", "iter_decoded", "score_inputs", "score_waveforms"]
 
 
 @dataclass
@@ -267,6 +267,21 @@ def _run_batch(
             ood=None if out.ood is None else float(out.ood[i]),
             std=None if out.std is None else {k: float(v[i]) for k, v in out.std.items()},
         )
+
+
+def iter_decoded(
+    model: ApexRewardModel, paths: Sequence[str | Path], num_workers: int = 2
+) -> Iterator[tuple[str, torch.Tensor | None, int, BaseException | None]]:
+    """Decode and check audio files in order, ``num_workers`` threads ahead (what
+    :meth:`~apex_reward.model.ApexRewardModel.score` does before scoring).
+
+    Yields:
+        ``(path, waveform [C, T] float32 or None, sample_rate Hz, error or None)`` per file: a
+        file that cannot be read or fails ``frontend.check`` comes with its error, never raises.
+    """
+    entries = [(str(p), p, None) for p in paths]
+    for it in _decoded(model, entries, num_workers, window=max(2, 2 * num_workers)):
+        yield it.name, it.wav, it.sample_rate, it.error
 
 
 def score_waveforms(

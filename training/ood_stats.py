@@ -32,7 +32,7 @@ from apex_reward.checkpoint import read_checkpoint, save_checkpoint
 from apex_reward.cli import Command
 from apex_reward.config import ApexConfig
 from apex_reward.dataclass_io import add_dataclass_arguments, dataclass_from_args
-from apex_reward.errors import ApexError, ConfigError, require
+from apex_reward.errors import ConfigError, require
 from apex_reward.ood import DYNAMIC_KINDS, fit_statistics, song_feature_matrix, song_features
 
 __all__ = ["OodStatsConfig", "add_ood_statistics", "COMMAND"]
@@ -105,26 +105,30 @@ def audio_song_features(
 ) -> tuple[torch.Tensor, list[dict[str, str]]]:
     """Encode audio files with ``model`` -> ``([S, D]`` float64 OOD song features of the files
     that worked, ``[{"path", "error"}]`` of those that did not)."""
-    from apex_reward.audio import load_audio
+    from apex_reward.scoring import iter_decoded
 
-    max_s = model.config.frontend.max_duration_s
     rows: list[torch.Tensor] = []
     failed: list[dict[str, str]] = []
-    for start in range(0, len(paths), batch_size):
-        waves, rates = [], []
-        for path in paths[start : start + batch_size]:
-            try:
-                wave, rate = load_audio(path, max_duration_s=max_s)
-                model.frontend.check(wave, rate, path)
-            except ApexError as e:
-                failed.append({"path": path, "error": f"{type(e).__name__}: {e}"})
-                continue
-            waves.append(wave)
-            rates.append(rate)
-        if waves:
-            with torch.inference_mode():
-                feats = model.encode(waves, rates, dynamics=kind in DYNAMIC_KINDS, check=False)
-                rows.append(song_features(feats, kind))
+    waves: list[torch.Tensor] = []
+    rates: list[int] = []
+
+    def encode() -> None:
+        with torch.inference_mode():
+            feats = model.encode(waves, rates, dynamics=kind in DYNAMIC_KINDS, check=False)
+            rows.append(song_features(feats, kind))
+        waves.clear()
+        rates.clear()
+
+    for path, wave, rate, error in iter_decoded(model, paths):
+        if error is not None:
+            failed.append({"path": path, "error": f"{type(error).__name__}: {error}"})
+            continue
+        waves.append(wave)
+        rates.append(rate)
+        if len(waves) == batch_size:
+            encode()
+    if waves:
+        encode()
     if not rows:
         raise ConfigError("ood-stats: no song could be encoded from its audio")
     return torch.cat(rows), failed
