@@ -47,6 +47,7 @@ from .distributed import DEVICE_HELP, accelerator_cpu, finish_distributed
 from .flags import CPU, add_renamed_flags, config_from_args
 from .grid_conditions import write_condition_table
 from .trainer import TrainConfig, TrainingData, load_training_data, train
+from .trainer.state import resume_key
 
 logger = logging.getLogger(__name__)
 
@@ -250,15 +251,15 @@ CONDITION_KEY = "grid_condition.json"
 
 
 def condition_key(tcfg: TrainConfig) -> dict[str, Any]:
-    """What a condition's results depend on: its training configuration without the fields
-    that only say where and how it runs (output folder, device, tracker, resuming)."""
-    d = to_dict(tcfg)
-    for k in ("out", "resume", "export", "device", "log_with", "max_epochs_this_run"):
-        d.pop(k, None)
-    if d.get("condition") is None:  # unconditioned: the key recorded before conditioning
-        for k in ("condition", "condition_mode", "condition_dropout"):
-            d.pop(k, None)
-    return d
+    """What a condition's results depend on: the fields a run must match to resume
+    (:func:`~.trainer.state.resume_key`) plus those a finished run's results also depend on
+    (epochs, patience, precision)."""
+    return {
+        **resume_key(tcfg),
+        "epochs": tcfg.epochs,
+        "patience": tcfg.patience,
+        "mixed_precision": tcfg.mixed_precision,
+    }
 
 
 def _reuse_condition(cdir: Path, tcfg: TrainConfig, name: str) -> bool:
