@@ -225,7 +225,7 @@ class OpenRLHFReward:
     def _model(self) -> tuple[ApexRewardModel, threading.Lock]:
         from apex_reward.loading import ModelOptions
 
-        from .trl_rewards import load_cached_model
+        from .model_cache import load_cached_model
 
         cfg = self.config
         opts = ModelOptions(model=cfg.model, device=cfg.device, dtype=cfg.dtype)

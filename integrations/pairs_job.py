@@ -317,7 +317,8 @@ def run_pairs_job(cfg: PairsConfig, *, progress: bool = False) -> dict[str, Any]
     All four are written in full under temporary names first and then moved into place, so a
     failed run (``--overwrite`` included) leaves the previous outputs as they were.
     """
-    from .trl_rewards import ApexRewardFunction, _spec_label
+    from .score_spec import spec_label
+    from .trl_rewards import ApexRewardFunction
 
     require("datasets", "trl", "apex-reward pairs")
     out = Path(cfg.out)  # type: ignore[arg-type]
@@ -404,7 +405,7 @@ def run_pairs_job(cfg: PairsConfig, *, progress: bool = False) -> dict[str, Any]
                         "line": g.line,
                         "audio": a,
                         "error_type": "NonFiniteScore",
-                        "error": f"the {_spec_label(fn.score)!r} score is NaN or infinite",
+                        "error": f"the {spec_label(fn.score)!r} score is NaN or infinite",
                     }
                 )
     summary = {

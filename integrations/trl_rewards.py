@@ -22,35 +22,39 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import dataclasses
 import json
 import logging
 import math
-import os
 import threading
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import astuple, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 
-from apex_reward.checkpoint import CONFIG_NAME, WEIGHTS_DIGEST_KEY, split_digests
 from apex_reward.conditioning import per_input_conditions
-from apex_reward.config import SCORE_RANGES
 from apex_reward.errors import ApexError, ConfigError, UnknownConditionError
-from apex_reward.guard import POLICIES, reward_floor
-from apex_reward.loading import ModelOptions, load_model
+from apex_reward.guard import POLICIES
+from apex_reward.loading import ModelOptions
 from apex_reward.ood import floors
 from apex_reward.robust import check_robust
 from apex_reward.scoring import ScoreResult, describe_error
 from apex_reward.windows import WindowSpec
 
 from .decoders import as_audio
+from .model_cache import load_cached_model
+from .score_spec import (
+    ScoreSpec,
+    check_spec,
+    read_checkpoint_config,
+    score_value,
+    spec_floor,
+    spec_label,
+)
 
 if TYPE_CHECKING:
-    from apex_reward.config import ApexConfig
     from apex_reward.model import ApexRewardModel
 
 logger = logging.getLogger(__name__)
@@ -60,16 +64,7 @@ __all__ = [
     "AsyncApexRewardFunction",
     "BestOfN",
     "best_of_n",
-    "clear_model_cache",
-    "load_cached_model",
-    "score_value",
-    "spec_floor",
 ]
-
-#: Which number a reward function returns: ``"reward"`` (the checkpoint's configured reward), any
-#: score name (``"overall"``, ``"clarity"``, ...), or weights ``{name: w}`` over score names and
-#: ``"reward"`` (the value is ``sum(w * score)``).
-ScoreSpec = str | Mapping[str, float]
 
 #: A decoder maps one completion (text, token ids, or conversational messages) to audio: a
 #: ``(waveform, sample_rate)`` tuple (``waveform`` ``[T]`` or ``[C, T]``, tensor or array), a bare
@@ -77,140 +72,6 @@ ScoreSpec = str | Mapping[str, float]
 #: may return ``None`` or raise for a completion that is not valid audio; that completion's reward
 #: is then ``None``.
 Decoder = Callable[[Any], Any]
-
-
-# ----------------------------------------------------------------------------------------------
-# per-process model cache
-
-_CACHE: dict[tuple, tuple[ApexRewardModel, threading.Lock]] = {}
-_CACHE_LOCK = threading.Lock()
-
-
-def _checkpoint_key(path: str | Path) -> tuple[str, str | None]:
-    """``(resolved path, weights checksum)``: a checkpoint rewritten in place is a new model."""
-    p = Path(path).expanduser()
-    if not p.exists():
-        return str(path), None
-    try:
-        _, digests = split_digests(json.loads((p / CONFIG_NAME).read_text()))
-    except (OSError, ValueError, AttributeError):
-        return str(p.resolve()), None
-    return str(p.resolve()), digests.get(WEIGHTS_DIGEST_KEY)
-
-
-def load_cached_model(options: ModelOptions) -> tuple[ApexRewardModel, threading.Lock]:
-    """The model ``options`` names, loaded once per process (:func:`~apex_reward.load_model`)
-    and then reused.
-
-    Without a device, a process uses its current CUDA device (under accelerate/torchrun each
-    process has already selected its own GPU), else the CPU. Returns ``(model, lock)``: the model
-    is frozen and in eval mode; hold ``lock`` while running it from several threads (the async
-    reward function does).
-    """
-    if options.device is None and torch.cuda.is_available():
-        options = dataclasses.replace(options, device=f"cuda:{torch.cuda.current_device()}")
-    key = (os.getpid(), _checkpoint_key(options.require_model()), *astuple(options)[1:])
-    with _CACHE_LOCK:
-        hit = _CACHE.get(key)
-        if hit is not None:
-            return hit
-        _CACHE[key] = (load_model(options), threading.Lock())
-        return _CACHE[key]
-
-
-def clear_model_cache() -> None:
-    """Drop every model this process has loaded for reward functions."""
-    with _CACHE_LOCK:
-        _CACHE.clear()
-
-
-def _read_score_names(path: str | Path) -> tuple[str, ...]:
-    """Score names of a checkpoint, from its ``config.json`` only (cheap; no weights)."""
-    return _read_config(path).score_names
-
-
-def _read_config(path: str | Path) -> ApexConfig:
-    """A checkpoint's configuration, from its ``config.json`` only (cheap; no weights)."""
-    from apex_reward.checkpoint import CONFIG_NAME, resolve_checkpoint_dir, split_digests
-    from apex_reward.config import ApexConfig
-
-    directory = resolve_checkpoint_dir(path)
-    try:
-        raw = json.loads((directory / CONFIG_NAME).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{directory / CONFIG_NAME}: cannot read ({e})") from e
-    return ApexConfig.from_dict(split_digests(raw)[0])
-
-
-# ----------------------------------------------------------------------------------------------
-# values from scores
-
-
-def _check_spec(spec: ScoreSpec, names: Sequence[str]) -> ScoreSpec:
-    allowed = set(names) | {"reward"}
-    if isinstance(spec, str):
-        if spec not in allowed:
-            raise ConfigError(
-                f"score {spec!r} is not an output of this model; expected 'reward' or one of "
-                f"{list(names)}"
-            )
-        return spec
-    if not isinstance(spec, Mapping) or not spec:
-        raise ConfigError(
-            f"score must be a score name or a non-empty dict of weights, got {spec!r}"
-        )
-    out = {}
-    for name, w in spec.items():
-        if name not in allowed:
-            raise ConfigError(
-                f"score weights: {name!r} is not an output of this model; expected 'reward' or "
-                f"one of {list(names)}"
-            )
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
-            raise ConfigError(
-                f"score weights: weight of {name!r} must be a finite number, got {w!r}"
-            )
-        out[str(name)] = float(w)
-    return out
-
-
-def score_value(result: ScoreResult | None, spec: ScoreSpec = "reward") -> float | None:
-    """The number ``spec`` selects from a :class:`ScoreResult`; ``None`` for a failed input or a
-    non-finite value."""
-    if result is None or not result.ok or result.scores is None:
-        return None
-
-    def get(name: str) -> float:
-        return float(result.reward if name == "reward" else result.scores[name])
-
-    if isinstance(spec, str):
-        value = get(spec)
-    else:
-        value = sum(w * get(name) for name, w in spec.items())
-    return value if math.isfinite(value) else None
-
-
-def spec_floor(spec: ScoreSpec, config: ApexConfig) -> float:
-    """The lowest value ``spec`` can select: what a flagged completion gets under the guard
-    policy ``penalize``. For ``"reward"`` the checkpoint's floor
-    (:func:`apex_reward.guard.reward_floor`); for a score, the bottom of its range; for weights,
-    the weighted sum of those (the top of the range for a negative weight)."""
-
-    def low(name: str, w: float) -> float:
-        if name == "reward":
-            return reward_floor(config)
-        lo, hi = SCORE_RANGES[name]
-        return lo if w >= 0 else hi
-
-    if isinstance(spec, str):
-        return low(spec, 1.0)
-    return sum(w * low(name, w) for name, w in spec.items())
-
-
-def _spec_label(spec: ScoreSpec) -> str:
-    if isinstance(spec, str):
-        return spec
-    return "+".join(f"{w:g}*{k}" for k, w in spec.items())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -369,7 +230,7 @@ class ApexRewardFunction:
                     device=None if device is None else str(device),
                     dtype=dtype or "auto",  # type: ignore[arg-type]
                 )
-            config = _read_config(self.options.require_model())
+            config = read_checkpoint_config(self.options.require_model())
             names, conditioning = config.score_names, config.head.condition
         self.score_names: tuple[str, ...] = tuple(names)
         # checked now (UnknownConditionError names the checkpoint's values), not at every call
@@ -380,7 +241,7 @@ class ApexRewardFunction:
             )
         self.condition = condition
         self.condition_column = condition_column
-        self.score = _check_spec(score, self.score_names)
+        self.score = check_spec(score, self.score_names)
         self.decoder = decoder
         self.decode_from = decode_from
         self.batched_decoder = batched_decoder
@@ -436,7 +297,7 @@ class ApexRewardFunction:
 
     def __repr__(self) -> str:
         where = self.options.model if self.options is not None else "<in-memory model>"
-        return f"{type(self).__name__}({where!r}, score={_spec_label(self.score)!r})"
+        return f"{type(self).__name__}({where!r}, score={spec_label(self.score)!r})"
 
     # -- model -------------------------------------------------------------------------------
 

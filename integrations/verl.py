@@ -64,8 +64,9 @@ from apex_reward.signals import SIGNAL_NAMES
 from apex_reward.windows import WindowSpec
 
 from .decoders import check_target, decode_response
+from .model_cache import load_cached_model
+from .score_spec import check_spec, score_value, spec_floor
 from .serving.batcher import DynamicBatcher
-from .trl_rewards import _check_spec, load_cached_model, score_value, spec_floor
 
 if TYPE_CHECKING:
     from apex_reward.model import ApexRewardModel
@@ -196,7 +197,7 @@ def _window_extras(result: ScoreResult | None, settings: _Settings) -> dict[str,
 
 def _spec(settings: _Settings, model: ApexRewardModel) -> str | dict[str, float]:
     score = settings.score
-    return _check_spec(dict(score) if isinstance(score, tuple) else score, model.score_names)
+    return check_spec(dict(score) if isinstance(score, tuple) else score, model.score_names)
 
 
 # ----------------------------------------------------------------------------------------------

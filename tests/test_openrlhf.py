@@ -40,6 +40,7 @@ from apex_reward.audio import decode_audio_bytes
 from apex_reward.config import SCORE_RANGES
 from apex_reward.errors import ConfigError
 from apex_reward.integrations import openrlhf as apex_openrlhf
+from apex_reward.integrations.model_cache import clear_model_cache
 from apex_reward.integrations.openrlhf import (
     REWARD_FILE,
     OpenRLHFReward,
@@ -47,7 +48,6 @@ from apex_reward.integrations.openrlhf import (
     RewardLogs,
     config_from_env,
 )
-from apex_reward.integrations.trl_rewards import clear_model_cache
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"

@@ -18,12 +18,12 @@ from conftest import fast_model, synth_music
 
 from apex_reward import ApexRewardModel
 from apex_reward.errors import ConfigError
+from apex_reward.integrations.model_cache import clear_model_cache
+from apex_reward.integrations.score_spec import score_value
 from apex_reward.integrations.trl_rewards import (
     ApexRewardFunction,
     AsyncApexRewardFunction,
     best_of_n,
-    clear_model_cache,
-    score_value,
 )
 
 SR = 16000

@@ -31,7 +31,7 @@ from apex_reward.errors import (
     UnsupportedSampleRateError,
 )
 from apex_reward.integrations import verl as apex_verl
-from apex_reward.integrations.trl_rewards import clear_model_cache
+from apex_reward.integrations.model_cache import clear_model_cache
 
 SR = 16000
 REPO = Path(__file__).resolve().parents[1]
