@@ -498,7 +498,11 @@ class AudioFrontEnd(torch.nn.Module):
             index.extend([b] * k)
         # one pass over each segment's real samples: copy, level and normalisation together
         audio, level_db = cut_rows(
-            spans, W, normalize=self.config.normalize, floor=self.config.normalize_floor
+            spans,
+            W,
+            normalize=self.config.normalize,
+            floor=self.config.normalize_floor,
+            target_db=self.config.normalize_level_db,
         )
         device = audio.device
         valid_t = torch.tensor([n for _, _, n in spans], dtype=torch.int64, device=device)

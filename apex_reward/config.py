@@ -120,6 +120,15 @@ class FrontendConfig:
             "larger floor bounds the waveform gradient of near-silent input"
         },
     )
+    normalize_level_db: float | None = field(
+        default=None,
+        metadata={
+            "help": "with normalize, each segment is scaled to this RMS level in dBFS instead of "
+            "unit variance (for an encoder trained on natural-level audio, such as AST: it "
+            "still sees natural levels, but the input's gain no longer reaches it); None = "
+            "unit variance"
+        },
+    )
 
     gradient_gate_db: float | None = field(
         default=None,
@@ -165,6 +174,13 @@ class FrontendConfig:
                 f"frontend.normalize_floor: must be a finite number > 0, got "
                 f"{self.normalize_floor!r}"
             )
+        if self.normalize_level_db is not None and not (
+            math.isfinite(self.normalize_level_db) and self.normalize_level_db <= 0
+        ):
+            raise ConfigError(
+                f"frontend.normalize_level_db: must be a finite level at or below 0 dBFS, or "
+                f"None, got {self.normalize_level_db!r}"
+            )
         if not (math.isfinite(self.trim_threshold_db) and self.trim_threshold_db < 0):
             raise ConfigError(
                 f"frontend.trim_threshold_db: must be a finite level below 0 dBFS, got "
@@ -191,6 +207,13 @@ class FrontendConfig:
                 f"frontend: need 0 <= min_duration_s <= max_duration_s, got "
                 f"{self.min_duration_s!r}, {self.max_duration_s!r}"
             )
+
+    @classmethod
+    def canonical(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """A recorded front end (``config.json``, an embedding store's fingerprint) with every
+        field this version knows, defaults filled in: a front end written before a field
+        existed compares equal to the same front end written now."""
+        return to_dict(from_dict(cls, data, where="frontend"))
 
     @property
     def segment_samples(self) -> int:

@@ -81,7 +81,13 @@ ENCODER_PRESETS: dict[str, dict[str, Any]] = {
         source="MIT/ast-finetuned-audioset-10-10-0.4593",
         revision="f826b80d28226b62986cc218e5cec390b1096902",
         layers=(3, 6, 9, -1),
-        frontend=dict(sample_rate=16000, segment_seconds=10.24, normalize=False),
+        frontend=dict(
+            sample_rate=16000,
+            segment_seconds=10.24,
+            normalize=True,
+            normalize_level_db=-20.0,
+            normalize_floor=1e-10,
+        ),
         hubert=dict(
             hidden_size=768,
             num_hidden_layers=12,
@@ -103,7 +109,13 @@ ENCODER_PRESETS: dict[str, dict[str, Any]] = {
         source=None,
         revision=None,
         layers=(0, 1, 2, -1),
-        frontend=dict(sample_rate=16000, segment_seconds=10.24, normalize=False),
+        frontend=dict(
+            sample_rate=16000,
+            segment_seconds=10.24,
+            normalize=True,
+            normalize_level_db=-20.0,
+            normalize_floor=1e-10,
+        ),
         hubert=dict(
             hidden_size=64,
             num_hidden_layers=2,

@@ -4,7 +4,7 @@ real samples.
 The front end (:meth:`apex_reward.audio.AudioFrontEnd.segment`) and the dense-reward windows
 (:mod:`apex_reward.windows`) both turn stretches of mono songs into zero-padded rows ``[N, W]``
 for the encoder, each row with its RMS level and (optionally) normalised to zero mean and unit
-variance over its unpadded samples. The padded tail of a row contributes nothing to either
+variance (or a fixed RMS level) over its unpadded samples. The padded tail of a row contributes nothing to either
 statistic and stays exactly zero, so nothing is computed over it: each row's statistics come
 from two float64 passes over its real samples, and the normalised samples are written
 straight into a zeroed output. A 10 s clip in a 30 s row costs a pass over 10 s of audio, not
@@ -26,7 +26,12 @@ Span = tuple[torch.Tensor, int, int]
 
 
 def cut_rows(
-    spans: Sequence[Span], width: int, *, normalize: bool, floor: float = 1e-7
+    spans: Sequence[Span],
+    width: int,
+    *,
+    normalize: bool,
+    floor: float = 1e-7,
+    target_db: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows ``[N, width]`` float32 of the given stretches (zero past each stretch) and their
     levels.
@@ -37,6 +42,8 @@ def cut_rows(
         normalize: write ``(x - mean) / sqrt(var + floor)`` of each stretch (population
             variance over the stretch, computed in float64) instead of ``x``.
         floor: the variance floor of the normalisation.
+        target_db: with ``normalize``, the RMS level (dBFS) each normalised stretch is scaled
+            to (``None``: unit variance, 0 dBFS).
 
     Returns:
         ``(rows [N, width] float32, level_db [N] float32)``: ``level_db`` is the RMS level of
@@ -46,6 +53,7 @@ def cut_rows(
     first = spans[0][0]
     rows = torch.zeros((len(spans), width), dtype=torch.float32, device=first.device)
     variances = []
+    gain = 1.0 if target_db is None else 10.0 ** (target_db / 20.0)
     for i, (song, start, length) in enumerate(spans):
         x = song[start : start + length]
         # two passes in float64 (mean, then the centred sum of squares as a dot product): exact
@@ -55,7 +63,7 @@ def cut_rows(
         var = torch.dot(centred, centred) / length
         variances.append(var.detach())
         if normalize:
-            x = centred * torch.rsqrt(var + floor)
+            x = centred * (torch.rsqrt(var + floor) * gain)
         rows[i, :length] = x
     var = torch.stack(variances)
     level_db = (10.0 * torch.log10(var + 1e-20)).to(torch.float32)

@@ -222,7 +222,13 @@ def _cut(
             spans.append((x, s, min(length, n - s)))
             index.append(b)
             starts.append(s)
-    audio, level_db = cut_rows(spans, length, normalize=cfg.normalize, floor=cfg.normalize_floor)
+    audio, level_db = cut_rows(
+        spans,
+        length,
+        normalize=cfg.normalize,
+        floor=cfg.normalize_floor,
+        target_db=cfg.normalize_level_db,
+    )
     device = audio.device
     valid_t = torch.tensor([k for _, _, k in spans], dtype=torch.int64, device=device)
     if cfg.gradient_gate_db is not None:

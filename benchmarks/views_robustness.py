@@ -6,7 +6,8 @@ clips differ), one tiny random-encoder model, one ``extract --views N`` store, a
 side by side on it: ``--no-sample-views`` (view 0 only, as without views), with views, and with
 views plus feature masking. Then every test-split song is scored clean and under
 
-* the audit's gain ladder (``training/audit/probes.py``: -40 .. +6 dB, clipped to ±1);
+* the audit's gain ladder (``training/audit/probes.py``: -40 .. +6 dB, clipped to ±1; the mean
+  change of the reward at each level is reported too);
 * time shifts: the audit's 1 s leading / trailing silence, and circular rolls by 1/4, 1/2 and
   3/4 of the song;
 
@@ -15,6 +16,11 @@ averaged over the songs; the between-song std of the clean rewards is reported n
 a head whose rewards vary less overall would also spread less under the probes.
 
     python benchmarks/views_robustness.py --songs 300 --views 4 --out runs/views_bench
+    python benchmarks/views_robustness.py --preset ast-tiny --raw-level --out runs/views_ast
+
+``--preset`` picks the encoder family (``tiny``: MERT-shaped, whose front end normalises each
+segment, so gain reaches it only by clipping; ``ast-tiny``: a log-mel filterbank, which reads
+absolute level unless the front end fixes it, see ``--raw-level``).
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ import torch
 from apex_reward import ApexConfig, ApexRewardModel
 from apex_reward.audio import load_audio
 from apex_reward.loading import ModelOptions, load_model
-from apex_reward.training.audit.probes import PROBE_RATE, clip_probes
+from apex_reward.training.audit.probes import GAIN_LADDER_DB, PROBE_RATE, clip_probes
 from apex_reward.training.extract import ExtractConfig, run_extraction
 from apex_reward.training.prepare import PrepareConfig, prepare_corpus
 from apex_reward.training.synthetic import SynthConfig, generate_corpus
@@ -80,11 +86,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--songs", type=int, default=300)
     p.add_argument("--min-seconds", type=float, default=12.0)
     p.add_argument("--max-seconds", type=float, default=24.0)
-    p.add_argument("--segment-seconds", type=float, default=6.0)
+    p.add_argument("--preset", default="tiny", help="model preset (its encoder is random)")
+    p.add_argument(
+        "--raw-level",
+        action="store_true",
+        help="feed the encoder the waveform as it is (frontend.normalize off): gain then reaches "
+        "it, as in AST checkpoints written before frontend.normalize_level_db",
+    )
+    p.add_argument(
+        "--segment-seconds", type=float, default=6.0, help="0: the preset's segment length"
+    )
     p.add_argument("--views", type=int, default=4)
     p.add_argument(
         "--view-min-gain-db", type=float, default=ViewConfig.view_min_gain_db, help="extract's"
     )
+    p.add_argument(
+        "--view-max-gain-db", type=float, default=ViewConfig.view_max_gain_db, help="extract's"
+    )
+    p.add_argument("--epochs", type=int, default=150)
+    p.add_argument("--patience", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seeds", type=int, default=1, help="training seeds per arm")
     p.add_argument("--out", default="runs/views_bench")
@@ -115,8 +135,11 @@ def main(argv: list[str] | None = None) -> int:
         progress=False,
     )
     torch.manual_seed(args.seed)
-    cfg = ApexConfig.from_preset("tiny")
-    cfg.frontend.segment_seconds = args.segment_seconds
+    cfg = ApexConfig.from_preset(args.preset)
+    if args.segment_seconds:
+        cfg.frontend.segment_seconds = args.segment_seconds
+    if args.raw_level:
+        cfg.frontend.normalize, cfg.frontend.normalize_level_db = False, None
     ApexRewardModel.from_config(cfg, encoder="random").save_pretrained(out / "base_model")
     t_ext = time.perf_counter()
     ext = run_extraction(
@@ -127,7 +150,10 @@ def main(argv: list[str] | None = None) -> int:
             num_workers=1,
             batch_size=8,
             augment=ViewConfig(
-                views=args.views, view_seed=args.seed, view_min_gain_db=args.view_min_gain_db
+                views=args.views,
+                view_seed=args.seed,
+                view_min_gain_db=args.view_min_gain_db,
+                view_max_gain_db=args.view_max_gain_db,
             ),
         ),
         progress=False,
@@ -152,8 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         prepared=str(out / "prepared" / "prepared.parquet"),
         model=str(out / "base_model"),
         tasks="full",
-        epochs=150,
-        patience=30,
+        epochs=args.epochs,
+        patience=args.patience,
         batch_size=64,
         device="cpu",
         log_with="none",
@@ -170,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             test_m = result.metrics["test"]
             spread = {}
             clean = []
+            gain_deltas = []  # per song: |reward at each ladder level - clean reward|
             for kind in ("gain", "shift"):
                 stds = []
                 for v in songs:
@@ -177,7 +204,9 @@ def main(argv: list[str] | None = None) -> int:
                     stds.append(float(r.std()))
                     if kind == "gain":
                         clean.append(float(r[0]))
+                        gain_deltas.append(np.abs(r[1:] - r[0]))
                 spread[kind] = float(np.mean(stds))
+            levels = [db for db in GAIN_LADDER_DB if db != 0.0]
             rows.append(
                 {
                     "arm": arm,
@@ -194,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
                         )
                     ),
                     "gain_spread": spread["gain"],
+                    "gain_delta_by_db": {
+                        f"{db:+g}": float(d) for db, d in zip(levels, np.mean(gain_deltas, 0))
+                    },
                     "shift_spread": spread["shift"],
                     "between_song_std": float(np.std(clean)),
                 }

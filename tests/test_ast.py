@@ -85,6 +85,26 @@ def test_ast_tiny_config_and_gradient_reaches_the_waveform(ast_model):
         ApexConfig.from_dict(bad)
 
 
+def test_ast_presets_scale_segments_to_a_fixed_level_so_gain_does_not_reach_the_encoder(
+    ast_model,
+):
+    """AST reads absolute levels (a log-mel filterbank), so the presets scale each segment to
+    -20 dBFS first: turning the input down changes nothing but float rounding, while the same
+    encoder fed the raw waveform (``normalize=False``) moves with the gain."""
+    cfg = ast_model.config.frontend
+    assert cfg.normalize and cfg.normalize_level_db == -20.0
+    x = torch.from_numpy(synth_music(3.0, 16000, 1, seed=3))[0]
+    quiet = x * 10.0 ** (-20.0 / 20.0)
+    same = ast_model.encode([x, quiet], 16000).layer_features
+    assert torch.allclose(same[0], same[1], atol=1e-4 * float(same.abs().max()))
+    raw = ApexRewardModel.from_config(
+        dataclasses.replace(ast_model.config, frontend=dataclasses.replace(cfg, normalize=False)),
+        encoder=ast_model.encoder,
+    )
+    moved = raw.encode([x, quiet], 16000).layer_features
+    assert (moved[0] - moved[1]).abs().max() > 100 * (same[0] - same[1]).abs().max()
+
+
 _LEGACY_NAMES = [  # the key names the hub checkpoints store (ASTForAudioClassification)
     (r"^layers\.(\d+)\.attention\.q_proj", r"encoder.layer.\1.attention.attention.query"),
     (r"^layers\.(\d+)\.attention\.k_proj", r"encoder.layer.\1.attention.attention.key"),

@@ -293,3 +293,44 @@ def test_silent_segments_weigh_zero_in_the_store_as_in_the_model(model_dir, tmp_
     for name in live:
         scale = 100.0 if name in ("streams", "likes", "popularity") else 5.0
         assert torch.allclose(cached[name], live[name], atol=1e-3 * scale), name
+
+
+def test_a_store_and_model_written_before_a_front_end_field_existed_still_match(
+    songs, model_dir, reference, tmp_path
+):
+    """A front-end field added later (here ``normalize_level_db``) is absent from stores and
+    checkpoints written before it; with its default they are the same front end, so extraction
+    resumes and training accepts the pair. A real difference is still refused."""
+    import shutil
+
+    from apex_reward.training.trainer.data import _check_extraction_matches
+
+    manifest, _ = songs
+    ref_out, _ = reference
+    old_store, old_model = tmp_path / "emb", tmp_path / "model"
+    shutil.copytree(ref_out, old_store)
+    shutil.copytree(model_dir, old_model)
+    for path in (old_store / "extraction.json", old_model / "config.json"):
+        data = json.loads(path.read_text())
+        frontend = data["frontend"]
+        assert frontend.pop("normalize_level_db", "absent") is None
+        path.write_text(json.dumps(data))
+    summary = run_extraction(
+        ExtractConfig(
+            manifest=str(manifest),
+            model=ModelOptions(model=str(old_model), device="cpu"),
+            out=str(old_store),
+            shard_size=4,
+            num_workers=0,
+        ),
+        progress=False,
+    )
+    assert summary["shards_skipped_on_resume"] == summary["shards"]
+    store = EmbeddingStore(old_store)
+    _check_extraction_matches(store, str(old_model))
+    _check_extraction_matches(store, str(model_dir))
+    changed = json.loads((old_model / "config.json").read_text())
+    changed["frontend"]["normalize_floor"] = 1e-5
+    (old_model / "config.json").write_text(json.dumps(changed))
+    with pytest.raises(ConfigError, match="front end or encoder differ"):
+        _check_extraction_matches(store, str(old_model))

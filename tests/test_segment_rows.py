@@ -9,6 +9,7 @@ import torch
 
 from apex_reward import FrontendConfig
 from apex_reward.audio import AudioFrontEnd
+from apex_reward.errors import ConfigError
 from apex_reward.segment_rows import cut_rows
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -108,3 +109,18 @@ def test_cut_rows_without_normalisation_copies_the_stretches():
     assert rows.tolist() == [[2, 3, 4, 5, 6, 0], [9, 0, 0, 0, 0, 0]]
     assert level[0] == pytest.approx(10 * torch.log10(torch.tensor(2.0)).item(), abs=1e-5)
     assert level[1] == pytest.approx(-200.0)  # one sample: pure DC
+
+
+def test_target_level_scales_each_normalised_row_to_that_rms():
+    songs = _songs()
+    spans = [(s, 0, s.shape[-1]) for s in songs]
+    unit, level = cut_rows(spans, songs[-1].shape[-1], normalize=True)
+    rows, level_again = cut_rows(spans, songs[-1].shape[-1], normalize=True, target_db=-20.0)
+    assert torch.allclose(rows, unit * 0.1, atol=1e-7)  # -20 dBFS is an RMS of 0.1
+    for row, s in zip(rows, songs):
+        rms = row[: s.shape[-1]].double().pow(2).mean().sqrt()
+        var = s.detach().double().var(correction=0)
+        assert float(rms) == pytest.approx(0.1 * float(var / (var + 1e-7)) ** 0.5, rel=1e-4)
+    assert torch.equal(level, level_again)  # the reported level is the input's, not the target
+    with pytest.raises(ConfigError, match="normalize_level_db"):
+        FrontendConfig(normalize_level_db=3.0)

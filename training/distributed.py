@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -80,11 +81,18 @@ def accelerator_cpu(device: str | None) -> bool:
     return False
 
 
-def claim_output(path: Path, fingerprint: dict[str, Any], what: str) -> None:
+def claim_output(
+    path: Path,
+    fingerprint: dict[str, Any],
+    what: str,
+    canonical: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+) -> None:
     """Write ``fingerprint`` to ``path`` or check that the one there is equal (main process only).
 
     A resumable job's output folder may only be continued by the same job: ``what`` names its
-    contents in the error ("embeddings from a different extraction").
+    contents in the error ("embeddings from a different extraction"). ``canonical`` maps a
+    fingerprint to the form compared (e.g. defaults filled in for fields an older version did not
+    record); the file keeps what was written first.
 
     Raises:
         ConfigError: ``path`` holds another fingerprint; names the keys that differ.
@@ -94,6 +102,8 @@ def claim_output(path: Path, fingerprint: dict[str, Any], what: str) -> None:
 
     if path.is_file():
         old = json.loads(path.read_text())
+        if canonical is not None:
+            old, fingerprint = canonical(old), canonical(fingerprint)
         if old != fingerprint:
             changed = sorted(
                 k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k)

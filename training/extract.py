@@ -42,6 +42,7 @@ import torch
 
 from apex_reward.checkpoint import ENCODER_DIGEST_KEY
 from apex_reward.cli import Command
+from apex_reward.config import FrontendConfig
 from apex_reward.dataclass_io import add_dataclass_arguments, to_dict
 from apex_reward.errors import ApexError, ConfigError, require
 from apex_reward.files import atomic_write_text, remove_stale_temporaries
@@ -205,6 +206,14 @@ def _fingerprint(model, config: ExtractConfig, encoder_sha: str | None) -> dict[
     }
 
 
+def _canonical_fingerprint(fp: dict[str, Any]) -> dict[str, Any]:
+    """``fp`` with its front end's defaults filled in (a store written before a front-end field
+    existed resumes with the same front end now)."""
+    if not isinstance(fp.get("frontend"), dict):
+        return fp
+    return {**fp, "frontend": FrontendConfig.canonical(fp["frontend"])}
+
+
 def _view_recipe(model, config: ExtractConfig) -> dict[str, Any]:
     """The views' settings with the clip length resolved (what the stored views depend on)."""
     recipe = to_dict(config.augment)
@@ -250,7 +259,9 @@ def run_extraction(config: ExtractConfig, *, progress: bool = True) -> dict[str,
         stale = remove_stale_temporaries(shards_dir) + remove_stale_temporaries(out)
         if stale:
             logger.info("removed %d temporary files a killed run left behind", len(stale))
-        claim_output(fp_path, fingerprint, "embeddings from a different extraction")
+        claim_output(
+            fp_path, fingerprint, "embeddings from a different extraction", _canonical_fingerprint
+        )
     accelerator.wait_for_everyone()
     if not fp_path.is_file():
         raise ConfigError(f"{fp_path} was not written by the main process")

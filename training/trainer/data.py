@@ -18,7 +18,7 @@ import torch
 
 from apex_reward.checkpoint import ENCODER_DIGEST_KEY
 from apex_reward.conditioning import column_indices, column_vocabulary
-from apex_reward.config import AESTHETIC_TASKS, SCORE_RANGES, TASK_SETS
+from apex_reward.config import AESTHETIC_TASKS, SCORE_RANGES, TASK_SETS, FrontendConfig
 from apex_reward.errors import ConfigError, require
 
 if TYPE_CHECKING:
@@ -266,7 +266,7 @@ def _check_extraction_matches(store, model_dir: str) -> None:
     if (
         fp["encoder"]["hubert"] != enc["hubert"]
         or fp["encoder"]["layers"] != enc["layers"]
-        or fp["frontend"] != cfg["frontend"]
+        or FrontendConfig.canonical(fp["frontend"]) != FrontendConfig.canonical(cfg["frontend"])
     ):
         raise ConfigError(
             f"the embeddings in {store.dir} were not extracted with {model_dir} (front end or encoder differ)"
