@@ -27,6 +27,18 @@ _MERT_BASE: dict[str, Any] = dict(
     apply_spec_augment=True,
 )
 
+#: The AST presets' front end: 16 kHz, 10.24 s segments (1024 filterbank frames), and each segment
+#: scaled to -20 dBFS RMS before the filterbank, since a log-mel filterbank reads absolute level
+#: and the gain of a clip should not move its reward (the floor, -100 dBFS, keeps a song turned
+#: down by 40 dB at its level; near-silent gradients are bounded by gradient_gate_db).
+_AST_FRONTEND: dict[str, Any] = dict(
+    sample_rate=16000,
+    segment_seconds=10.24,
+    normalize=True,
+    normalize_level_db=-20.0,
+    normalize_floor=1e-10,
+)
+
 ENCODER_PRESETS: dict[str, dict[str, Any]] = {
     "mert-v1-95m": dict(
         source="m-a-p/MERT-v1-95M",
@@ -81,13 +93,7 @@ ENCODER_PRESETS: dict[str, dict[str, Any]] = {
         source="MIT/ast-finetuned-audioset-10-10-0.4593",
         revision="f826b80d28226b62986cc218e5cec390b1096902",
         layers=(3, 6, 9, -1),
-        frontend=dict(
-            sample_rate=16000,
-            segment_seconds=10.24,
-            normalize=True,
-            normalize_level_db=-20.0,
-            normalize_floor=1e-10,
-        ),
+        frontend=_AST_FRONTEND,
         hubert=dict(
             hidden_size=768,
             num_hidden_layers=12,
@@ -109,13 +115,7 @@ ENCODER_PRESETS: dict[str, dict[str, Any]] = {
         source=None,
         revision=None,
         layers=(0, 1, 2, -1),
-        frontend=dict(
-            sample_rate=16000,
-            segment_seconds=10.24,
-            normalize=True,
-            normalize_level_db=-20.0,
-            normalize_floor=1e-10,
-        ),
+        frontend=_AST_FRONTEND,
         hubert=dict(
             hidden_size=64,
             num_hidden_layers=2,

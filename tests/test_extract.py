@@ -203,6 +203,20 @@ def test_kill_and_resume(songs, model_dir, reference, tmp_path):
     assert torch.equal(_embeddings(ref_out), _embeddings(out))
 
 
+def _extract_in_process(manifest, model_dir, out):
+    """``extract`` in this process, 4 songs per shard, no loader workers."""
+    return run_extraction(
+        ExtractConfig(
+            manifest=str(manifest),
+            model=ModelOptions(model=str(model_dir), device="cpu"),
+            out=str(out),
+            shard_size=4,
+            num_workers=0,
+        ),
+        progress=False,
+    )
+
+
 def test_refuses_to_mix_embeddings_from_another_model(songs, reference, tmp_path):
     manifest, _ = songs
     ref_out, _ = reference
@@ -211,16 +225,7 @@ def test_refuses_to_mix_embeddings_from_another_model(songs, reference, tmp_path
     other = tmp_path / "other"
     make_tiny_model(seed=9, trunk_layers=3).save_pretrained(other)  # different encoder weights
     with pytest.raises(ConfigError, match="different extraction"):
-        run_extraction(
-            ExtractConfig(
-                manifest=str(manifest),
-                model=ModelOptions(model=str(other), device="cpu"),
-                out=str(ref_out),
-                shard_size=4,
-                num_workers=0,
-            ),
-            progress=False,
-        )
+        _extract_in_process(manifest, other, ref_out)
 
 
 def test_launch_without_a_group_is_refused(monkeypatch):
@@ -315,16 +320,7 @@ def test_a_store_and_model_written_before_a_front_end_field_existed_still_match(
         frontend = data["frontend"]
         assert frontend.pop("normalize_level_db", "absent") is None
         path.write_text(json.dumps(data))
-    summary = run_extraction(
-        ExtractConfig(
-            manifest=str(manifest),
-            model=ModelOptions(model=str(old_model), device="cpu"),
-            out=str(old_store),
-            shard_size=4,
-            num_workers=0,
-        ),
-        progress=False,
-    )
+    summary = _extract_in_process(manifest, old_model, old_store)
     assert summary["shards_skipped_on_resume"] == summary["shards"]
     store = EmbeddingStore(old_store)
     _check_extraction_matches(store, str(old_model))
