@@ -15,6 +15,7 @@ Weights load from a hub id or a local directory in the layout the official check
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -47,7 +48,10 @@ def build_ast(config: EncoderConfig, *, attn_implementation: str = "sdpa"):
 
 
 def load_ast_weights(
-    config: EncoderConfig, *, attn_implementation: str = "sdpa"
+    config: EncoderConfig,
+    *,
+    attn_implementation: str = "sdpa",
+    hub: Mapping[str, Any] | None = None,
 ) -> tuple[Any, str | None]:
     """Load AST weights from ``config.source`` (hub id or local dir) into a stock ``ASTModel``.
 
@@ -67,6 +71,7 @@ def load_ast_weights(
         _ast_config(config),
         ignore_unexpected=IGNORED_PREFIXES,
         attn_implementation=attn_implementation,
+        hub=hub,
     )
 
 
@@ -90,8 +95,10 @@ class AstEncoder(FrozenEncoder):
         self.freeze()
 
     @staticmethod
-    def _load_weights(config: EncoderConfig) -> tuple[Any, str | None]:
-        return load_ast_weights(config)
+    def _load_weights(
+        config: EncoderConfig, hub: Mapping[str, Any] | None
+    ) -> tuple[Any, str | None]:
+        return load_ast_weights(config, hub=hub)
 
     @property
     def patch_grid(self) -> tuple[int, int]:

@@ -15,6 +15,7 @@ import functools
 import logging
 import os
 import pickle
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +57,12 @@ def looks_like_path(source: str) -> bool:
     return source.startswith((".", "/", "~")) or source.count("/") > 1
 
 
-def _resolve_source(source: str, revision: str | None) -> tuple[Path, str | None]:
-    """A local directory holding the weights of ``source`` and the commit it resolved to."""
+def _resolve_source(
+    source: str, revision: str | None, hub: Mapping[str, Any] | None = None
+) -> tuple[Path, str | None]:
+    """A local directory holding the weights of ``source`` and the commit it resolved to;
+    ``hub`` holds ``snapshot_download`` keyword arguments (``token``, ``cache_dir``,
+    ``local_files_only``) for a hub id."""
     local = Path(source).expanduser()
     if local.exists():
         if not local.is_dir():
@@ -70,7 +75,11 @@ def _resolve_source(source: str, revision: str | None) -> tuple[Path, str | None
     try:
         path = None
         for patterns in (["*.safetensors", "*.json"], ["pytorch_model*.bin", "*.json"]):
-            path = Path(snapshot_download(source, revision=revision, allow_patterns=patterns))
+            path = Path(
+                snapshot_download(
+                    source, revision=revision, allow_patterns=patterns, **dict(hub or {})
+                )
+            )
             if any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin")):
                 break
     except Exception as e:  # hub errors have many types (offline, 404, auth)
@@ -86,7 +95,10 @@ def _resolve_source(source: str, revision: str | None) -> tuple[Path, str | None
 
 
 def load_hubert_weights(
-    config: EncoderConfig, *, attn_implementation: str = "sdpa"
+    config: EncoderConfig,
+    *,
+    attn_implementation: str = "sdpa",
+    hub: Mapping[str, Any] | None = None,
 ) -> tuple[Any, str | None]:
     """Load MERT weights from ``config.source`` (hub id or local dir) into a stock HubertModel.
 
@@ -105,7 +117,11 @@ def load_hubert_weights(
     from transformers import HubertModel
 
     return load_stock_weights(
-        config, HubertModel, _hubert_config(config), attn_implementation=attn_implementation
+        config,
+        HubertModel,
+        _hubert_config(config),
+        attn_implementation=attn_implementation,
+        hub=hub,
     )
 
 
@@ -116,10 +132,13 @@ def load_stock_weights(
     *,
     ignore_unexpected: tuple[str, ...] = (),
     attn_implementation: str = "sdpa",
+    hub: Mapping[str, Any] | None = None,
 ) -> tuple[Any, str | None]:
     """Load ``config.source`` (hub id or local dir) into the stock transformers ``model_class``
     built from ``model_config``; keys starting with ``ignore_unexpected`` may be left over (a
-    task head the encoder does not use). Returns ``(model in eval mode, resolved commit)``.
+    task head the encoder does not use); ``hub``: ``snapshot_download`` keyword arguments for a
+    hub id (``token``, ``cache_dir``, ``local_files_only``). Returns ``(model in eval mode,
+    resolved commit)``.
 
     Raises:
         CheckpointError: unreachable source, pickled objects, or any key missing, unexpected or
@@ -130,7 +149,7 @@ def load_stock_weights(
             "encoder has no source (hub id or local path) and its weights are not stored in the "
             "checkpoint; pass an encoder source"
         )
-    path, commit = _resolve_source(config.source, config.revision)
+    path, commit = _resolve_source(config.source, config.revision, hub)
     if not (any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin"))):
         raise CheckpointError(
             f"encoder source {config.source!r}: no model.safetensors or pytorch_model.bin in {path}"
@@ -170,7 +189,7 @@ def load_stock_weights(
 class FrozenEncoder(torch.nn.Module):
     """What every encoder family shares: a stock transformers model in ``self.model``, frozen
     (no parameter gradients, eval mode) unless ``trainable`` (LoRA), and weights loaded by the
-    family's ``_load_weights(config) -> (model, commit)``."""
+    family's ``_load_weights(config, hub) -> (model, commit)``."""
 
     def __init__(self, config: EncoderConfig, model: Any) -> None:
         super().__init__()
@@ -183,14 +202,17 @@ class FrozenEncoder(torch.nn.Module):
         self.fast_kernels = False
 
     @staticmethod
-    def _load_weights(config: EncoderConfig) -> tuple[Any, str | None]:
+    def _load_weights(
+        config: EncoderConfig, hub: Mapping[str, Any] | None
+    ) -> tuple[Any, str | None]:
         raise NotImplementedError
 
     @classmethod
-    def from_pretrained(cls, config: EncoderConfig) -> Any:
+    def from_pretrained(cls, config: EncoderConfig, hub: Mapping[str, Any] | None = None) -> Any:
         """Load the weights named by ``config.source``/``config.revision``; the resolved hub
-        commit is written to ``config.revision``."""
-        model, commit = cls._load_weights(config)
+        commit is written to ``config.revision``. ``hub``: ``snapshot_download`` keyword
+        arguments (``token``, ``cache_dir``, ``local_files_only``) for a hub id."""
+        model, commit = cls._load_weights(config, hub)
         if commit and commit != config.revision:
             logger.info("encoder %s resolved to revision %s", config.source, commit)
             config.revision = commit
@@ -235,8 +257,10 @@ class MertEncoder(FrozenEncoder):
         self.freeze()
 
     @staticmethod
-    def _load_weights(config: EncoderConfig) -> tuple[Any, str | None]:
-        return load_hubert_weights(config)
+    def _load_weights(
+        config: EncoderConfig, hub: Mapping[str, Any] | None
+    ) -> tuple[Any, str | None]:
+        return load_hubert_weights(config, hub=hub)
 
     def frame_lengths(self, valid: torch.Tensor) -> torch.Tensor:
         """Number of encoder frames (75 Hz) covering ``valid`` samples, at least 1. ``[N]``."""

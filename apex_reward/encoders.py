@@ -6,6 +6,7 @@ so everything downstream of :func:`build_encoder` / :func:`load_encoder` is enco
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from .ast_encoder import AstEncoder
@@ -27,10 +28,12 @@ def build_encoder(config: EncoderConfig, model: Any | None = None) -> Encoder:
     return ENCODER_CLASSES[config.family](config, model)
 
 
-def load_encoder(config: EncoderConfig) -> Encoder:
-    """The encoder of ``config.family`` with the weights named by ``config.source``/``revision``.
+def load_encoder(config: EncoderConfig, hub: Mapping[str, Any] | None = None) -> Encoder:
+    """The encoder of ``config.family`` with the weights named by ``config.source``/``revision``;
+    ``hub``: ``huggingface_hub.snapshot_download`` keyword arguments (``token``, ``cache_dir``,
+    ``local_files_only``) when the source is a hub id.
 
     Raises:
         CheckpointError: unreachable source, or weights that do not fit the architecture.
     """
-    return ENCODER_CLASSES[config.family].from_pretrained(config)
+    return ENCODER_CLASSES[config.family].from_pretrained(config, hub)

@@ -181,7 +181,8 @@ class ApexRewardModel(nn.Module):
             fast: the GPU fast path (:meth:`set_fast_path`); None = on when the model runs on
                 CUDA, False = never (exact float32 everywhere).
             token, cache_dir, local_files_only: passed to ``huggingface_hub.snapshot_download``
-                for hub ids (access token, download cache, no network).
+                for hub ids (access token, download cache, no network): the checkpoint's, and
+                the encoder's when the checkpoint references it by hub id.
 
         Returns:
             The model in eval mode.

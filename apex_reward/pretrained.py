@@ -89,7 +89,9 @@ def load_pretrained(
             config.encoder.source, config.encoder.revision = encoder_source, None
         else:
             config.encoder.source = resolve_encoder_source(directory, config.encoder.source)
-        encoder = load_encoder(config.encoder)
+        # the checkpoint's hub options reach the encoder download too (a referenced MERT/AST)
+        hub = {"token": token, "cache_dir": cache_dir, "local_files_only": local_files_only}
+        encoder = load_encoder(config.encoder, hub)
     if config.encoder.lora is not None:
         # LoRA hook: rebuild the adapter recorded in config.json (needs peft)
         from .lora import attach_lora

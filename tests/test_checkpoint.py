@@ -52,6 +52,39 @@ def test_config_records_what_reproduces_a_score(tiny_checkpoint):
     assert "popularity_reference" in cfg and len(cfg["weights_sha256"]) == 64
 
 
+def test_hub_options_reach_the_download_of_a_referenced_encoder(tmp_path, tiny_model, monkeypatch):
+    """``from_pretrained(..., token=, cache_dir=, local_files_only=)`` applies to the encoder a
+    checkpoint references by hub id as well as to the checkpoint: an offline user's cache
+    directory is the one searched for the MERT weights too."""
+    import huggingface_hub
+
+    snap = tmp_path / "models--org--mert" / "snapshots" / ("1" * 40)
+    tiny_model.encoder.model.save_pretrained(snap)
+    calls = []
+
+    def fake_snapshot_download(repo_id, revision=None, allow_patterns=None, **hub):
+        calls.append((repo_id, hub))
+        return str(snap)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    cfg = ApexConfig.from_dict({**tiny_model.config.to_dict()})
+    cfg.encoder.source, cfg.encoder.revision = "org/mert", "1" * 40
+    model = ApexRewardModel(cfg, tiny_model.encoder)
+    model.head.load_state_dict(tiny_model.head.state_dict())
+    model.save_pretrained(tmp_path / "ref", include_encoder=False)
+    loaded = ApexRewardModel.from_pretrained(
+        tmp_path / "ref", cache_dir=tmp_path / "cache", local_files_only=True, token="t"
+    )
+    assert calls and all(repo == "org/mert" for repo, _ in calls)
+    assert calls[0][1] == {
+        "token": "t",
+        "cache_dir": tmp_path / "cache",
+        "local_files_only": True,
+    }
+    with torch.inference_mode():
+        assert torch.equal(loaded(_audio(), 44100).reward, tiny_model(_audio(), 44100).reward)
+
+
 def test_referenced_encoder_loads_from_its_source(tmp_path, tiny_model):
     """A checkpoint that references its encoder (not stored) loads it from source + revision."""
     src = tmp_path / "mert"
