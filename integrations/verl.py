@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from apex_reward.conditioning import per_input_conditions
 from apex_reward.errors import (
     ApexError,
     AudioDecodeError,
@@ -106,6 +107,8 @@ class _Settings:
     max_wait_s: float = 0.01
     windows: WindowSpec | None = None
     max_windows: int = 8
+    condition: str | None = None
+    condition_key: str | None = None
 
     def model_options(self) -> ModelOptions:
         model, encoder, device, dtype = self.options
@@ -127,6 +130,8 @@ def _settings(
     max_wait_s: float = 0.01,
     windows: Any = None,
     max_windows: int = 8,
+    condition: str | None = None,
+    condition_key: str | None = None,
     **unknown: Any,
 ) -> _Settings:
     if model is None or model == "":
@@ -155,6 +160,9 @@ def _settings(
         raise ConfigError(f"max_windows must be an integer >= 1, got {max_windows!r}")
     if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
         raise ConfigError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+    for name, value in (("condition", condition), ("condition_key", condition_key)):
+        if value is not None and not (isinstance(value, str) and value):
+            raise ConfigError(f"{name} must be a non-empty string, got {value!r}")
     return _Settings(
         options=(str(model), encoder, None if device is None else str(device), str(dtype)),
         score=score,
@@ -166,6 +174,8 @@ def _settings(
         max_wait_s=float(max_wait_s),
         windows=_window_setting(windows),
         max_windows=max_windows,
+        condition=condition,
+        condition_key=condition_key,
     )
 
 
@@ -250,6 +260,32 @@ def _solution(
 # a result -> verl's dict
 
 
+def _condition(
+    settings: _Settings, model: ApexRewardModel, extra_info: Mapping[str, Any] | None
+) -> str | None:
+    """The sample's audience for a conditioned checkpoint: ``extra_info[condition_key]`` when the
+    sample carries one, else ``condition`` (None: the learned average).
+
+    Raises:
+        UnknownConditionError: a value the checkpoint was not trained on, or a condition for a
+            checkpoint without conditioning.
+        ConfigError: ``condition_key`` with a checkpoint without conditioning.
+    """
+    value = settings.condition
+    if settings.condition_key is not None:
+        if model.config.head.condition is None:
+            raise ConfigError(
+                f"condition_key={settings.condition_key!r}: this checkpoint has no conditioning "
+                "input"
+            )
+        own = (extra_info or {}).get(settings.condition_key)
+        if own is not None:
+            value = str(own)
+    if value is not None:
+        per_input_conditions(model.config.head.condition, value, 1)
+    return value
+
+
 def _raise_failure(result: ScoreResult) -> None:
     exc = result.exception
     if isinstance(exc, ApexError):
@@ -324,8 +360,9 @@ def compute_score(
     """Score one verl sample with APEX (synchronous; verl runs it in an executor thread).
 
     Args:
-        data_source, ground_truth, extra_info: passed by verl; not used (APEX scores the audio
-            alone).
+        data_source, ground_truth: passed by verl; not used (APEX scores the audio alone).
+        extra_info: passed by verl; with ``condition_key`` set, ``extra_info[condition_key]``
+            is the sample's condition for a conditioned checkpoint.
         solution_audio: ``(waveform, sample_rate)`` from verl-omni's audio reward manager;
             ``waveform`` float ``[T]`` or ``[C, T]`` (array or tensor).
         solution_str: the response text from plain verl, turned into audio by ``decoder``.
@@ -336,7 +373,10 @@ def compute_score(
             waveform with ``sample_rate``, or an audio file path), ``sample_rate``,
             ``failure_value``, ``windows`` (``true`` for the 30 s segments, or
             ``{length_s, hop_s}``) and ``max_windows`` (default 8): per-window rewards and
-            times as extras (``apex_num_windows``, ``apex_window_<k>_reward/_start_s/_end_s``).
+            times as extras (``apex_num_windows``, ``apex_window_<k>_reward/_start_s/_end_s``);
+            for a conditioned checkpoint ``condition`` (the audience of every sample; default
+            the learned average) and ``condition_key`` (the ``extra_info`` field holding each
+            sample's own, e.g. ``"platform"``; a sample without it gets ``condition``).
 
     Returns:
         ``{"score": float, **extras}`` (see the module docstring).
@@ -351,9 +391,14 @@ def compute_score(
     try:
         wav, sr = _solution(settings, solution_audio, solution_str)
         model.frontend.check(wav, sr, _WHERE)
+        condition = _condition(settings, model, extra_info)
         with lock:
             [result] = model.score(
-                [(wav, int(sr))], num_workers=0, guard=settings.guard, windows=settings.windows
+                [(wav, int(sr))],
+                num_workers=0,
+                guard=settings.guard,
+                windows=settings.windows,
+                condition=condition,
             )
         return _to_dict(result, settings, model)
     except ApexError as e:
@@ -467,8 +512,9 @@ async def compute_score_async(
             wav, sr = await asyncio.to_thread(_solution, settings, solution_audio, solution_str)
         else:
             wav, sr = _solution(settings, solution_audio, solution_str)
+        condition = _condition(settings, model, extra_info)
         model.frontend.check(wav, sr, _WHERE)
-        result = await batcher.score(_WHERE, wav, int(sr))
+        result = await batcher.score(_WHERE, wav, int(sr), condition=condition)
         return _to_dict(result, settings, model)
     except ApexError as e:
         if settings.failure_value is None or isinstance(e, ConfigError):

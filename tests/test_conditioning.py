@@ -8,6 +8,7 @@ embedding corpus whose platforms prefer different qualities.
 from __future__ import annotations
 
 import asyncio
+import base64
 import copy
 import json
 
@@ -326,3 +327,103 @@ def test_cli_server_and_trl_take_a_condition(base, songs, tmp_path, capsys):
         ApexRewardFunction(str(ckpt), condition="spotify")
     with pytest.raises(UnknownConditionError, match="no conditioning input"):
         ApexRewardFunction(base, condition_column="platform")
+
+
+def test_batched_clips_and_verl_samples_each_get_their_own_condition(base, songs, tmp_path):
+    """The dynamic batcher (server, verl async) scores clips with different conditions in one
+    batch, each as the model scores it alone; verl reads a sample's condition from
+    ``extra_info[condition_key]`` (its calling convention: keyword arguments per sample)."""
+    from apex_reward.integrations import verl
+    from apex_reward.integrations.model_cache import clear_model_cache
+    from apex_reward.integrations.serving.batcher import DynamicBatcher
+
+    model = conditioned(base, "token", seed=3)
+    ckpt = model.save_pretrained(tmp_path / "cond")
+    x = songs[0]
+    with torch.no_grad():
+        want = {c: model([x], SR, condition=c).reward.item() for c in [*VALUES, None]}
+    assert len({round(v, 6) for v in want.values()}) == 3  # the conditions differ
+
+    batcher = DynamicBatcher(model, max_batch=8, max_wait_s=0.2, condition="udio")
+
+    async def clips():
+        with pytest.raises(UnknownConditionError, match="suno"):
+            batcher.submit("bad", x, SR, condition="spotify")  # this clip only
+        futures = [batcher.submit(f"c{i}", x, SR, condition=c) for i, c in enumerate(VALUES)]
+        futures.append(batcher.submit("default", x, SR))  # the batcher's condition
+        return await asyncio.gather(*futures)
+
+    batcher.start()
+    try:
+        suno, udio, default = asyncio.run(clips())
+    finally:
+        batcher.stop()
+    assert suno.reward == pytest.approx(want["suno"], abs=1e-5)
+    assert udio.reward == pytest.approx(want["udio"], abs=1e-5)
+    assert default.reward == pytest.approx(want["udio"], abs=1e-5)
+
+    clear_model_cache()
+    kwargs = dict(model=str(ckpt), device="cpu", guard="off", condition_key="platform")
+    sample = dict(data_source="music", solution_audio=(x.numpy(), SR), ground_truth=None)
+    for platform in VALUES:
+        out = verl.compute_score(**sample, extra_info={"platform": platform}, **kwargs)
+        assert out["score"] == pytest.approx(want[platform], abs=1e-5)
+    # a sample without the field gets `condition` (here none: the learned average)
+    assert verl.compute_score(**sample, extra_info={}, **kwargs)["score"] == pytest.approx(
+        want[None], abs=1e-5
+    )
+
+    async def async_samples():
+        return await asyncio.gather(
+            *(
+                verl.compute_score_async(**sample, extra_info={"platform": p}, **kwargs)
+                for p in VALUES
+            )
+        )
+
+    try:
+        outs = asyncio.run(async_samples())
+    finally:
+        verl.close_batchers()
+    assert [o["score"] for o in outs] == pytest.approx([want[p] for p in VALUES], abs=1e-5)
+    with pytest.raises(UnknownConditionError, match="udio"):
+        verl.compute_score(**sample, extra_info={"platform": "spotify"}, **kwargs)
+    base_ckpt = base.save_pretrained(tmp_path / "plain")
+    with pytest.raises(ConfigError, match="no conditioning input"):
+        verl.compute_score(**sample, extra_info={}, **{**kwargs, "model": str(base_ckpt)})
+    clear_model_cache()
+
+
+def test_server_requests_choose_their_condition(base, songs, tmp_path):
+    """``POST /v1/score?condition=`` and ``/v1/score/batch?condition=`` score the request's
+    clips for that audience; without it the server's ``--condition`` applies; an unknown one is
+    a 422 naming the known values."""
+    import httpx
+    from server_harness import ThreadServer
+
+    from apex_reward.integrations.serving.app import create_app
+    from apex_reward.integrations.serving.config import ServeConfig
+
+    model = conditioned(base, "embedding", seed=4)
+    x = songs[1]
+    with torch.no_grad():
+        want = {c: model([x], SR, condition=c).reward.item() for c in VALUES}
+    path = tmp_path / "x.wav"
+    sf.write(str(path), x.numpy(), SR, subtype="FLOAT")
+    body = path.read_bytes()
+    headers = {"Content-Type": "audio/wav", "X-Audio-Name": "x.wav"}
+    app = create_app(model, ServeConfig(warmup=False, guard="off", condition="suno"))
+    with ThreadServer(app) as url, httpx.Client(base_url=url, timeout=120) as http:
+        for query, expect in (("?condition=udio", "udio"), ("", "suno")):
+            r = http.post(f"/v1/score{query}", content=body, headers=headers)
+            assert r.status_code == 200, r.text
+            assert r.json()["reward"] == pytest.approx(want[expect], abs=1e-5)
+        clip = {"base64": base64.b64encode(body).decode(), "name": "x.wav"}
+        r = http.post("/v1/score/batch?condition=udio", json={"clips": [clip, clip]})
+        assert r.status_code == 200, r.text
+        rewards = [row["reward"] for row in r.json()["results"]]
+        assert rewards == pytest.approx([want["udio"]] * 2, abs=1e-5)
+        r = http.post("/v1/score?condition=spotify", content=body, headers=headers)
+        assert r.status_code == 422
+        error = r.json()["error"]
+        assert error["type"] == "UnknownConditionError" and "udio" in error["message"]

@@ -11,6 +11,9 @@ status :mod:`~apex_reward.integrations.serving.errors` gives their type):
 * ``POST /v1/score/batch``: many clips (multipart with several file parts, or JSON
   ``{"clips": [clip, ...]}``) -> ``{"results": [...]}``, one per clip in order, each a score or an
   error; one bad clip never fails the others.
+* Both take ``?condition=VALUE`` for a conditioned checkpoint: the audience of the request's
+  clips (default: the server's ``--condition``, else the learned average); an unknown value is a
+  422 ``UnknownConditionError`` naming the known ones, before the body is read.
 * ``POST /v1/compare``: clips ``a`` and ``b`` -> ``logit P(a > b)``, its probability, both rewards.
 * ``POST /get_reward``: OpenRLHF's remote reward protocol
   (:mod:`~apex_reward.integrations.serving.protocols.openrlhf`).
@@ -35,6 +38,7 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 from apex_reward._version import __version__
+from apex_reward.conditioning import per_input_conditions
 from apex_reward.errors import ApexError, require
 
 from . import bodies
@@ -183,15 +187,28 @@ def create_app(model: ApexRewardModel, config: ServeConfig | None = None) -> Any
     async def info(request: Request) -> Response:
         return JSONResponse(state.info(auth_required=auth.required))
 
+    def request_condition(request: Request) -> str | None:
+        """The request's ``?condition=`` for a conditioned checkpoint, checked before the body is
+        read (an unknown one is a 422 naming the known values)."""
+        value = request.query_params.get("condition")
+        if value is not None:
+            per_input_conditions(model.config.head.condition, value, 1)
+        return value
+
     async def score(request: Request) -> Response:
+        condition = request_condition(request)
         clip = await bodies.one_clip(request, state)
+        clip.condition = condition
         if clip.error is not None:
             raise clip.error
         res = await state.score_one(clip, request.receive)
         return JSONResponse(with_untrained(state.result_json(res, clip.name)))
 
     async def score_batch(request: Request) -> Response:
+        condition = request_condition(request)
         clips = await bodies.batch_clips(request, state)
+        for clip in clips:
+            clip.condition = condition
         rows = []
         for clip, res in zip(clips, await state.score_clips(clips, receive=request.receive)):
             if isinstance(res, ClipError):

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from apex_reward.conditioning import per_input_conditions
 from apex_reward.errors import ApexError
 from apex_reward.robust import check_robust
 from apex_reward.scoring import ScoreResult, score_waveforms
@@ -53,6 +54,7 @@ class _Job:
     enqueued: float = field(default_factory=time.monotonic)
     counted: bool = True  # still counted in ``pending`` (not taken, not cancelled)
     checks: tuple[dict[str, float], list[str]] | None = None  # guard signals measured already
+    condition: str | None = None  # this clip's audience (None: the batcher's)
 
 
 def _resolve(fut: asyncio.Future, result: Any, error: BaseException | None) -> None:
@@ -158,6 +160,7 @@ class DynamicBatcher:
         wav: torch.Tensor,
         sample_rate: int,
         checks: tuple[dict[str, float], list[str]] | None = None,
+        condition: str | None = None,
     ) -> asyncio.Future:
         """Queue one decoded, validated clip; returns an asyncio future for its
         :class:`~apex_reward.scoring.ScoreResult`. Call from the event loop.
@@ -168,11 +171,17 @@ class DynamicBatcher:
             sample_rate: Hz.
             checks: the guard's ``(signals, flags)`` for this clip when already measured (on
                 the audio as sent); the model then applies the OOD flag and the policy to them.
+            condition: a conditioned checkpoint's audience for this clip (None: the
+                batcher's ``condition``); clips with different conditions share batches.
 
         Raises:
             OverloadedError: ``max_queue`` clips are already waiting.
             BatcherStoppedError: the worker is not running.
+            UnknownConditionError: ``condition`` is not one the checkpoint knows (checked here,
+                so that it fails this clip only, never its batch).
         """
+        if condition is not None:
+            per_input_conditions(self.model.config.head.condition, condition, 1)
         if not self.alive:
             raise BatcherStoppedError("the batch worker is not running")
         with self._lock:
@@ -182,7 +191,15 @@ class DynamicBatcher:
                 )
             self._pending += 1
         loop = asyncio.get_running_loop()
-        job = _Job(name, wav, int(sample_rate), loop.create_future(), loop, checks=checks)
+        job = _Job(
+            name,
+            wav,
+            int(sample_rate),
+            loop.create_future(),
+            loop,
+            checks=checks,
+            condition=condition,
+        )
         # a clip whose request gave up (client gone, timeout) stops counting at once
         job.future.add_done_callback(lambda f, j=job: self._uncount(j) if f.cancelled() else None)
         self._queue.put(job)
@@ -194,9 +211,11 @@ class DynamicBatcher:
                 job.counted = False
                 self._pending -= 1
 
-    async def score(self, name: str, wav: torch.Tensor, sample_rate: int) -> ScoreResult:
+    async def score(
+        self, name: str, wav: torch.Tensor, sample_rate: int, condition: str | None = None
+    ) -> ScoreResult:
         """``await`` the result of one clip (see :meth:`submit`)."""
-        return await self.submit(name, wav, sample_rate)
+        return await self.submit(name, wav, sample_rate, condition=condition)
 
     # -- worker ---------------------------------------------------------------------------------
 
@@ -246,7 +265,7 @@ class DynamicBatcher:
                 robust=self.robust,
                 seed=self.robust_seed,
                 windows=self.windows,
-                condition=self.condition,
+                condition=self._conditions(batch),
                 checks=[j.checks for j in batch],
             )
         except BaseException as e:  # never let the worker die: fail this batch, keep serving
@@ -262,6 +281,12 @@ class DynamicBatcher:
                 self.on_batch(len(batch), elapsed, waited)
             except Exception:  # metrics must never break scoring
                 logger.exception("on_batch callback failed")
+
+    def _conditions(self, batch: list[_Job]) -> str | list[str | None] | None:
+        """The batch's ``condition=``: the batcher's, unless some clip brought its own."""
+        if all(j.condition is None for j in batch):
+            return self.condition
+        return [self.condition if j.condition is None else j.condition for j in batch]
 
     def _deliver(self, job: _Job, result: Any, error: BaseException | None) -> None:
         try:

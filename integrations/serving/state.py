@@ -55,6 +55,8 @@ class Clip:
     release: Callable[[], None] | None = field(default=None, repr=False, compare=False)
     #: what the decode threads already did for the batch thread (:class:`InferencePrep`)
     prepared: Prepared | None = None
+    #: a conditioned checkpoint's audience for this clip (None: the server's ``--condition``)
+    condition: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -226,7 +228,7 @@ class ServerState:
             return ClipError(clip.name, overloaded)
         try:
             checks = None if clip.prepared is None else clip.prepared.checks
-            fut = self.batcher.submit(clip.name, clip.wav, clip.sample_rate, checks)
+            fut = self.batcher.submit(clip.name, clip.wav, clip.sample_rate, checks, clip.condition)
         except Exception as e:
             return ClipError(clip.name, e)
         self._queued_audio_s += seconds
