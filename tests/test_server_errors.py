@@ -105,6 +105,7 @@ def test_a_clip_error_carries_the_exception_its_status_and_message():
 def test_scoring_gives_each_failed_clip_a_typed_error(fast_model):
     import asyncio
 
+    from apex_reward.integrations.serving.admission import decode_clip
     from apex_reward.integrations.serving.state import ServerState
 
     state = ServerState(fast_model, ServeConfig(warmup=False))
@@ -112,7 +113,10 @@ def test_scoring_gives_each_failed_clip_a_typed_error(fast_model):
     async def score():
         state.batcher.start()
         try:
-            clips = [await state.decode("good.wav", _wav(1.2)), await state.decode("bad", b"x")]
+            clips = [
+                await decode_clip(state, "good.wav", _wav(1.2)),
+                await decode_clip(state, "bad", b"x"),
+            ]
             return await state.score_clips(clips)
         finally:
             state.batcher.stop()

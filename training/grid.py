@@ -45,6 +45,7 @@ from apex_reward.errors import ConfigError, require
 
 from .distributed import DEVICE_HELP, accelerator_cpu, finish_distributed
 from .flags import CPU, add_renamed_flags, config_from_args
+from .formatting import fmt_number
 from .grid_conditions import write_condition_table
 from .trainer import TrainConfig, TrainingData, load_training_data, train
 from .trainer.state import resume_key
@@ -299,10 +300,7 @@ def _load_results(config: GridConfig) -> list[dict[str, Any]]:
 
 
 def _fmt(x: float | None, digits: int) -> str:
-    if x is None or (isinstance(x, float) and np.isnan(x)):
-        return "—"
-    text = f"{x:.{digits}f}"
-    return text[1:] if text.startswith("-") and float(text) == 0 else text  # no "-0.000"
+    return fmt_number(x, digits, missing="—")
 
 
 def write_tables(config: GridConfig) -> dict[str, Any]:

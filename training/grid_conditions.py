@@ -16,6 +16,7 @@ from typing import Any
 from apex_reward.config import POPULARITY_TASKS
 from apex_reward.errors import require
 
+from .formatting import fmt_number
 from .trainer.objective import regression_metrics
 
 __all__ = ["condition_metrics", "write_condition_table"]
@@ -95,6 +96,4 @@ def write_condition_table(
 
 
 def _fmt(x: float | None) -> str:
-    from .grid import _fmt as fmt
-
-    return fmt(x, 3)
+    return fmt_number(x, 3, missing="—")

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
     from .state import ServerState
 
-__all__ = ["admit_decoded", "decode_request"]
+__all__ = ["admit_decoded", "decode_clip", "decode_pcm_request", "decode_request"]
 
 
 def _decode_prepared(state: ServerState, source: Source, name: str, *args) -> Prepared:
@@ -40,6 +40,14 @@ def _decode_pcm_prepared(state: ServerState, data: bytes, name: str, **pcm) -> P
     """:meth:`ClipDecoder.decode_pcm` then the inference prep; blocking."""
     wav, sr = state.decoder.decode_pcm(data, name=name, **pcm)
     return state.prep(wav, sr)
+
+
+async def decode_clip(state: ServerState, name: str, source: Source) -> Clip:
+    """Decode, check and prepare one clip on the decode pool; a failure is kept in the clip. The
+    clip is a request of its own for the decoded-size budget (see :func:`decode_request`, whose
+    errors it raises)."""
+    (clip,) = await decode_request(state, [(name, source)])
+    return clip
 
 
 def _releaser(reservation: Reservation, index: int) -> Callable[[], None]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from .admission import decode_clip, decode_pcm_request, decode_request
 from .errors import (
     ClipError,
     EmptyBody,
@@ -150,18 +151,18 @@ async def one_clip(request: Any, state: ServerState) -> Clip:
         name, source = files[0]
         if not source:
             raise EmptyBody(f"{name}: the uploaded file is empty")
-        return await state.decode(name, source)
+        return await decode_clip(state, name, source)
     if media == "application/json":
         name, src = _json_clip(state, await read_json(request, state), "clip")
-        return await state.decode(name, src)
+        return await decode_clip(state, name, src)
     if media == PCM_MEDIA_TYPE:
         body = await _read_body(request)
         name = request.headers.get("x-audio-name", "upload")[:_MAX_NAME]
-        return await state.decode_pcm(name, body, **pcm_format(request.headers))
+        return await decode_pcm_request(state, name, body, **pcm_format(request.headers))
     if media.startswith("audio/") or media == "application/octet-stream":
         body = await _read_body(request)
         name = request.headers.get("x-audio-name", "upload")[:_MAX_NAME]
-        return await state.decode(name, body)
+        return await decode_clip(state, name, body)
     raise unsupported(request, "multipart/form-data, application/json or an audio/* body")
 
 
@@ -176,7 +177,7 @@ async def batch_clips(request: Any, state: ServerState) -> list[Clip]:
         _, files, _ = await _form(request, max_files=limit)
         if not files:
             raise InvalidRequest("no file parts in the multipart body")
-        return await state.decode_all(files)
+        return await decode_request(state, files)
     if media != "application/json":
         raise unsupported(request, "multipart/form-data or application/json")
     items = validate(BatchRequest, await read_json(request, state), "batch").clips
@@ -189,7 +190,7 @@ async def batch_clips(request: Any, state: ServerState) -> list[Clip]:
         except RequestError as e:
             return f"clips[{i}]", ClipError(f"clips[{i}]", e)
 
-    return await state.decode_all([one(i, it) for i, it in enumerate(items)])
+    return await decode_request(state, [one(i, it) for i, it in enumerate(items)])
 
 
 async def compare_clips(request: Any, state: ServerState) -> tuple[list[Clip], bool]:
@@ -219,7 +220,7 @@ async def compare_clips(request: Any, state: ServerState) -> tuple[list[Clip], b
             sources.append((name, state.decoder.source_of(clip, name)))
     else:
         raise unsupported(request, "multipart/form-data or application/json")
-    clips = await state.decode_all(sources)
+    clips = await decode_request(state, sources)
     for which, clip in zip("ab", clips):
         if clip.error is not None:
             raise clip.error.with_prefix(f"clip {which}: ")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import time
 
 from apex_reward.cli import Command
@@ -17,31 +16,12 @@ from apex_reward.dataclass_io import add_dataclass_arguments, dataclass_from_arg
 from apex_reward.errors import require
 
 from .config import ServeConfig
+from .process import tune_process
 from .transport import RedactApiKey, configure, uvicorn_options
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["serve", "limit_malloc_arenas", "add_serve_arguments", "run_serve", "COMMAND"]
-
-
-def limit_malloc_arenas(n: int) -> bool:
-    """Cap glibc's malloc arenas at ``n`` (``mallopt(M_ARENA_MAX, n)``); False where unsupported.
-
-    glibc gives each thread that allocates its own arena (up to 8 per core); freed blocks of
-    varying sizes then fragment across many arenas and resident memory creeps up for a long time.
-    Same effect as ``MALLOC_ARENA_MAX=n`` in the environment; affects arenas created afterwards.
-    """
-    import ctypes
-    import ctypes.util
-    import sys
-
-    if n <= 0 or not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(-8, int(n)))  # M_ARENA_MAX = -8
-    except (OSError, AttributeError):  # not glibc (e.g. musl)
-        return False
+__all__ = ["serve", "add_serve_arguments", "run_serve", "COMMAND"]
 
 
 def serve(config: ServeConfig) -> None:
@@ -51,7 +31,6 @@ def serve(config: ServeConfig) -> None:
         MissingDependencyError: the ``serve`` extra is not installed.
         ConfigError, CheckpointError: bad options or checkpoint.
     """
-    import torch
 
     from apex_reward.loading import load_model
 
@@ -63,12 +42,7 @@ def serve(config: ServeConfig) -> None:
         serve_ray(config)
         return
     uvicorn = require("uvicorn", "serve", "the reward server")
-    if config.malloc_arena_max:
-        limit_malloc_arenas(config.malloc_arena_max)  # before the server starts its threads
-    # read by oneDNN when it creates its first kernel, i.e. after this point
-    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(config.onednn_cache_capacity))
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    tune_process(config)  # before the server starts its threads
     model = load_model(config.model)
     app = create_app(model, config)
     state = app.state.apex

@@ -100,16 +100,13 @@ def build_ray_app(config: ServeConfig) -> Any:
 
     def build_replica_app() -> Any:
         # runs in each replica process
-        import torch
 
         from apex_reward.loading import load_model
 
         from .app import create_app
-        from .command import limit_malloc_arenas
+        from .process import tune_process
 
-        if replica_config.malloc_arena_max:
-            limit_malloc_arenas(replica_config.malloc_arena_max)
-        torch.set_num_threads(replica_config.threads or 1)
+        tune_process(replica_config, default_threads=1)
         model = load_model(replica_config.model)
         app = create_app(model, replica_config)
         if replica_config.warmup:

@@ -28,7 +28,7 @@ from ..decoders import import_decoder
 from ..reward_logs import FailureLog, RewardLogs
 from .batcher import DynamicBatcher, OverloadedError
 from .config import ServeConfig
-from .decoding import ClipDecoder, Source
+from .decoding import ClipDecoder
 from .errors import ClientGone, ClipError, ModelOutputError, ScoringTimeout, result_error
 from .limits import DecodeBudget
 from .metrics import ServerMetrics
@@ -156,52 +156,6 @@ class ServerState:
     async def run_blocking(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(*args)`` on the decode pool (keeps the event loop free)."""
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
-
-    async def decode(self, name: str, source: Source) -> Clip:
-        """Decode, check and prepare one clip on the decode pool; a failure is kept in the clip.
-
-        The clip is a request of its own for the decoded-size budget (see :meth:`decode_all`);
-        raises what :meth:`decode_all` raises.
-        """
-        (clip,) = await self.decode_all([(name, source)])
-        return clip
-
-    async def decode_all(self, items: Sequence[tuple[str, Source | ClipError]]) -> list[Clip]:
-        """Decode the clips of one request under the decoded-size budget (headers first, then
-        admission, then decoding; see :func:`~.admission.decode_request`).
-
-        Raises:
-            RequestDecodedTooLarge: the clips together exceed ``--max-request-samples`` (413).
-            OverloadedError: the decode/queue budget is full (503, retry later).
-        """
-        from .admission import decode_request
-
-        return await decode_request(self, items)
-
-    async def decode_pcm(
-        self,
-        name: str,
-        data: bytes,
-        *,
-        encoding: str,
-        sample_rate: int,
-        channels: int = 1,
-        num_samples: int | None = None,
-    ) -> Clip:
-        """Like :meth:`decode` for raw PCM samples
-        (:meth:`~apex_reward.integrations.serving.decoding.ClipDecoder.decode_pcm`), charged to
-        the decoded-size budget by the size of ``data`` before anything is read."""
-        from .admission import decode_pcm_request
-
-        return await decode_pcm_request(
-            self,
-            name,
-            data,
-            encoding=encoding,
-            sample_rate=sample_rate,
-            channels=channels,
-            num_samples=num_samples,
-        )
 
     # -- scoring ---------------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from apex_reward.calibration import Reliability
 
+from ..formatting import fmt_number
 from .evaluation import CLASSIFIERS, RULE_SUBSETS, CVResult, PreferenceData, rule_scores
 
 logger = logging.getLogger(__name__)
@@ -134,7 +135,7 @@ def evaluate(data: PreferenceData, cv: CVResult) -> tuple[list[MetricRow], list[
 
 
 def _fmt(v: float, digits: int = 3) -> str:
-    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+    return fmt_number(v, digits)
 
 
 def metric_rows_to_markdown(rows: Sequence[MetricRow], *, title: str | None = None) -> str:

@@ -6,6 +6,8 @@ not music, and how fast a gradient finds them.
 * :mod:`.attack`: Adam on the waveform against the guarded reward;
 * :mod:`.config`: the options (:class:`AuditConfig`);
 * :mod:`.job`: the audit as named steps (:func:`run_audit`);
+* :mod:`.records`: what the steps produce (a clip's scores, the reference set, scored probes, the
+  attack's result);
 * :mod:`.report`: percentiles, the SNR-ladder check, ``report.md`` and the plots;
 * :mod:`.command`: the ``apex-reward audit`` command line.
 

@@ -15,10 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..formatting import fmt_number
+
 if TYPE_CHECKING:
     from apex_reward.model import ApexRewardModel
 
-    from .job import ClipScore, ProbeScore
+    from .records import ClipScore, ProbeScore
 
 __all__ = ["uncertainty_summary", "uncertainty_markdown"]
 
@@ -87,4 +89,4 @@ def uncertainty_markdown(summary: dict[str, Any]) -> list[str]:
 
 
 def _fmt(x: float | None, digits: int = 1) -> str:
-    return "n/a" if x is None else f"{x:.{digits}f}"
+    return fmt_number(x, digits)

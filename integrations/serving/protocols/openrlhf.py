@@ -31,7 +31,7 @@ from apex_reward.scoring import ScoreResult
 
 from ...decoders import decode_response
 from ...reward_logs import response_text
-from ..admission import admit_decoded
+from ..admission import admit_decoded, decode_request
 from ..errors import ClipError, NoAudioReference, RequestError, TooManyClips
 from ..state import Clip
 
@@ -140,7 +140,7 @@ async def get_reward(state: ServerState, body: Any, receive: Any = None) -> dict
             )
         )
     else:  # audio references: headers, the decoded-size budget, then decoding
-        clips = await state.decode_all([one(i) for i in range(len(queries))])
+        clips = await decode_request(state, [one(i) for i in range(len(queries))])
     results = await state.score_clips(clips, receive=receive)
     return state.reward_logs.reply(
         [r if isinstance(r, ScoreResult) else r.to_json() for r in results],

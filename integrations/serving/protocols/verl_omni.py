@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 
 from apex_reward.signals import SIGNAL_NAMES
 
+from ..admission import decode_pcm_request
 from ..errors import ModelOutputError
 
 if TYPE_CHECKING:
@@ -95,7 +96,8 @@ async def score(state: ServerState, body: Any) -> dict[str, float]:
     request = validate(ScorerRequest, body, "verl score request")
     name = "waveform"
     data = state.decoder.b64decode(request.waveform_f32_base64, name)
-    clip = await state.decode_pcm(
+    clip = await decode_pcm_request(
+        state,
         name,
         data,
         encoding="f32le",
