@@ -32,7 +32,9 @@ or, on four GPUs with fp16 DDP::
 
 Modules: :mod:`.config` (:class:`TrainConfig`), :mod:`.data` (:class:`TrainingData`),
 :mod:`.objective` (the trained module, losses, metrics), :mod:`.state` (early stopping and the
-pickle-free resumable state), :mod:`.steps` (setup, resume, epochs, evaluate; :func:`train`),
+pickle-free resumable state), :mod:`.run` (what a run shares and returns), :mod:`.steps` (setup,
+resume, epochs, evaluate: one head), :mod:`.ensemble` (several heads), :mod:`.entry`
+(:func:`train`: one or several),
 :mod:`.export` (the results and the checkpoint) and :mod:`.command` (``apex-reward train``).
 """
 
@@ -41,9 +43,10 @@ from __future__ import annotations
 from .command import COMMAND, format_metrics
 from .config import TrainConfig
 from .data import SplitData, TrainingData, load_training_data
+from .entry import train
 from .export import export_checkpoint
 from .objective import TrainModule, combine_losses, evaluate, predict_songs, regression_metrics
-from .steps import TrainResult, train
+from .run import TrainResult
 
 __all__ = [
     "TrainConfig",

@@ -12,7 +12,7 @@ from apex_reward.dataclass_io import add_dataclass_arguments
 from ..distributed import finish_distributed
 from ..flags import CPU, add_renamed_flags, config_from_args
 from .config import TrainConfig
-from .steps import train
+from .entry import train
 
 __all__ = ["add_train_arguments", "run_train", "format_metrics", "COMMAND"]
 

@@ -1,6 +1,6 @@
 """``train --ensemble K``: K heads on bootstrap resamples of the training split, one checkpoint.
 
-Member ``i`` is an ordinary run (:func:`~.steps.train`) with seed ``seed + i`` on a bootstrap
+Member ``i`` is an ordinary run (:func:`~.steps.train_one`) with seed ``seed + i`` on a bootstrap
 resample of the training songs (drawn with replacement, with the same seed; validation and test
 are unchanged), written to ``out/member{i}`` (each member resumes on its own). The ensemble is
 then evaluated as the mean of its members' predictions, and exported as one
@@ -31,6 +31,7 @@ from .data import SplitData, TrainingData, load_training_data
 from .export import export_checkpoint, song_level_features
 from .objective import TrainModule, evaluate
 from .state import atomic_json
+from .steps import head_config, train_one
 from .views import augmentation_provenance
 
 logger = logging.getLogger(__name__)
@@ -77,12 +78,10 @@ def train_ensemble(config: TrainConfig, data: TrainingData | None = None, *, pro
     """Train ``config.ensemble`` members and export them as one checkpoint.
 
     Returns:
-        A :class:`~.steps.TrainResult` whose metrics are the ensemble mean's (``member_metrics``:
+        A :class:`~.run.TrainResult` whose metrics are the ensemble mean's (``member_metrics``:
         each member's per-split metrics), or the unfinished member's result when a member
         stopped early (``max_epochs_this_run``; rerun to continue).
     """
-    from .steps import head_config, train
-
     if data is None:
         data = load_training_data(config)
     out = Path(config.out)
@@ -96,7 +95,7 @@ def train_ensemble(config: TrainConfig, data: TrainingData | None = None, *, pro
             config, ensemble=1, seed=seed, out=str(out / f"member{i}"), export=False
         )
         member_data = dataclasses.replace(data, splits=splits)
-        result = train(member_cfg, member_data, progress=progress)
+        result = train_one(member_cfg, member_data, progress=progress)
         if not result.finished:
             return result
         module = TrainModule(ApexHead(data.hidden_size, data.num_layers, head_cfg), len(data.tasks))

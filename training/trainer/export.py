@@ -26,7 +26,7 @@ from .views import augmentation_provenance
 
 if TYPE_CHECKING:
     from .data import SplitData
-    from .steps import BestEvaluation, TrainingRun
+    from .run import BestEvaluation, TrainingRun
 
 __all__ = ["export_run", "export_checkpoint", "song_level_features"]
 

@@ -20,7 +20,7 @@ from apex_reward.files import atomic_path, atomic_write_text
 
 if TYPE_CHECKING:
     from .config import TrainConfig
-    from .steps import TrainingRun
+    from .run import TrainingRun
 
 __all__ = [
     "TrainState",

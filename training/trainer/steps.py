@@ -24,7 +24,6 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +41,7 @@ from .config import TrainConfig
 from .data import SplitData, TrainingData, load_training_data, unit_scale
 from .export import export_run
 from .objective import TrainModule, combine_losses, evaluate, init_log_vars, task_weights
+from .run import BestEvaluation, EpochStats, TrainingRun, TrainResult
 from .state import (
     TrainState,
     resume_key,
@@ -55,10 +55,6 @@ from .views import InputAugment
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "TrainResult",
-    "TrainingRun",
-    "EpochStats",
-    "BestEvaluation",
     "make_accelerator",
     "build_optimizer",
     "setup",
@@ -68,92 +64,9 @@ __all__ = [
     "run_epoch",
     "train_epochs",
     "evaluate_best",
-    "train",
+    "train_one",
     "head_config",
 ]
-
-
-@dataclass
-class TrainResult:
-    """What :func:`train` returns (on every process)."""
-
-    metrics: dict[str, dict[str, dict[str, float]]]
-    history: list[dict[str, Any]]
-    best_epoch: int
-    finished: bool
-    log_vars: list[float]
-    out: Path
-    checkpoint: Path | None = None
-    member_metrics: list[dict[str, Any]] | None = None
-
-
-@dataclass
-class TrainingRun:
-    """What the steps of one run share (built by :func:`setup`).
-
-    Attributes:
-        config: the options; data: the splits; out: the output directory.
-        accelerator: the ``accelerate.Accelerator`` (processes, device, mixed precision).
-        module: the module being trained, unwrapped (what is saved and exported).
-        optimizer: AdamW over the parameter groups of :func:`build_optimizer`.
-        scheduler: cosine annealing over ``epochs * steps_per_epoch`` steps.
-        steps_per_epoch: optimizer steps per epoch; global_batch: samples per step, all processes.
-        lo, span: ``[T]`` native range of each task (the loss sees ``(y - lo) / span``).
-        weights: ``[T]`` fixed task weights (:func:`~.objective.task_weights`).
-        model: the module as accelerate prepared it (DDP-wrapped with several processes); set by
-            :func:`resume`.
-        augment: the training inputs' views and masks (:mod:`.views`), or None.
-    """
-
-    config: TrainConfig
-    data: TrainingData
-    out: Path
-    accelerator: Any
-    module: TrainModule
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    steps_per_epoch: int
-    global_batch: int
-    lo: torch.Tensor
-    span: torch.Tensor
-    weights: torch.Tensor
-    model: nn.Module | None = None
-    augment: InputAugment | None = None
-
-    @property
-    def rank(self) -> int:
-        return self.accelerator.process_index
-
-    @property
-    def world(self) -> int:
-        return self.accelerator.num_processes
-
-    @property
-    def device(self) -> torch.device:
-        return self.accelerator.device
-
-    @property
-    def tasks(self) -> tuple[str, ...]:
-        return self.data.tasks
-
-
-@dataclass
-class EpochStats:
-    """One epoch of optimizer steps on this process: mean training loss, samples, seconds."""
-
-    train_loss: float
-    samples: int
-    seconds: float
-
-
-@dataclass
-class BestEvaluation:
-    """The best epoch's module evaluated: per split and task metrics in native units, the test
-    predictions (a DataFrame: id, ``pred_<task>``, ``true_<task>``) and the learned s_t."""
-
-    metrics: dict[str, dict[str, dict[str, float]]]
-    predictions: Any
-    log_vars: list[float]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -535,17 +448,13 @@ def evaluate_best(run: TrainingRun) -> BestEvaluation:
 # the whole run
 
 
-def train(
+def train_one(
     config: TrainConfig, data: TrainingData | None = None, *, progress: bool = True
 ) -> TrainResult:
-    """Train one condition: :func:`setup`, :func:`resume`, :func:`train_epochs`, then (once
+    """Train one head: :func:`setup`, :func:`resume`, :func:`train_epochs`, then (once
     finished) :func:`evaluate_best` and :func:`export_run`. ``data`` overrides loading from
-    ``config.embeddings``/``config.prepared`` (tests). ``config.ensemble > 1`` trains that many
-    heads (:func:`~.ensemble.train_ensemble`)."""
-    if config.ensemble > 1:
-        from .ensemble import train_ensemble
-
-        return train_ensemble(config, data, progress=progress)
+    ``config.embeddings``/``config.prepared`` (tests). ``config.ensemble`` is not looked at
+    (:func:`~.entry.train` chooses between this and an ensemble)."""
     run = setup(config, data)
     state = resume(run)
     seconds = train_epochs(run, state, progress=progress)
