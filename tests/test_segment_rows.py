@@ -90,12 +90,14 @@ def test_gradient_equals_the_masked_formula():
         assert (x.grad - y.grad).abs().max() <= 1e-4 * scale
 
 
-def test_normalize_reads_only_the_valid_samples():
-    """The public ``normalize`` ignores whatever lies past ``valid`` and zeroes it."""
+def test_normalisation_reads_only_the_valid_samples():
+    """Normalised rows ignore whatever lies past each stretch and are zero there, with the
+    default floor of ``Wav2Vec2FeatureExtractor`` (1e-7)."""
     g = torch.Generator().manual_seed(2)
     audio = torch.randn(3, 1000, generator=g)
     valid = torch.tensor([1000, 400, 7])
-    out = AudioFrontEnd.normalize(audio, valid)
+    spans = [(row, 0, int(n)) for row, n in zip(audio, valid.tolist())]
+    out = cut_rows(spans, audio.shape[-1], normalize=True)[0]
     for i, n in enumerate(valid.tolist()):
         row = audio[i, :n].double()
         want = (row - row.mean()) / torch.sqrt(row.var(correction=0) + 1e-7)
