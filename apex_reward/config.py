@@ -5,12 +5,14 @@ the audio front end (sample rate, segment length, the normalisation flag), the e
 the full ``HubertConfig`` architecture, source id/path and revision, which layers are pooled), the
 prediction head (trunk depth, tasks, song/segment mode), the reward weights, the preference
 model, the popularity reference quantiles, and whether the model was trained at all.
+
+The front end's section is defined in :mod:`apex_reward.frontend_config` and the guard and OOD
+sections in :mod:`apex_reward.integrity_config`; all are importable from here.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -18,13 +20,12 @@ from typing import Any, Literal
 from ._version import __version__
 from .dataclass_io import from_dict, to_dict
 from .errors import ConfigError
+from .frontend_config import NEW_FRONTEND, FrontendConfig
+from .integrity_config import GuardConfig, OodConfig
 from .presets import ENCODER_FAMILIES, ENCODER_PRESETS
 
 FORMAT_VERSION = 1
 
-#: Shortest accepted encoder segment (s): far below any useful value, but long enough for the
-#: encoder's convolutional front (400 samples at 24 kHz) and never a zero-sample segment.
-MIN_SEGMENT_SECONDS = 0.1
 #: Widest accepted task-head hidden layer (a width of 10^12 would try to allocate petabytes).
 MAX_HEAD_HIDDEN = 65536
 
@@ -57,187 +58,6 @@ def score_names(tasks: str) -> tuple[str, ...]:
         ("popularity", "songeval", "overall") if tasks == "full" else ("popularity", "overall")
     )
     return predicted + combined
-
-
-@dataclass
-class FrontendConfig:
-    """Audio front end (docs/model.md#front-end). All steps run in torch and are differentiable."""
-
-    sample_rate: int = field(default=24000, metadata={"help": "encoder sample rate in Hz"})
-    segment_seconds: float = field(
-        default=30.0, metadata={"help": "length of the non-overlapping segments, seconds"}
-    )
-    normalize: bool = field(
-        default=True,
-        metadata={
-            "help": "per-segment zero-mean/unit-variance over the unpadded samples, as "
-            "Wav2Vec2FeatureExtractor(do_normalize=True)"
-        },
-    )
-    resampler: Literal["julius", "torchaudio"] = field(
-        default="julius", metadata={"help": "differentiable resampler backend"}
-    )
-    min_duration_s: float = field(
-        default=1.0, metadata={"help": "shorter audio is rejected (AudioTooShortError)"}
-    )
-    max_duration_s: float = field(
-        default=1800.0, metadata={"help": "longer audio is rejected (AudioTooLongError)"}
-    )
-    segment_weighting: Literal["duration", "uniform"] = field(
-        default="duration",
-        metadata={
-            "help": "how a song's segments are averaged: by their unpadded duration, or equally"
-        },
-    )
-    # The three fields below default to the original behaviour (checkpoints written before they
-    # existed score exactly as before); ApexConfig.from_preset turns them on for new models.
-    trim_silence: bool = field(
-        default=False,
-        metadata={
-            "help": "trim leading and trailing digital silence (|x| <= trim_threshold_db, at the "
-            "input rate, before resampling) so that padding a song does not move its score"
-        },
-    )
-    trim_threshold_db: float = field(
-        default=-140.0,
-        metadata={
-            "help": "level in dBFS at or below which a sample counts as digital silence for "
-            "trim_silence (-140 dBFS = 1e-7: exact zeros and float residue below 24-bit "
-            "resolution; a higher level would trim the fade-in of quiet songs)"
-        },
-    )
-    silent_segment_db: float | None = field(
-        default=None,
-        metadata={
-            "help": "a segment whose RMS level (dBFS, mean removed) is below this gets weight 0 "
-            "in its song's average, unless all of the song's segments are; None = off"
-        },
-    )
-    normalize_floor: float = field(
-        default=1e-7,
-        metadata={
-            "help": "the per-segment normaliser is (x - mean) / sqrt(var + normalize_floor); a "
-            "larger floor bounds the waveform gradient of near-silent input"
-        },
-    )
-    normalize_level_db: float | None = field(
-        default=None,
-        metadata={
-            "help": "with normalize, each segment is scaled to this RMS level in dBFS instead of "
-            "unit variance (for an encoder trained on natural-level audio, such as AST: it "
-            "still sees natural levels, but the input's gain no longer reaches it); None = "
-            "unit variance"
-        },
-    )
-
-    gradient_gate_db: float | None = field(
-        default=None,
-        metadata={
-            "help": "segments whose RMS level (dBFS, mean removed) is at or below this pass no "
-            "gradient to the waveform; the gradient fades in linearly over the next 10 dB. The "
-            "scores are unchanged. Bounds the gradient of (near-)silent input; None = off"
-        },
-    )
-
-    segment_padding: Literal["full", "none"] = field(
-        default="full",
-        metadata={
-            "help": "full: a song's last segment is zero-padded to segment_seconds (the paper); "
-            "none: it is encoded at its own length (at least min_segment_seconds), so a short "
-            "clip costs the encoder only its own duration"
-        },
-    )
-    min_segment_seconds: float = field(
-        default=1.0,
-        metadata={
-            "help": "with segment_padding=none, a shorter last segment is zero-padded to this "
-            "length (capped at segment_seconds), seconds"
-        },
-    )
-
-    def __post_init__(self) -> None:
-        if self.segment_padding not in ("full", "none"):
-            raise ConfigError(
-                f"frontend.segment_padding: expected 'full' or 'none', got {self.segment_padding!r}"
-            )
-        if not (math.isfinite(self.min_segment_seconds) and self.min_segment_seconds > 0):
-            raise ConfigError(
-                f"frontend.min_segment_seconds: must be a finite number > 0, got "
-                f"{self.min_segment_seconds!r}"
-            )
-        if self.gradient_gate_db is not None and not math.isfinite(self.gradient_gate_db):
-            raise ConfigError(
-                f"frontend.gradient_gate_db: must be finite or None, got {self.gradient_gate_db!r}"
-            )
-        if not (math.isfinite(self.normalize_floor) and self.normalize_floor > 0):
-            raise ConfigError(
-                f"frontend.normalize_floor: must be a finite number > 0, got "
-                f"{self.normalize_floor!r}"
-            )
-        if self.normalize_level_db is not None and not (
-            math.isfinite(self.normalize_level_db) and self.normalize_level_db <= 0
-        ):
-            raise ConfigError(
-                f"frontend.normalize_level_db: must be a finite level at or below 0 dBFS, or "
-                f"None, got {self.normalize_level_db!r}"
-            )
-        if not (math.isfinite(self.trim_threshold_db) and self.trim_threshold_db < 0):
-            raise ConfigError(
-                f"frontend.trim_threshold_db: must be a finite level below 0 dBFS, got "
-                f"{self.trim_threshold_db!r}"
-            )
-        if self.silent_segment_db is not None and not math.isfinite(self.silent_segment_db):
-            raise ConfigError(
-                f"frontend.silent_segment_db: must be finite or None, got "
-                f"{self.silent_segment_db!r}"
-            )
-        if not (isinstance(self.sample_rate, int) and math.isfinite(self.segment_seconds)):
-            raise ConfigError(
-                f"frontend: sample_rate must be an integer and segment_seconds finite, got "
-                f"{self.sample_rate!r}, {self.segment_seconds!r}"
-            )
-        if self.sample_rate <= 0 or self.segment_seconds < MIN_SEGMENT_SECONDS:
-            raise ConfigError(
-                f"frontend: sample_rate must be positive and segment_seconds at least "
-                f"{MIN_SEGMENT_SECONDS:g} s, got "
-                f"{self.sample_rate!r}, {self.segment_seconds!r}"
-            )
-        if not 0 <= self.min_duration_s <= self.max_duration_s:
-            raise ConfigError(
-                f"frontend: need 0 <= min_duration_s <= max_duration_s, got "
-                f"{self.min_duration_s!r}, {self.max_duration_s!r}"
-            )
-
-    @classmethod
-    def canonical(cls, data: dict[str, Any]) -> dict[str, Any]:
-        """A recorded front end (``config.json``, an embedding store's fingerprint) with every
-        field this version knows, defaults filled in: a front end written before a field
-        existed compares equal to the same front end written now."""
-        return to_dict(from_dict(cls, data, where="frontend"))
-
-    @property
-    def segment_samples(self) -> int:
-        """Samples per segment at the encoder rate (720,000 for 30 s at 24 kHz)."""
-        return int(round(self.segment_seconds * self.sample_rate))
-
-    def encoded_samples(self, valid: int) -> int:
-        """Samples the encoder sees for a segment with ``valid`` unpadded samples: the full
-        segment under ``segment_padding="full"``, else ``valid`` raised to the minimum."""
-        if self.segment_padding == "full":
-            return self.segment_samples
-        floor = int(round(self.min_segment_seconds * self.sample_rate))
-        return min(self.segment_samples, max(int(valid), floor))
-
-
-#: Front-end settings of new models (``ApexConfig.from_preset``); the ``FrontendConfig`` defaults
-#: keep the original behaviour for checkpoints written before these fields existed
-#: (docs/model.md#silence-and-level).
-NEW_FRONTEND: dict[str, Any] = dict(
-    trim_silence=True,
-    trim_threshold_db=-140.0,
-    silent_segment_db=-70.0,
-    gradient_gate_db=-75.0,
-)
 
 
 @dataclass
@@ -542,129 +362,6 @@ class PopularityReferenceConfig:
         if n < 2 or len(self.streams) != n or len(self.likes) != n:
             raise ConfigError(
                 "popularity_reference: levels, streams and likes must have the same length >= 2"
-            )
-
-
-@dataclass
-class GuardConfig:
-    """Reward guards: thresholds of the signal checks (:mod:`apex_reward.signals`) and what to do
-    with a flagged clip (docs/model.md#signal-checks). A threshold of None disables its flag.
-
-    Thresholds were chosen from measurements (``benchmarks/signal_thresholds.py``): no real clip
-    and at most 2 % of clean synthetic songs flagged, every static probe (silence, near-silence,
-    noise, sines, square, DC, loops) flagged by at least one check.
-    """
-
-    policy: Literal["off", "flag", "penalize"] = field(
-        default="flag",
-        metadata={
-            "help": "off: no checks; flag: report flags next to the scores; penalize: also "
-            "replace a flagged clip's reward by `floor`"
-        },
-    )
-    floor: float | None = field(
-        default=None,
-        metadata={
-            "help": "reward given to a flagged clip under policy=penalize; None = the bottom "
-            "of the reward's range"
-        },
-    )
-    min_loudness_lufs: float | None = field(
-        default=-50.0,
-        metadata={"help": "too_quiet: integrated loudness (BS.1770) below this, LUFS"},
-    )
-    max_silent_fraction: float | None = field(
-        default=0.5,
-        metadata={"help": "mostly_silent: more than this fraction of 50 ms frames below -60 dBFS"},
-    )
-    max_dc_offset: float | None = field(
-        default=0.02,
-        metadata={"help": "dc_offset: |mean sample| above this (full scale = 1)"},
-    )
-    max_clipped_fraction: float | None = field(
-        default=0.01,
-        metadata={
-            "help": "clipped: more than this fraction of samples in flat runs (>= 3 samples) at "
-            "the clip's peak"
-        },
-    )
-    max_spectral_flatness: float | None = field(
-        default=0.2,
-        metadata={
-            "help": "noise_like: median spectral flatness (0 tonal .. ~0.56 white) above this"
-        },
-    )
-    max_tonal_dominance: float | None = field(
-        default=0.7,
-        metadata={
-            "help": "held_tone: more than this share of the long-term power within ±6 Hz of "
-            "one spectral peak"
-        },
-    )
-    max_repetition: float | None = field(
-        default=0.9,
-        metadata={
-            "help": "looped: spectrogram correlation with itself shifted by 1-4 s above this "
-            "(exact-copy loops)"
-        },
-    )
-
-    def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if f.name != "policy" and v is not None and not math.isfinite(v):
-                raise ConfigError(f"guard.{f.name}: must be finite or None, got {v!r}")
-
-
-@dataclass
-class OodConfig:
-    """Out-of-distribution score (docs/model.md#out-of-distribution-score): how far a song's
-    embedding lies from the training songs' (Mahalanobis distance under a Ledoit-Wolf covariance
-    stored in the checkpoint), as a percentile of the training songs' own distances."""
-
-    flag_percentile: float | None = field(
-        default=99.0,
-        metadata={
-            "help": "'ood' joins a song's flags when its distance exceeds this percentile of the "
-            "training songs' distances; None = never flag"
-        },
-    )
-    lower_tail: bool = field(
-        default=False,
-        metadata={
-            "help": "also flag distances below the (100 - flag_percentile)th percentile: in many "
-            "dimensions a song closer to the mean than almost every training song is as atypical "
-            "as one far away (a typicality test; it also flags that share of in-distribution songs)"
-        },
-    )
-    penalty_weight: float = field(
-        default=0.0,
-        metadata={
-            "help": "under guard policy penalize, > 0 replaces the floor for 'ood' by the smooth "
-            "penalty reward -= penalty_weight * (relu(d / t_high - 1) ** 2 + relu(t_low / d - 1) "
-            "** 2), d the distance, t_high/t_low the flag thresholds"
-        },
-    )
-    features: Literal["layer_mean", "layers", "moments"] = field(
-        default="layer_mean",
-        metadata={
-            "help": "song feature the statistics describe: the mean of the pooled layers [H], "
-            "all pooled layers concatenated [L*H], or moments: the layer mean plus the frames' "
-            "standard deviation and difference RMS within each segment [3H] (fitted from audio)"
-        },
-    )
-    fitted_on: dict[str, Any] = field(
-        default_factory=dict,
-        metadata={"help": "provenance of the stored statistics (songs, dimension, source)"},
-    )
-
-    def __post_init__(self) -> None:
-        p = self.flag_percentile
-        if p is not None and not (math.isfinite(p) and 0 < p <= 100):
-            raise ConfigError(f"ood.flag_percentile: must be in (0, 100] or None, got {p!r}")
-        if not (math.isfinite(self.penalty_weight) and self.penalty_weight >= 0):
-            raise ConfigError(
-                f"ood.penalty_weight: must be a finite number >= 0, got {self.penalty_weight!r}"
             )
 
 
