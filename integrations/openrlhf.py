@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args, get_type_hints
 
 import torch
 
+from apex_reward.conditioning import per_input_conditions
 from apex_reward.dataclass_io import from_dict, load_config_file
 from apex_reward.errors import ConfigError
 from apex_reward.guard import POLICIES
@@ -112,6 +113,13 @@ class OpenRLHFRewardConfig:
         default=0.0,
         metadata={"help": "in-process: reward and score of a sample that cannot be scored"},
     )
+    condition: str | None = field(
+        default=None,
+        metadata={
+            "help": "in-process: a conditioned checkpoint's audience for every sample (default: "
+            "the learned average); with url, start the server with --condition instead"
+        },
+    )
     failure_log: str | None = field(
         default=None,
         metadata={"help": "append one JSON line per failed sample to this file"},
@@ -148,6 +156,11 @@ class OpenRLHFRewardConfig:
                 )
         if self.guard not in POLICIES:
             raise ConfigError(f"openrlhf reward: guard must be one of {POLICIES}")
+        if self.condition is not None and self.url is not None:
+            raise ConfigError(
+                "openrlhf reward: with a server URL the condition is the server's; start it with "
+                "'apex-reward serve --condition VALUE' and unset the condition here"
+            )
         if not math.isfinite(self.failure_reward):
             raise ConfigError(
                 f"openrlhf reward: failure_reward must be finite, got {self.failure_reward}"
@@ -237,6 +250,8 @@ class OpenRLHFReward:
                         f"openrlhf reward: score {cfg.score!r} is not 'reward' or one of "
                         f"{list(model.score_names)}"
                     )
+                # an unknown condition (or one for an unconditioned checkpoint) fails here
+                per_input_conditions(model.config.head.condition, cfg.condition, 1)
                 self.logs = RewardLogs(
                     model.score_names, window=cfg.window, failure_log=self.failure_log
                 )
@@ -286,7 +301,12 @@ class OpenRLHFReward:
                 outcomes[i] = _error(e)
         if todo:
             with lock:
-                results = model.score([a for _, a in todo], num_workers=0, guard=self.config.guard)
+                results = model.score(
+                    [a for _, a in todo],
+                    num_workers=0,
+                    guard=self.config.guard,
+                    condition=self.config.condition,
+                )
             for (i, _), res in zip(todo, results):
                 outcomes[i] = (
                     res if res.ok else {"type": str(res.error_type), "message": str(res.error)}

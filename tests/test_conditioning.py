@@ -427,3 +427,32 @@ def test_server_requests_choose_their_condition(base, songs, tmp_path):
         assert r.status_code == 422
         error = r.json()["error"]
         assert error["type"] == "UnknownConditionError" and "udio" in error["message"]
+
+
+def test_openrlhf_in_process_reward_takes_a_condition(base, songs, tmp_path):
+    """OpenRLHF's ``reward_func(queries, prompts, labels)`` (in-process) scores every sample for
+    ``condition``; an unknown one, or a condition with a server URL, is a ConfigError."""
+    import io
+
+    from apex_reward.integrations.model_cache import clear_model_cache
+    from apex_reward.integrations.openrlhf import OpenRLHFReward, OpenRLHFRewardConfig
+
+    model = conditioned(base, "token", seed=5)
+    ckpt = model.save_pretrained(tmp_path / "cond")
+    buf = io.BytesIO()
+    sf.write(buf, songs[0].numpy(), SR, format="FLAC")
+    uri = "data:audio/flac;base64," + base64.b64encode(buf.getvalue()).decode()
+    decoded = torch.from_numpy(sf.read(io.BytesIO(buf.getvalue()), dtype="float32")[0])
+    with torch.no_grad():
+        want = {c: model([decoded], SR, condition=c).reward.item() for c in VALUES}
+    clear_model_cache()
+    for c in VALUES:
+        cfg = OpenRLHFRewardConfig(model=str(ckpt), score="reward", guard="off", condition=c)
+        out = OpenRLHFReward(cfg)(["a song " + uri], ["a song"], [None])
+        assert out["rewards"][0].item() == pytest.approx(want[c], abs=1e-5)
+    bad = OpenRLHFReward(OpenRLHFRewardConfig(model=str(ckpt), condition="spotify"))
+    with pytest.raises(UnknownConditionError, match="udio"):
+        bad(["a song " + uri], ["a song"], [None])
+    with pytest.raises(ConfigError, match="--condition"):
+        OpenRLHFRewardConfig(url="http://127.0.0.1:1", condition="udio")
+    clear_model_cache()
