@@ -28,7 +28,7 @@ from .checkpoint import (
 from .conditioning import ConditionArg, condition_indices
 from .config import ApexConfig
 from .encoders import Encoder, build_encoder, load_encoder
-from .errors import ConfigError
+from .errors import ConfigError, UnknownConditionError
 from .guard import GuardPolicy
 from .heads import ApexHead, weighted_reward, weighted_song_mean
 from .outputs import ApexOutput, SegmentFeatures
@@ -622,6 +622,7 @@ class ApexRewardModel(nn.Module):
         is_instrumental: torch.Tensor | float | None = None,
         systems_a: str | Sequence[str | None] | None = None,
         systems_b: str | Sequence[str | None] | None = None,
+        condition: ConditionArg = None,
     ) -> torch.Tensor:
         """``logit P(A_i > B_i)`` for paired batches ``a`` and ``b``; differentiable. ``[B]``.
 
@@ -629,7 +630,9 @@ class ApexRewardModel(nn.Module):
         ``sample_rate``. ``is_instrumental`` (``[B]`` or scalar 0/1) is used by a fitted
         preference head whose features include it (default 0). ``systems_a``/``systems_b``
         (generator names) add the per-system offsets, see
-        :meth:`preference_logits_from_outputs`.
+        :meth:`preference_logits_from_outputs`. ``condition``: a conditioned checkpoint's
+        audience, one value for every pair or one (or None) per pair; both songs of a pair are
+        scored for it.
         """
         la, lb = as_waveform_list(a), as_waveform_list(b)
         if len(la) != len(lb):
@@ -639,8 +642,16 @@ class ApexRewardModel(nn.Module):
             rb = per_song_rates(sample_rate, len(lb), "sample_rate (of b)")
         else:
             rb = per_song_rates(sample_rate_b, len(lb), "sample_rate_b")
-        out = self(la + lb, ra + rb)
         n = len(la)
+        if condition is not None and not isinstance(condition, str):
+            condition = list(condition)
+            if len(condition) != n:
+                raise UnknownConditionError(
+                    f"preference_logits: {len(condition)} conditions for {n} pairs (give one "
+                    "value, or one per pair)"
+                )
+            condition = condition + condition
+        out = self(la + lb, ra + rb, condition=condition)
         out_a = ApexOutput(scores={k: v[:n] for k, v in out.scores.items()}, reward=out.reward[:n])
         out_b = ApexOutput(scores={k: v[n:] for k, v in out.scores.items()}, reward=out.reward[n:])
         return self.preference_logits_from_outputs(

@@ -427,6 +427,15 @@ def test_server_requests_choose_their_condition(base, songs, tmp_path):
         assert r.status_code == 422
         error = r.json()["error"]
         assert error["type"] == "UnknownConditionError" and "udio" in error["message"]
+        # /v1/compare: both clips for the request's audience
+        other = tmp_path / "y.wav"
+        sf.write(str(other), songs[0].numpy(), SR, subtype="FLOAT")
+        files = {"a": ("x.wav", body, "audio/wav"), "b": ("y.wav", other.read_bytes(), "audio/wav")}
+        r = http.post("/v1/compare?condition=udio", files=files)
+        assert r.status_code == 200, r.text
+        with torch.no_grad():
+            logit = model.preference_logits([x], [songs[0]], SR, condition="udio")
+        assert r.json()["logit"] == pytest.approx(float(logit), abs=1e-4)
 
 
 def test_openrlhf_in_process_reward_takes_a_condition(base, songs, tmp_path):
@@ -456,3 +465,19 @@ def test_openrlhf_in_process_reward_takes_a_condition(base, songs, tmp_path):
     with pytest.raises(ConfigError, match="--condition"):
         OpenRLHFRewardConfig(url="http://127.0.0.1:1", condition="udio")
     clear_model_cache()
+
+
+def test_preference_logits_score_both_songs_of_a_pair_for_its_condition(base, songs):
+    model = conditioned(base, "token", seed=6)
+    a, b = [songs[0], songs[1]], [songs[1], songs[2]]
+    with torch.no_grad():
+        logits = model.preference_logits(a, b, SR, condition=["suno", "udio"])
+        for i, c in enumerate(["suno", "udio"]):
+            ra = model([a[i]], SR, condition=c).reward
+            rb = model([b[i]], SR, condition=c).reward
+            want = (ra - rb) / model.config.preference.temperature
+            assert float(logits[i]) == pytest.approx(float(want), abs=1e-5)
+        same = model.preference_logits(a, b, SR, condition="udio")
+        assert float(same[1]) == pytest.approx(float(logits[1]), abs=1e-5)
+    with pytest.raises(UnknownConditionError, match="2 pairs"):
+        model.preference_logits(a, b, SR, condition=["suno"])

@@ -11,10 +11,11 @@ status :mod:`~apex_reward.integrations.serving.errors` gives their type):
 * ``POST /v1/score/batch``: many clips (multipart with several file parts, or JSON
   ``{"clips": [clip, ...]}``) -> ``{"results": [...]}``, one per clip in order, each a score or an
   error; one bad clip never fails the others.
-* Both take ``?condition=VALUE`` for a conditioned checkpoint: the audience of the request's
-  clips (default: the server's ``--condition``, else the learned average); an unknown value is a
-  422 ``UnknownConditionError`` naming the known ones, before the body is read.
 * ``POST /v1/compare``: clips ``a`` and ``b`` -> ``logit P(a > b)``, its probability, both rewards.
+* ``/v1/score``, ``/v1/score/batch`` and ``/v1/compare`` take ``?condition=VALUE`` for a
+  conditioned checkpoint: the audience of the request's clips (default: the server's
+  ``--condition``, else the learned average); an unknown value is a 422
+  ``UnknownConditionError`` naming the known ones, before the body is read.
 * ``POST /get_reward``: OpenRLHF's remote reward protocol
   (:mod:`~apex_reward.integrations.serving.protocols.openrlhf`).
 * ``POST /v1/verl/score``: verl-omni's HTTP audio scorer protocol v1
@@ -218,7 +219,9 @@ def create_app(model: ApexRewardModel, config: ServeConfig | None = None) -> Any
         return JSONResponse(with_untrained({"results": rows}))
 
     async def compare(request: Request) -> Response:
+        condition = request_condition(request)
         (a, b), instrumental = await bodies.compare_clips(request, state)
+        a.condition = b.condition = condition
         results = await state.score_clips([a, b], count_errors=False, receive=request.receive)
         for res in results:
             if isinstance(res, ClipError):

@@ -25,14 +25,12 @@ from torch import nn
 from apex_reward.dataclass_io import to_dict
 from apex_reward.heads import ApexHead
 
-from .calibration import fit_validation_temperature
 from .config import TrainConfig
 from .data import SplitData, TrainingData, load_training_data
-from .export import export_checkpoint, song_level_features
+from .export import export_checkpoint
 from .objective import TrainModule, evaluate
 from .state import atomic_json
 from .steps import head_config, train_one
-from .views import augmentation_provenance
 
 logger = logging.getLogger(__name__)
 
@@ -133,23 +131,16 @@ def train_ensemble(config: TrainConfig, data: TrainingData | None = None, *, pro
                 out / "model",
                 metrics=metrics,
                 best_epoch=results[0].best_epoch,
-                ood_songs=song_level_features(data.splits["train"]),
+                data=data,
                 # the ensemble's mean reward is what preference_logits compares
-                calibrate=lambda weights: fit_validation_temperature(
-                    ensemble,
-                    data,
-                    torch.device("cpu"),
-                    weights,
-                    source=str(config.prepared or config.embeddings or "the training data"),
-                    seed=config.seed,
-                ),
+                scorer=ensemble,
+                device=torch.device("cpu"),
                 extra_training={
                     "ensemble": config.ensemble,
                     "member_seeds": [config.seed + i for i in range(config.ensemble)],
                     "member_best_epochs": [r.best_epoch for r in results],
                     "member_test_metrics": [m.get("test") for m in member_metrics],
                     "bootstrap": "training songs resampled with replacement, seed = member seed",
-                    **augmentation_provenance(config, data),
                 },
             )
     if config.export and config.model:

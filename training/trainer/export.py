@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from apex_reward.checkpoint import read_checkpoint, save_checkpoint
-from apex_reward.config import ApexConfig, PopularityReferenceConfig, PreferenceCalibration
+from apex_reward.config import ApexConfig, PopularityReferenceConfig
 from apex_reward.dataclass_io import from_dict, to_dict
 from apex_reward.errors import ConfigError
 from apex_reward.heads import ApexHead, weighted_song_mean
@@ -25,7 +25,9 @@ from .state import TrainState, atomic_json
 from .views import augmentation_provenance
 
 if TYPE_CHECKING:
-    from .data import SplitData
+    from torch import nn
+
+    from .data import SplitData, TrainingData
     from .run import BestEvaluation, TrainingRun
 
 __all__ = ["export_run", "export_checkpoint", "song_level_features"]
@@ -69,18 +71,11 @@ def export_run(
                 run.module.head,
                 config,
                 out / "model",
+                data=run.data,
+                scorer=run.module,
+                device=run.device,
                 metrics=best.metrics,
                 best_epoch=state.best_epoch,
-                calibrate=lambda weights: fit_validation_temperature(
-                    run.module,
-                    run.data,
-                    run.device,
-                    weights,
-                    source=str(config.prepared or config.embeddings or "the training data"),
-                    seed=config.seed,
-                ),
-                ood_songs=song_level_features(run.data.splits["train"]),
-                extra_training=augmentation_provenance(config, run.data),
             )
     accelerator.wait_for_everyone()
     if checkpoint is None and config.export and config.model:
@@ -101,22 +96,20 @@ def export_checkpoint(
     config: TrainConfig,
     out: Path,
     *,
+    data: TrainingData,
+    scorer: nn.Module,
+    device: torch.device,
     metrics: dict[str, Any] | None = None,
     best_epoch: int | None = None,
-    ood_songs: torch.Tensor | None = None,
     extra_training: dict[str, Any] | None = None,
-    calibrate: Callable[[dict[str, float]], tuple[float, PreferenceCalibration] | None]
-    | None = None,
 ) -> Path:
     """Write a trained :class:`~apex_reward.ApexRewardModel` checkpoint: the trained ``head`` (or
     the heads of an ensemble, member 0 first), the front end and encoder of ``config.model`` (its
     stored encoder weights are copied; a referenced encoder stays referenced), the popularity
-    reference of ``config.prepared``, and OOD statistics fitted on ``ood_songs`` (``[S, L, H]``
-    training song features; :mod:`apex_reward.ood`).
-
-    ``calibrate`` (given the checkpoint's ``reward_weights``) returns the fitted Bradley–Terry
-    temperature and its provenance (:mod:`.calibration`), stored in ``preference``; None keeps
-    the base checkpoint's temperature."""
+    reference of ``config.prepared``, OOD statistics fitted on the training split's song features
+    (:mod:`apex_reward.ood`), the Bradley–Terry temperature fitted on the validation split with
+    ``scorer`` (the trained module, or the ensemble, on ``device``; :mod:`.calibration`), and the
+    training provenance (``config``, the views and masks of ``data``, ``extra_training``)."""
     heads = [head] if isinstance(head, ApexHead) else list(head)
     raw, tensors, _ = read_checkpoint(config.model)
     base = ApexConfig.from_dict(raw)
@@ -125,7 +118,14 @@ def export_checkpoint(
     cfg.ensemble_size = len(heads)
     cfg.untrained = False
     cfg.preference.head = None  # a preference head is fitted for specific heads (apex-reward arena)
-    fitted = calibrate(dict(cfg.reward_weights)) if calibrate is not None else None
+    fitted = fit_validation_temperature(
+        scorer,
+        data,
+        device,
+        dict(cfg.reward_weights),
+        source=str(config.prepared or config.embeddings or "the training data"),
+        seed=config.seed,
+    )
     if fitted is not None:
         cfg.preference.temperature, cfg.preference.calibration = fitted
     ref_path = (
@@ -141,7 +141,9 @@ def export_checkpoint(
         "test_metrics": (metrics or {}).get("test"),
         "base_checkpoint": str(config.model),
         **(extra_training or {}),
+        **augmentation_provenance(config, data),
     }
+    ood_songs = song_level_features(data.splits["train"])
     out_tensors = {k: v for k, v in tensors.items() if k.startswith("encoder.")}
     out_tensors.update(
         {f"head.{k}": v.detach().float().cpu() for k, v in heads[0].state_dict().items()}
@@ -150,18 +152,18 @@ def export_checkpoint(
         out_tensors.update(
             {f"ensemble.{i}.{k}": v.detach().float().cpu() for k, v in member.state_dict().items()}
         )
-    if ood_songs is not None and cfg.ood.features in DYNAMIC_KINDS:
+    if cfg.ood.features in DYNAMIC_KINDS:
         logger.warning(
             "ood.features=%s needs the encoder's frames, not in the embeddings store: no OOD "
             "statistics written (add them with apex-reward ood-stats --from-audio)",
             cfg.ood.features,
         )
-    elif ood_songs is not None and len(ood_songs) >= MIN_OOD_SONGS:
+    elif len(ood_songs) >= MIN_OOD_SONGS:
         x = song_feature_matrix(ood_songs.double(), cfg.ood.features)
         stats, info = fit_statistics(x, seed=config.seed)
         cfg.ood.fitted_on = {**info, "source": "training split", "embeddings": config.embeddings}
         out_tensors.update(stats.to_tensors())
-    elif ood_songs is not None:
+    else:
         logger.warning(
             "%d training songs are too few for OOD statistics (need %d); the model reports "
             "ood null",
