@@ -233,7 +233,8 @@ class ServeConfig:
         default=None,
         metadata={
             "help": "a conditioned checkpoint's audience for every clip, one of the values it "
-            "was trained on (e.g. a platform); unset: its learned average"
+            "was trained on (e.g. a platform); unset: its learned average; a request's "
+            "?condition= overrides it for its clips"
         },
     )
     failure_reward: float = field(
