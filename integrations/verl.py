@@ -40,15 +40,12 @@ import asyncio
 import logging
 import math
 import threading
-import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from apex_reward.conditioning import per_input_conditions
 from apex_reward.errors import (
     ApexError,
     AudioDecodeError,
@@ -57,17 +54,15 @@ from apex_reward.errors import (
     ConfigError,
     error_class,
 )
-from apex_reward.guard import POLICIES
-from apex_reward.loading import ModelOptions
 from apex_reward.ood import floors
 from apex_reward.scoring import ScoreResult
 from apex_reward.signals import SIGNAL_NAMES
-from apex_reward.windows import WindowSpec
 
-from .decoders import check_target, decode_response
+from .decoders import decode_response
 from .model_cache import load_cached_model
-from .score_spec import check_spec, score_value, spec_floor
+from .score_spec import score_value, spec_floor
 from .serving.batcher import DynamicBatcher
+from .verl_settings import Settings, parse_settings, sample_condition, score_spec_of
 
 if TYPE_CHECKING:
     from apex_reward.model import ApexRewardModel
@@ -82,114 +77,10 @@ __all__ = [
     "compute_score_async",
 ]
 
-#: Keyword arguments verl itself may add to a reward call (verl-omni, with a reward router);
-#: accepted and not used.
-_VERL_KWARGS = frozenset({"reward_router_address", "reward_model_tokenizer", "model_name"})
-
 _WHERE = "solution_audio"
 
 
-# ----------------------------------------------------------------------------------------------
-# settings from reward_kwargs
-
-
-@dataclass(frozen=True)
-class _Settings:
-    """What ``reward_kwargs`` ask for (hashable: it keys the per-process batchers)."""
-
-    options: tuple[str, str | None, str | None, str]  # model, encoder, device, dtype
-    score: Any = "reward"
-    guard: str = "penalize"
-    decoder: str | None = None
-    sample_rate: int | None = None
-    failure_value: float | None = None
-    max_batch: int = 16
-    max_wait_s: float = 0.01
-    windows: WindowSpec | None = None
-    max_windows: int = 8
-    condition: str | None = None
-    condition_key: str | None = None
-
-    def model_options(self) -> ModelOptions:
-        model, encoder, device, dtype = self.options
-        return ModelOptions(model=model, encoder=encoder, device=device, dtype=dtype)  # type: ignore[arg-type]
-
-
-def _settings(
-    *,
-    model: Any = None,
-    score: str | Mapping[str, float] = "reward",
-    guard: str = "penalize",
-    device: str | None = None,
-    dtype: str = "auto",
-    encoder: str | None = None,
-    decoder: str | None = None,
-    sample_rate: int | None = None,
-    failure_value: float | None = None,
-    max_batch: int = 16,
-    max_wait_s: float = 0.01,
-    windows: Any = None,
-    max_windows: int = 8,
-    condition: str | None = None,
-    condition_key: str | None = None,
-    **unknown: Any,
-) -> _Settings:
-    if model is None or model == "":
-        raise ConfigError(
-            "reward_kwargs.model is required: the APEX checkpoint directory or hub id"
-        )
-    extra = tuple(sorted(k for k in unknown if k not in _VERL_KWARGS))
-    if extra:
-        warnings.warn(
-            f"apex_reward verl reward: ignoring unknown reward_kwargs {list(extra)}",
-            stacklevel=3,
-        )
-    if guard not in POLICIES:
-        raise ConfigError(f"guard: expected one of {', '.join(POLICIES)}, got {guard!r}")
-    if decoder is not None:
-        check_target(decoder)
-    if failure_value is not None and (
-        isinstance(failure_value, bool)
-        or not isinstance(failure_value, (int, float))
-        or not math.isfinite(failure_value)
-    ):
-        raise ConfigError(f"failure_value must be a finite number, got {failure_value!r}")
-    if isinstance(score, Mapping):  # OmegaConf DictConfig -> a hashable, plain form
-        score = tuple(sorted((str(k), float(v)) for k, v in score.items()))
-    if isinstance(max_windows, bool) or not isinstance(max_windows, int) or max_windows < 1:
-        raise ConfigError(f"max_windows must be an integer >= 1, got {max_windows!r}")
-    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
-        raise ConfigError(f"max_batch must be an integer >= 1, got {max_batch!r}")
-    for name, value in (("condition", condition), ("condition_key", condition_key)):
-        if value is not None and not (isinstance(value, str) and value):
-            raise ConfigError(f"{name} must be a non-empty string, got {value!r}")
-    return _Settings(
-        options=(str(model), encoder, None if device is None else str(device), str(dtype)),
-        score=score,
-        guard=guard,
-        decoder=decoder,
-        sample_rate=sample_rate,
-        failure_value=None if failure_value is None else float(failure_value),
-        max_batch=max_batch,
-        max_wait_s=float(max_wait_s),
-        windows=_window_setting(windows),
-        max_windows=max_windows,
-        condition=condition,
-        condition_key=condition_key,
-    )
-
-
-def _window_setting(value: Any) -> WindowSpec | None:
-    """``windows`` in reward_kwargs: ``true`` (the segments), or ``{length_s, hop_s}``."""
-    if isinstance(value, Mapping):
-        unknown = sorted(set(value) - {"length_s", "hop_s"})
-        if unknown:
-            raise ConfigError(f"windows: unknown keys {unknown}; expected length_s, hop_s")
-        return WindowSpec(value.get("length_s"), value.get("hop_s"))
-    return WindowSpec.coerce(value)
-
-
-def _window_extras(result: ScoreResult | None, settings: _Settings) -> dict[str, float]:
+def _window_extras(result: ScoreResult | None, settings: Settings) -> dict[str, float]:
     """``apex_num_windows`` and, for the first ``max_windows`` windows, ``apex_window_<k>_reward``
     / ``_start_s`` / ``_end_s`` (padding: 0.0 reward and -1.0 times, past ``apex_num_windows``);
     empty without windows. A fixed key set, so verl can stack it across samples."""
@@ -203,11 +94,6 @@ def _window_extras(result: ScoreResult | None, settings: _Settings) -> dict[str,
         out[f"apex_window_{k}_start_s"] = float(w["start_s"]) if w else -1.0
         out[f"apex_window_{k}_end_s"] = float(w["end_s"]) if w else -1.0
     return out
-
-
-def _spec(settings: _Settings, model: ApexRewardModel) -> str | dict[str, float]:
-    score = settings.score
-    return check_spec(dict(score) if isinstance(score, tuple) else score, model.score_names)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -233,7 +119,7 @@ def _waveform(obj: Any) -> torch.Tensor:
 
 
 def _solution(
-    settings: _Settings, solution_audio: Any, solution_str: Any
+    settings: Settings, solution_audio: Any, solution_str: Any
 ) -> tuple[torch.Tensor, int]:
     """The sample's ``(waveform, sample_rate)``, not yet checked by the front end."""
     if solution_audio is None and solution_str is not None:
@@ -260,32 +146,6 @@ def _solution(
 # a result -> verl's dict
 
 
-def _condition(
-    settings: _Settings, model: ApexRewardModel, extra_info: Mapping[str, Any] | None
-) -> str | None:
-    """The sample's audience for a conditioned checkpoint: ``extra_info[condition_key]`` when the
-    sample carries one, else ``condition`` (None: the learned average).
-
-    Raises:
-        UnknownConditionError: a value the checkpoint was not trained on, or a condition for a
-            checkpoint without conditioning.
-        ConfigError: ``condition_key`` with a checkpoint without conditioning.
-    """
-    value = settings.condition
-    if settings.condition_key is not None:
-        if model.config.head.condition is None:
-            raise ConfigError(
-                f"condition_key={settings.condition_key!r}: this checkpoint has no conditioning "
-                "input"
-            )
-        own = (extra_info or {}).get(settings.condition_key)
-        if own is not None:
-            value = str(own)
-    if value is not None:
-        per_input_conditions(model.config.head.condition, value, 1)
-    return value
-
-
 def _raise_failure(result: ScoreResult) -> None:
     exc = result.exception
     if isinstance(exc, ApexError):
@@ -297,10 +157,10 @@ def _raise_failure(result: ScoreResult) -> None:
     raise ApexError(f"{_WHERE}: scoring failed: {message}") from exc
 
 
-def _to_dict(result: ScoreResult, settings: _Settings, model: ApexRewardModel) -> dict[str, float]:
+def _to_dict(result: ScoreResult, settings: Settings, model: ApexRewardModel) -> dict[str, float]:
     if not result.ok or result.scores is None:
         _raise_failure(result)
-    spec = _spec(settings, model)
+    spec = score_spec_of(settings, model)
     flagged = bool(result.flags)
     if settings.guard == "penalize" and floors(model.config, result.flags):
         value: float | None = spec_floor(spec, model.config)
@@ -326,7 +186,7 @@ def _to_dict(result: ScoreResult, settings: _Settings, model: ApexRewardModel) -
 
 
 def _failure(
-    error: ApexError, settings: _Settings, model: ApexRewardModel | None
+    error: ApexError, settings: Settings, model: ApexRewardModel | None
 ) -> dict[str, float]:
     """The dict for a sample that could not be scored, under ``failure_value``."""
     assert settings.failure_value is not None
@@ -386,12 +246,12 @@ def compute_score(
         ApexError: the model failed on it or returned a non-finite value.
         ConfigError: bad ``reward_kwargs``.
     """
-    settings = _settings(**reward_kwargs)
+    settings = parse_settings(**reward_kwargs)
     model, lock = load_cached_model(settings.model_options())
     try:
         wav, sr = _solution(settings, solution_audio, solution_str)
         model.frontend.check(wav, sr, _WHERE)
-        condition = _condition(settings, model, extra_info)
+        condition = sample_condition(settings, model, extra_info)
         with lock:
             [result] = model.score(
                 [(wav, int(sr))],
@@ -434,14 +294,14 @@ class CountingBatcher(DynamicBatcher):
             super()._process(batch)
 
 
-_BATCHERS: dict[_Settings, CountingBatcher] = {}
+_BATCHERS: dict[Settings, CountingBatcher] = {}
 _BATCHERS_LOCK = threading.Lock()
 
 
-def _batcher_key(settings: _Settings) -> _Settings:
+def _batcher_key(settings: Settings) -> Settings:
     # only what the forward pass depends on: score selection, decoder and failure handling
     # happen per call
-    return _Settings(
+    return Settings(
         options=settings.options,
         guard=settings.guard,
         max_batch=settings.max_batch,
@@ -450,7 +310,7 @@ def _batcher_key(settings: _Settings) -> _Settings:
     )
 
 
-def _get_batcher(settings: _Settings) -> tuple[CountingBatcher, ApexRewardModel]:
+def _get_batcher(settings: Settings) -> tuple[CountingBatcher, ApexRewardModel]:
     key = _batcher_key(settings)
     with _BATCHERS_LOCK:
         batcher = _BATCHERS.get(key)
@@ -473,7 +333,7 @@ def batcher_for(**reward_kwargs: Any) -> CountingBatcher:
     """The batcher :func:`compute_score_async` uses in this process for these ``reward_kwargs``
     (started, and its model loaded, on first use); its ``batches``/``clips`` counters tell how
     well concurrent samples were coalesced."""
-    return _get_batcher(_settings(**reward_kwargs))[0]
+    return _get_batcher(parse_settings(**reward_kwargs))[0]
 
 
 def close_batchers() -> None:
@@ -501,7 +361,7 @@ async def compute_score_async(
     The first call in a process loads the model in a worker thread; a ``decoder`` also runs in
     one, so neither blocks the event loop.
     """
-    settings = _settings(**reward_kwargs)
+    settings = parse_settings(**reward_kwargs)
     key = _batcher_key(settings)
     batcher = _BATCHERS.get(key)
     if batcher is None or not batcher.alive:
@@ -512,7 +372,7 @@ async def compute_score_async(
             wav, sr = await asyncio.to_thread(_solution, settings, solution_audio, solution_str)
         else:
             wav, sr = _solution(settings, solution_audio, solution_str)
-        condition = _condition(settings, model, extra_info)
+        condition = sample_condition(settings, model, extra_info)
         model.frontend.check(wav, sr, _WHERE)
         result = await batcher.score(_WHERE, wav, int(sr), condition=condition)
         return _to_dict(result, settings, model)
