@@ -7,6 +7,7 @@ import asyncio
 import base64
 import copy
 import io
+import os
 import pickle
 import re
 import threading
@@ -358,3 +359,29 @@ def test_each_clip_is_checked_once(fast_model, monkeypatch):
     assert all(r.ok for r in res) and calls == []
     score_waveforms(fast_model, [("x", clips[0], 24000)])
     assert calls == ["waveforms[0]"]
+
+
+def test_process_settings_apply_to_the_server_and_each_ray_replica(monkeypatch):
+    """``tune_process`` (``apex-reward serve`` and every Ray Serve replica): the oneDNN cache
+    capacity in the environment (kept when already set), torch threads, glibc's arena cap."""
+    import sys
+
+    import torch
+
+    from apex_reward.integrations.serving.process import limit_malloc_arenas, tune_process
+
+    threads = torch.get_num_threads()
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    try:
+        tune_process(ServeConfig(threads=1, onednn_cache_capacity=64, malloc_arena_max=2))
+        assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "64"
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(threads)
+        # a replica without --threads gets the caller's default; a set variable is kept
+        tune_process(ServeConfig(onednn_cache_capacity=8), default_threads=2)
+        assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "64"
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert limit_malloc_arenas(0) is False
+    assert limit_malloc_arenas(4) is sys.platform.startswith("linux")
