@@ -4,12 +4,12 @@ real samples.
 The front end (:meth:`apex_reward.audio.AudioFrontEnd.segment`) and the dense-reward windows
 (:mod:`apex_reward.windows`) both turn stretches of mono songs into zero-padded rows ``[N, W]``
 for the encoder, each row with its RMS level and (optionally) normalised to zero mean and unit
-variance (or a fixed RMS level) over its unpadded samples. The padded tail of a row contributes nothing to either
-statistic and stays exactly zero, so nothing is computed over it: each row's statistics come
-from two float64 passes over its real samples, and the normalised samples are written
-straight into a zeroed output. A 10 s clip in a 30 s row costs a pass over 10 s of audio, not
-several passes over 30 s (a masked normalisation of the padded row used to be most of the
-reward server's per-clip cost without a model). Differentiable: gradients reach the songs
+variance (or a fixed RMS level) over its unpadded samples. The padded tail of a row contributes
+nothing to either statistic and stays exactly zero, so nothing is computed over it: each row's
+statistics come from two float64 passes over its real samples, and the normalised samples are
+written straight into a zeroed output. A 10 s clip in a 30 s row costs a pass over 10 s of
+audio, not several passes over 30 s (a masked normalisation of the padded row used to be most of
+the reward server's per-clip cost without a model). Differentiable: gradients reach the songs
 through the slices and the statistics.
 """
 

@@ -31,7 +31,6 @@ def serve(config: ServeConfig) -> None:
         MissingDependencyError: the ``serve`` extra is not installed.
         ConfigError, CheckpointError: bad options or checkpoint.
     """
-
     from apex_reward.loading import load_model
 
     from .app import create_app

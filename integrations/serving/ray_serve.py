@@ -100,7 +100,6 @@ def build_ray_app(config: ServeConfig) -> Any:
 
     def build_replica_app() -> Any:
         # runs in each replica process
-
         from apex_reward.loading import load_model
 
         from .app import create_app
