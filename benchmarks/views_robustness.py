@@ -3,8 +3,9 @@ gain and time-shift probes.
 
 On a synthetic corpus (``training/synthetic.py``, songs longer than a segment so that the preview
 clips differ), one tiny random-encoder model, one ``extract --views N`` store, and heads trained
-side by side on it: ``--no-sample-views`` (view 0 only, as without views), with views, and with
-views plus feature masking. Then every test-split song is scored clean and under
+side by side on it: ``--no-sample-views`` (view 0 only, as without views), with views, with
+views plus feature masking, and with views plus the view-consistency penalty (one arm per
+``--consistency`` weight). Then every test-split song is scored clean and under
 
 * the audit's gain ladder (``training/audit/probes.py``: -40 .. +6 dB, clipped to ±1; the mean
   change of the reward at each level is reported too);
@@ -49,8 +50,13 @@ from apex_reward.training.views import ViewConfig
 
 ARMS = {
     "no views": {"sample_views": False},
-    "views": {"sample_views": True},
-    "views + masking": {"sample_views": True, "mask_features": 0.1, "mask_layers": 1},
+    "views": {"sample_views": True, "view_consistency": 0.0},
+    "views + masking": {
+        "sample_views": True,
+        "view_consistency": 0.0,
+        "mask_features": 0.1,
+        "mask_layers": 1,
+    },
 }
 
 
@@ -102,6 +108,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--view-max-gain-db", type=float, default=ViewConfig.view_max_gain_db, help="extract's"
+    )
+    p.add_argument(
+        "--consistency",
+        type=float,
+        nargs="*",
+        default=[TrainConfig.view_consistency],
+        help="view-consistency weights: one 'views + consistency W' arm each (train's "
+        "--view-consistency)",
+    )
+    p.add_argument(
+        "--arms", nargs="*", default=None, help="run only these arms (names as in the report)"
     )
     p.add_argument("--epochs", type=int, default=150)
     p.add_argument("--patience", type=int, default=30)
@@ -185,9 +202,21 @@ def main(argv: list[str] | None = None) -> int:
         log_with="none",
         resume=False,
     )
+    arms = {
+        **ARMS,
+        **{
+            f"views + consistency {w:g}": {"sample_views": True, "view_consistency": w}
+            for w in args.consistency
+        },
+    }
+    if args.arms is not None:
+        unknown = sorted(set(args.arms) - set(arms))
+        if unknown:
+            p.error(f"--arms: unknown {unknown}; known: {sorted(arms)}")
+        arms = {k: v for k, v in arms.items() if k in args.arms}
     rows = []
     for seed in range(args.seed, args.seed + args.seeds):
-        for arm, opts in ARMS.items():
+        for arm, opts in arms.items():
             run_out = out / "train" / f"{arm.replace(' ', '_').replace('+', 'and')}-seed{seed}"
             result = train(
                 dataclasses.replace(base, out=str(run_out), seed=seed, **opts), progress=False

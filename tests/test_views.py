@@ -251,3 +251,76 @@ def test_training_samples_views_and_records_them(store, model_dir, tmp_path):
     assert training["views"]["recipe"]["view_seed"] == VIEWS.view_seed
     assert training["feature_masking"]["mask_features"] == 0.1
     assert training["config"]["sample_views"] is True
+
+
+def _view_spread(checkpoint, split) -> float:
+    """Mean over training songs of the std of the head's unit-range predictions over the views."""
+    from apex_reward import ApexRewardModel
+
+    head = ApexRewardModel.from_pretrained(checkpoint).head.eval()
+    views = torch.cat([split.features[None], split.extra_views]).float()  # [V, M, L, H]
+    with torch.no_grad():
+        pred = torch.stack(
+            [
+                torch.sigmoid(torch.stack(list(head.logits(head.embed(v)).values()), 1))
+                for v in views
+            ]
+        )  # [V, M, T]
+    return float(pred.std(dim=0, unbiased=False).mean())
+
+
+def test_view_consistency_pairs_two_views_and_narrows_their_spread(store, model_dir, tmp_path):
+    out, _ = store
+    s = EmbeddingStore(out)
+    prepared_path = _prepared(s, tmp_path / "prepared.parquet")
+    prepared = pd.read_parquet(prepared_path)
+    data = TrainingData.from_extraction(s, prepared, "popularity", "song", sample_views=True)
+    split = data.splits["train"]
+    aug = InputAugment(split, TrainConfig(tasks="popularity", seed=2, view_consistency=1.0))
+    idx = torch.arange(len(split))
+    views = torch.cat([split.features[None], split.extra_views]).float()  # [V, M, L, H]
+    seen = set()
+    for step in range(6):
+        drawn = aug.epoch_views(0)
+        partner = aug.partner_batch(idx, 0, step)
+        is_view = (views == partner[None]).flatten(2).all(dim=2)  # [V, M]
+        # every partner row is one of its own song's views, never the view drawn for it
+        assert is_view.any(dim=0).all()
+        assert not is_view[drawn, idx].any()
+        seen |= set(is_view.float().argmax(dim=0).tolist())
+        assert torch.equal(partner, aug.partner_batch(idx, 0, step))  # seeded
+    assert seen == {0, 1, 2, 3}
+
+    # without sampled views the penalty has nothing to compare: inactive, not an error
+    plain = TrainingData.from_extraction(s, prepared, "popularity", "song", sample_views=False)
+    assert InputAugment.for_run(plain.splits["train"], TrainConfig()) is None
+    masked_only = InputAugment(plain.splits["train"], TrainConfig(mask_features=0.1))
+    assert masked_only.consistency == 0.0
+    with pytest.raises(ConfigError, match="view consistency needs sampled views"):
+        masked_only.partner_batch(idx, 0, 0)
+    with pytest.raises(ConfigError, match="must be >= 0"):
+        TrainConfig(view_consistency=-0.5)
+
+    spreads = {}
+    for weight in (0.0, 10.0):
+        result = train(
+            TrainConfig(
+                embeddings=str(out),
+                prepared=str(prepared_path),
+                model=str(model_dir),
+                out=str(tmp_path / f"run{weight}"),
+                tasks="popularity",
+                epochs=40,
+                patience=40,
+                batch_size=4,
+                view_consistency=weight,
+                device="cpu",
+                log_with="none",
+            ),
+            progress=False,
+        )
+        spreads[weight] = _view_spread(result.checkpoint, split)
+        training = json.loads((result.checkpoint / "config.json").read_text())["training"]
+        assert ("consistency" in training["views"]) == bool(weight)
+    print("view spread without / with consistency:", spreads)
+    assert spreads[10.0] < 0.5 * spreads[0.0]

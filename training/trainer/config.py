@@ -65,6 +65,15 @@ class TrainConfig:
             "view 0 only)"
         },
     )
+    view_consistency: float = field(
+        default=10.0,
+        metadata={
+            "help": "when views are sampled: also score a second, different view of each "
+            "training song and add this factor times the squared difference of the two "
+            "predictions (weighted per task like the regression error) to the loss; 0: off, "
+            "views are only sampled (docs/training.md#augmented-views-and-feature-masking)"
+        },
+    )
     mask_features: float = field(
         default=0.0,
         metadata={
@@ -146,6 +155,8 @@ class TrainConfig:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.mask_features < 1.0:
             raise ConfigError(f"mask_features: must be in [0, 1), got {self.mask_features}")
+        if not self.view_consistency >= 0.0:
+            raise ConfigError(f"view_consistency: must be >= 0, got {self.view_consistency}")
         if self.mask_layers < 0:
             raise ConfigError(f"mask_layers: must be >= 0, got {self.mask_layers}")
         if self.lr <= 0:

@@ -24,6 +24,7 @@ __all__ = [
     "init_log_vars",
     "task_weights",
     "combine_losses",
+    "consistency_loss",
     "regression_metrics",
     "predict_songs",
     "evaluate",
@@ -89,6 +90,25 @@ def combine_losses(
     if strategy == "uncertainty":
         return (0.5 * torch.exp(-log_vars) * per_task + 0.5 * log_vars).sum()
     return (weights.to(per_task.device) * per_task).sum()
+
+
+def consistency_loss(
+    pred: torch.Tensor,
+    partner: torch.Tensor,
+    strategy: str,
+    weights: torch.Tensor,
+    log_vars: torch.Tensor,
+) -> torch.Tensor:
+    """The view-consistency penalty of two ``[B, T]`` unit-range predictions of the same songs:
+    the per-task mean squared difference, weighted like the regression error (the uncertainty
+    precisions 0.5 exp(-s_t), held fixed, or the strategy's fixed weights), summed over tasks.
+    The penalty does not move s_t."""
+    per_task = ((pred - partner) ** 2).mean(dim=0)
+    if strategy == "uncertainty":
+        w = 0.5 * torch.exp(-log_vars.detach())
+    else:
+        w = weights.to(per_task.device)
+    return (w * per_task).sum()
 
 
 def regression_metrics(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:

@@ -91,7 +91,12 @@ def resume_key(config: TrainConfig) -> dict[str, Any]:
         for k in ("condition", "condition_mode", "condition_dropout"):
             d.pop(k, None)
     # the defaults of options added later: runs saved before them resume
-    for k, default in (("sample_views", True), ("mask_features", 0.0), ("mask_layers", 0)):
+    for k, default in (
+        ("sample_views", True),
+        ("view_consistency", 10.0),
+        ("mask_features", 0.0),
+        ("mask_layers", 0),
+    ):
         if d.get(k) == default:
             d.pop(k)
     return d

@@ -40,7 +40,14 @@ from ..distributed import accelerator_cpu, check_launch
 from .config import TrainConfig
 from .data import SplitData, TrainingData, load_training_data, unit_scale
 from .export import export_run
-from .objective import TrainModule, combine_losses, evaluate, init_log_vars, task_weights
+from .objective import (
+    TrainModule,
+    combine_losses,
+    consistency_loss,
+    evaluate,
+    init_log_vars,
+    task_weights,
+)
 from .run import BestEvaluation, EpochStats, TrainingRun, TrainResult
 from .state import (
     TrainState,
@@ -268,14 +275,27 @@ def resume(run: TrainingRun) -> TrainState:
 
 
 def _batch_loss(
-    run: TrainingRun, x: torch.Tensor, y: torch.Tensor, c: torch.Tensor | None = None
+    run: TrainingRun,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    c: torch.Tensor | None = None,
+    partner: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The strategy's loss on one batch (``c``: condition indices, conditioned runs), and the
-    ``[T]`` unit-range per-task MSEs."""
-    pred = run.model(x, c).float()
+    """The strategy's loss on one batch (``c``: condition indices, conditioned runs; ``partner``:
+    another view of the same songs, whose view-consistency penalty is added), and the ``[T]``
+    unit-range per-task MSEs of ``x``."""
+    if partner is None:
+        pred = run.model(x, c).float()
+    else:  # one pass over both views: BatchNorm sees them together
+        both = run.model(torch.cat([x, partner]), None if c is None else torch.cat([c, c]))
+        pred, other = both.float().chunk(2)
     target = (y - run.lo.to(y.device)) / run.span.to(y.device)
     per_task = ((pred - target) ** 2).mean(dim=0)
-    return combine_losses(per_task, run.config.loss, run.weights, run.module.log_vars), per_task
+    loss = combine_losses(per_task, run.config.loss, run.weights, run.module.log_vars)
+    if partner is not None:
+        penalty = consistency_loss(pred, other, run.config.loss, run.weights, run.module.log_vars)
+        loss = loss + run.config.view_consistency * penalty
+    return loss, per_task
 
 
 def train_epoch(run: TrainingRun, epoch: int) -> EpochStats:
@@ -291,16 +311,20 @@ def train_epoch(run: TrainingRun, epoch: int) -> EpochStats:
     for step in range(run.steps_per_epoch):
         idx = perm[step * global_batch : (step + 1) * global_batch] if n >= global_batch else perm
         mine = idx.chunk(run.world)[run.rank]
+        partner = None
         if run.augment is None:
             x = train_split.features[mine].to(run.device, non_blocking=True)
         else:  # drawn over the global batch, so independent of the number of processes
             x = run.augment.batch(idx, epoch, step).chunk(run.world)[run.rank].to(run.device)
+            if run.augment.consistency:
+                partner = run.augment.partner_batch(idx, epoch, step)
+                partner = partner.chunk(run.world)[run.rank].to(run.device)
         y = train_split.targets[mine].to(run.device, non_blocking=True)
         c = train_split.conditions_at(mine)
         if c is not None:
             c = c.to(run.device, non_blocking=True)
         with run.accelerator.autocast():
-            loss, _ = _batch_loss(run, x, y, c)
+            loss, _ = _batch_loss(run, x, y, c, partner)
         run.accelerator.backward(loss)
         run.optimizer.step()
         run.scheduler.step()

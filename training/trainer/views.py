@@ -4,6 +4,13 @@
   ``--sample-views``): every epoch each training song is represented by one of its N views,
   drawn uniformly (view 0, the song itself, included) with a generator seeded by
   ``(seed, epoch)``; validation, test, calibration and OOD statistics use view 0.
+* **View consistency** (``--view-consistency w``, default 10, whenever views are sampled): each
+  training song is also scored on a second view, drawn uniformly from its other views, and
+  ``w`` times the squared difference of the two unit-range predictions (weighted per task like
+  the regression error) is added to the loss. Sampling alone shows the head each view with the song's label; the penalty
+  asks it outright to give a song the same score whatever its preview clip, gain (clipping
+  included) or roll. Both passes keep their dropout, so the penalty also damps dropout's
+  variance (as R-Drop does).
 * **SpecAugment-style masking** of the pooled features ``[L, H]`` of each training sample (a
   song in song mode, a segment in segment mode): ``--mask-features p`` replaces ``round(p * H)``
   hidden dimensions, drawn per sample, in every layer (SpecAugment's frequency mask: the hidden
@@ -47,7 +54,8 @@ class InputAugment:
     Args:
         split: the training split (``features`` ``[M, L, H]`` is view 0; ``extra_views``
             ``[V-1, M, L, H]`` or None).
-        config: ``seed``, ``sample_views``, ``mask_features``, ``mask_layers``.
+        config: ``seed``, ``sample_views``, ``view_consistency``, ``mask_features``,
+            ``mask_layers``.
     """
 
     def __init__(self, split: SplitData, config: TrainConfig) -> None:
@@ -55,6 +63,7 @@ class InputAugment:
         self.seed = config.seed
         self.extra = split.extra_views if config.sample_views else None
         self.num_views = 1 + (0 if self.extra is None else int(self.extra.shape[0]))
+        self.consistency = float(config.view_consistency) if self.num_views > 1 else 0.0
         _, layers, hidden = split.features.shape
         if config.mask_layers >= layers:
             raise ConfigError(
@@ -86,14 +95,41 @@ class InputAugment:
         ``epoch``, ``step``: each sample's drawn view, then the masks."""
         x = self.split.features[idx].float()
         if self.extra is not None:
-            chosen = self.epoch_views(epoch)[idx]
-            for v in range(1, self.num_views):
-                sel = chosen == v
-                if bool(sel.any()):
-                    x[sel] = self.extra[v - 1, idx[sel]].float()
+            x = self._gather(idx, self.epoch_views(epoch)[idx])
+        return self._mask(x, _generator(self.seed, epoch, step, 2))
+
+    def partner_batch(self, idx: torch.Tensor, epoch: int, step: int) -> torch.Tensor:
+        """``[len(idx), L, H]``: for view consistency, another view of each sample of
+        :meth:`batch` (uniform over the views other than the drawn one, seeded by ``(seed,
+        epoch, step)``), with masks of its own.
+
+        Raises:
+            ConfigError: the run samples no views.
+        """
+        if self.extra is None:
+            raise ConfigError(
+                "view consistency needs sampled views: a store extracted with --views N "
+                "(N >= 2) and --sample-views"
+            )
+        g = _generator(self.seed, epoch, step, 3)
+        step_by = torch.randint(1, self.num_views, (len(idx),), generator=g)
+        other = (self.epoch_views(epoch)[idx] + step_by) % self.num_views
+        return self._mask(self._gather(idx, other), _generator(self.seed, epoch, step, 4))
+
+    def _gather(self, idx: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        """``[len(idx), L, H]`` float32: sample ``idx[i]`` from view ``chosen[i]``."""
+        x = self.split.features[idx].float()
+        for v in range(1, self.num_views):
+            sel = chosen == v
+            if bool(sel.any()):
+                x[sel] = self.extra[v - 1, idx[sel]].float()
+        return x
+
+    def _mask(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """``x`` ``[n, L, H]`` with the masked entries at the training mean (as is without
+        masking)."""
         if self.fill is None:
             return x
-        g = _generator(self.seed, epoch, step, 2)
         n, layers, hidden = x.shape
         masked = torch.zeros(n, layers, hidden, dtype=torch.bool)
         if self.dims_masked:
@@ -117,6 +153,13 @@ def augmentation_provenance(config: TrainConfig, data: TrainingData) -> dict[str
             "sampling": "one view per training song per epoch, uniform over views 0..N-1, "
             "seeded by (seed, epoch); evaluation, calibration and OOD statistics on view 0",
         }
+        if config.view_consistency:  # active: views are sampled
+            out["views"]["consistency"] = {
+                "weight": config.view_consistency,
+                "penalty": "squared difference of the unit-range predictions of the drawn view "
+                "and a second, different view of the same song (seeded by (seed, epoch, step)), "
+                "weighted per task like the regression error",
+            }
     if config.mask_features or config.mask_layers:
         out["feature_masking"] = {
             "mask_features": config.mask_features,
