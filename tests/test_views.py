@@ -324,3 +324,41 @@ def test_view_consistency_pairs_two_views_and_narrows_their_spread(store, model_
         assert ("consistency" in training["views"]) == bool(weight)
     print("view spread without / with consistency:", spreads)
     assert spreads[10.0] < 0.5 * spreads[0.0]
+
+
+def test_a_run_resumes_only_with_the_view_consistency_it_was_trained_with(
+    store, model_dir, tmp_path
+):
+    out, _ = store
+    prepared = _prepared(EmbeddingStore(out), tmp_path / "prepared.parquet")
+
+    def run(**kw):
+        return train(
+            TrainConfig(
+                embeddings=str(out),
+                prepared=str(prepared),
+                model=str(model_dir),
+                out=str(tmp_path / "run"),
+                tasks="popularity",
+                epochs=3,
+                batch_size=4,
+                device="cpu",
+                log_with="none",
+                **kw,
+            ),
+            progress=False,
+        )
+
+    assert not run(max_epochs_this_run=1).finished  # the default weight, 10
+    state_path = tmp_path / "run" / "last" / "state.json"
+    state = json.loads(state_path.read_text())
+    assert state["view_consistency"] == 10.0
+    with pytest.raises(ConfigError, match="trained with view consistency 10 .* with 3"):
+        run(view_consistency=3.0)
+    # a run saved before the option existed was trained without the penalty
+    del state["view_consistency"]
+    state_path.write_text(json.dumps(state))
+    with pytest.raises(ConfigError, match="pass --view-consistency 0 to continue"):
+        run()
+    result = run(view_consistency=0.0)
+    assert result.finished and len(result.history) == 3

@@ -48,7 +48,7 @@ class TrainingRun:
         lo, span: ``[T]`` native range of each task (the loss sees ``(y - lo) / span``).
         weights: ``[T]`` fixed task weights (:func:`~.objective.task_weights`).
         model: the module as accelerate prepared it (DDP-wrapped with several processes); set by
-            :func:`~.steps.resume`.
+            :func:`~.state.resume`.
         augment: the training inputs' views and masks (:mod:`.views`), or None.
     """
 

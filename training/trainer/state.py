@@ -2,29 +2,39 @@
 
 After an epoch the module, the optimizer state (its tensors flattened to safetensors, the rest
 JSON), the scheduler, the early-stopping state and every process's RNG state are saved under
-``out/last``; :func:`resume_key` says which options must match to continue a run.
+``out/last`` (:func:`save_state`); :func:`resume` restores them, or starts a run afresh, and
+:func:`resume_key` says which options must match to continue a run.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors.torch import load_file
 
 from apex_reward.dataclass_io import to_dict
+from apex_reward.errors import ConfigError
 from apex_reward.files import atomic_path, atomic_write_text
+
+from .objective import init_log_vars
 
 if TYPE_CHECKING:
     from .config import TrainConfig
     from .run import TrainingRun
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "TrainState",
     "save_state",
+    "resume",
     "flatten_optimizer",
     "unflatten_optimizer",
     "rng_state",
@@ -170,6 +180,8 @@ def save_state(run: TrainingRun, state: TrainState) -> None:
             "scheduler": run.scheduler.state_dict(),
             "optimizer": opt_meta,
             "resume_key": resume_key(run.config),
+            # the weight in force (0 without sampled views): runs saved before the option had none
+            "view_consistency": run.augment.consistency if run.augment is not None else 0.0,
             "finished": state.finished,
         }
         atomic_json(last / "state.json", saved)
@@ -177,3 +189,77 @@ def save_state(run: TrainingRun, state: TrainState) -> None:
             if not old.name.endswith(f"-epoch{epoch}.safetensors"):
                 old.unlink(missing_ok=True)
     accelerator.wait_for_everyone()
+
+
+def resume(run: TrainingRun) -> TrainState:
+    """Step 2: restore ``out/last`` (module, optimizer, scheduler, early stopping, this process's
+    RNG) when ``config.resume`` and it exists, else start fresh (removing ``out/last`` with
+    ``--no-resume``; uncertainty parameters started at the initial losses); then hand the module
+    and optimizer to accelerate (``run.model``) and start the tracker.
+
+    Raises:
+        ConfigError: ``out/last`` holds a run with a different configuration.
+    """
+    config, out, accelerator = run.config, run.out, run.accelerator
+    last = out / "last"
+    state_path = last / "state.json"
+    state = TrainState()
+    if config.resume and state_path.is_file():
+        saved = json.loads(state_path.read_text())
+        # the view-consistency weight is compared as it acts (0 without sampled views), below
+        key, saved_key = resume_key(config), dict(saved["resume_key"])
+        key.pop("view_consistency", None)
+        saved_key.pop("view_consistency", None)
+        if saved_key != key:
+            raise ConfigError(
+                f"{out} holds a run with a different configuration; use another --out or --no-resume"
+            )
+        weight = run.augment.consistency if run.augment is not None else 0.0
+        before = saved.get("view_consistency", 0.0)  # runs saved before the option had none
+        if before != weight:
+            raise ConfigError(
+                f"{out} holds a run trained with view consistency {before:g} and this one would "
+                f"continue it with {weight:g}: pass --view-consistency {before:g} to continue "
+                "it, or use another --out or --no-resume"
+            )
+        run.module.load_state_dict(load_file(str(last / "module.safetensors")))
+        run.optimizer.load_state_dict(
+            unflatten_optimizer(load_file(str(last / "optimizer.safetensors")), saved["optimizer"])
+        )
+        run.scheduler.load_state_dict(saved["scheduler"])
+        state = TrainState(
+            next_epoch=saved["epoch"] + 1,
+            best_val=saved["best_val"],
+            bad_epochs=saved["bad_epochs"],
+            best_epoch=saved["best_epoch"],
+            history=saved["history"],
+        )
+        rng_file = last / f"rng-rank{run.rank}-epoch{saved['epoch']}.safetensors"
+        if rng_file.is_file():
+            set_rng_state(load_file(str(rng_file)))
+        else:
+            logger.warning(
+                "no RNG state for rank %d at epoch %d; dropout noise will differ",
+                run.rank,
+                saved["epoch"],
+            )
+        if accelerator.is_main_process:
+            logger.info("resuming %s at epoch %d", out, state.next_epoch)
+    else:
+        if config.resume is False and last.exists() and accelerator.is_main_process:
+            shutil.rmtree(last)
+        if config.loss == "uncertainty":
+            init_log_vars(run.module, run.data.splits["train"], run.lo, run.span, config.seed)
+    state.finished = state.bad_epochs >= config.patience or state.next_epoch >= config.epochs
+
+    run.model, run.optimizer = accelerator.prepare(run.module, run.optimizer)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        accelerator.init_trackers(
+            "apex",
+            config={
+                k: v for k, v in to_dict(config).items() if isinstance(v, (int, float, str, bool))
+            },
+        )
+    accelerator.wait_for_everyone()
+    return state

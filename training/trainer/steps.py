@@ -5,8 +5,8 @@ setup, one epoch and an evaluation on its own:
 
 1. :func:`setup`: the accelerator, the data, the module, the optimizer's parameter groups
    (:func:`build_optimizer`) and the cosine schedule (:class:`TrainingRun`);
-2. :func:`resume`: continue from ``out/last`` or start fresh (:class:`TrainState`), then hand the
-   module and optimizer to accelerate;
+2. :func:`~.state.resume`: continue from ``out/last`` or start fresh (:class:`TrainState`),
+   then hand the module and optimizer to accelerate;
 3. :func:`run_epoch` (one epoch: :func:`train_epoch` on every batch, :func:`validation_loss`,
    early stopping with best-weights keeping) and :func:`train_epochs` (the loop: resumable
    saves, logging, progress);
@@ -15,14 +15,13 @@ setup, one epoch and an evaluation on its own:
    ``test_predictions.parquet`` and the :class:`~apex_reward.ApexRewardModel` checkpoint
    (:func:`~.export.export_checkpoint`).
 
-The early-stopping state (:class:`~.state.TrainState`) and its saving live in :mod:`.state`.
+The early-stopping state (:class:`~.state.TrainState`), its saving and :func:`~.state.resume`
+live in :mod:`.state` (``resume`` is re-exported here, as the second step).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,6 @@ from safetensors.torch import load_file
 from torch import nn
 
 from apex_reward.config import ConditionConfig, HeadConfig
-from apex_reward.dataclass_io import to_dict
 from apex_reward.errors import ConfigError, require
 from apex_reward.heads import ApexHead
 
@@ -45,18 +43,10 @@ from .objective import (
     combine_losses,
     consistency_loss,
     evaluate,
-    init_log_vars,
     task_weights,
 )
 from .run import BestEvaluation, EpochStats, TrainingRun, TrainResult
-from .state import (
-    TrainState,
-    resume_key,
-    save_state,
-    save_tensors,
-    set_rng_state,
-    unflatten_optimizer,
-)
+from .state import TrainState, resume, save_state, save_tensors
 from .views import InputAugment
 
 logger = logging.getLogger(__name__)
@@ -202,72 +192,6 @@ def setup(config: TrainConfig, data: TrainingData | None = None) -> TrainingRun:
         task_weights(config, tasks),
         augment=InputAugment.for_run(data.splits["train"], config),
     )
-
-
-# ----------------------------------------------------------------------------------------------
-# 2. resume
-
-
-def resume(run: TrainingRun) -> TrainState:
-    """Step 2: restore ``out/last`` (module, optimizer, scheduler, early stopping, this process's
-    RNG) when ``config.resume`` and it exists, else start fresh (removing ``out/last`` with
-    ``--no-resume``; uncertainty parameters started at the initial losses); then hand the module
-    and optimizer to accelerate (``run.model``) and start the tracker.
-
-    Raises:
-        ConfigError: ``out/last`` holds a run with a different configuration.
-    """
-    config, out, accelerator = run.config, run.out, run.accelerator
-    last = out / "last"
-    state_path = last / "state.json"
-    state = TrainState()
-    if config.resume and state_path.is_file():
-        saved = json.loads(state_path.read_text())
-        if saved["resume_key"] != resume_key(config):
-            raise ConfigError(
-                f"{out} holds a run with a different configuration; use another --out or --no-resume"
-            )
-        run.module.load_state_dict(load_file(str(last / "module.safetensors")))
-        run.optimizer.load_state_dict(
-            unflatten_optimizer(load_file(str(last / "optimizer.safetensors")), saved["optimizer"])
-        )
-        run.scheduler.load_state_dict(saved["scheduler"])
-        state = TrainState(
-            next_epoch=saved["epoch"] + 1,
-            best_val=saved["best_val"],
-            bad_epochs=saved["bad_epochs"],
-            best_epoch=saved["best_epoch"],
-            history=saved["history"],
-        )
-        rng_file = last / f"rng-rank{run.rank}-epoch{saved['epoch']}.safetensors"
-        if rng_file.is_file():
-            set_rng_state(load_file(str(rng_file)))
-        else:
-            logger.warning(
-                "no RNG state for rank %d at epoch %d; dropout noise will differ",
-                run.rank,
-                saved["epoch"],
-            )
-        if accelerator.is_main_process:
-            logger.info("resuming %s at epoch %d", out, state.next_epoch)
-    else:
-        if config.resume is False and last.exists() and accelerator.is_main_process:
-            shutil.rmtree(last)
-        if config.loss == "uncertainty":
-            init_log_vars(run.module, run.data.splits["train"], run.lo, run.span, config.seed)
-    state.finished = state.bad_epochs >= config.patience or state.next_epoch >= config.epochs
-
-    run.model, run.optimizer = accelerator.prepare(run.module, run.optimizer)
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        accelerator.init_trackers(
-            "apex",
-            config={
-                k: v for k, v in to_dict(config).items() if isinstance(v, (int, float, str, bool))
-            },
-        )
-    accelerator.wait_for_everyone()
-    return state
 
 
 # ----------------------------------------------------------------------------------------------
