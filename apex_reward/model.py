@@ -3,7 +3,9 @@
 One forward path (docs/model.md): front end -> frozen MERT -> pooled layers -> ``ApexHead`` ->
 combined scores -> reward. ``forward`` is differentiable with respect to the input waveform and
 never changes the gradient mode; :meth:`ApexRewardModel.score` is the batched, ``inference_mode``
-convenience for files and arrays.
+convenience for files and arrays. The precision switches and the GPU fast path come from
+:class:`~apex_reward.precision.PrecisionMixin`, ``logit P(A > B)`` from
+:class:`~apex_reward.preference.PreferenceMixin`.
 """
 
 from __future__ import annotations
@@ -22,16 +24,16 @@ from . import ensemble as ensemble_heads
 from . import guard as guard_policy
 from . import ood as ood_score
 from .audio import AudioFrontEnd, Segments, WaveformInput, as_waveform_list, per_song_rates
-from .checkpoint import (
-    save_checkpoint,
-)
+from .checkpoint import save_checkpoint
 from .conditioning import ConditionArg, condition_indices
 from .config import ApexConfig
 from .encoders import Encoder, build_encoder, load_encoder
-from .errors import ConfigError, UnknownConditionError
+from .errors import ConfigError
 from .guard import GuardPolicy
 from .heads import ApexHead, weighted_reward, weighted_song_mean
 from .outputs import ApexOutput, SegmentFeatures
+from .precision import PrecisionMixin, bucket_size
+from .preference import PreferenceHead, PreferenceMixin
 from .windows import WindowSpec, window_scores
 
 logger = logging.getLogger(__name__)
@@ -39,7 +41,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["ApexRewardModel", "ApexOutput", "SegmentFeatures"]
 
 
-class ApexRewardModel(nn.Module):
+class ApexRewardModel(PrecisionMixin, PreferenceMixin, nn.Module):
     """The APEX reward model.
 
     Build one with :meth:`from_pretrained` (a checkpoint directory or hub id) or
@@ -64,8 +66,6 @@ class ApexRewardModel(nn.Module):
         ).to(torch.float64)
         self.preference_head: nn.Module | None = None
         if config.preference.head is not None:
-            from .preference import PreferenceHead
-
             self.preference_head = PreferenceHead(config.preference.head)
         self.ensemble_heads = ensemble_heads.build_members(config)  # members 1..K-1
         self.ood_stats: ood_score.OodStatistics | None = None
@@ -222,91 +222,6 @@ class ApexRewardModel(nn.Module):
         return next(self.head.parameters()).device
 
     @property
-    def encoder_dtype(self) -> torch.dtype:
-        """Dtype of the encoder weights (the front end runs in float32, the head in float64)."""
-        return next(self.encoder.model.parameters()).dtype
-
-    def set_encoder_dtype(self, dtype: torch.dtype | str) -> ApexRewardModel:
-        """Cast the encoder weights to ``dtype`` (``"fp32"``, ``"bf16"``, ``"fp16"`` or a torch
-        dtype); inputs are cast to it and pooled features come back as float32. Returns self."""
-        self.encoder.model.to(resolve_dtype(dtype))
-        return self
-
-    def set_fast_path(
-        self,
-        enabled: bool = True,
-        *,
-        dtype: torch.dtype | str = "fp16",
-        compile: bool = False,
-        bucket: bool = True,
-        kernels: bool = True,
-    ) -> ApexRewardModel:
-        """Turn the GPU fast path on or off (default on for CUDA models; see ``fast_path``).
-
-        On: encoder weights in ``dtype`` (no autocast; the front end stays float32, the head
-        float64; fp16 keeps 3 more mantissa bits than bf16, which the 1e-2 score parity needs),
-        SDPA attention (flash kernels), the GEMM/FFT encoder kernels of
-        :mod:`apex_reward.fast_kernels` (``kernels``), optionally ``torch.compile`` of the
-        encoder (``compile``; measured no faster on an H100, see BENCHMARKS.md), and segment
-        batches padded to fixed bucket sizes (powers of two up to ``segment_batch_size``) so that
-        a song's score does not depend on the rest of its batch and compiled shapes repeat. Off
-        restores the exact float32 weights and the stock forwards. Returns self.
-        """
-        if enabled:
-            if self._fp32_encoder_state is None and self.encoder_dtype == torch.float32:
-                self._fp32_encoder_state = {
-                    k: v.detach().to("cpu", copy=True)
-                    for k, v in self.encoder.model.state_dict().items()
-                }
-            self.set_encoder_dtype(dtype)
-            self.encoder.set_fast_kernels(kernels)
-            self.encoder.set_compiled(compile)
-            self.bucket_batches = bucket
-        else:
-            self.encoder.set_compiled(False)
-            self.encoder.set_fast_kernels(False)
-            self.bucket_batches = False
-            if self._fp32_encoder_state is not None:
-                self.set_encoder_dtype(torch.float32)
-                self.encoder.model.load_state_dict(self._fp32_encoder_state)
-                self._fp32_encoder_state = None
-        self.fast_path = enabled
-        self._fast_applied = enabled
-        return self
-
-    def set_precision(self, dtype: str = "auto") -> ApexRewardModel:
-        """The one precision switch used by the CLIs (``--dtype``) and the server.
-
-        * ``"auto"``: the fast path (fp16) on CUDA, the exact float32 path elsewhere.
-        * ``"fp32"``: the exact float32 path everywhere (the fast path off).
-        * ``"fp16"`` / ``"bf16"``: the fast path in that dtype (on most CPUs slower than fp32;
-          useful there to preview GPU numerics). ``"fp32"`` afterwards restores the exact
-          float32 weights.
-
-        Call it after moving the model to its device. Returns self."""
-        if dtype not in ("auto", "fp32", "fp16", "bf16"):
-            raise ConfigError(f"unknown dtype {dtype!r}; expected one of auto, fp32, fp16, bf16")
-        if dtype == "fp32" or (dtype == "auto" and self.device.type != "cuda"):
-            self.set_fast_path(False)
-        else:
-            if dtype != "auto" and self.device.type == "cpu":
-                logger.warning(
-                    "dtype %s on the CPU: slower than fp32 on most CPUs, and scores differ from "
-                    "the exact float32 path by rounding (use it to preview GPU numerics)",
-                    dtype,
-                )
-            self.set_fast_path(True, dtype="fp16" if dtype == "auto" else dtype)
-        return self
-
-    def _maybe_fast_path(self) -> None:
-        if self.fast_path is None and not self._fast_applied and self.device.type == "cuda":
-            # the first call may run under inference_mode: weights cast there would be
-            # inference tensors, unusable by a later differentiable call
-            with torch.inference_mode(False):
-                self.set_fast_path(True)
-            self.fast_path = None  # still "automatic": follows the device
-
-    @property
     def score_names(self) -> tuple[str, ...]:
         return self.config.score_names
 
@@ -344,7 +259,7 @@ class ApexRewardModel(nn.Module):
         """One encoder call on ``[n, S']`` segments (n <= bs) -> ``[n, L, H]`` (``[n, 3L, H]``
         with ``dynamics``)."""
         n = audio.shape[0]
-        size = _bucket(n, bs) if self.bucket_batches else n
+        size = bucket_size(n, bs) if self.bucket_batches else n
         if size > n:  # pad with silent segments to a fixed batch size; their rows are dropped
             audio = torch.nn.functional.pad(audio, (0, 0, 0, size - n))
             valid = torch.nn.functional.pad(valid, (0, size - n), value=audio.shape[-1])
@@ -564,101 +479,6 @@ class ApexRewardModel(nn.Module):
         return out
 
     # ------------------------------------------------------------------------------------------
-    # pairwise preference
-
-    @property
-    def preference_calibration(self) -> dict[str, Any]:
-        """Which preference model and calibration :meth:`preference_logits` uses: a fitted
-        preference head, a fitted Bradley–Terry temperature (with the data it came from) or the
-        fixed one (:func:`apex_reward.calibration.describe_preference`)."""
-        from .calibration import describe_preference
-
-        return describe_preference(self.config)
-
-    def preference_logits_from_outputs(
-        self,
-        out_a: ApexOutput,
-        out_b: ApexOutput,
-        *,
-        is_instrumental: torch.Tensor | float | None = None,
-        systems_a: str | Sequence[str | None] | None = None,
-        systems_b: str | Sequence[str | None] | None = None,
-    ) -> torch.Tensor:
-        """``logit P(A > B)`` from two outputs of the same batch size. ``[B]``.
-
-        With a fitted preference head (docs/model.md#preference-head) it is the head's logistic model over the
-        pairwise features; otherwise Bradley–Terry on the reward,
-        ``(r_A - r_B) / preference.temperature`` (fitted by maximum likelihood at the end of
-        training or by ``apex-reward calibrate``; :attr:`preference_calibration` says which is in
-        use). When ``systems_a``/``systems_b`` name the
-        generators of A and B (one name or one per pair), the per-system offsets in
-        ``preference.system_offsets`` are added: ``+ offset[system_a] - offset[system_b]``
-        (unknown systems: 0).
-        """
-        if self.preference_head is not None:
-            logit = self.preference_head(
-                out_a.scores, out_b.scores, is_instrumental=is_instrumental
-            )
-        else:
-            logit = (out_a.reward - out_b.reward) / self.config.preference.temperature
-        if systems_a is not None or systems_b is not None:
-            from .preference import system_offsets_tensor
-
-            offsets = self.config.preference.system_offsets
-            n = logit.shape[0]
-            shift = system_offsets_tensor(
-                offsets, systems_a, n, device=logit.device
-            ) - system_offsets_tensor(offsets, systems_b, n, device=logit.device)
-            logit = logit + shift.to(logit.dtype)
-        return logit
-
-    def preference_logits(
-        self,
-        a: WaveformInput,
-        b: WaveformInput,
-        sample_rate: int | Sequence[int],
-        *,
-        sample_rate_b: int | Sequence[int] | None = None,
-        is_instrumental: torch.Tensor | float | None = None,
-        systems_a: str | Sequence[str | None] | None = None,
-        systems_b: str | Sequence[str | None] | None = None,
-        condition: ConditionArg = None,
-    ) -> torch.Tensor:
-        """``logit P(A_i > B_i)`` for paired batches ``a`` and ``b``; differentiable. ``[B]``.
-
-        Both batches go through the encoder in one pass. ``sample_rate_b`` defaults to
-        ``sample_rate``. ``is_instrumental`` (``[B]`` or scalar 0/1) is used by a fitted
-        preference head whose features include it (default 0). ``systems_a``/``systems_b``
-        (generator names) add the per-system offsets, see
-        :meth:`preference_logits_from_outputs`. ``condition``: a conditioned checkpoint's
-        audience, one value for every pair or one (or None) per pair; both songs of a pair are
-        scored for it.
-        """
-        la, lb = as_waveform_list(a), as_waveform_list(b)
-        if len(la) != len(lb):
-            raise ConfigError(f"preference_logits: {len(la)} songs in a but {len(lb)} in b")
-        ra = per_song_rates(sample_rate, len(la), "sample_rate (of a)")
-        if sample_rate_b is None:
-            rb = per_song_rates(sample_rate, len(lb), "sample_rate (of b)")
-        else:
-            rb = per_song_rates(sample_rate_b, len(lb), "sample_rate_b")
-        n = len(la)
-        if condition is not None and not isinstance(condition, str):
-            condition = list(condition)
-            if len(condition) != n:
-                raise UnknownConditionError(
-                    f"preference_logits: {len(condition)} conditions for {n} pairs (give one "
-                    "value, or one per pair)"
-                )
-            condition = condition + condition
-        out = self(la + lb, ra + rb, condition=condition)
-        out_a = ApexOutput(scores={k: v[:n] for k, v in out.scores.items()}, reward=out.reward[:n])
-        out_b = ApexOutput(scores={k: v[n:] for k, v in out.scores.items()}, reward=out.reward[n:])
-        return self.preference_logits_from_outputs(
-            out_a, out_b, is_instrumental=is_instrumental, systems_a=systems_a, systems_b=systems_b
-        )
-
-    # ------------------------------------------------------------------------------------------
     # batched scoring of files and arrays
 
     def score(
@@ -711,31 +531,3 @@ class ApexRewardModel(nn.Module):
             windows=windows,
             condition=condition,
         )
-
-
-_DTYPES = {
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-}
-
-
-def _bucket(n: int, cap: int) -> int:
-    """Smallest power of two >= ``n``, capped at ``cap`` (the segment batch size)."""
-    size = 1
-    while size < n:
-        size *= 2
-    return min(size, cap)
-
-
-def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    """``"fp32"``/``"bf16"``/``"fp16"`` (or a torch dtype) -> torch dtype."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    try:
-        return _DTYPES[str(dtype).lower()]
-    except KeyError:
-        raise ConfigError(f"unknown dtype {dtype!r}; expected one of fp32, bf16, fp16") from None

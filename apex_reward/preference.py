@@ -6,18 +6,30 @@ plus popularity, songeval and overall) the features are ``s_diff = a - b``,
 ``is_instrumental`` itself: 31 features for a full model. The same function computes them for
 scikit-learn (numpy in, numpy out, via torch) and inside the model, so a fitted logistic model
 gives the same logit in both places and stays differentiable with respect to the waveforms.
+
+:class:`PreferenceMixin` gives :class:`~apex_reward.ApexRewardModel` its preference methods:
+``logit P(A > B)`` from two outputs (the fitted head, or Bradley–Terry on the reward with the
+calibrated temperature, plus per-system offsets) and from two batches of waveforms.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from .audio import WaveformInput, as_waveform_list, per_song_rates
+from .calibration import describe_preference
+from .conditioning import ConditionArg
 from .config import PreferenceHeadConfig
-from .errors import ConfigError
+from .errors import ConfigError, UnknownConditionError
+from .outputs import ApexOutput
+
+if TYPE_CHECKING:
+    from .config import ApexConfig
 
 __all__ = [
     "PAIR_SCORE_DIMS",
@@ -25,6 +37,7 @@ __all__ = [
     "pairwise_features",
     "PreferenceHead",
     "system_offsets_tensor",
+    "PreferenceMixin",
 ]
 
 #: Score dimensions used for pairwise features, in feature order.
@@ -162,3 +175,99 @@ def system_offsets_tensor(
             )
         values.append(float(offsets.get(name, 0.0)) if name is not None else 0.0)
     return torch.tensor(values, dtype=torch.float64, device=device)
+
+
+class PreferenceMixin:
+    """Pairwise preference methods of :class:`~apex_reward.ApexRewardModel` (they read its
+    ``config`` and ``preference_head`` and call the model on waveforms)."""
+
+    config: ApexConfig
+    preference_head: nn.Module | None
+
+    @property
+    def preference_calibration(self) -> dict[str, Any]:
+        """Which preference model and calibration :meth:`preference_logits` uses: a fitted
+        preference head, a fitted Bradley–Terry temperature (with the data it came from) or the
+        fixed one (:func:`apex_reward.calibration.describe_preference`)."""
+        return describe_preference(self.config)
+
+    def preference_logits_from_outputs(
+        self,
+        out_a: ApexOutput,
+        out_b: ApexOutput,
+        *,
+        is_instrumental: torch.Tensor | float | None = None,
+        systems_a: str | Sequence[str | None] | None = None,
+        systems_b: str | Sequence[str | None] | None = None,
+    ) -> torch.Tensor:
+        """``logit P(A > B)`` from two outputs of the same batch size. ``[B]``.
+
+        With a fitted preference head (docs/model.md#preference-head) it is the head's logistic model over the
+        pairwise features; otherwise Bradley–Terry on the reward,
+        ``(r_A - r_B) / preference.temperature`` (fitted by maximum likelihood at the end of
+        training or by ``apex-reward calibrate``; :attr:`preference_calibration` says which is in
+        use). When ``systems_a``/``systems_b`` name the
+        generators of A and B (one name or one per pair), the per-system offsets in
+        ``preference.system_offsets`` are added: ``+ offset[system_a] - offset[system_b]``
+        (unknown systems: 0).
+        """
+        if self.preference_head is not None:
+            logit = self.preference_head(
+                out_a.scores, out_b.scores, is_instrumental=is_instrumental
+            )
+        else:
+            logit = (out_a.reward - out_b.reward) / self.config.preference.temperature
+        if systems_a is not None or systems_b is not None:
+            offsets = self.config.preference.system_offsets
+            n = logit.shape[0]
+            shift = system_offsets_tensor(
+                offsets, systems_a, n, device=logit.device
+            ) - system_offsets_tensor(offsets, systems_b, n, device=logit.device)
+            logit = logit + shift.to(logit.dtype)
+        return logit
+
+    def preference_logits(
+        self,
+        a: WaveformInput,
+        b: WaveformInput,
+        sample_rate: int | Sequence[int],
+        *,
+        sample_rate_b: int | Sequence[int] | None = None,
+        is_instrumental: torch.Tensor | float | None = None,
+        systems_a: str | Sequence[str | None] | None = None,
+        systems_b: str | Sequence[str | None] | None = None,
+        condition: ConditionArg = None,
+    ) -> torch.Tensor:
+        """``logit P(A_i > B_i)`` for paired batches ``a`` and ``b``; differentiable. ``[B]``.
+
+        Both batches go through the encoder in one pass. ``sample_rate_b`` defaults to
+        ``sample_rate``. ``is_instrumental`` (``[B]`` or scalar 0/1) is used by a fitted
+        preference head whose features include it (default 0). ``systems_a``/``systems_b``
+        (generator names) add the per-system offsets, see
+        :meth:`preference_logits_from_outputs`. ``condition``: a conditioned checkpoint's
+        audience, one value for every pair or one (or None) per pair; both songs of a pair are
+        scored for it.
+        """
+        la, lb = as_waveform_list(a), as_waveform_list(b)
+        if len(la) != len(lb):
+            raise ConfigError(f"preference_logits: {len(la)} songs in a but {len(lb)} in b")
+        ra = per_song_rates(sample_rate, len(la), "sample_rate (of a)")
+        if sample_rate_b is None:
+            rb = per_song_rates(sample_rate, len(lb), "sample_rate (of b)")
+        else:
+            rb = per_song_rates(sample_rate_b, len(lb), "sample_rate_b")
+        n = len(la)
+        if condition is not None and not isinstance(condition, str):
+            condition = list(condition)
+            if len(condition) != n:
+                raise UnknownConditionError(
+                    f"preference_logits: {len(condition)} conditions for {n} pairs (give one "
+                    "value, or one per pair)"
+                )
+            condition = condition + condition
+        out = self(la + lb, ra + rb, condition=condition)
+        out_a = ApexOutput(scores={k: v[:n] for k, v in out.scores.items()}, reward=out.reward[:n])
+        out_b = ApexOutput(scores={k: v[n:] for k, v in out.scores.items()}, reward=out.reward[n:])
+        return self.preference_logits_from_outputs(
+            out_a, out_b, is_instrumental=is_instrumental, systems_a=systems_a, systems_b=systems_b
+        )

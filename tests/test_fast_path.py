@@ -9,7 +9,7 @@ from conftest import make_tiny_model, synth_music
 from apex_reward import ApexRewardModel, fast_kernels
 from apex_reward.config import EncoderConfig
 from apex_reward.encoder import MertEncoder
-from apex_reward.model import _bucket
+from apex_reward.precision import bucket_size
 
 
 def _songs(seconds=(3.0, 7.0, 40.0), sr=24000):
@@ -17,8 +17,8 @@ def _songs(seconds=(3.0, 7.0, 40.0), sr=24000):
 
 
 def test_bucket_sizes():
-    assert [_bucket(n, 32) for n in (1, 2, 3, 5, 9, 17, 32)] == [1, 2, 4, 8, 16, 32, 32]
-    assert _bucket(7, 6) == 6
+    assert [bucket_size(n, 32) for n in (1, 2, 3, 5, 9, 17, 32)] == [1, 2, 4, 8, 16, 32, 32]
+    assert bucket_size(7, 6) == 6
 
 
 def test_fast_path_off_restores_exact_float32(tmp_path):
