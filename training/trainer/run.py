@@ -72,6 +72,12 @@ class TrainingRun:
         return self.accelerator.process_index
 
     @property
+    def view_consistency(self) -> float:
+        """The view-consistency weight in force: ``config.view_consistency`` when views are
+        sampled, else 0."""
+        return self.augment.consistency if self.augment is not None else 0.0
+
+    @property
     def world(self) -> int:
         return self.accelerator.num_processes
 

@@ -181,7 +181,7 @@ def save_state(run: TrainingRun, state: TrainState) -> None:
             "optimizer": opt_meta,
             "resume_key": resume_key(run.config),
             # the weight in force (0 without sampled views): runs saved before the option had none
-            "view_consistency": run.augment.consistency if run.augment is not None else 0.0,
+            "view_consistency": run.view_consistency,
             "finished": state.finished,
         }
         atomic_json(last / "state.json", saved)
@@ -214,7 +214,7 @@ def resume(run: TrainingRun) -> TrainState:
             raise ConfigError(
                 f"{out} holds a run with a different configuration; use another --out or --no-resume"
             )
-        weight = run.augment.consistency if run.augment is not None else 0.0
+        weight = run.view_consistency
         before = saved.get("view_consistency", 0.0)  # runs saved before the option had none
         if before != weight:
             raise ConfigError(

@@ -240,7 +240,7 @@ def train_epoch(run: TrainingRun, epoch: int) -> EpochStats:
             x = train_split.features[mine].to(run.device, non_blocking=True)
         else:  # drawn over the global batch, so independent of the number of processes
             x = run.augment.batch(idx, epoch, step).chunk(run.world)[run.rank].to(run.device)
-            if run.augment.consistency:
+            if run.view_consistency:
                 partner = run.augment.partner_batch(idx, epoch, step)
                 partner = partner.chunk(run.world)[run.rank].to(run.device)
         y = train_split.targets[mine].to(run.device, non_blocking=True)

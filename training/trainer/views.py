@@ -93,8 +93,9 @@ class InputAugment:
     def batch(self, idx: torch.Tensor, epoch: int, step: int) -> torch.Tensor:
         """``[len(idx), L, H]`` inputs of the training samples ``idx`` (the global batch) in
         ``epoch``, ``step``: each sample's drawn view, then the masks."""
-        x = self.split.features[idx].float()
-        if self.extra is not None:
+        if self.extra is None:
+            x = self.split.features[idx].float()
+        else:
             x = self._gather(idx, self.epoch_views(epoch)[idx])
         return self._mask(x, _generator(self.seed, epoch, step, 2))
 
